@@ -1,0 +1,17 @@
+// Operator schemas of the fisher_fast library. Implementations are registered per device in
+// cpu/ and cuda/; fake (meta) implementations live in the Python package (fisher_fast/ops.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fisher_fast, m) {
+  // Sums behind the Fréchet distance of one reference diagonal FIM against K others.
+  // ref: the reference FIM as a list of P contiguous tensors (any shapes).
+  // others: K FIMs, flattened to K * P tensors, tensor p of each matching ref[p] in size.
+  // Returns a (K, 5) float64 tensor: [sum ref, sum other, sum sqrt(ref*other),
+  // invalid entries in ref, invalid entries in other] (invalid: negative, NaN or infinite).
+  m.def("frechet_sums(Tensor[] ref, Tensor[] others) -> Tensor");
+
+  // Sum over samples of squared per-sample products: out[b] = sum_n (g[n,b]^T x[n,b])^2.
+  // g: (N, B, T, O), x: (N, B, T, I), same dtype and device; B independent blocks (groups).
+  // Returns (B, O, I) in acc_dtype (float32 or float64). Per-sample products are never stored.
+  m.def("per_sample_sq_sum(Tensor g, Tensor x, ScalarType acc_dtype) -> Tensor");
+}

@@ -1,0 +1,57 @@
+"""Python entry points to the compiled ops, with their fake (meta) implementations.
+
+The fake implementations give output shapes and dtypes without computing anything, so the ops
+can be traced by ``torch.compile`` and checked by ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fisher_fast import _library
+
+FRECHET_COLUMNS = 5  # columns of frechet_sums' result; see csrc/fisher_fast.cpp
+
+
+def _op(name: str) -> torch._ops.OpOverloadPacket:
+    _library.require()
+    return getattr(torch.ops.fisher_fast, name)
+
+
+def frechet_sums(ref: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sums behind the Fréchet distance of one FIM against K others, in one pass over the data.
+
+    ``ref`` holds P contiguous tensors; ``others`` holds K * P, tensor p of FIM k at index
+    ``k * P + p``. Returns a (K, 5) float64 tensor with columns: sum of ref, sum of other,
+    sum of sqrt(ref * other), invalid entries in ref, invalid entries in other.
+    """
+    return _op("frechet_sums")(list(ref), list(others))
+
+
+def per_sample_sq_sum(
+    g: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``out[b] = sum_n (g[n, b]^T x[n, b])**2`` without storing any per-sample product.
+
+    g: (N, B, T, O) output gradients, x: (N, B, T, I) inputs. Returns (B, O, I) in ``acc_dtype``.
+    """
+    return _op("per_sample_sq_sum")(g, x, acc_dtype)
+
+
+if _library.is_loaded():
+
+    @torch.library.register_fake("fisher_fast::frechet_sums")
+    def _frechet_sums_fake(ref: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
+        torch._check(len(ref) > 0, lambda: "the reference list is empty")
+        torch._check(len(others) % len(ref) == 0, lambda: "others must hold K * len(ref) tensors")
+        k = len(others) // len(ref)
+        return ref[0].new_empty((k, FRECHET_COLUMNS), dtype=torch.float64)
+
+    @torch.library.register_fake("fisher_fast::per_sample_sq_sum")
+    def _per_sample_sq_sum_fake(
+        g: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype
+    ) -> torch.Tensor:
+        torch._check(g.dim() == 4 and x.dim() == 4, lambda: "g and x must be 4-D")
+        return g.new_empty((g.shape[1], g.shape[3], x.shape[3]), dtype=acc_dtype)

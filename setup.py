@@ -1,0 +1,89 @@
+"""Build of fisher_fast's compiled library (fisher_fast._C).
+
+The C++ CPU kernels are always compiled. The CUDA kernels are compiled when torch is a CUDA build
+and nvcc is found, or when forced. Environment switches:
+
+* ``FISHER_FAST_CUDA=1`` forces the CUDA kernels (error if no CUDA toolkit), ``=0`` skips them.
+* ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) picks the GPU architectures, as in torch itself.
+* ``FISHER_FAST_DEBUG=1`` compiles with ``-O0 -g`` (and ``-G`` for CUDA) for debuggers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fisher_fast/_version.py").read_text())[1]
+
+
+def want_cuda() -> bool:
+    """Decide whether to compile the CUDA kernels (see the module docstring)."""
+    switch = os.environ.get("FISHER_FAST_CUDA", "").strip()
+    available = torch.cuda.is_available() and CUDA_HOME is not None
+    if switch == "1":
+        if CUDA_HOME is None or not torch.backends.cuda.is_built():
+            raise RuntimeError(
+                "FISHER_FAST_CUDA=1 but no CUDA toolkit was found or torch is a CPU build "
+                f"(torch {torch.__version__}, CUDA_HOME={CUDA_HOME}); install a CUDA build of torch "
+                "and put nvcc on PATH, or unset FISHER_FAST_CUDA."
+            )
+        return True
+    if switch == "0":
+        return False
+    if switch:
+        raise RuntimeError(f"FISHER_FAST_CUDA must be 0 or 1, got {switch!r}")
+    return available
+
+
+def cuda_arch_list() -> str:
+    """The architectures nvcc compiles for, as torch's build helpers will choose them."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "native or torch default"
+
+
+def extension():
+    debug = os.environ.get("FISHER_FAST_DEBUG", "0") == "1"
+    with_cuda = want_cuda()
+    sources = sorted(str(p) for p in Path("csrc").glob("*.cpp"))
+    sources += sorted(str(p) for p in Path("csrc/cpu").glob("*.cpp"))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    macros = [
+        ("FISHER_FAST_VERSION", f'"{VERSION}"'),
+        ("FISHER_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
+    ]
+    if debug:
+        macros.append(("FISHER_FAST_DEBUG", "1"))
+    cxx = [*opt, "-fopenmp-simd", "-fno-math-errno"]
+    kwargs = dict(
+        name="fisher_fast._C",
+        include_dirs=[str(ROOT / "csrc/include"), str(ROOT / "csrc")],
+        define_macros=macros,
+    )
+    if not with_cuda:
+        return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    sources += sorted(str(p) for p in Path("csrc/cuda").glob("*.cu"))
+    macros += [
+        ("FISHER_FAST_WITH_CUDA", "1"),
+        ("FISHER_FAST_CUDA_VERSION", f'"{torch.version.cuda}"'),
+        ("FISHER_FAST_CUDA_ARCHS", f'"{cuda_arch_list()}"'),
+    ]
+    nvcc = [*(["-O0", "-g", "-G"] if debug else ["-O3"]), "--use_fast_math"]
+    return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+
+
+setup(
+    version=VERSION,
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
