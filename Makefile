@@ -1,0 +1,61 @@
+# Developer entry points. `make test` and `make demo` are the two set-up commands of the README:
+# each creates or reuses .venv, installs torch and the dependencies, builds the package, then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_VENV ?= $(HOME)/.cache/fisher_fast/cuda-venv
+CUDA_ARCHS ?= 8.0;9.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fisher_fast_deps
+
+.PHONY: venv build test demo lint format bench peers cuda-check cmake-check clean
+
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	bash scripts/run_pytest.sh $(PY) tests
+
+demo: build
+	$(PY) -m fisher_fast.cli demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fisher_fast tests benchmarks scripts setup.py
+	$(VENV)/bin/ruff format --check fisher_fast tests benchmarks scripts setup.py
+	$(VENV)/bin/mypy fisher_fast
+	find csrc examples -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs $(VENV)/bin/clang-format --dry-run --Werror
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format fisher_fast tests benchmarks scripts setup.py
+	$(VENV)/bin/ruff check --fix fisher_fast tests benchmarks scripts setup.py
+	find csrc examples -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' | xargs $(VENV)/bin/clang-format -i
+
+# Peer libraries for the benchmarks, installed without their dependencies so that they do not
+# replace the CPU torch with a CUDA build (they pull torchvision, which is not needed here).
+peers: build
+	$(PY) -m pip install -q --no-deps -r benchmarks/requirements-peers.txt
+
+bench: peers
+	bash scripts/run_pytest.sh $(PY) benchmarks --benchmark-only
+
+# Compiles the CUDA kernels against a CUDA build of torch in its own cached venv outside the repo.
+cuda-check:
+	bash scripts/cuda_compile_check.sh "$(CUDA_VENV)" "$(CUDA_TORCH_SPEC)" "$(CUDA_ARCHS)"
+
+# Configures and builds the C++ library and its example with CMake, then runs the example.
+cmake-check: build
+	bash scripts/cmake_check.sh $(PY)
+
+clean:
+	rm -rf build fisher_fast/_C*.so *.egg-info .pytest_cache

@@ -1,0 +1,125 @@
+"""Forward hooks that record each module call and deliver the gradients at its outputs.
+
+Every output tensor of a recorded call is replaced by ``output + zero`` with ``zero`` a 0-dim
+leaf that requires grad, and a tensor hook on that new tensor receives dL/d(output) during the
+backward pass. Differentiating only with respect to the zero leaves makes autograd run every
+node between the loss and each recorded output, and skip the weight-gradient products that a
+plain backward would compute (diag_fim never needs the batch gradient). A fresh tensor, rather
+than a view or an identity Function, keeps in-place operations after the module legal.
+
+A module called once with one output is processed as soon as its gradient arrives, so that
+gradient is freed early; anything else (weight sharing, several outputs) is processed after the
+backward pass, when all of its calls' gradients are known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fisher_fast.fim.rules import Call
+
+
+@dataclass
+class Owner:
+    """A module whose parameters are handled through its calls, and how."""
+
+    name: str
+    module: nn.Module
+    process: Callable[[nn.Module, list[Call]], None]  # runs the rule(s) and adds the result
+
+
+class Capture:
+    """Installs hooks on the owner modules and routes output gradients to their rules."""
+
+    def __init__(self) -> None:
+        self.calls: dict[nn.Module, list[Call]] = {}
+        self._owner_of: dict[nn.Module, Owner] = {}
+        self._zeros: dict[torch.device, torch.Tensor] = {}
+        self._done: set[int] = set()
+        self._paused = False
+        self._handles: list[Any] = []
+
+    def add_owner(self, owner: Owner) -> None:
+        """Record calls of ``owner.module`` once installed."""
+        self.calls[owner.module] = []
+        self._owner_of[owner.module] = owner
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Capture]:
+        for owner in self._owner_of.values():
+            self._handles.append(owner.module.register_forward_hook(self._on_forward, with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore module calls (while a rule re-runs a module)."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def zero_leaves(self) -> list[torch.Tensor]:
+        """The leaves to differentiate with respect to (one per device seen)."""
+        return list(self._zeros.values())
+
+    def begin_batch(self) -> None:
+        for calls in self.calls.values():
+            calls.clear()
+        self._zeros.clear()
+
+    def begin_pass(self) -> None:
+        self._done.clear()
+        for calls in self.calls.values():
+            for call in calls:
+                call.grads = [None] * len(call.output_meta)
+
+    def end_pass(self) -> None:
+        """Process every module not yet processed in this backward pass."""
+        for module, calls in self.calls.items():
+            if calls and id(module) not in self._done:
+                self._owner_of[module].process(module, calls)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _zero(self, device: torch.device) -> torch.Tensor:
+        if device not in self._zeros:
+            self._zeros[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._zeros[device]
+
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if self._paused or not torch.is_grad_enabled():
+            return None
+        call = Call(args=args, kwargs=kwargs)
+        leaves, spec = tree_flatten(output)
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                tapped = leaf + self._zero(leaf.device)
+                tapped.register_hook(self._grad_hook(module, call, len(call.output_meta)))
+                call.output_meta.append((leaf.shape, leaf.dtype, leaf.device))
+                leaves[i] = tapped
+        call.grads = [None] * len(call.output_meta)
+        self.calls[module].append(call)
+        return tree_unflatten(leaves, spec)
+
+    def _grad_hook(self, module: nn.Module, call: Call, k: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            call.grads[k] = grad
+            calls = self.calls[module]
+            if len(calls) == 1 and len(call.output_meta) == 1:
+                self._owner_of[module].process(module, calls)
+                self._done.add(id(module))
+                call.grads[k] = None
+
+        return hook

@@ -1,0 +1,170 @@
+"""DiagFIM: a diagonal Fisher information matrix held in one flat buffer with named views."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fisher_fast._version import __version__
+
+FORMAT_VERSION = 1
+
+
+class DiagFIM:
+    """Diagonal FIM of a model's trainable parameters, as one contiguous 1-D buffer.
+
+    ``flat`` holds the diagonals of all parameters back to back, in ``names`` order; indexing by
+    a parameter name (``fim["fc.weight"]``) gives a view shaped like that parameter. Values are
+    averages over ``n_samples`` samples of squared per-sample gradients (units: loss² / param²).
+    """
+
+    def __init__(
+        self,
+        flat: torch.Tensor,
+        names: list[str],
+        shapes: list[tuple[int, ...]],
+        *,
+        n_samples: int,
+        fisher: str,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if flat.dim() != 1:
+            raise ValueError(f"flat must be 1-D, got shape {tuple(flat.shape)}")
+        sizes = [math.prod(s) for s in shapes]
+        if len(names) != len(shapes) or sum(sizes) != flat.numel():
+            raise ValueError(
+                f"{len(names)} names and shapes totalling {sum(sizes)} elements do not describe "
+                f"a buffer of {flat.numel()} elements"
+            )
+        self.flat = flat
+        self.names = list(names)
+        self.shapes = [tuple(s) for s in shapes]
+        self.n_samples = int(n_samples)
+        self.fisher = fisher
+        self.meta = dict(meta or {})
+        self._offsets = dict(zip(self.names, _offsets(sizes)))
+
+    # -- views ---------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._offsets:
+            raise KeyError(f"no parameter named {name!r}; known: {self.names[:8]}...")
+        start, size = self._offsets[name]
+        return self.flat[start : start + size].view(self.shapes[self.names.index(name)])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._offsets
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield name, self[name]
+
+    def __repr__(self) -> str:
+        return (
+            f"DiagFIM({len(self.names)} tensors, {self.flat.numel()} entries, fisher={self.fisher!r}, "
+            f"n_samples={self.n_samples}, dtype={self.flat.dtype}, device={self.flat.device})"
+        )
+
+    # -- arithmetic ----------------------------------------------------------------------------
+    def trace(self) -> torch.Tensor:
+        """Sum of all diagonal entries, a 0-dim float64 tensor."""
+        return self.flat.sum(dtype=torch.float64)
+
+    def normalized(self) -> DiagFIM:
+        """A copy scaled to unit trace (the paper's normalisation)."""
+        trace = self.trace()
+        if not trace > 0:
+            raise ValueError("the FIM's trace is zero, so it cannot be normalised to unit trace")
+        return self._like((self.flat.double() / trace).to(self.flat.dtype))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiagFIM:
+        """A copy on another device and/or dtype."""
+        return self._like(self.flat.to(device=device, dtype=dtype))
+
+    def combine(self, other: DiagFIM) -> DiagFIM:
+        """The FIM over the union of two disjoint data sets: a sample-weighted average."""
+        if self.names != other.names or self.shapes != other.shapes:
+            raise ValueError("cannot combine FIMs of different parameters")
+        if self.fisher != other.fisher:
+            raise ValueError(f"cannot combine a {self.fisher!r} FIM with a {other.fisher!r} FIM")
+        total = self.n_samples + other.n_samples
+        if total == 0:
+            raise ValueError("both FIMs are over zero samples")
+        flat = (self.flat * self.n_samples + other.flat.to(self.flat) * other.n_samples) / total
+        out = self._like(flat)
+        out.n_samples = total
+        return out
+
+    def _like(self, flat: torch.Tensor) -> DiagFIM:
+        return DiagFIM(flat, self.names, self.shapes, n_samples=self.n_samples, fisher=self.fisher, meta=self.meta)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write to a safetensors file atomically (a temporary file renamed into place)."""
+        from safetensors.torch import save_file
+
+        metadata = {
+            "format_version": str(FORMAT_VERSION),
+            "fisher": self.fisher,
+            "n_samples": str(self.n_samples),
+            "names": json.dumps(self.names),
+            "shapes": json.dumps(self.shapes),
+            "fisher_fast_version": __version__,
+            "torch_version": torch.__version__,
+            "meta": json.dumps(self.meta),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"flat": self.flat.detach().cpu().contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> DiagFIM:
+        """Read a file written by :meth:`save`; a damaged or foreign file is a clear error."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                flat = f.get_tensor("flat")
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable DiagFIM file ({exc})") from exc
+        if metadata.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(
+                f"{path} has DiagFIM format {metadata.get('format_version')!r}; this version reads "
+                f"format {FORMAT_VERSION}"
+            )
+        return cls(
+            flat,
+            json.loads(metadata["names"]),
+            [tuple(s) for s in json.loads(metadata["shapes"])],
+            n_samples=int(metadata["n_samples"]),
+            fisher=metadata["fisher"],
+            meta=json.loads(metadata.get("meta", "{}")),
+        )
+
+
+def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, size))
+        start += size
+    return out

@@ -1,0 +1,110 @@
+"""Per-layer rules: how to get the sum of squared per-sample gradients of one module's parameters.
+
+A rule is called once per backward pass with every call of its module in the forward pass (a
+module used twice has two calls; its per-sample gradient is the *sum* over calls, squared after
+summing). It adds ``sum_n (dL_n/dθ)^2`` for each parameter to the context's accumulator.
+
+Register a rule for your own layer with::
+
+    @fisher_fast.register_rule(MyLayer)
+    def my_rule(module: MyLayer, calls: list[Call], ctx: RuleContext) -> None:
+        ctx.add("weight", ...)  # (shape of module.weight), sum over samples of squares
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisher_fast.fim.products import compute_dtype, square_sum
+
+
+@dataclass
+class Call:
+    """One call of a module in the forward pass: its inputs and the gradients at its outputs.
+
+    ``grads[k]`` is dL/d(output tensor k) for the k-th floating-point tensor in the flattened
+    output (None until the backward pass delivers it; ``output_meta`` gives shape and dtype).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
+    grads: list[torch.Tensor | None] = field(default_factory=list)
+
+    def grad(self, k: int = 0) -> torch.Tensor:
+        """Gradient at output k; zeros when that output did not reach the loss."""
+        g = self.grads[k]
+        if g is None:
+            shape, dtype, device = self.output_meta[k]
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return g
+
+    @property
+    def input(self) -> torch.Tensor:
+        """The first positional input (the layer input for every built-in layer)."""
+        return self.args[0]
+
+
+@dataclass
+class RuleContext:
+    """What a rule needs besides its module and calls."""
+
+    acc_dtype: torch.dtype
+    backend: str
+    add: Callable[[str, torch.Tensor], None]  # (local parameter name, sum of squares)
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """dtype for per-sample arithmetic (float32, or float64 when accumulating in float64)."""
+        return compute_dtype(self.acc_dtype)
+
+    def square_sum(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, O, I) sum over samples of (g[n,b]^T x[n,b])^2 for g (N,B,T,O), x (N,B,T,I)."""
+        return square_sum(g, x, self.acc_dtype, self.backend)
+
+    def add_bias(self, name: str, per_sample: torch.Tensor) -> None:
+        """Add sum over samples of squares of a (N, *shape) per-sample gradient."""
+        self.add(name, per_sample.to(self.work_dtype).square().sum(0, dtype=self.acc_dtype))
+
+
+Rule = Callable[[Any, list[Call], RuleContext], None]
+_RULES: dict[type[nn.Module], Rule] = {}
+
+
+def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for exact module classes (subclasses must register too)."""
+
+    def decorate(rule: Rule) -> Rule:
+        for cls in module_types:
+            _RULES[cls] = rule
+        return rule
+
+    return decorate
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The rule for this module's class; subclasses inherit it only if they keep forward()."""
+    cls = type(module)
+    if cls in _RULES:
+        return _RULES[cls]
+    for base in cls.__mro__[1:]:
+        if base in _RULES and cls.forward is base.forward:
+            return _RULES[base]
+    return None
+
+
+def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) -> torch.Tensor:
+    """Sum of a per-sample quantity over all calls of a module (weight sharing)."""
+    total = per_call(calls[0])
+    for call in calls[1:]:
+        total = total + per_call(call)
+    return total
+
+
+# Importing the rule modules registers them.
+from fisher_fast.fim.rules import conv, embedding, linear, norm  # noqa: E402, F401

@@ -1,0 +1,92 @@
+"""nn.Conv1d / Conv2d / Conv3d with stride, padding (numbers, "same", "valid"), padding modes,
+dilation and groups.
+
+Per sample and group, the weight gradient is G U^T with U the unfolded input (im2col):
+(C_in/groups * prod(kernel), L) and G the output gradient (C_out/groups, L), L output positions.
+Only the diagonal group blocks are formed, so a depthwise convolution costs no factor of groups.
+Samples are processed in chunks so the unfolded input (prod(kernel) times the input) stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
+
+UNFOLD_CHUNK_BYTES = 64 * 2**20
+
+
+def _explicit_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
+    """Per spatial dim (before, after) padding, "same" resolved as PyTorch does (extra at the end)."""
+    pads: list[int] = []
+    for d, (k, dil) in enumerate(zip(conv.kernel_size, conv.dilation)):
+        if conv.padding == "same":
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        elif conv.padding == "valid":
+            pads += [0, 0]
+        else:
+            p = conv.padding[d]  # type: ignore[index]
+            pads += [p, p]
+    return pads
+
+
+def _pad(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    pads = _explicit_padding(conv)
+    if not any(pads):
+        return x
+    # F.pad takes the last dimension first.
+    flipped = [v for d in reversed(range(len(pads) // 2)) for v in pads[2 * d : 2 * d + 2]]
+    if conv.padding_mode == "zeros":
+        return F.pad(x, flipped)
+    return F.pad(x, flipped, mode=conv.padding_mode)
+
+
+def unfold(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) input -> (N, groups, L, C/groups * prod(kernel)) patches, weight order."""
+    x = _pad(conv, x)
+    spatial = len(conv.kernel_size)
+    for d in range(spatial):
+        k, s, dil = conv.kernel_size[d], conv.stride[d], conv.dilation[d]
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)  # appends a window axis
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: (N, C, *out_spatial, *kernel) -> (N, *out_spatial, C, *kernel)
+    n, c = x.shape[:2]
+    out_axes = list(range(2, 2 + spatial))
+    kernel_axes = list(range(2 + spatial, 2 + 2 * spatial))
+    x = x.permute(0, *out_axes, 1, *kernel_axes)
+    positions = math.prod(x.shape[1 : 1 + spatial])
+    x = x.reshape(n, positions, conv.groups, -1)
+    return x.transpose(1, 2)
+
+
+def _grad_blocks(conv: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor:
+    """(N, C_out, *out_spatial) -> (N, groups, L, C_out/groups)."""
+    n = g.shape[0]
+    return g.reshape(n, conv.groups, conv.out_channels // conv.groups, -1).transpose(2, 3)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> None:
+    if module.weight.requires_grad:
+        n = calls[0].input.shape[0]
+        kernel = math.prod(module.kernel_size)
+        per_sample = sum(c.input[:1].numel() for c in calls) * kernel * 4
+        step = max(1, UNFOLD_CHUNK_BYTES // max(1, per_sample))
+        total = torch.zeros(module.weight.shape, dtype=ctx.acc_dtype, device=module.weight.device)
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            xs = [unfold(module, c.input[part]) for c in calls]
+            gs = [_grad_blocks(module, c.grad()[part]) for c in calls]
+            x = torch.cat(xs, dim=2) if len(xs) > 1 else xs[0]
+            g = torch.cat(gs, dim=2) if len(gs) > 1 else gs[0]
+            total += ctx.square_sum(g, x).reshape(module.weight.shape)
+        ctx.add("weight", total)
+    if module.bias is not None and module.bias.requires_grad:
+        spatial = tuple(range(2, 2 + len(module.kernel_size)))
+        ctx.add_bias("bias", sum_over_calls(calls, lambda c: c.grad().to(ctx.work_dtype).sum(spatial)))

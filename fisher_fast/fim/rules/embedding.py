@@ -1,0 +1,39 @@
+"""nn.Embedding: per sample, gradients of repeated indices are summed before squaring.
+
+For indices (N, *) and output gradient (N, *, D), the per-sample gradient of row v is the sum of
+g over the positions of that sample holding index v. Pairs (sample, index) are made unique, their
+gradients summed with index_add, squared and added to their rows: memory O(N·T·D), never
+N × vocabulary × D. padding_idx rows get no gradient (as in PyTorch); with scale_grad_by_freq
+each sum is divided by the index's count within its own sample (the per-sample loss's batch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fisher_fast.fim.rules import Call, RuleContext, register_rule
+
+
+@register_rule(nn.Embedding)
+def embedding_rule(module: nn.Embedding, calls: list[Call], ctx: RuleContext) -> None:
+    if not module.weight.requires_grad:
+        return
+    vocab, dim = module.weight.shape
+    n = calls[0].input.shape[0]
+    idx = torch.cat([c.input.reshape(n, -1) for c in calls], dim=1)  # (N, T)
+    g = torch.cat([c.grad().reshape(n, -1, dim) for c in calls], dim=1).to(ctx.work_dtype)
+    sample = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
+    keys = (sample * vocab + idx).reshape(-1)
+    grads = g.reshape(-1, dim)
+    if module.padding_idx is not None:
+        keep = idx.reshape(-1) != module.padding_idx
+        keys, grads = keys[keep], grads[keep]
+    unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    summed = torch.zeros(unique.numel(), dim, dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads)
+    if module.scale_grad_by_freq:
+        summed /= counts.unsqueeze(1).to(summed.dtype)
+    out = torch.zeros(vocab, dim, dtype=ctx.acc_dtype, device=grads.device)
+    out.index_add_(0, unique % vocab, summed.square().to(ctx.acc_dtype))
+    ctx.add("weight", out)
