@@ -180,6 +180,7 @@ def _processor(
 
     ctx = RuleContext(acc_dtype=dtype, backend=backend, add=add)
 
+    @torch.no_grad()
     def process(module: nn.Module, calls: list[Call]) -> None:
         _check_finite_grads(plan, calls)
         if rule is not None:

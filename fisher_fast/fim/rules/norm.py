@@ -33,10 +33,10 @@ def _affine_rule(
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
         def weight_grad(c: Call) -> torch.Tensor:
             x_hat = normalise(module, c.input.to(ctx.work_dtype))
-            return (c.grad().to(ctx.work_dtype) * x_hat).sum(reduce_dims(c.input))
+            return _sum_positions(c.grad().to(ctx.work_dtype) * x_hat, reduce_dims(c.input))
 
         def bias_grad(c: Call) -> torch.Tensor:
-            return c.grad().to(ctx.work_dtype).sum(reduce_dims(c.input))
+            return _sum_positions(c.grad().to(ctx.work_dtype), reduce_dims(c.input))
 
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
@@ -46,6 +46,12 @@ def _affine_rule(
             ctx.add_bias("bias", sum_over_calls(calls, bias_grad))
 
     return rule
+
+
+def _sum_positions(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum over the position axes; none (e.g. BatchNorm1d on (N, C)) leaves t as it is
+    (``t.sum(())`` would sum over everything)."""
+    return t.sum(dims) if dims else t
 
 
 def _channel_positions(x: torch.Tensor) -> tuple[int, ...]:

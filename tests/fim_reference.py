@@ -1,0 +1,82 @@
+"""Independent references for diag_fim tests: per-sample autograd loops in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from torch import nn
+
+
+def to_float64(model: nn.Module) -> nn.Module:
+    """A float64 deep copy of the model, in eval mode."""
+    return copy.deepcopy(model).double().eval()
+
+
+
+def _as64(x: torch.Tensor) -> torch.Tensor:
+    return x.double() if x.is_floating_point() else x
+
+
+def reference_fim(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    *,
+    loss: str = "cross_entropy",
+    fisher: str = "empirical",
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flat float64 diagonal FIM by a loop over samples (and classes / draws) with autograd.
+
+    ``labels`` (N, k) are the draws of the "mc" kind, made by the caller with the same generator.
+    """
+    m = to_float64(model)
+    n = inputs.shape[0]
+    total = None
+    for i in range(n):
+        out = m(_as64(inputs[i : i + 1]))
+        terms = []
+        if loss == "cross_entropy":
+            log_p = torch.log_softmax(out, dim=1)[0]
+            if fisher == "empirical":
+                terms.append((1.0, -log_p[targets[i]]))
+            elif fisher == "mc":
+                k = labels.shape[1]
+                terms += [(1.0 / k, -log_p[labels[i, j]]) for j in range(k)]
+            else:
+                p = log_p.detach().exp()
+                terms += [(float(p[c]), log_p[c]) for c in range(out.shape[1])]
+        else:  # mse, empirical: 0.5 * ||f - y||^2
+            terms.append((1.0, 0.5 * (out - _as64(targets[i : i + 1])).square().sum()))
+        for j, (w, obj) in enumerate(terms):
+            retain = j < len(terms) - 1
+            params = [p for p in m.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(obj, params, allow_unused=True, retain_graph=retain)
+            sq = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) ** 2 for p, g in zip(params, grads)])
+            total = w * sq if total is None else total + w * sq
+    return total / n
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |value - reference| / max |reference| (reference must not be all zeros)."""
+    scale = reference.abs().max()
+    assert scale > 0, "the reference FIM is all zeros: the test problem is degenerate"
+    return float((value.double() - reference).abs().max() / scale)
+
+
+def batchnorm_stats_randomised(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics (fresh ones are mean 0, var 1)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)):
+            if getattr(m, "weight", None) is not None:
+                with torch.no_grad():
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
+    return model
+
+
