@@ -113,10 +113,12 @@ def diag_fim(
         if missing:
             raise ValueError(f"no module call handles the parameters {sorted(missing)}")
         capture = Capture()
+        processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
         for o in plan.owners:
-            capture.add_owner(Owner(o.name, o.module, _processor(o, views, skipped, dtype, backend, capture)))
+            capture.add_owner(Owner(o.name, o.module, _processor(o, views, skipped, dtype, backend, capture, processed)))
         n_seen = _accumulate(
             model, itertools.chain([first], stream), capture, device,
+            check=lambda samples: _check_finite(acc, views, processed, samples), processed=processed,
             loss=loss, fisher=fisher, mc_samples=mc_samples, generator=generator,
             max_samples=max_samples, progress=progress, total=_expected_samples(data, max_samples),
         )
@@ -128,7 +130,7 @@ def diag_fim(
 
 def _accumulate(
     model: nn.Module, stream: Iterator[tuple[Any, torch.Tensor | None]], capture: Capture, device: torch.device,
-    *, loss: LossSpec, fisher: str, mc_samples: int, generator: torch.Generator | None,
+    *, check: Any, processed: list[OwnerPlan], loss: LossSpec, fisher: str, mc_samples: int, generator: torch.Generator | None,
     max_samples: int | None, progress: bool, total: int | None,
 ) -> int:
     """Run the forward and backward passes over all batches; return the number of samples."""
@@ -144,6 +146,7 @@ def _accumulate(
                     inputs, targets = take(inputs, targets, n)
             _check_devices((inputs, targets), device)
             capture.begin_batch()
+            processed.clear()
             with torch.enable_grad():
                 output = call_model(model, inputs)
                 zeros = capture.zero_leaves()
@@ -158,6 +161,7 @@ def _accumulate(
                     torch.autograd.grad(objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True)
                     capture.end_pass()
             del output, objs
+            check(f"{n_seen}..{n_seen + n - 1}")
             n_seen += n
             bar.update(n)
     if n_seen == 0:
@@ -166,7 +170,13 @@ def _accumulate(
 
 
 def _processor(
-    plan: OwnerPlan, views: dict[str, torch.Tensor], skipped: set[str], dtype: torch.dtype, backend: str, capture: Capture
+    plan: OwnerPlan,
+    views: dict[str, torch.Tensor],
+    skipped: set[str],
+    dtype: torch.dtype,
+    backend: str,
+    capture: Capture,
+    processed: list[OwnerPlan],
 ) -> Any:
     """The function that turns one module's calls into accumulator updates."""
     fallback_params = [p for p in plan.fallback_params if plan.global_name(p) not in skipped]
@@ -182,24 +192,31 @@ def _processor(
 
     @torch.no_grad()
     def process(module: nn.Module, calls: list[Call]) -> None:
-        _check_finite_grads(plan, calls)
         if rule is not None:
             rule(module, calls, ctx)
         if fallback is not None:
             fallback(module, calls, ctx)
+        processed.append(plan)
 
     return process
 
 
-def _check_finite_grads(plan: OwnerPlan, calls: list[Call]) -> None:
-    for call in calls:
-        for g in call.grads:
-            if g is not None and not bool(torch.isfinite(g).all()):
-                raise FloatingPointError(
-                    f"the gradient at the output of {plan.name or 'the model'} "
-                    f"({type(plan.module).__name__}) is not finite: it overflowed or divided by zero "
-                    "there or in a layer after it (check the loss, the inputs and that layer)"
-                )
+def _check_finite(acc: torch.Tensor, views: dict[str, torch.Tensor], processed: list[OwnerPlan], samples: str) -> None:
+    """Raise if the accumulator went non-finite, naming the first module (in backward order,
+    i.e. nearest the loss) whose contribution did: the layer where the problem appears.
+    One reduction per batch instead of a check per layer; a sum of nonnegative terms is finite
+    exactly when every term is."""
+    if bool(torch.isfinite(acc.sum())):
+        return
+    for plan in processed:
+        names = [plan.global_name(p) for p in plan.rule_params + plan.fallback_params]
+        if any(n in views and not bool(torch.isfinite(views[n]).all()) for n in names):
+            raise FloatingPointError(
+                f"the gradient at the output of {plan.name or 'the model'} ({type(plan.module).__name__}) "
+                f"is not finite on samples {samples}: it overflowed or divided by zero there or in a "
+                "layer after it (check the loss, the inputs and that layer)"
+            )
+    raise FloatingPointError(f"the Fisher accumulator became non-finite on samples {samples}")
 
 
 def _covered(owners: list[OwnerPlan], skipped: set[str]) -> set[str]:

@@ -39,7 +39,7 @@ def square_sum(
         x2 = x[:, :, 0].to(work).square().transpose(0, 1)  # (B, N, I)
         return torch.bmm(g2.transpose(1, 2), x2).to(acc_dtype)
     if backend == "kernels":
-        return ops.per_sample_sq_sum(g.contiguous(), x.contiguous(), acc_dtype)
+        return ops.per_sample_sq_sum(g, x, acc_dtype)
     out = torch.zeros(blocks, out_f, in_f, dtype=acc_dtype, device=g.device)
     step = max(1, chunk_bytes // max(1, blocks * out_f * in_f * torch.finfo(work).bits // 8))
     for start in range(0, n, step):
