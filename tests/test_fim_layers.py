@@ -81,9 +81,15 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1, bias=False),
+            nn.BatchNorm2d(6),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(6, CLASSES)
 
@@ -95,7 +101,9 @@ class TinyTransformer(nn.Module):
     def __init__(self, vocab: int = 11, d: int = 8) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.encoder = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(
+            d, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True
+        )
         self.head = nn.Linear(d, CLASSES)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -109,14 +117,32 @@ SETTINGS = [
     Setting("linear-shared", lambda: Twice(nn.Linear(5, 5)), _x(5)),
     Setting("linear-3d-shared", lambda: Twice(nn.Linear(5, 5)), _x(3, 5)),
     Setting("conv1d", lambda: nn.Conv1d(3, 4, 3), _x(3, 9)),
-    Setting("conv1d-stride-dilation", lambda: nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=2), _x(2, 11)),
+    Setting(
+        "conv1d-stride-dilation",
+        lambda: nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=2),
+        _x(2, 11),
+    ),
     Setting("conv2d", lambda: nn.Conv2d(3, 4, 3, padding=1), _x(3, 6, 6)),
-    Setting("conv2d-stride2-rect", lambda: nn.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0)), _x(2, 7, 6)),
-    Setting("conv2d-groups-dilation", lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2), _x(4, 7, 7)),
+    Setting(
+        "conv2d-stride2-rect",
+        lambda: nn.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0)),
+        _x(2, 7, 6),
+    ),
+    Setting(
+        "conv2d-groups-dilation",
+        lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2),
+        _x(4, 7, 7),
+    ),
     Setting("conv2d-depthwise", lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1), _x(4, 5, 5)),
     Setting("conv2d-same", lambda: nn.Conv2d(2, 3, 4, padding="same"), _x(2, 6, 6)),
-    Setting("conv2d-reflect", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), _x(2, 5, 5)),
-    Setting("conv2d-circular-nobias", lambda: nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular", bias=False), _x(2, 5, 5)),
+    Setting(
+        "conv2d-reflect", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), _x(2, 5, 5)
+    ),
+    Setting(
+        "conv2d-circular-nobias",
+        lambda: nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular", bias=False),
+        _x(2, 5, 5),
+    ),
     Setting("conv2d-shared", lambda: Twice(nn.Conv2d(3, 3, 3, padding=1)), _x(3, 5, 5)),
     Setting("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), _x(2, 4, 5, 4)),
     Setting("batchnorm1d", lambda: nn.BatchNorm1d(5), _x(5)),
@@ -163,7 +189,9 @@ def build(setting: Setting, seed: int) -> tuple[nn.Module, torch.Tensor, torch.T
     return model.eval(), x, y
 
 
-def _mc_labels(model: nn.Module, x: torch.Tensor, seed: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+def _mc_labels(
+    model: nn.Module, x: torch.Tensor, seed: int, k: int, dtype: torch.dtype
+) -> torch.Tensor:
     with torch.no_grad():
         logits = model.to(dtype)(x.to(dtype) if x.is_floating_point() else x)
     return fisher_fast.sample_labels(logits, k, torch.Generator().manual_seed(seed))
@@ -177,8 +205,14 @@ def test_matches_per_sample_loop(setting: Setting, fisher: str, backend: str) ->
     model, x, y = build(setting, seed)
     labels = _mc_labels(model, x, seed, 2, torch.float32) if fisher == "mc" else None
     fim = fisher_fast.diag_fim(
-        model, (x, y), fisher=fisher, mc_samples=2, generator=torch.Generator().manual_seed(seed),
-        backend=backend, progress=False, batch_size=4 if fisher == "empirical" else N,
+        model,
+        (x, y),
+        fisher=fisher,
+        mc_samples=2,
+        generator=torch.Generator().manual_seed(seed),
+        backend=backend,
+        progress=False,
+        batch_size=4 if fisher == "empirical" else N,
     )
     ref = reference_fim(model, x, y, fisher=fisher, labels=labels)
     assert fim.flat.shape == ref.shape
@@ -192,7 +226,9 @@ def test_float64_matches_to_rounding(setting: Setting, backend: str) -> None:
     model, x, y = build(setting, seed)
     model = model.double()
     xd = x.double() if x.is_floating_point() else x
-    fim = fisher_fast.diag_fim(model, (xd, y), dtype=torch.float64, backend=backend, progress=False, batch_size=4)
+    fim = fisher_fast.diag_fim(
+        model, (xd, y), dtype=torch.float64, backend=backend, progress=False, batch_size=4
+    )
     assert fim.flat.dtype == torch.float64
     assert relative_error(fim.flat, reference_fim(model, x, y)) < 1e-10, f"seed {seed}"
 
@@ -212,3 +248,46 @@ def test_frozen_parameters_are_left_out() -> None:
     assert "0.weight" not in fim and "0.bias" in fim
     full = reference_fim(model, x, y)  # the reference also skips frozen parameters
     assert relative_error(fim.flat, full) < 2e-5
+
+
+class _CrossAttention(nn.Module):
+    """Cross attention with different query and key lengths, a padding mask, seq-first layout
+    and the attention weights used in the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 3)
+        self.memory = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, mem = x[:, :3].transpose(0, 1), self.memory(x).transpose(0, 1)
+        padding = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        padding[:, -1] = True
+        out, weights = self.attn(q, mem, mem, key_padding_mask=padding)
+        return out.transpose(0, 1).flatten(1) + weights.flatten(1).sum(1, keepdim=True)
+
+
+class _MaskedSelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+
+
+ATTENTION_SETTINGS = [
+    Setting("attention-cross-padding-weights", _CrossAttention, _x(5, 6)),
+    Setting("attention-causal", _MaskedSelfAttention, _x(4, 6)),
+    Setting("attention-shared", lambda: Twice(_SelfAttention()), _x(4, 6)),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("setting", ATTENTION_SETTINGS, ids=[s.id for s in ATTENTION_SETTINGS])
+def test_attention_variants(setting: Setting, backend: str) -> None:
+    seed = random.randrange(2**31)
+    model, x, y = build(setting, seed)
+    fim = fisher_fast.diag_fim(model, (x, y), backend=backend, progress=False, on_unsupported="error")
+    assert relative_error(fim.flat, reference_fim(model, x, y)) < 2e-5, f"seed {seed}"

@@ -185,8 +185,10 @@ def _processor(
 
     def add(local: str, value: torch.Tensor) -> None:
         name = plan.global_name(local)
-        if name not in skipped:
+        if name in views:
             views[name] += value.reshape(views[name].shape)
+        elif name not in skipped and plan.module.get_parameter(local).requires_grad:
+            raise KeyError(f"the rule for {type(plan.module).__name__} added {local!r}, which is not a parameter to fill")
 
     ctx = RuleContext(acc_dtype=dtype, backend=backend, add=add)
 

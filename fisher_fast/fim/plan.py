@@ -88,6 +88,9 @@ def make_plan(model: nn.Module, inputs: Any) -> Plan:
                 continue
             plan = owners.setdefault(ancestor, OwnerPlan(ancestor, modules[ancestor]))
             local = global_name[len(ancestor) + 1 :] if ancestor else global_name
+            if plan.rule is not None and local in getattr(plan.rule, "extra_params", ()):
+                plan.rule_params.append(local)
+                continue
             plan.fallback_params.append(local)
             unsupported[global_name] = (
                 f"used outside {type(module).__name__}.forward, inside {type(modules[ancestor]).__name__}"

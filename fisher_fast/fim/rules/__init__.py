@@ -88,14 +88,22 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
 
 
 def find_rule(module: nn.Module) -> Rule | None:
-    """The rule for this module's class; subclasses inherit it only if they keep forward()."""
+    """The rule for this module's class; subclasses inherit it only if they keep forward().
+
+    A rule may carry ``supports(module) -> bool`` (configurations it handles; others get the
+    generic fallback) and ``extra_params`` (dotted names of descendants' parameters that the
+    module uses without calling their owner, which the rule also handles).
+    """
     cls = type(module)
-    if cls in _RULES:
-        return _RULES[cls]
-    for base in cls.__mro__[1:]:
-        if base in _RULES and cls.forward is base.forward:
-            return _RULES[base]
-    return None
+    rule = _RULES.get(cls)
+    if rule is None:
+        for base in cls.__mro__[1:]:
+            if base in _RULES and cls.forward is base.forward:
+                rule = _RULES[base]
+                break
+    if rule is not None and not getattr(rule, "supports", lambda m: True)(module):
+        return None
+    return rule
 
 
 def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) -> torch.Tensor:
@@ -107,4 +115,4 @@ def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) 
 
 
 # Importing the rule modules registers them.
-from fisher_fast.fim.rules import conv, embedding, linear, norm  # noqa: E402, F401
+from fisher_fast.fim.rules import attention, conv, embedding, linear, norm  # noqa: E402, F401

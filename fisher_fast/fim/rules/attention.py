@@ -1,0 +1,120 @@
+"""nn.MultiheadAttention (packed projections, no bias_k/v, no zero attention).
+
+MultiheadAttention uses ``out_proj``'s weight without calling ``out_proj``, so the generic path
+would have to re-run the module per sample with torch.func. Instead, this rule recomputes the
+batch's projections once, with autograd on the projected queries, keys and values only:
+
+    q, k, v = x_q W_q^T + b_q, ...;   a = attention(q, k, v);   out = a W_o^T + b_o
+
+Attention mixes positions but never samples, so one batched backward from the captured output
+gradient gives each sample's dL/dq, dL/dk, dL/dv, and the projection weights reduce to the
+Linear math: sum_t g_t x_t^T per sample, squared and summed by ``ctx.square_sum``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_fast.fim.rules import Call, RuleContext, register_rule
+
+_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def supports(module: nn.Module) -> bool:
+    """Configurations this rule reproduces exactly; others use the generic fallback."""
+    assert isinstance(module, nn.MultiheadAttention)
+    return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.is_floating_point():
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _attention_mask(
+    module: nn.MultiheadAttention, args: dict, n: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive (N, heads, L, S)-broadcastable mask from attn_mask and key_padding_mask."""
+    h = module.num_heads
+    mask = _float_mask(args.get("attn_mask"), dtype)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.view(n, h, *mask.shape[1:])
+    padding = _float_mask(args.get("key_padding_mask"), dtype)
+    if padding is not None:
+        padding = padding.view(n, 1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
+def _projection_grads(
+    module: nn.MultiheadAttention, call: Call, work: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per call: inputs [x_q, x_k, x_v], their projections' gradients [g_q, g_k, g_v], the
+    attention output a (input of out_proj) and the output gradient, all batch-first (N, T, E)."""
+    bound = _SIGNATURE.bind(module, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    args = bound.arguments
+    xs = [args["query"], args["key"], args["value"]]
+    grad_out = call.grad(0)
+    grad_weights = call.grads[1] if len(call.grads) > 1 else None
+    if not module.batch_first:
+        xs = [x.transpose(0, 1) for x in xs]
+        grad_out = grad_out.transpose(0, 1)
+    xs = [x.to(work) for x in xs]
+    n, e, h = xs[0].shape[0], module.embed_dim, module.num_heads
+    w_in = module.in_proj_weight.to(work).chunk(3)
+    b_in = module.in_proj_bias.to(work).chunk(3) if module.in_proj_bias is not None else (None,) * 3
+    with torch.enable_grad():
+        proj = [F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip(xs, w_in, b_in)]
+        q, k, v = (p.view(n, p.shape[1], h, e // h).transpose(1, 2) for p in proj)
+        mask = _attention_mask(module, args, n, work)
+        weights = None
+        if grad_weights is None:
+            heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(e // h)
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            heads_out = weights @ v
+            if args["average_attn_weights"]:
+                weights = weights.mean(1)
+        a = heads_out.transpose(1, 2).reshape(n, -1, e)
+        grad_a = grad_out.to(work) @ module.out_proj.weight.to(work)
+        outputs, grads = [a], [grad_a]
+        if weights is not None and grad_weights is not None:
+            outputs.append(weights)
+            grads.append(grad_weights.to(work))
+        g_proj = torch.autograd.grad(outputs, proj, grads)
+    return xs, list(g_proj), a.detach(), grad_out.to(work)
+
+
+@register_rule(nn.MultiheadAttention)
+def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> None:
+    per_call = [_projection_grads(module, c, ctx.work_dtype) for c in calls]
+
+    def along_positions(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    weight_rows, bias_rows = [], []
+    for j in range(3):  # query, key, value blocks of the packed projection
+        x = along_positions([pc[0][j] for pc in per_call])
+        g = along_positions([pc[1][j] for pc in per_call])
+        weight_rows.append(ctx.square_sum(g.unsqueeze(1), x.unsqueeze(1))[0])
+        bias_rows.append(g.sum(1))
+    ctx.add("in_proj_weight", torch.cat(weight_rows))
+    if module.in_proj_bias is not None:
+        ctx.add_bias("in_proj_bias", torch.cat(bias_rows, dim=1))
+    a = along_positions([pc[2] for pc in per_call])
+    g_out = along_positions([pc[3] for pc in per_call])
+    ctx.add("out_proj.weight", ctx.square_sum(g_out.unsqueeze(1), a.unsqueeze(1))[0])
+    if module.out_proj.bias is not None:
+        ctx.add_bias("out_proj.bias", g_out.sum(1))
+
+
+attention_rule.supports = supports  # type: ignore[attr-defined]
+attention_rule.extra_params = ("out_proj.weight", "out_proj.bias")  # type: ignore[attr-defined]
