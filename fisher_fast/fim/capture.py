@@ -1,11 +1,13 @@
 """Forward hooks that record each module call and deliver the gradients at its outputs.
 
-Every output tensor of a recorded call is replaced by ``output + zero`` with ``zero`` a 0-dim
-leaf that requires grad, and a tensor hook on that new tensor receives dL/d(output) during the
-backward pass. Differentiating only with respect to the zero leaves makes autograd run every
-node between the loss and each recorded output, and skip the weight-gradient products that a
-plain backward would compute (diag_fim never needs the batch gradient). A fresh tensor, rather
-than a view or an identity Function, keeps in-place operations after the module legal.
+Every output tensor of a recorded call is replaced by a copy made by ``_Tap``, an autograd
+Function that also takes a 0-dim "zero" leaf requiring grad; a tensor hook on the copy receives
+dL/d(output) during the backward pass. Differentiating only with respect to the zero leaves makes
+autograd run every node between the loss and each recorded output, and skip the weight-gradient
+products that a plain backward would compute (diag_fim never needs the batch gradient). A fresh
+tensor, rather than a view, keeps in-place operations after the module legal (autograd forbids
+in-place changes to views made inside a custom Function), and the zero leaf's own gradient is a
+constant, so no reduction over the output is spent on it.
 
 A module called once with one output is processed as soon as its gradient arrives, so that
 gradient is freed early; anything else (weight sharing, several outputs) is processed after the
@@ -24,6 +26,18 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fisher_fast.fim.rules import Call
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on ``x`` (as a copy) that makes ``x``'s gradient reachable from ``zero``."""
+
+    @staticmethod
+    def forward(ctx: Any, zero: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad.new_zeros(()), grad
 
 
 @dataclass
@@ -105,7 +119,7 @@ class Capture:
         leaves, spec = tree_flatten(output)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                tapped = leaf + self._zero(leaf.device)
+                tapped = _Tap.apply(self._zero(leaf.device), leaf)
                 tapped.register_hook(self._grad_hook(module, call, len(call.output_meta)))
                 call.output_meta.append((leaf.shape, leaf.dtype, leaf.device))
                 leaves[i] = tapped
