@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One-shot GPU validation, run on a lent GPU machine from the repository root:
+# builds the extension with its CUDA kernels against that machine's torch, runs every test
+# (CUDA-marked ones included), then benchmarks/gpu_check.py (CUDA vs CPU/reference, timings).
+# Output goes to stdout and, when $OUT is set, to $OUT/*.txt.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/fisher_fast_device}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/machine.txt"
+
+start=$(date +%s)
+FISHER_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+  "$py" setup.py -q build_ext --inplace >"$out/build.txt" 2>&1
+build_rc=$?
+tail -n 30 "$out/build.txt"
+echo "build rc=$build_rc in $(( $(date +%s) - start )) s"
+[ "$build_rc" -eq 0 ] || exit "$build_rc"
+"$py" -c "import fisher_fast, json; print(json.dumps(fisher_fast.build_info()))" | tee -a "$out/machine.txt"
+
+timeout "${TEST_TIMEOUT:-240}" "$py" -m pytest tests -q -x -p no:cacheprovider -m cuda 2>&1 | tail -n 15 | tee "$out/pytest_cuda.txt"
+test_rc=${PIPESTATUS[0]}
+timeout "${CHECK_TIMEOUT:-180}" "$py" benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt" | tail -n 60
+check_rc=${PIPESTATUS[0]}
+echo "cuda tests rc=$test_rc, gpu_check rc=$check_rc"
+[ "$test_rc" -eq 0 ] && [ "$check_rc" -eq 0 ]
