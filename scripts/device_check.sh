@@ -13,6 +13,11 @@ py="${PYTHON:-python3}"
   "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
+# The CUDA toolkit image may lack some headers torch includes (e.g. cusparse.h); the pip CUDA
+# wheels beside torch carry them.
+nv="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
+for inc in "$nv"/*/include "$nv"/*/*/include; do [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"; done
+
 start=$(date +%s)
 FISHER_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
   "$py" setup.py -q build_ext --inplace >"$out/build.txt" 2>&1
