@@ -5,19 +5,43 @@ from fisher_fast._library import build_info, is_loaded
 from fisher_fast._version import __version__
 from fisher_fast.distance import frechet_distance, frechet_distance_full, frechet_distances
 from fisher_fast.fim import Call, DiagFIM, RuleContext, diag_fim, register_rule, sample_labels
+from fisher_fast.tasks import (
+    DataSource,
+    DistanceResult,
+    Probe,
+    Suite,
+    Task,
+    TrainConfig,
+    distance_matrix,
+    get_suite,
+    make_probe,
+    task_distance,
+    train_probe,
+)
 
 __all__ = [
     "Call",
+    "DataSource",
     "DiagFIM",
+    "DistanceResult",
+    "Probe",
     "RuleContext",
-    "diag_fim",
-    "register_rule",
-    "sample_labels",
+    "Suite",
+    "Task",
+    "TrainConfig",
     "__version__",
     "build_info",
+    "diag_fim",
+    "distance_matrix",
     "frechet_distance",
     "frechet_distance_full",
     "frechet_distances",
+    "get_suite",
     "is_loaded",
+    "make_probe",
     "ops",
+    "register_rule",
+    "sample_labels",
+    "task_distance",
+    "train_probe",
 ]

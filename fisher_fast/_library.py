@@ -7,6 +7,7 @@ is called, and says what failed and how to rebuild.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
@@ -20,9 +21,7 @@ _module: ModuleType | None = None
 _load_error: str | None = None
 
 try:
-    from fisher_fast import _C as _compiled
-
-    _module = _compiled
+    _module = importlib.import_module("fisher_fast._C")
 except Exception as exc:  # any failure to load is reported at first use
     _load_error = f"{type(exc).__name__}: {exc}"
 

@@ -12,7 +12,7 @@ unit trace therefore happens inside, and the result does not change when either 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -26,7 +26,7 @@ class HasFlatFIM(Protocol):
     def flat(self) -> torch.Tensor: ...
 
 
-FIMLike = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor], HasFlatFIM]
+FIMLike = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | HasFlatFIM
 
 
 def _as_tensor_list(fim: Any, what: str) -> tuple[list[str] | None, list[torch.Tensor]]:
@@ -71,10 +71,16 @@ def _align(
                     f"{what} has {total} elements but the reference FIM has {ref_total}; "
                     "both must describe the same parameters"
                 )
-            return [torch.cat([t.reshape(-1) for t in tensors])] if len(ref) == 1 else list(
-                torch.cat([t.reshape(-1) for t in tensors]).split([t.numel() for t in ref])
+            return (
+                [torch.cat([t.reshape(-1) for t in tensors])]
+                if len(ref) == 1
+                else list(
+                    torch.cat([t.reshape(-1) for t in tensors]).split([t.numel() for t in ref])
+                )
             )
-        raise TypeError(f"{what} is a {'dict' if names else 'list'} but the reference is not; pass both alike")
+        raise TypeError(
+            f"{what} is a {'dict' if names else 'list'} but the reference is not; pass both alike"
+        )
     if ref_names is not None and names is not None:
         missing = [n for n in ref_names if n not in names]
         extra = [n for n in names if n not in ref_names]
@@ -83,11 +89,13 @@ def _align(
                 f"{what} and the reference FIM name different parameters: missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
             )
-        by_name = dict(zip(names, tensors))
+        by_name = dict(zip(names, tensors, strict=True))
         tensors = [by_name[n] for n in ref_names]
     if len(tensors) != len(ref):
-        raise ValueError(f"{what} holds {len(tensors)} tensors but the reference FIM holds {len(ref)}")
-    for i, (r, t) in enumerate(zip(ref, tensors)):
+        raise ValueError(
+            f"{what} holds {len(tensors)} tensors but the reference FIM holds {len(ref)}"
+        )
+    for i, (r, t) in enumerate(zip(ref, tensors, strict=True)):
         label = repr(ref_names[i]) if ref_names else f"tensor {i}"
         if r.numel() != t.numel():
             raise ValueError(
@@ -126,7 +134,9 @@ def _check_sums(sums: torch.Tensor, labels: list[str]) -> None:
             "a diagonal FIM is finite and nonnegative (check the model's loss and gradients)"
         )
     if values[0, 0] <= 0:
-        raise ValueError(f"{labels[0]} is all zeros (trace 0), so it cannot be normalised to unit trace")
+        raise ValueError(
+            f"{labels[0]} is all zeros (trace 0), so it cannot be normalised to unit trace"
+        )
     for k in range(values.shape[0]):
         if values[k, 4] > 0:
             raise ValueError(
@@ -192,7 +202,9 @@ def frechet_distance_full(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     checking the diagonal formula, not for real models.
     """
     if A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape != B.shape:
-        raise ValueError(f"A and B must be square matrices of one size, got {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ValueError(
+            f"A and B must be square matrices of one size, got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     A = A.to(torch.float64)
     B = B.to(torch.float64)
     A = A / torch.trace(A)

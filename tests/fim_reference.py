@@ -5,14 +5,12 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from torch import nn
 
 
 def to_float64(model: nn.Module) -> nn.Module:
     """A float64 deep copy of the model, in eval mode."""
     return copy.deepcopy(model).double().eval()
-
 
 
 def _as64(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +52,12 @@ def reference_fim(
             retain = j < len(terms) - 1
             params = [p for p in m.parameters() if p.requires_grad]
             grads = torch.autograd.grad(obj, params, allow_unused=True, retain_graph=retain)
-            sq = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) ** 2 for p, g in zip(params, grads)])
+            sq = torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1) ** 2
+                    for p, g in zip(params, grads, strict=True)
+                ]
+            )
             total = w * sq if total is None else total + w * sq
     return total / n
 
@@ -72,11 +75,14 @@ def batchnorm_stats_randomised(model: nn.Module, generator: torch.Generator) -> 
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)):
-            if getattr(m, "weight", None) is not None:
-                with torch.no_grad():
-                    m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
+        affine = (
+            nn.modules.batchnorm._BatchNorm,
+            nn.GroupNorm,
+            nn.LayerNorm,
+            nn.modules.instancenorm._InstanceNorm,
+        )
+        if isinstance(m, affine) and getattr(m, "weight", None) is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
     return model
-
-

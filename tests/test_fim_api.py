@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fim_reference import reference_fim, relative_error
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fisher_fast
-from fim_reference import reference_fim, relative_error
 
 
 def _problem(n: int = 12, seed: int | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -228,7 +228,7 @@ def test_batchnorm_in_training_mode_is_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).train()
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with pytest.raises(
-        ValueError, match="BatchNorm layer in training mode.*per-sample gradients are not"
+        ValueError, match=r"BatchNorm layer in training mode.*per-sample gradients are not"
     ):
         _fim(model, (x, y), mode="keep")
     no_stats = nn.Sequential(

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from fim_reference import batchnorm_stats_randomised, reference_fim, relative_error
 from torch import nn
 
 import fisher_fast
-from fim_reference import batchnorm_stats_randomised, reference_fim, relative_error
 
 CLASSES = 3
 N = 6
@@ -289,20 +289,28 @@ ATTENTION_SETTINGS = [
 def test_attention_variants(setting: Setting, backend: str) -> None:
     seed = random.randrange(2**31)
     model, x, y = build(setting, seed)
-    fim = fisher_fast.diag_fim(model, (x, y), backend=backend, progress=False, on_unsupported="error")
+    fim = fisher_fast.diag_fim(
+        model, (x, y), backend=backend, progress=False, on_unsupported="error"
+    )
     assert relative_error(fim.flat, reference_fim(model, x, y)) < 2e-5, f"seed {seed}"
-
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
-@pytest.mark.parametrize("setting", SETTINGS + ATTENTION_SETTINGS, ids=[s.id for s in SETTINGS + ATTENTION_SETTINGS])
+@pytest.mark.parametrize(
+    "setting", SETTINGS + ATTENTION_SETTINGS, ids=[s.id for s in SETTINGS + ATTENTION_SETTINGS]
+)
 def test_cuda_matches_per_sample_loop(setting: Setting, fisher: str) -> None:
     seed = random.randrange(2**31)
     model, x, y = build(setting, seed)
     ref = reference_fim(model, x, y, fisher=fisher)
     fim = fisher_fast.diag_fim(
-        model.cuda(), (x.cuda(), y.cuda()), fisher=fisher, backend="kernels", progress=False, batch_size=4
+        model.cuda(),
+        (x.cuda(), y.cuda()),
+        fisher=fisher,
+        backend="kernels",
+        progress=False,
+        batch_size=4,
     )
     assert fim.flat.is_cuda
     # TF32 is off by default for float32 matmuls in PyTorch, so float32 rounding applies.

@@ -68,7 +68,9 @@ class Capture:
     @contextlib.contextmanager
     def installed(self) -> Iterator[Capture]:
         for owner in self._owner_of.values():
-            self._handles.append(owner.module.register_forward_hook(self._on_forward, with_kwargs=True))
+            self._handles.append(
+                owner.module.register_forward_hook(self._on_forward, with_kwargs=True)
+            )
         try:
             yield self
         finally:
@@ -112,7 +114,9 @@ class Capture:
             self._zeros[device] = torch.zeros((), device=device, requires_grad=True)
         return self._zeros[device]
 
-    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    def _on_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
         if self._paused or not torch.is_grad_enabled():
             return None
         call = Call(args=args, kwargs=kwargs)

@@ -16,12 +16,17 @@ def batches(data: Any, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | No
     """
     if isinstance(data, torch.Tensor):
         data = (data, None)
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor) and (
-        data[1] is None or isinstance(data[1], torch.Tensor)
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and isinstance(data[0], torch.Tensor)
+        and (data[1] is None or isinstance(data[1], torch.Tensor))
     ):
         inputs, targets = data
         if targets is not None and targets.shape[0] != inputs.shape[0]:
-            raise ValueError(f"inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}")
+            raise ValueError(
+                f"inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
+            )
         for start in range(0, inputs.shape[0], batch_size):
             stop = start + batch_size
             yield inputs[start:stop], None if targets is None else targets[start:stop]
@@ -37,7 +42,9 @@ def batches(data: Any, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | No
         elif isinstance(batch, (tuple, list)) and len(batch) == 2:
             yield batch[0], batch[1]
         else:
-            raise TypeError(f"each batch must be (inputs, targets) or a tensor, got {type(batch).__name__}")
+            raise TypeError(
+                f"each batch must be (inputs, targets) or a tensor, got {type(batch).__name__}"
+            )
 
 
 def batch_size_of(inputs: Any) -> int:

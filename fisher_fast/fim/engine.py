@@ -91,7 +91,9 @@ def diag_fim(
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameters (requires_grad=True), so there is no FIM")
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=True), so there is no FIM"
+        )
     device = trainable[0][1].device
 
     with _model_mode(model, mode):
@@ -108,34 +110,74 @@ def diag_fim(
         names = [n for n, _ in trainable if n not in skipped]
         params = dict(trainable)
         acc = torch.zeros(sum(params[n].numel() for n in names), dtype=dtype, device=device)
-        views = dict(zip(names, _split(acc, [params[n] for n in names])))
+        views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
         missing = set(names) - _covered(plan.owners, skipped)
         if missing:
             raise ValueError(f"no module call handles the parameters {sorted(missing)}")
         capture = Capture()
         processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
         for o in plan.owners:
-            capture.add_owner(Owner(o.name, o.module, _processor(o, views, skipped, dtype, backend, capture, processed)))
+            capture.add_owner(
+                Owner(
+                    o.name,
+                    o.module,
+                    _processor(o, views, skipped, dtype, backend, capture, processed),
+                )
+            )
         n_seen = _accumulate(
-            model, itertools.chain([first], stream), capture, device,
-            check=lambda samples: _check_finite(acc, views, processed, samples), processed=processed,
-            loss=loss, fisher=fisher, mc_samples=mc_samples, generator=generator,
-            max_samples=max_samples, progress=progress, total=_expected_samples(data, max_samples),
+            model,
+            itertools.chain([first], stream),
+            capture,
+            device,
+            check=lambda samples: _check_finite(acc, views, processed, samples),
+            processed=processed,
+            loss=loss,
+            fisher=fisher,
+            mc_samples=mc_samples,
+            generator=generator,
+            max_samples=max_samples,
+            progress=progress,
+            total=_expected_samples(data, max_samples),
         )
     acc /= n_seen
-    meta = {"loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
-            "mc_samples": mc_samples, "backend": backend, "fisher_fast_version": __version__}
-    return DiagFIM(acc, names, [tuple(params[n].shape) for n in names], n_samples=n_seen, fisher=fisher, meta=meta)
+    meta = {
+        "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
+        "mc_samples": mc_samples,
+        "backend": backend,
+        "fisher_fast_version": __version__,
+    }
+    return DiagFIM(
+        acc,
+        names,
+        [tuple(params[n].shape) for n in names],
+        n_samples=n_seen,
+        fisher=fisher,
+        meta=meta,
+    )
 
 
 def _accumulate(
-    model: nn.Module, stream: Iterator[tuple[Any, torch.Tensor | None]], capture: Capture, device: torch.device,
-    *, check: Any, processed: list[OwnerPlan], loss: LossSpec, fisher: str, mc_samples: int, generator: torch.Generator | None,
-    max_samples: int | None, progress: bool, total: int | None,
+    model: nn.Module,
+    stream: Iterator[tuple[Any, torch.Tensor | None]],
+    capture: Capture,
+    device: torch.device,
+    *,
+    check: Any,
+    processed: list[OwnerPlan],
+    loss: LossSpec,
+    fisher: str,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    max_samples: int | None,
+    progress: bool,
+    total: int | None,
 ) -> int:
     """Run the forward and backward passes over all batches; return the number of samples."""
     n_seen = 0
-    with capture.installed(), tqdm(total=total, unit="sample", desc="diag_fim", disable=not progress) as bar:
+    with (
+        capture.installed(),
+        tqdm(total=total, unit="sample", desc="diag_fim", disable=not progress) as bar,
+    ):
         for inputs, targets in stream:
             n = batch_size_of(inputs)
             if max_samples is not None:
@@ -158,7 +200,9 @@ def _accumulate(
                             f"{n_seen}..{n_seen + n - 1}; check the inputs and the model"
                         )
                     capture.begin_pass()
-                    torch.autograd.grad(objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True)
+                    torch.autograd.grad(
+                        objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
+                    )
                     capture.end_pass()
             del output, objs
             check(f"{n_seen}..{n_seen + n - 1}")
@@ -188,7 +232,9 @@ def _processor(
         if name in views:
             views[name] += value.reshape(views[name].shape)
         elif name not in skipped and plan.module.get_parameter(local).requires_grad:
-            raise KeyError(f"the rule for {type(plan.module).__name__} added {local!r}, which is not a parameter to fill")
+            raise KeyError(
+                f"the rule for {type(plan.module).__name__} added {local!r}, which is not a parameter to fill"
+            )
 
     ctx = RuleContext(acc_dtype=dtype, backend=backend, add=add)
 
@@ -203,7 +249,9 @@ def _processor(
     return process
 
 
-def _check_finite(acc: torch.Tensor, views: dict[str, torch.Tensor], processed: list[OwnerPlan], samples: str) -> None:
+def _check_finite(
+    acc: torch.Tensor, views: dict[str, torch.Tensor], processed: list[OwnerPlan], samples: str
+) -> None:
     """Raise if the accumulator went non-finite, naming the first module (in backward order,
     i.e. nearest the loss) whose contribution did: the layer where the problem appears.
     One reduction per batch instead of a check per layer; a sum of nonnegative terms is finite
@@ -249,8 +297,12 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _check_batchnorm(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
-            raise ValueError(BATCHNORM_TRAINING_ERROR.format(name=f"'{name}' ({type(module).__name__})"))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise ValueError(
+                BATCHNORM_TRAINING_ERROR.format(name=f"'{name}' ({type(module).__name__})")
+            )
 
 
 def _check_devices(batch: Any, device: torch.device) -> None:

@@ -24,7 +24,10 @@ CHUNK_BYTES = 64 * 2**20
 
 
 def _batched_dims(tree: Any, n: int) -> Any:
-    return tree_map(lambda v: 0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else None, tree)
+    return tree_map(
+        lambda v: 0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else None,
+        tree,
+    )
 
 
 def _float_leaves(out: Any) -> list[torch.Tensor]:
@@ -32,7 +35,9 @@ def _float_leaves(out: Any) -> list[torch.Tensor]:
     return [v for v in leaves if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
-def make_fallback_rule(param_names: list[str], paused: Callable[[], Any]) -> Callable[[nn.Module, list[Call], RuleContext], None]:
+def make_fallback_rule(
+    param_names: list[str], paused: Callable[[], Any]
+) -> Callable[[nn.Module, list[Call], RuleContext], None]:
     """A rule differentiating ``param_names`` (dotted, relative to the module) per sample.
 
     ``paused()`` is a context manager that silences the capture hooks while the module is re-run.
@@ -40,10 +45,17 @@ def make_fallback_rule(param_names: list[str], paused: Callable[[], Any]) -> Cal
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
         params = {name: module.get_parameter(name).detach() for name in param_names}
-        n = calls[0].input.shape[0] if isinstance(calls[0].input, torch.Tensor) else _batch_size(calls[0])
+        n = (
+            calls[0].input.shape[0]
+            if isinstance(calls[0].input, torch.Tensor)
+            else _batch_size(calls[0])
+        )
         size = sum(p.numel() for p in params.values())
         step = max(1, CHUNK_BYTES // max(1, size * 4 * (len(calls) + 1)))
-        totals = {name: torch.zeros(p.shape, dtype=ctx.acc_dtype, device=p.device) for name, p in params.items()}
+        totals = {
+            name: torch.zeros(p.shape, dtype=ctx.acc_dtype, device=p.device)
+            for name, p in params.items()
+        }
         with paused():
             for start in range(0, n, step):
                 part = slice(start, start + step)
@@ -78,17 +90,18 @@ def _per_sample_grads(
     kwargs = tree_map(lambda v, d: v if d is None else v[part], call.kwargs, kwarg_dims)
     grads = [call.grad(k)[part] for k in range(len(call.output_meta))]
 
-    def one_sample(p: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any], g: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def one_sample(
+        p: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any], g: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         a1 = tree_map(lambda v, d: v if d is None else v.unsqueeze(0), a, arg_dims)
         kw1 = tree_map(lambda v, d: v if d is None else v.unsqueeze(0), kw, kwarg_dims)
 
         def forward(q: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
             return tuple(_float_leaves(functional_call(module, q, a1, kw1)))
 
-        _, pullback = vjp(forward, p)
+        pullback = vjp(forward, p)[1]
         return pullback(tuple(gk.unsqueeze(0) for gk in g))[0]
 
     in_dims = (None, arg_dims, kwarg_dims, [0] * len(grads))
     out = vmap(one_sample, in_dims=in_dims)(params, args, kwargs, grads)
     return {k: v.to(work) for k, v in out.items()}
-

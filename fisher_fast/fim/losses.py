@@ -33,7 +33,9 @@ def sample_labels(logits: torch.Tensor, k: int, generator: torch.Generator | Non
     return torch.multinomial(probs, k, replacement=True, generator=generator)
 
 
-def _check_classification(output: torch.Tensor, targets: torch.Tensor | None, need_targets: bool) -> None:
+def _check_classification(
+    output: torch.Tensor, targets: torch.Tensor | None, need_targets: bool
+) -> None:
     if output.dim() != 2:
         raise ValueError(
             f"loss='cross_entropy' expects logits of shape (N, classes), got {tuple(output.shape)}; "
@@ -43,8 +45,13 @@ def _check_classification(output: torch.Tensor, targets: torch.Tensor | None, ne
         return
     if targets is None:
         raise ValueError("fisher='empirical' needs targets: pass (inputs, targets) batches")
-    if targets.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or targets.dim() != 1:
-        raise ValueError(f"cross_entropy targets must be integer labels of shape (N,), got {targets.dtype} {tuple(targets.shape)}")
+    if (
+        targets.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        or targets.dim() != 1
+    ):
+        raise ValueError(
+            f"cross_entropy targets must be integer labels of shape (N,), got {targets.dtype} {tuple(targets.shape)}"
+        )
     classes = output.shape[1]
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= classes:
@@ -65,10 +72,14 @@ def objectives(
     """Yield the scalar objectives to backpropagate, one backward pass each (see module doc)."""
     if callable(loss):
         if fisher != "empirical":
-            raise ValueError("a callable loss defines no predictive distribution: use fisher='empirical'")
+            raise ValueError(
+                "a callable loss defines no predictive distribution: use fisher='empirical'"
+            )
         per_sample = loss(output, targets)  # type: ignore[arg-type]
         if per_sample.shape != (output.shape[0],):
-            raise ValueError(f"the loss callable must return one loss per sample, shape ({output.shape[0]},), got {tuple(per_sample.shape)}")
+            raise ValueError(
+                f"the loss callable must return one loss per sample, shape ({output.shape[0]},), got {tuple(per_sample.shape)}"
+            )
         yield per_sample.sum()
     elif loss == "cross_entropy":
         _check_classification(output, targets, fisher == "empirical")
@@ -91,7 +102,9 @@ def objectives(
             yield 0.5 * (output - targets.to(output.dtype)).square().sum()
         elif fisher == "mc":
             for _ in range(mc_samples):
-                noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+                noise = torch.randn(
+                    flat.shape, generator=generator, device=flat.device, dtype=flat.dtype
+                )
                 yield (flat * noise).sum() / math.sqrt(mc_samples)
         else:
             for c in range(flat.shape[1]):

@@ -43,7 +43,9 @@ def called_modules(model: nn.Module, inputs: Any) -> set[nn.Module]:
     """Modules whose forward runs on a two-sample slice of ``inputs`` (with grad enabled, so
     that layers with inference fast paths take the same route as in the real passes)."""
     seen: set[nn.Module] = set()
-    handles = [m.register_forward_pre_hook(lambda mod, args: seen.add(mod)) for m in model.modules()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args: seen.add(mod)) for m in model.modules()
+    ]
     try:
         with torch.enable_grad():
             call_model(model, take(inputs, None, 2)[0])
@@ -62,7 +64,9 @@ def make_plan(model: nn.Module, inputs: Any) -> Plan:
     for module_name, module in modules.items():
         for pname, p in module._parameters.items():
             if p is not None and p.requires_grad:
-                holders.setdefault(id(p), []).append(f"{module_name}.{pname}" if module_name else pname)
+                holders.setdefault(id(p), []).append(
+                    f"{module_name}.{pname}" if module_name else pname
+                )
 
     for module_name, module in modules.items():
         for pname, p in module._parameters.items():
@@ -98,7 +102,9 @@ def make_plan(model: nn.Module, inputs: Any) -> Plan:
     return Plan(list(owners.values()), unsupported)
 
 
-def _nearest_called_ancestor(name: str, modules: dict[str, nn.Module], called: set[nn.Module]) -> str | None:
+def _nearest_called_ancestor(
+    name: str, modules: dict[str, nn.Module], called: set[nn.Module]
+) -> str | None:
     parts = name.split(".") if name else []
     for depth in range(len(parts) - 1, -1, -1):
         prefix = ".".join(parts[:depth])

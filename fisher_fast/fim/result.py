@@ -49,7 +49,7 @@ class DiagFIM:
         self.n_samples = int(n_samples)
         self.fisher = fisher
         self.meta = dict(meta or {})
-        self._offsets = dict(zip(self.names, _offsets(sizes)))
+        self._offsets = dict(zip(self.names, _offsets(sizes), strict=True))
 
     # -- views ---------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -89,7 +89,9 @@ class DiagFIM:
             raise ValueError("the FIM's trace is zero, so it cannot be normalised to unit trace")
         return self._like((self.flat.double() / trace).to(self.flat.dtype))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiagFIM:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> DiagFIM:
         """A copy on another device and/or dtype."""
         return self._like(self.flat.to(device=device, dtype=dtype))
 
@@ -108,7 +110,14 @@ class DiagFIM:
         return out
 
     def _like(self, flat: torch.Tensor) -> DiagFIM:
-        return DiagFIM(flat, self.names, self.shapes, n_samples=self.n_samples, fisher=self.fisher, meta=self.meta)
+        return DiagFIM(
+            flat,
+            self.names,
+            self.shapes,
+            n_samples=self.n_samples,
+            fisher=self.fisher,
+            meta=self.meta,
+        )
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -34,7 +34,9 @@ def supports(module: nn.Module) -> bool:
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if mask is None or mask.is_floating_point():
         return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        mask, float("-inf")
+    )
 
 
 def _attention_mask(
@@ -71,7 +73,10 @@ def _projection_grads(
     w_in = module.in_proj_weight.to(work).chunk(3)
     b_in = module.in_proj_bias.to(work).chunk(3) if module.in_proj_bias is not None else (None,) * 3
     with torch.enable_grad():
-        proj = [F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip(xs, w_in, b_in)]
+        proj = [
+            F.linear(x, w, b).detach().requires_grad_()
+            for x, w, b in zip(xs, w_in, b_in, strict=True)
+        ]
         q, k, v = (p.view(n, p.shape[1], h, e // h).transpose(1, 2) for p in proj)
         mask = _attention_mask(module, args, n, work)
         weights = None

@@ -23,14 +23,14 @@ UNFOLD_CHUNK_BYTES = 64 * 2**20
 def _explicit_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
     """Per spatial dim (before, after) padding, "same" resolved as PyTorch does (extra at the end)."""
     pads: list[int] = []
-    for d, (k, dil) in enumerate(zip(conv.kernel_size, conv.dilation)):
+    for d, (k, dil) in enumerate(zip(conv.kernel_size, conv.dilation, strict=True)):
         if conv.padding == "same":
             total = dil * (k - 1)
             pads += [total // 2, total - total // 2]
         elif conv.padding == "valid":
             pads += [0, 0]
         else:
-            p = conv.padding[d]  # type: ignore[index]
+            p = int(conv.padding[d])
             pads += [p, p]
     return pads
 
@@ -56,7 +56,7 @@ def unfold(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
         if dil > 1:
             x = x[..., ::dil]
     # x: (N, C, *out_spatial, *kernel) -> (N, *out_spatial, C, *kernel)
-    n, c = x.shape[:2]
+    n = x.shape[0]
     out_axes = list(range(2, 2 + spatial))
     kernel_axes = list(range(2 + spatial, 2 + 2 * spatial))
     x = x.permute(0, *out_axes, 1, *kernel_axes)
@@ -89,4 +89,6 @@ def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleConte
         ctx.add("weight", total)
     if module.bias is not None and module.bias.requires_grad:
         spatial = tuple(range(2, 2 + len(module.kernel_size)))
-        ctx.add_bias("bias", sum_over_calls(calls, lambda c: c.grad().to(ctx.work_dtype).sum(spatial)))
+        ctx.add_bias(
+            "bias", sum_over_calls(calls, lambda c: c.grad().to(ctx.work_dtype).sum(spatial))
+        )

@@ -26,7 +26,8 @@ BATCHNORM_TRAINING_ERROR = (
 
 
 def _affine_rule(
-    normalise: Callable[[nn.Module, torch.Tensor], torch.Tensor], reduce_dims: Callable[[torch.Tensor], tuple[int, ...]]
+    normalise: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    reduce_dims: Callable[[torch.Tensor], tuple[int, ...]],
 ) -> Callable[[nn.Module, list[Call], RuleContext], None]:
     """A rule for y = normalise(x) * weight + bias; reduce_dims(x) are the position axes."""
 
@@ -61,9 +62,10 @@ def _channel_positions(x: torch.Tensor) -> tuple[int, ...]:
 
 def _batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
-    if module.training or module.running_mean is None:
+    mean, var = module.running_mean, module.running_var
+    if module.training or mean is None or var is None:
         raise RuntimeError(BATCHNORM_TRAINING_ERROR.format(name=type(module).__name__))
-    return F.batch_norm(x, module.running_mean.to(x), module.running_var.to(x), None, None, False, 0.0, module.eps)  # type: ignore[union-attr]
+    return F.batch_norm(x, mean.to(x), var.to(x), None, None, False, 0.0, module.eps)
 
 
 def _instance_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,9 @@ def _layer_norm_rule(module: nn.LayerNorm, calls: list[Call], ctx: RuleContext) 
     _affine_rule(_layer_norm, lambda x: _layer_positions(x, dims))(module, calls, ctx)
 
 
-register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(_affine_rule(_batch_norm, _channel_positions))
+register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(
+    _affine_rule(_batch_norm, _channel_positions)
+)
 register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)(
     _affine_rule(_instance_norm, _channel_positions)
 )
