@@ -4,7 +4,8 @@ dilation and groups.
 Per sample and group, the weight gradient is G U^T with U the unfolded input (im2col):
 (C_in/groups * prod(kernel), L) and G the output gradient (C_out/groups, L), L output positions.
 Only the diagonal group blocks are formed, so a depthwise convolution costs no factor of groups.
-Samples are processed in chunks so the unfolded input (prod(kernel) times the input) stays bounded.
+Samples are processed in small chunks, so the unfolded input (prod(kernel) times the input) stays
+bounded and cache-friendly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from torch import nn
 
 from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
 
-UNFOLD_CHUNK_BYTES = 64 * 2**20
+# Patches of a few samples at a time: small enough to stay in the allocator's reused heap (large
+# fresh allocations are page-faulted in on every call), large enough to amortise the call cost.
+UNFOLD_CHUNK_BYTES = 4 * 2**20
 
 
 def _explicit_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
@@ -35,8 +38,8 @@ def _explicit_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
     return pads
 
 
-def _pad(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    pads = _explicit_padding(conv)
+def _pad(conv: nn.modules.conv._ConvNd, x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """Pad explicitly (any padding mode; ``pads`` as from :func:`_explicit_padding`)."""
     if not any(pads):
         return x
     # F.pad takes the last dimension first.
@@ -47,16 +50,35 @@ def _pad(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
 
 
 def unfold(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) input -> (N, groups, L, C/groups * prod(kernel)) patches, weight order."""
-    x = _pad(conv, x)
-    spatial = len(conv.kernel_size)
+    """(N, C, *spatial) input -> (N, groups, L, C/groups * prod(kernel)) patches, weight order.
+
+    1-D and 2-D use ATen's im2col (F.unfold; 1-D as a 2-D image of height 1) and return a
+    transposed view of its (N, C*prod(kernel), L) result; 3-D builds the patches from strided
+    windows. Zero padding that is the same on both sides is left to im2col.
+    """
+    n, spatial = x.shape[0], len(conv.kernel_size)
+    pads = _explicit_padding(conv)
+    symmetric = all(pads[2 * d] == pads[2 * d + 1] for d in range(spatial))
+    if spatial <= 2:
+        im2col_padding = pads[::2] if conv.padding_mode == "zeros" and symmetric else [0] * spatial
+        if im2col_padding == [0] * spatial:
+            x = _pad(conv, x, pads)
+        as_2d = (lambda v: (1, v[0])) if spatial == 1 else tuple
+        cols = F.unfold(
+            x.unsqueeze(2) if spatial == 1 else x,
+            kernel_size=as_2d(conv.kernel_size),
+            dilation=as_2d(conv.dilation),
+            padding=(0, im2col_padding[0]) if spatial == 1 else tuple(im2col_padding),
+            stride=as_2d(conv.stride),
+        )
+        return cols.view(n, conv.groups, -1, cols.shape[-1]).transpose(2, 3)
+    x = _pad(conv, x, pads)
     for d in range(spatial):
         k, s, dil = conv.kernel_size[d], conv.stride[d], conv.dilation[d]
         x = x.unfold(2 + d, dil * (k - 1) + 1, s)  # appends a window axis
         if dil > 1:
             x = x[..., ::dil]
     # x: (N, C, *out_spatial, *kernel) -> (N, *out_spatial, C, *kernel)
-    n = x.shape[0]
     out_axes = list(range(2, 2 + spatial))
     kernel_axes = list(range(2 + spatial, 2 + 2 * spatial))
     x = x.permute(0, *out_axes, 1, *kernel_axes)
