@@ -315,3 +315,17 @@ def test_cuda_matches_per_sample_loop(setting: Setting, fisher: str) -> None:
     assert fim.flat.is_cuda
     # TF32 is off by default for float32 matmuls in PyTorch, so float32 rounding applies.
     assert relative_error(fim.flat.cpu(), ref) < 2e-5, f"seed {seed}"
+
+
+def test_attention_without_weights_uses_the_instrumented_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_recompute(*args: object) -> None:
+        raise AssertionError("the batched recompute ran instead of the instrumented forward")
+
+    monkeypatch.setattr("fisher_fast.fim.rules.attention._projection_grads", no_recompute)
+    setting = next(s for s in SETTINGS if s.id == "transformer")
+    model, x, y = build(setting, random.randrange(2**31))
+    fim = fisher_fast.diag_fim(model, (x, y), progress=False, on_unsupported="error")
+    assert relative_error(fim.flat, reference_fim(model, x, y)) < 2e-5
+    assert "forward" not in vars(model.encoder.self_attn)  # the class's forward is back

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fisher_fast.fim.rules import Call
+from fisher_fast.fim.rules import Call, Instrument
 
 
 class _Tap(torch.autograd.Function):
@@ -47,6 +47,7 @@ class Owner:
     name: str
     module: nn.Module
     process: Callable[[nn.Module, list[Call]], None]  # runs the rule(s) and adds the result
+    instrument: Instrument | None = None  # optional instrumented forward (rules/__init__.py)
 
 
 class Capture:
@@ -59,6 +60,7 @@ class Capture:
         self._done: set[int] = set()
         self._paused = False
         self._handles: list[Any] = []
+        self._instrumented: set[int] = set()  # modules whose current call was instrumented
 
     def add_owner(self, owner: Owner) -> None:
         """Record calls of ``owner.module`` once installed."""
@@ -71,12 +73,17 @@ class Capture:
             self._handles.append(
                 owner.module.register_forward_hook(self._on_forward, with_kwargs=True)
             )
+            if owner.instrument is not None:
+                owner.module.forward = self._instrumented_forward(owner)
         try:
             yield self
         finally:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
+            for owner in self._owner_of.values():
+                if owner.instrument is not None:
+                    del owner.module.forward  # back to the class's forward
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -114,19 +121,45 @@ class Capture:
             self._zeros[device] = torch.zeros((), device=device, requires_grad=True)
         return self._zeros[device]
 
+    def _instrumented_forward(self, owner: Owner) -> Callable[..., Any]:
+        module, original = owner.module, owner.module.forward
+        assert owner.instrument is not None
+        instrument = owner.instrument
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._paused or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            call = Call(args=args, kwargs=kwargs)
+            output = instrument(module, call, lambda t: self._tap(module, call, t), *args, **kwargs)
+            if output is None:
+                return original(*args, **kwargs)
+            call.grads = [None] * len(call.output_meta)
+            self.calls[module].append(call)
+            self._instrumented.add(id(module))
+            return output
+
+        return forward
+
+    def _tap(self, module: nn.Module, call: Call, tensor: torch.Tensor) -> torch.Tensor:
+        """Route tensor's gradient to ``call.grads[k]`` (k: order of taps); return its tap copy."""
+        tapped = _Tap.apply(self._zero(tensor.device), tensor)
+        tapped.register_hook(self._grad_hook(module, call, len(call.output_meta)))
+        call.output_meta.append((tensor.shape, tensor.dtype, tensor.device))
+        return tapped
+
     def _on_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
         if self._paused or not torch.is_grad_enabled():
             return None
+        if id(module) in self._instrumented:  # its instrumented forward tapped what it needs
+            self._instrumented.discard(id(module))
+            return None
         call = Call(args=args, kwargs=kwargs)
         leaves, spec = tree_flatten(output)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                tapped = _Tap.apply(self._zero(leaf.device), leaf)
-                tapped.register_hook(self._grad_hook(module, call, len(call.output_meta)))
-                call.output_meta.append((leaf.shape, leaf.dtype, leaf.device))
-                leaves[i] = tapped
+                leaves[i] = self._tap(module, call, leaf)
         call.grads = [None] * len(call.output_meta)
         self.calls[module].append(call)
         return tree_unflatten(leaves, spec)

@@ -122,6 +122,7 @@ def diag_fim(
                     o.name,
                     o.module,
                     _processor(o, views, skipped, dtype, backend, capture, processed),
+                    getattr(o.rule, "instrument", None),
                 )
             )
         n_seen = _accumulate(

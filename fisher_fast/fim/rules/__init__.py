@@ -35,6 +35,8 @@ class Call:
     kwargs: dict[str, Any]
     output_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    # Intermediate tensors kept by an instrumented forward (see ``Instrument``); empty otherwise.
+    saved: dict[str, Any] = field(default_factory=dict)
 
     def grad(self, k: int = 0) -> torch.Tensor:
         """Gradient at output k; zeros when that output did not reach the loss."""
@@ -73,6 +75,13 @@ class RuleContext:
 
 
 Rule = Callable[[Any, list[Call], RuleContext], None]
+
+# An instrumented forward: ``instrument(module, call, tap, *args, **kwargs)`` computes the
+# module's output itself, passing intermediate tensors through ``tap`` (which returns the tensor
+# to use and makes its gradient arrive in ``call.grads`` in tap order), and returns the output;
+# or returns None to let the module's own forward run (its outputs are then tapped as usual).
+# A rule that carries one (``rule.instrument``) gets those gradients without recomputing.
+Instrument = Callable[..., Any]
 _RULES: dict[type[nn.Module], Rule] = {}
 
 

@@ -1,20 +1,26 @@
 """nn.MultiheadAttention (packed projections, no bias_k/v, no zero attention).
 
 MultiheadAttention uses ``out_proj``'s weight without calling ``out_proj``, so the generic path
-would have to re-run the module per sample with torch.func. Instead, this rule recomputes the
-batch's projections once, with autograd on the projected queries, keys and values only:
+would have to re-run the module per sample with torch.func. Instead, with
 
     q, k, v = x_q W_q^T + b_q, ...;   a = attention(q, k, v);   out = a W_o^T + b_o
 
-Attention mixes positions but never samples, so one batched backward from the captured output
-gradient gives each sample's dL/dq, dL/dk, dL/dv, and the projection weights reduce to the
-Linear math: sum_t g_t x_t^T per sample, squared and summed by ``ctx.square_sum``.
+the projection weights reduce to the Linear math (sum_t g_t x_t^T per sample, squared and summed
+by ``ctx.square_sum``) once dL/dq, dL/dk, dL/dv and dL/dout are known. Two ways to get them:
+
+* instrumented forward (``instrument``, used when the attention weights are not requested, as in
+  nn.TransformerEncoderLayer): diag_fim runs this decomposed forward in place of the module's,
+  tapping q, k, v and out, so the model's own backward delivers their gradients for free;
+* otherwise, one batched recompute with autograd on q, k, v only (attention mixes positions but
+  never samples, so a batched backward gives per-sample gradients).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,9 +104,57 @@ def _projection_grads(
     return xs, list(g_proj), a.detach(), grad_out.to(work)
 
 
+def instrument(
+    module: nn.MultiheadAttention,
+    call: Call,
+    tap: Callable[[torch.Tensor], torch.Tensor],
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None] | None:
+    """MultiheadAttention's forward, decomposed with taps on q, k, v and the output.
+
+    Returns None (use the module's own forward) when the attention weights are requested or the
+    causal hint comes without a mask; ``call.saved`` keeps the batch-first inputs and ``a``.
+    """
+    bound = _SIGNATURE.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    a_args = bound.arguments
+    if a_args["need_weights"] or (a_args["is_causal"] and a_args["attn_mask"] is None):
+        return None
+    xs = [a_args["query"], a_args["key"], a_args["value"]]
+    if not module.batch_first:
+        xs = [x.transpose(0, 1) for x in xs]
+    n, e, h = xs[0].shape[0], module.embed_dim, module.num_heads
+    w_in = module.in_proj_weight.chunk(3)
+    b_in = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
+    proj = [tap(F.linear(x, w, b)) for x, w, b in zip(xs, w_in, b_in, strict=True)]
+    q, k, v = (p.view(n, p.shape[1], h, e // h).transpose(1, 2) for p in proj)
+    dropout = module.dropout if module.training else 0.0
+    mask = _attention_mask(module, a_args, n, q.dtype)
+    heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    a = heads_out.transpose(1, 2).reshape(n, -1, e)
+    out = tap(F.linear(a, module.out_proj.weight, module.out_proj.bias))
+    call.saved = {"inputs": xs, "attention": a}
+    return (out if module.batch_first else out.transpose(0, 1)), None
+
+
+def _instrumented_grads(
+    call: Call, work: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The same four results as :func:`_projection_grads`, read from an instrumented call."""
+    xs = [x.to(work) for x in call.saved["inputs"]]
+    g_proj = [call.grad(k).to(work) for k in range(3)]
+    return xs, g_proj, call.saved["attention"].detach().to(work), call.grad(3).to(work)
+
+
 @register_rule(nn.MultiheadAttention)
 def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> None:
-    per_call = [_projection_grads(module, c, ctx.work_dtype) for c in calls]
+    per_call = [
+        _instrumented_grads(c, ctx.work_dtype)
+        if c.saved
+        else _projection_grads(module, c, ctx.work_dtype)
+        for c in calls
+    ]
 
     def along_positions(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -123,3 +177,4 @@ def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleCo
 
 attention_rule.supports = supports  # type: ignore[attr-defined]
 attention_rule.extra_params = ("out_proj.weight", "out_proj.bias")  # type: ignore[attr-defined]
+attention_rule.instrument = instrument  # type: ignore[attr-defined]
