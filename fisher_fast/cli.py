@@ -1,4 +1,4 @@
-"""Command line: ``fisher-fast info`` and ``fisher-fast demo`` (also ``python -m fisher_fast.cli``)."""
+"""Command line: ``fisher-fast info``, ``demo`` and ``distance`` (also ``python -m fisher_fast.cli``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 import time
+
+from fisher_fast.tasks.cli import add_distance_parser
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -30,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diagonal Fisher information, Fréchet task distance and task-aware NAS.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print what this build contains (versions, kernels, threads)")
+    info = sub.add_parser(
+        "info", help="print what this build contains (versions, kernels, threads)"
+    )
     info.set_defaults(run=_info)
     demo = sub.add_parser(
         "demo",
@@ -41,10 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
             "prints the Fréchet task distance matrix d[source, target] (paper Definition 4)."
         ),
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the splits, initialisation and batches (default 0)")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs per probe (default 30)")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the probes' initialisation and batch order (default 0)",
+    )
+    demo.add_argument(
+        "--epochs", type=int, help="training epochs per probe (default: the digits suite's, 40)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+    add_distance_parser(sub)
     return parser
 
 

@@ -140,6 +140,7 @@ class DiagFIM:
         os.close(fd)
         try:
             save_file({"flat": self.flat.detach().cpu().contiguous()}, tmp, metadata=metadata)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -169,6 +170,12 @@ class DiagFIM:
             fisher=metadata["fisher"],
             meta=json.loads(metadata.get("meta", "{}")),
         )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _offsets(sizes: list[int]) -> list[tuple[int, int]]:

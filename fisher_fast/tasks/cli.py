@@ -1,0 +1,216 @@
+"""``fisher-fast distance``: the task distance matrix of a suite from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fisher_fast.tasks.distances import LABEL_CONVENTIONS, distance_matrix
+from fisher_fast.tasks.loaders.config import load_task_config
+from fisher_fast.tasks.probes import PROBES, SMALL_PROBES
+from fisher_fast.tasks.report import format_matrix
+from fisher_fast.tasks.suites import SUITES, Suite, get_suite
+from fisher_fast.tasks.train import OPTIMIZERS
+
+DESCRIPTION = """\
+Trains one ε-approximation probe per task and seed (paper Definition 2), computes every probe's
+diagonal Fisher information on every task's test split with diag_fim, and prints the Fréchet task
+distance matrix d[source, target] (Definition 4) as mean ± standard deviation over the seeds.
+Results go to OUT/results-<fisher>.json and OUT/distance-<fisher>.png; trained probes and FIMs are
+cached in OUT, so a rerun (or a resumed, interrupted run) recomputes nothing already done.
+Suites: digits (embedded, no download), mnist (IDX files), cifar10 and cifar100 (python pickle
+batches), imagenet-folder (class-per-folder image tree); or --config FILE for tasks of your own.
+Nothing is downloaded: the other suites read the files under --data."""
+
+
+def add_distance_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``distance`` subcommand on the CLI's subparsers."""
+    p = sub.add_parser(
+        "distance",
+        help="task distance matrix of a suite (paper §3.1, §4): probes, FIMs, mean/std over seeds",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("tasks")
+    what.add_argument(
+        "--suite",
+        choices=list(SUITES),
+        default="digits",
+        help="built-in task suite (default digits)",
+    )
+    what.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="JSON file defining your own tasks (replaces --suite)",
+    )
+    what.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="folder holding the suite's files (all suites but digits)",
+    )
+    what.add_argument(
+        "--class-map",
+        type=Path,
+        metavar="FILE",
+        help="imagenet-folder: JSON {class name: folder name}; default PATH/class_map.json if it "
+        "exists, else the built-in ILSVRC-2012 synset folders",
+    )
+    what.add_argument(
+        "--images-per-class",
+        metavar="N",
+        type=int,
+        default=1000,
+        help="imagenet-folder: images drawn per class (default 1000)",
+    )
+    what.add_argument(
+        "--train-per-class",
+        metavar="N",
+        type=int,
+        default=800,
+        help="imagenet-folder: of which for training (default 800)",
+    )
+    what.add_argument(
+        "--image-size",
+        metavar="PX",
+        type=int,
+        default=32,
+        help="imagenet-folder: side of the resized images in pixels (default 32)",
+    )
+    probe = p.add_argument_group("probes")
+    probe.add_argument(
+        "--arch",
+        choices=list(PROBES),
+        help="probe architecture (default: the suite's, mlp for digits)",
+    )
+    probe.add_argument(
+        "--seeds",
+        metavar="N",
+        type=int,
+        default=5,
+        help="number of trials, seeds 0..N-1 (default 5)",
+    )
+    probe.add_argument(
+        "--epsilon",
+        metavar="EPS",
+        type=float,
+        help="warn when a probe's test accuracy is below 1 - ε (default: the suite's)",
+    )
+    probe.add_argument(
+        "--epochs", metavar="N", type=int, help="training epochs (default: the suite's)"
+    )
+    probe.add_argument(
+        "--batch-size", metavar="N", type=int, help="training batch size (default: the suite's)"
+    )
+    probe.add_argument("--lr", type=float, help="learning rate (default: the suite's)")
+    probe.add_argument(
+        "--weight-decay", metavar="WD", type=float, help="weight decay (default: the suite's)"
+    )
+    probe.add_argument(
+        "--optimizer", choices=list(OPTIMIZERS), help="optimizer (default: the suite's, adam)"
+    )
+    fim = p.add_argument_group("distances")
+    fim.add_argument(
+        "--fisher",
+        choices=list(LABEL_CONVENTIONS),
+        default="exact",
+        help="Fisher kind (default exact). exact / mc: the source probe's own predictive "
+        "distribution; empirical: the source probe scored on the target task's labels",
+    )
+    fim.add_argument(
+        "--mc-samples",
+        metavar="K",
+        type=int,
+        default=1,
+        help="labels drawn per sample for --fisher mc (default 1)",
+    )
+    fim.add_argument(
+        "--fim-batch-size",
+        metavar="N",
+        type=int,
+        default=256,
+        help="samples per FIM batch (default 256)",
+    )
+    run = p.add_argument_group("run")
+    run.add_argument(
+        "--out", type=Path, metavar="DIR", help="run directory (default runs/<suite>-<arch>)"
+    )
+    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    run.add_argument(
+        "--threads",
+        metavar="N",
+        type=int,
+        help="CPU threads for torch (default: 1 for the small probes, which run faster "
+        "single-threaded; torch's default otherwise)",
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_distance)
+
+
+def run_distance(args: argparse.Namespace) -> int:
+    """Run ``fisher-fast distance``: build the suite, compute the matrix, print it."""
+    start = time.perf_counter()
+    suite = _suite(args)
+    arch = args.arch or suite.default_arch
+    set_threads(args.threads, arch)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
+        if getattr(args, name) is not None
+    }
+    out = args.out or Path("runs") / f"{suite.name}-{arch}"
+    print(
+        f"suite {suite.name}: "
+        + "; ".join(f"{i}: {t.name} ({t.num_classes} classes)" for i, t in enumerate(suite.tasks))
+    )
+    print(
+        f"probe {arch}, head width {suite.head_width} (task label k -> head unit k); {LABEL_CONVENTIONS[args.fisher]}"
+    )
+    result = distance_matrix(
+        suite,
+        arch,
+        seeds=args.seeds,
+        fisher=args.fisher,
+        mc_samples=args.mc_samples,
+        epsilon=args.epsilon,
+        train=replace(suite.train, **overrides),
+        out=out,
+        device=args.device,
+        batch_size=args.fim_batch_size,
+        progress=not args.quiet,
+    )
+    print(format_matrix(result))
+    print(
+        f"results: {out / f'results-{args.fisher}.json'}, figure: {out / f'distance-{args.fisher}.png'}"
+    )
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def set_threads(threads: int | None, arch: str) -> None:
+    """torch's intra-op threads: ``threads`` if given, else 1 for the small probes (their
+    tensors are too small to gain from threads, and spare threads only contend)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif arch in SMALL_PROBES:
+        torch.set_num_threads(1)
+
+
+def _suite(args: argparse.Namespace) -> Suite:
+    if args.config is not None:
+        return load_task_config(args.config)
+    if args.suite != "imagenet-folder":
+        return get_suite(args.suite, args.data)
+    return get_suite(
+        args.suite,
+        args.data,
+        class_map=args.class_map,
+        images_per_class=args.images_per_class,
+        train_per_class=args.train_per_class,
+        image_size=args.image_size,
+    )

@@ -1,0 +1,410 @@
+"""Fréchet task distances (paper Definition 4) and the K x K matrix over seeded trials.
+
+d[a, b] compares F_{a,b}, the diagonal FIM of the probe trained on task a evaluated on task b's
+test split, with F_{b,b}, that of the probe trained on b on the same data: the Fréchet distance
+of the unit-trace diagonals (eq. 4), in [0, 1]; it is asymmetric because the data are b's.
+
+Which labels a FIM uses depends on the Fisher kind, and this matters for the distance:
+
+* ``"exact"`` (default) and ``"mc"``: only the source network's own predictive distribution
+  (all head units; exact sums over them, mc draws ``mc_samples`` labels per sample). Task b
+  contributes its test *inputs* only, so the meaning of labels never has to agree across tasks.
+* ``"empirical"`` (paper eq. 2): task b's test *labels* are fed to the source network a: label
+  k is scored on a's head unit k, although k may mean something else in task a (for the digits
+  suite, label 0 is "digit 0" in tasks 0, 2, 3 but "digit 6" in task 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fisher_fast.distance import frechet_distance, frechet_distances
+from fisher_fast.fim import DiagFIM, diag_fim
+from fisher_fast.tasks.cache import RunCache, config_key
+from fisher_fast.tasks.probes import make_probe
+from fisher_fast.tasks.suites import Suite
+from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.train import Probe, TrainConfig, train_probe, warn_if_not_reached
+
+LABEL_CONVENTIONS = {
+    "exact": "F[a,b] uses no labels: the expectation over the source network a's own predictive distribution "
+    "(all head units) on task b's test inputs",
+    "mc": "F[a,b] uses labels drawn from the source network a's own predictive distribution on task b's test inputs",
+    "empirical": "F[a,b] scores the source network a on task b's test labels (task label k -> head unit k), "
+    "whose meaning can differ between tasks a and b",
+}
+
+
+def task_fim(
+    probe: Probe | nn.Module,
+    task: Task,
+    *,
+    fisher: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> DiagFIM:
+    """Diagonal FIM of ``probe`` on ``task``'s test split (labels per ``fisher``, see module doc).
+
+    ``seed`` seeds the label draws of the "mc" kind. The FIM lives where the model does.
+    """
+    _check_fisher(fisher)
+    model = probe.model if isinstance(probe, Probe) else probe
+    device = next(model.parameters()).device
+    test = task.splits().test
+    labels = test.y.to(device) if fisher == "empirical" else None
+    generator = torch.Generator(device).manual_seed(seed) if fisher == "mc" else None
+    return diag_fim(
+        model,
+        (test.x.to(device), labels),
+        fisher=fisher,
+        mc_samples=mc_samples,
+        generator=generator,
+        batch_size=batch_size,
+        progress=False,
+    )
+
+
+def task_distance(
+    source_probe: Probe | nn.Module,
+    target_probe: Probe | nn.Module,
+    target_task: Task,
+    *,
+    fisher: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> float:
+    """d[a, b] of Definition 4: the Fréchet distance between the source probe's FIM and the
+    target probe's FIM, both on ``target_task``'s test split. The probes must share one
+    architecture (Definition 3). Returns a float in [0, 1]; 0 means identical FIMs."""
+    source = task_fim(
+        source_probe,
+        target_task,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    target = task_fim(
+        target_probe,
+        target_task,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    _check_same_structure(source, target)
+    return float(frechet_distance(target, source))
+
+
+@dataclass
+class DistanceResult:
+    """Task distances of every trial: ``values[s, a, b]`` = d[a, b] with seed ``seeds[s]``
+    (rows: source task a, columns: target task b, as in the paper's figures)."""
+
+    tasks: list[str]
+    arch: str
+    fisher: str
+    seeds: list[int]
+    values: torch.Tensor
+    """(S, K, K) float64 distances."""
+    test_accuracy: torch.Tensor
+    """(S, K) float64 test accuracy of each probe."""
+    epsilon: float
+    head_width: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """(K, K) mean over trials."""
+        return self.values.mean(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """(K, K) sample standard deviation over trials (n - 1 in the denominator; 0 for one trial)."""
+        return self.values.std(0) if len(self.seeds) > 1 else torch.zeros_like(self.values[0])
+
+    @property
+    def reached(self) -> torch.Tensor:
+        """(S, K) bool: whether each probe is an ε-approximation network."""
+        return self.test_accuracy >= 1.0 - self.epsilon
+
+    def closest_sources(self) -> list[int]:
+        """For each target task b, the other task a with the smallest mean d[a, b] (Algorithm 1,
+        line 14)."""
+        mean = self.mean.clone()
+        mean.fill_diagonal_(math.inf)
+        return [int(i) for i in mean.argmin(0)]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON: means, standard deviations, every raw value and every probe's accuracy."""
+        return {
+            "tasks": self.tasks,
+            "arch": self.arch,
+            "fisher": self.fisher,
+            "seeds": self.seeds,
+            "label_convention": LABEL_CONVENTIONS[self.fisher],
+            "rows": "source task",
+            "columns": "target task",
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "values": self.values.tolist(),
+            "closest_source": {
+                t: self.tasks[a] for t, a in zip(self.tasks, self.closest_sources(), strict=True)
+            },
+            "test_accuracy": self.test_accuracy.tolist(),
+            "epsilon": self.epsilon,
+            "reached": self.reached.tolist(),
+            "head_width": self.head_width,
+            "config": self.config,
+        }
+
+
+def distance_matrix(
+    suite_or_tasks: Suite | Sequence[Task],
+    arch: str,
+    *,
+    seeds: int | Sequence[int] = 5,
+    fisher: str = "exact",
+    mc_samples: int = 1,
+    epsilon: float | None = None,
+    train: TrainConfig | None = None,
+    out: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> DistanceResult:
+    """The K x K task distance matrix d[a, b] over seeded trials (paper Figures 2-6).
+
+    In trial s every task gets a probe ``arch`` trained with seed s (one head width for the
+    whole suite: task label k -> head unit k); then each probe's FIM is computed on each task's
+    test split and d[a, b] = Fréchet distance of F_{a,b} and F_{b,b} (see the module doc for
+    which labels each ``fisher`` kind uses).
+
+    Args:
+        suite_or_tasks: a :class:`Suite` (its training settings and ε are the defaults) or a
+            list of tasks with unique names.
+        seeds: the number of trials (seeds 0..n-1) or the seeds themselves.
+        fisher: "exact" (default), "mc" or "empirical".
+        epsilon, train: override the suite's ε and training settings.
+        out: run directory: trained probes and FIMs are cached there (a rerun reuses every valid
+            file and recomputes nothing else), and results-<fisher>.json and
+            distance-<fisher>.png are written there. None: nothing is written.
+        batch_size: samples per FIM batch.
+    """
+    tasks, default_train, default_epsilon = _unpack(suite_or_tasks)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise ValueError("seeds is empty: pass a positive number of trials or a list of seeds")
+    run = _Run(
+        tasks,
+        arch,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        train=train or default_train,
+        epsilon=default_epsilon if epsilon is None else epsilon,
+        device=device,
+        batch_size=batch_size,
+        cache=RunCache(out) if out is not None else None,
+    )
+    start = time.perf_counter()
+    k = len(tasks)
+    values = torch.zeros(len(seed_list), k, k, dtype=torch.float64)
+    accuracy = torch.zeros(len(seed_list), k, dtype=torch.float64)
+    with tqdm(
+        total=len(seed_list) * (k + k * k),
+        desc=f"{arch} {fisher}",
+        unit="step",
+        disable=not progress,
+    ) as bar:
+        for i, seed in enumerate(seed_list):
+            probes = []
+            for a, task in enumerate(tasks):
+                probes.append(run.probe(task, seed))
+                accuracy[i, a] = probes[-1][0].test_accuracy
+                bar.update(1)
+            for b, target in enumerate(tasks):
+                fims = []
+                for a, source in enumerate(tasks):
+                    fims.append(run.fim(probes[a], source, target, seed))
+                    bar.update(1)
+                for fim in fims:
+                    _check_same_structure(fims[b], fim)
+                values[i, :, b] = frechet_distances(fims[b], fims).cpu()
+    result = DistanceResult(
+        [t.name for t in tasks],
+        arch,
+        fisher,
+        seed_list,
+        values,
+        accuracy,
+        run.epsilon,
+        run.head_width,
+        config={
+            "train": run.train.as_dict(),
+            "mc_samples": mc_samples,
+            "tasks": [t.fingerprint() for t in tasks],
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
+    if out is not None:
+        from fisher_fast.tasks.report import save_result
+
+        save_result(result, Path(out))
+    return result
+
+
+class _Run:
+    """One matrix computation: probes and FIMs from the cache, or computed and cached."""
+
+    def __init__(
+        self,
+        tasks: list[Task],
+        arch: str,
+        *,
+        fisher: str,
+        mc_samples: int,
+        train: TrainConfig,
+        epsilon: float,
+        device: str | torch.device,
+        batch_size: int,
+        cache: RunCache | None,
+    ) -> None:
+        _check_fisher(fisher)
+        self.arch, self.fisher, self.mc_samples, self.train = arch, fisher, mc_samples, train
+        self.epsilon, self.device, self.batch_size, self.cache = epsilon, device, batch_size, cache
+        self.head_width = max(t.num_classes for t in tasks)
+
+    def probe(self, task: Task, seed: int) -> tuple[Probe, str]:
+        """The probe of ``task`` in trial ``seed`` and the content hash of its weights (part of
+        the keys of the FIMs computed from it; empty without a cache)."""
+        key = config_key(
+            {
+                "kind": "probe",
+                "task": task.fingerprint(),
+                "arch": self.arch,
+                "head_width": self.head_width,
+                "seed": seed,
+                "train": self.train.as_dict(),
+            }
+        )
+        if self.cache is None:
+            return self._train(task, seed), ""
+        path = self.cache.probe_path(f"{task.slug}-{self.arch}-seed{seed}", key)
+        loaded = self.cache.load_state(path, key)
+        if loaded is not None:
+            state, meta, digest = loaded
+            model = make_probe(self.arch, tuple(meta["input_shape"]), self.head_width)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                self.cache.reject(path, f"its weights do not fit probe {self.arch!r} ({exc})")
+            else:
+                probe = Probe(
+                    model.to(self.device).eval(),
+                    self.arch,
+                    task.name,
+                    seed,
+                    tuple(meta["input_shape"]),
+                    self.head_width,
+                    meta["test_accuracy"],
+                    meta["val_accuracy"],
+                    meta["best_epoch"],
+                    self.epsilon,
+                    meta["train_seconds"],
+                )
+                warn_if_not_reached(probe)
+                return probe, digest
+        trained = self._train(task, seed)
+        return trained, self.cache.save_state(
+            path, key, trained.model.state_dict(), trained.metadata()
+        )
+
+    def _train(self, task: Task, seed: int) -> Probe:
+        return train_probe(
+            task,
+            self.arch,
+            epsilon=self.epsilon,
+            seed=seed,
+            config=self.train,
+            head_width=self.head_width,
+            device=self.device,
+        )
+
+    def fim(self, cached: tuple[Probe, str], source: Task, target: Task, seed: int) -> DiagFIM:
+        """F[source, target] in trial ``seed``, from the cache or computed and cached."""
+        probe, digest = cached
+
+        def compute() -> DiagFIM:
+            return task_fim(
+                probe,
+                target,
+                fisher=self.fisher,
+                mc_samples=self.mc_samples,
+                seed=seed,
+                batch_size=self.batch_size,
+            )
+
+        if self.cache is None:
+            return compute()
+        key = config_key(
+            {
+                "kind": "fim",
+                "probe": digest,
+                "target": target.fingerprint(),
+                "fisher": self.fisher,
+                "mc_samples": self.mc_samples if self.fisher == "mc" else None,
+                "seed": seed if self.fisher == "mc" else None,
+            }
+        )
+        path = self.cache.fim_path(self.fisher, f"{source.slug}--{target.slug}-seed{seed}", key)
+        fim = self.cache.load_fim(path, key)
+        if fim is None:
+            fim = compute()
+            self.cache.save_fim(path, key, fim)
+        return fim.to(next(probe.model.parameters()).device)
+
+
+def _unpack(suite_or_tasks: Suite | Sequence[Task]) -> tuple[list[Task], TrainConfig, float]:
+    if isinstance(suite_or_tasks, Suite):
+        tasks, train, epsilon = (
+            list(suite_or_tasks.tasks),
+            suite_or_tasks.train,
+            suite_or_tasks.epsilon,
+        )
+    else:
+        tasks, train, epsilon = list(suite_or_tasks), TrainConfig(), 0.1
+    if len(tasks) < 2:
+        raise ValueError(f"a distance matrix needs at least two tasks, got {len(tasks)}")
+    names = [t.name for t in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"task names must be unique (they label rows, columns and cache files); repeated: {duplicates}"
+        )
+    return tasks, train, epsilon
+
+
+def _check_same_structure(a: DiagFIM, b: DiagFIM) -> None:
+    if a.names != b.names or a.shapes != b.shapes:
+        raise ValueError(
+            "the probes differ in architecture (parameter names or shapes), so their FIMs cannot be compared; "
+            "Definition 3 needs structurally similar networks: one architecture and one head width for all tasks"
+        )
+
+
+def _check_fisher(fisher: str) -> None:
+    if fisher not in LABEL_CONVENTIONS:
+        raise ValueError(
+            f"fisher must be one of {', '.join(map(repr, LABEL_CONVENTIONS))}, got {fisher!r}"
+        )

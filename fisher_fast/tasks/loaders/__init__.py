@@ -1,0 +1,20 @@
+"""Readers of the data formats the suites use: each returns a lazily loaded DataSource.
+
+Nothing is downloaded: a missing file is an error that says which files are expected where.
+"""
+
+from fisher_fast.tasks.loaders.cifar import cifar10_source, cifar100_source
+from fisher_fast.tasks.loaders.digits import digits_source
+from fisher_fast.tasks.loaders.folder import folder_source
+from fisher_fast.tasks.loaders.idx import mnist_source, read_idx
+from fisher_fast.tasks.loaders.npz import npz_source
+
+__all__ = [
+    "cifar10_source",
+    "cifar100_source",
+    "digits_source",
+    "folder_source",
+    "mnist_source",
+    "npz_source",
+    "read_idx",
+]

@@ -1,0 +1,91 @@
+"""Reporting a distance matrix: JSON, annotated mean / standard-deviation heatmaps (like the
+paper's Figure 2, drawn with matplotlib's Agg canvas: no display needed) and a printed table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fisher_fast.tasks.cache import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from fisher_fast.tasks.distances import DistanceResult
+
+
+def save_result(result: DistanceResult, out: Path) -> tuple[Path, Path]:
+    """Write ``results-<fisher>.json`` and ``distance-<fisher>.png`` into ``out``; return both paths."""
+    json_path, png_path = (
+        out / f"results-{result.fisher}.json",
+        out / f"distance-{result.fisher}.png",
+    )
+    write_json(json_path, result.to_json())
+    plot_heatmaps(result, png_path)
+    return json_path, png_path
+
+
+def plot_heatmaps(result: DistanceResult, path: Path, title: str | None = None) -> Path:
+    """Two annotated heatmaps, mean (left) and standard deviation (right) over trials; rows are
+    source tasks, columns target tasks. Written atomically as PNG."""
+    from matplotlib.figure import Figure
+
+    k = len(result.tasks)
+    fig = Figure(figsize=(4.2 * 2 + 0.8, 0.55 * k + 2.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    panels = (("mean", result.mean, "viridis"), ("standard deviation", result.std, "magma"))
+    for ax, (label, matrix, cmap) in zip(axes, panels, strict=True):
+        values = matrix.numpy()
+        image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=max(float(values.max()), 1e-12))
+        for a in range(k):
+            for b in range(k):
+                dark = values[a, b] < 0.6 * values.max()
+                ax.text(
+                    b,
+                    a,
+                    f"{values[a, b]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
+        ax.set_xticks(range(k), [f"{i}" for i in range(k)])
+        ax.set_yticks(range(k), [f"{i}" for i in range(k)])
+        ax.set_xlabel("target task")
+        ax.set_ylabel("source task")
+        ax.set_title(label, fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    legend = ", ".join(f"{i}: {name}" for i, name in enumerate(result.tasks))
+    fig.suptitle(
+        title or f"{result.arch}, {result.fisher} Fisher, {len(result.seeds)} seeds\n{legend}",
+        fontsize=9,
+    )
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    return path
+
+
+def format_matrix(result: DistanceResult) -> str:
+    """The mean ± std matrix as text, with the closest source of each target and the accuracies."""
+    k = len(result.tasks)
+    mean, std = result.mean, result.std
+    trials = len(result.seeds)
+    width = 16 if trials > 1 else 8
+    summary = f"mean ± std over {trials} seeds" if trials > 1 else f"seed {result.seeds[0]}"
+    lines = [
+        f"Fréchet task distance d[source, target], {result.arch}, {result.fisher} Fisher, {summary} "
+        "(rows: source, columns: target)",
+        "source \\ target".ljust(16) + "".join(f"{b:>{width}d}" for b in range(k)),
+    ]
+    for a in range(k):
+        cells = [
+            f"{float(mean[a, b]):.4f}" + (f" ± {float(std[a, b]):.4f}" if trials > 1 else "")
+            for b in range(k)
+        ]
+        lines.append(f"{a}".ljust(16) + "".join(c.rjust(width) for c in cells))
+    lines.append("")
+    closest = result.closest_sources()
+    accuracy = result.test_accuracy.mean(0)
+    for b, name in enumerate(result.tasks):
+        lines.append(
+            f"task {b} ({name}): closest source task {closest[b]}, probe test accuracy {float(accuracy[b]):.4f} "
+            f"(min {float(result.test_accuracy[:, b].min()):.4f}; 1 - ε = {1 - result.epsilon:.2f})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""Training ε-approximation probes (paper Definition 2) on a task's training split.
+
+A probe is trained with Adam by default (paper appendix A: Adam, batch size 128, 100 epochs) on
+the training split; with ``keep_best`` the weights of the epoch with the best validation accuracy
+(ties: lower validation loss) are kept, so the test split is never used for any choice. The
+probe is an ε-approximation network when its test accuracy P_N(T, X^(2)) is at least 1 - ε; when
+it is not, a clear :class:`EpsilonWarning` says so (its distances are then less trustworthy).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_fast.tasks.probes import make_probe
+from fisher_fast.tasks.source import Part
+from fisher_fast.tasks.task import Task
+
+OPTIMIZERS: dict[str, Any] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.9),
+}
+
+
+class EpsilonWarning(UserWarning):
+    """A probe's test accuracy is below 1 - ε: it is not an ε-approximation network."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How probes are trained. ``lr`` is the optimizer's step size, ``weight_decay`` its L2
+    coefficient, ``optimizer`` one of "adam", "adamw", "sgd" (momentum 0.9)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"invalid training settings {self}: epochs, batch_size and lr must be positive, weight_decay >= 0"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Probe:
+    """A trained probe and what is known about it. Accuracies are fractions in [0, 1]."""
+
+    model: nn.Module
+    arch: str
+    task: str
+    seed: int
+    input_shape: tuple[int, ...]
+    head_width: int
+    test_accuracy: float
+    val_accuracy: float
+    best_epoch: int
+    epsilon: float
+    train_seconds: float = 0.0
+
+    @property
+    def reached(self) -> bool:
+        """Whether the test accuracy reached 1 - ε (Definition 2)."""
+        return self.test_accuracy >= 1.0 - self.epsilon
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything except the weights, as plain JSON values."""
+        return {
+            "arch": self.arch,
+            "task": self.task,
+            "seed": self.seed,
+            "input_shape": list(self.input_shape),
+            "head_width": self.head_width,
+            "test_accuracy": self.test_accuracy,
+            "val_accuracy": self.val_accuracy,
+            "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+        }
+
+
+def train_probe(
+    task: Task,
+    arch: str,
+    *,
+    epsilon: float = 0.1,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    head_width: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Probe:
+    """Train probe ``arch`` on ``task``'s training split and test it (Definition 2).
+
+    Args:
+        epsilon: the probe should reach test accuracy >= 1 - epsilon; an EpsilonWarning says
+            when it does not (the probe is returned either way).
+        seed: seeds the initialisation and the batch order (the data splits are the task's).
+        config: optimizer and schedule (default :class:`TrainConfig`, the paper's settings).
+        head_width: number of output units, at least the task's class count; in a comparison,
+            the largest class count of the suite (task label k -> head unit k).
+        device: where to train; the returned model stays there, in eval mode.
+    """
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon}")
+    config = config or TrainConfig()
+    head_width = head_width or task.num_classes
+    if head_width < task.num_classes:
+        raise ValueError(
+            f"head_width {head_width} is smaller than task {task.name!r}'s {task.num_classes} classes"
+        )
+    splits = task.splits()
+    start = time.perf_counter()
+    input_shape = tuple(splits.train.x.shape[1:])
+    model = make_probe(arch, input_shape, head_width, seed=seed).to(device)
+    optimizer = OPTIMIZERS[config.optimizer](
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    x, y = splits.train.x.to(device), splits.train.y.to(device)
+    order = torch.Generator().manual_seed(seed)
+    best: tuple[float, float] = (-1.0, 0.0)
+    best_state, best_epoch = None, config.epochs
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        for idx in torch.randperm(len(y), generator=order).split(config.batch_size):
+            if len(idx) < 2:  # batch norm cannot normalise a single sample
+                continue
+            idx = idx.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+        if config.keep_best:
+            accuracy, loss = evaluate(model, splits.val, device)
+            if (accuracy, -loss) > best:
+                best, best_epoch = (accuracy, -loss), epoch
+                best_state = copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    probe = Probe(
+        model,
+        arch,
+        task.name,
+        seed,
+        input_shape,
+        head_width,
+        test_accuracy=evaluate(model, splits.test, device)[0],
+        val_accuracy=evaluate(model, splits.val, device)[0],
+        best_epoch=best_epoch,
+        epsilon=epsilon,
+        train_seconds=time.perf_counter() - start,
+    )
+    warn_if_not_reached(probe)
+    return probe
+
+
+def warn_if_not_reached(probe: Probe) -> None:
+    """Issue an EpsilonWarning when the probe is not an ε-approximation network."""
+    if not probe.reached:
+        warnings.warn(
+            f"probe {probe.arch!r} on task {probe.task!r} (seed {probe.seed}) reached test accuracy "
+            f"{probe.test_accuracy:.4f} < 1 - ε = {1 - probe.epsilon:.4f}: it is not an ε-approximation network "
+            "(Definition 2), so its task distances are less trustworthy. Train longer (epochs), tune the "
+            "learning rate, pick a stronger probe, or raise epsilon.",
+            EpsilonWarning,
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, part: Part, device: str | torch.device, batch_size: int = 1024
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode on ``part``; the model's mode
+    is restored."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(part), batch_size):
+        x = part.x[start : start + batch_size].to(device)
+        y = part.y[start : start + batch_size].to(device)
+        logits = model(x)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    model.train(was_training)
+    return correct / len(part), loss / len(part)
