@@ -4,8 +4,8 @@
 // samples at a time into a scratch buffer sized to stay in cache (one batched matrix product),
 // squares them into its own accumulator, and the accumulators are summed at the end. Memory is
 // bounded by threads x (accumulator + scratch), independent of the number of samples.
-#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -44,8 +44,8 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
                                  at::ScalarType acc_dtype) {
   FF_CHECK(g.dim() == 4 && x.dim() == 4, "g and x must be 4-D (N, B, T, O) and (N, B, T, I); got ",
            g.sizes(), " and ", x.sizes());
-  FF_CHECK(g.size(0) == x.size(0) && g.size(1) == x.size(1) && g.size(2) == x.size(2),
-           "g ", g.sizes(), " and x ", x.sizes(), " must agree in samples, blocks and positions");
+  FF_CHECK(g.size(0) == x.size(0) && g.size(1) == x.size(1) && g.size(2) == x.size(2), "g ",
+           g.sizes(), " and x ", x.sizes(), " must agree in samples, blocks and positions");
   FF_CHECK_FLOATING(g, "g");
   FF_CHECK(g.scalar_type() == x.scalar_type(), "g and x must share one dtype");
   FF_CHECK(acc_dtype == at::kFloat || acc_dtype == at::kDouble,
@@ -59,7 +59,8 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
   const auto xc = x.to(compute);
   const int64_t prod_size = blocks * out_f * in_f;
   const int64_t elem = compute == at::kDouble ? 8 : 4;
-  const int64_t per_step = std::max<int64_t>(1, kScratchBytes / std::max<int64_t>(1, prod_size * elem));
+  const int64_t per_step =
+      std::max<int64_t>(1, kScratchBytes / std::max<int64_t>(1, prod_size * elem));
 
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   auto acc = at::zeros({threads, blocks, out_f, in_f}, g.options().dtype(acc_dtype));

@@ -99,7 +99,8 @@ def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleConte
         n = calls[0].input.shape[0]
         kernel = math.prod(module.kernel_size)
         per_sample = sum(c.input[:1].numel() for c in calls) * kernel * 4
-        step = max(1, UNFOLD_CHUNK_BYTES // max(1, per_sample))
+        # At least two samples per thread, so the CPU kernel's threads all get work.
+        step = max(2 * torch.get_num_threads(), UNFOLD_CHUNK_BYTES // max(1, per_sample))
         total = torch.zeros(module.weight.shape, dtype=ctx.acc_dtype, device=module.weight.device)
         for start in range(0, n, step):
             part = slice(start, start + step)

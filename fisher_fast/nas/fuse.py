@@ -1,0 +1,182 @@
+"""Fusion search, FUSE (paper §3.2, Algorithm 1 lines 1-7), over a :class:`SearchSpace`.
+
+Each round mixes ``K`` candidate networks by softmax(α) (:class:`~fisher_fast.nas.mixture.Mixture`)
+and alternates one weight step (Adam, cross-entropy of the mixed logits on a batch of the
+training part) with one α step (Adam, the same loss on a batch of the validation part). Both
+parts are carved from the training split given to :func:`fuse_search`; the test split is not
+an argument, so the search cannot see it.
+
+Convergence of α (line 4): every ``check_every`` steps, softmax(α) is compared with its value
+at the previous check; the round stops when no weight moved by ``tol`` or more, or after
+``max_steps`` steps. The candidate with the largest α becomes the incumbent (the paper's line 7
+prints ``argmin``; the largest mixing weight is the candidate the relaxation prefers, as in
+FUSE and DARTS). Ties go to the incumbent, which is listed first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fisher_fast.nas.genotype import Genotype
+from fisher_fast.nas.mixture import Mixture
+from fisher_fast.nas.result import Round, SearchResult
+from fisher_fast.nas.space import SearchSpace
+from fisher_fast.nas.training import (
+    NetworkBuilder,
+    Skeleton,
+    batches,
+    build_seeded,
+    carve_validation,
+    draw_seed,
+)
+from fisher_fast.tasks.source import Part
+from fisher_fast.tasks.train import evaluate
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """Hyper-parameters of FUSE, also used by :func:`~fisher_fast.nas.random_search.random_search`
+    for its training (``batch_size``, ``weight_lr``, ``val_fraction``, ``skeleton``) so both
+    searches train networks alike. Defaults are small: a digits (8x8) search takes seconds.
+
+    Args:
+        candidates: ``C``, cells sampled per round; the mixture holds them plus the incumbent
+            (the first round samples ``C + 1``, so every round mixes ``K = C + 1`` networks).
+            A round's cells are pairwise non-equivalent and differ from the incumbent; a cell
+            that lost an earlier round may be drawn again.
+        rounds: number of rounds (the search budget).
+        max_steps: cap on the alternating weight/α steps of one round.
+        check_every: steps between two convergence checks of softmax(α).
+        tol: the round has converged when no softmax(α) entry changed by ``tol`` or more
+            between two checks.
+        batch_size: samples per weight step and per α step.
+        weight_lr: Adam step size of the candidates' weights.
+        alpha_lr: Adam step size of α.
+        val_fraction: share of the training split carved out (per class) for the α steps.
+        time_budget_s: optional wall-time budget in seconds, checked before each round (at
+            least one round runs); results then depend on the machine's speed.
+        skeleton: the network built around each cell.
+    """
+
+    candidates: int = 3
+    rounds: int = 2
+    max_steps: int = 60
+    check_every: int = 10
+    tol: float = 0.01
+    batch_size: int = 64
+    weight_lr: float = 3e-3
+    alpha_lr: float = 0.05
+    val_fraction: float = 0.2
+    time_budget_s: float | None = None
+    skeleton: Skeleton = field(default_factory=Skeleton)
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "rounds", "max_steps", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("tol", "weight_lr", "alpha_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s}")
+
+
+def fuse_search(
+    space: SearchSpace,
+    train_data: Part,
+    *,
+    num_classes: int,
+    generator: torch.Generator,
+    config: FuseConfig | None = None,
+    build: NetworkBuilder | None = None,
+) -> SearchResult:
+    """Search ``space`` with FUSE on the training split ``train_data`` (inputs ``(N, C, H, W)``,
+    labels ``0..num_classes-1``).
+
+    ``generator`` seeds everything (the validation split, the sampled cells, each candidate's
+    initialisation, the batches): the same seed gives the same result on CPU. ``build`` turns a
+    genotype into a network (default: ``config.skeleton``'s
+    :class:`~fisher_fast.nas.network.Network`); it runs under a seed drawn per candidate.
+    ``result.steps`` counts candidate-steps (``K`` per mixture step), the budget unit of
+    :func:`~fisher_fast.nas.random_search.random_search`. Raises what
+    :meth:`SearchSpace.sample` raises when the space has fewer than ``K`` distinct cells.
+    """
+    config = config or FuseConfig()
+    build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
+    start = time.perf_counter()
+    weights_part, val_part = carve_validation(train_data, config.val_fraction, generator)
+    train_batches = batches(weights_part, config.batch_size, generator)
+    val_batches = batches(val_part, config.batch_size, generator)
+    history: list[Round] = []
+    incumbent: Genotype | None = None
+    for _ in range(config.rounds):
+        if history and _out_of_time(config, start):
+            break
+        kept = [] if incumbent is None else [incumbent]
+        cells = kept + space.sample(config.candidates + 1 - len(kept), generator, exclude=kept)
+        mixture = Mixture([build_seeded(build, g, draw_seed(generator)) for g in cells])
+        steps, converged = _optimise(mixture, train_batches, val_batches, config)
+        weights = mixture.probabilities()
+        winner = int(weights.argmax())
+        history.append(
+            Round(
+                candidates=tuple(cells),
+                alphas=tuple(weights.tolist()),
+                winner=winner,
+                steps=steps,
+                converged=converged,
+                val_accuracy=evaluate(mixture, val_part, "cpu")[0],
+            )
+        )
+        incumbent = cells[winner]
+    assert incumbent is not None  # rounds >= 1, and the first round always runs
+    return SearchResult(
+        genotype=incumbent,
+        history=tuple(history),
+        alphas=history[-1].alphas,
+        steps=sum(len(r.candidates) * r.steps for r in history),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _out_of_time(config: FuseConfig, start: float) -> bool:
+    budget = config.time_budget_s
+    return budget is not None and time.perf_counter() - start >= budget
+
+
+def _optimise(
+    mixture: Mixture,
+    train_batches: Iterator[Part],
+    val_batches: Iterator[Part],
+    config: FuseConfig,
+) -> tuple[int, bool]:
+    """Alternate weight and α steps until α converges or ``config.max_steps``; returns the
+    number of steps taken and whether α converged."""
+    weight_opt = torch.optim.Adam(mixture.weights(), lr=config.weight_lr)
+    alpha_opt = torch.optim.Adam([mixture.alpha], lr=config.alpha_lr)
+    mixture.train()
+    previous = mixture.probabilities()
+    for step in range(1, config.max_steps + 1):
+        batch = next(train_batches)
+        weight_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(mixture(batch.x), batch.y).backward()
+        weight_opt.step()
+
+        batch = next(val_batches)
+        with torch.no_grad():
+            outputs = mixture.outputs(batch.x)
+        alpha_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(mixture.mix(outputs), batch.y).backward()
+        alpha_opt.step()
+
+        if step % config.check_every == 0:
+            current = mixture.probabilities()
+            if float((current - previous).abs().max()) < config.tol:
+                return step, True
+            previous = current
+    return config.max_steps, False

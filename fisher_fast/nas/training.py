@@ -1,0 +1,107 @@
+"""Pieces shared by the searches and the final training: the skeleton's settings, seeded
+candidate networks, the validation split carved from the training data, and seeded batches.
+
+Everything random is drawn from one ``torch.Generator`` passed in by the caller, so a search
+run twice with generators seeded alike gives the same result (on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisher_fast.nas.genotype import Genotype
+from fisher_fast.nas.network import Network
+from fisher_fast.tasks.balance import stratified_split
+from fisher_fast.tasks.source import Part
+
+NetworkBuilder = Callable[[Genotype], nn.Module]
+"""Turns a genotype into a fresh classifier ``(N, C, H, W) -> (N, num_classes)`` logits."""
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """Widths of the :class:`~fisher_fast.nas.network.Network` built around each cell: stem
+    ``channels`` and ``stages`` (each after the first halves H, W and doubles the channels).
+    Small defaults so that a digits (8x8) search runs in seconds on one CPU core."""
+
+    channels: int = 8
+    stages: int = 2
+    cells_per_stage: int = 1
+
+    def builder(self, input_shape: tuple[int, ...], num_classes: int) -> NetworkBuilder:
+        """A :data:`NetworkBuilder` for inputs ``input_shape`` ``(C, H, W)`` and ``num_classes``."""
+
+        def build(genotype: Genotype) -> nn.Module:
+            return Network(
+                genotype,
+                input_shape,
+                num_classes,
+                channels=self.channels,
+                cells_per_stage=self.cells_per_stage,
+                stages=self.stages,
+            )
+
+        return build
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A fresh 62-bit seed from ``generator`` (for one candidate's initialisation)."""
+    return int(torch.randint(2**62, (1,), generator=generator).item())
+
+
+def build_seeded(build: NetworkBuilder, genotype: Genotype, seed: int) -> nn.Module:
+    """``build(genotype)`` with its initialisation drawn from ``seed``; the global random state
+    is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(genotype)
+
+
+def carve_validation(train: Part, fraction: float, generator: torch.Generator) -> tuple[Part, Part]:
+    """Split the training split into (weights part, validation part), holding out ``fraction``
+    of each class for the validation part (the searches' α and model choices use it; the test
+    split is never involved)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must lie in (0, 1), got {fraction}")
+    held, kept = stratified_split(train.y, fraction, generator)
+    if len(kept) < 2 or len(held) < 2:
+        raise ValueError(
+            f"{len(train)} training samples are too few to carve a validation split of "
+            f"{fraction:.0%} with at least two samples on each side"
+        )
+    return Part(train.x[kept], train.y[kept]), Part(train.x[held], train.y[held])
+
+
+def batches(part: Part, batch_size: int, generator: torch.Generator) -> Iterator[Part]:
+    """Endless mini-batches of ``part``: seeded reshuffles, each sample once per pass; batches
+    of a single sample are skipped (batch norm cannot normalise one sample)."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (batch norm), got {batch_size}")
+    if len(part) < 2:
+        raise ValueError(f"need at least two samples to draw batches, got {len(part)}")
+    while True:
+        for idx in torch.randperm(len(part), generator=generator).split(batch_size):
+            if len(idx) >= 2:
+                yield Part(part.x[idx], part.y[idx])
+
+
+def train_steps(
+    model: nn.Module,
+    data: Iterator[Part],
+    steps: int,
+    *,
+    lr: float,
+) -> None:
+    """``steps`` Adam steps (step size ``lr``) of cross-entropy on batches from ``data``, in
+    train mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _, batch in zip(range(steps), data, strict=False):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(batch.x), batch.y).backward()
+        opt.step()
