@@ -1,142 +1,304 @@
 // CPU kernel of fisher_fast::frechet_sums: one reference diagonal against K others.
 //
-// The elements are walked in blocks; inside a block the reference is read from memory once and
-// stays in cache while each of the K others is combined with it. Threads own disjoint blocks and
-// keep float64 partial sums, merged in a fixed order, so results do not depend on scheduling for
-// a given thread count.
-#include <ATen/Parallel.h>
+// Work split: each tensor's elements are cut into blocks of kBlock, and the blocks into at most
+// one contiguous chunk per thread. Every chunk keeps its own float64 sums, merged in chunk order,
+// so the result does not depend on scheduling for a given thread count. Inside a block the
+// reference is read from memory once and stays in L1 while each of the K others is combined with
+// it; the reference's own sums are taken in the pass of the first other.
+//
+// Speed: the data are read once, so the floor is memory bandwidth (a dot product of the same
+// inputs). What stands in the way is the float64 square root of each product: vsqrtpd alone
+// runs at about 2 cycles per element, several times slower than memory. The cross sum must stay
+// float64-accurate (near d = 1e-6 the result is 1 minus it, to 1e-12), so a float32 root is no
+// option. On AVX-512 CPUs float32 input therefore takes a hand-vectorised path that spreads the
+// roots over two execution units: two vectors in three get a float64 root from vrsqrt14pd and
+// a third-order correction on the FMA pipes (within 1 ulp of the exact root), the third one a
+// vsqrtpd on the divider, which runs in parallel. Other dtypes and CPUs use a portable loop that
+// the compiler vectorises for AVX-512, AVX2 and the baseline (target_clones).
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "fisher_fast/checks.h"
 #include "fisher_fast/frechet_math.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FF_X86_64 1
+#define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FF_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl")))
+#else
+#define FF_X86_64 0
+#define FF_CLONES
+#endif
+
 namespace fisher_fast {
 namespace {
 
-constexpr int64_t kBlock = 4096;
+// Elements per block. Each block's sums are taken in short float64 chains (at most ~50 additions
+// per vector lane on the AVX-512 path) and added to the chunk's sums with compensation, so the
+// rounding error of a sum stays near 1e-16 relative however many elements there are. A float32
+// block is 4 KiB: the reference block stays in L1 while the K others are combined with it.
+constexpr int64_t kBlock = 1024;
+constexpr int64_t kMinBlocksPerChunk = 32;  // below this much work per thread, stay serial
 
-// Partial sums of one block of one pair: sum(other), sum(sqrt(ref*other)), invalid(other).
-// Compiled for several instruction sets and picked at load time (AVX-512, AVX2, baseline).
+// Sums of one block of one (reference, other) pair; the ref_* fields only when asked for.
+struct BlockSums {
+  double sum_ref = 0.0, invalid_ref = 0.0, sum_other = 0.0, cross = 0.0, invalid_other = 0.0;
+};
+
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void pair_block_sums(
-    const T* __restrict ref, const T* __restrict other, int64_t n, double* out) {
-  double sum_other = 0.0, cross = 0.0, invalid = 0.0;
-#pragma omp simd reduction(+ : sum_other, cross, invalid)
-  for (int64_t i = 0; i < n; ++i) {
-    const double a = static_cast<double>(static_cast<float>(ref[i]));
-    const double b = static_cast<double>(static_cast<float>(other[i]));
-    sum_other += b;
-    cross += sqrt_product(a, b);
-    invalid += invalid_entry(b);
-  }
-  out[0] += sum_other;
-  out[1] += cross;
-  out[2] += invalid;
-}
+using BlockFn = BlockSums (*)(const T*, const T*, int64_t);
 
-template <>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void pair_block_sums<double>(
-    const double* __restrict ref, const double* __restrict other, int64_t n, double* out) {
-  double sum_other = 0.0, cross = 0.0, invalid = 0.0;
-#pragma omp simd reduction(+ : sum_other, cross, invalid)
-  for (int64_t i = 0; i < n; ++i) {
-    sum_other += other[i];
-    cross += sqrt_product(ref[i], other[i]);
-    invalid += invalid_entry(other[i]);
+// A float64 sum that keeps the rounding error of every addition (Neumaier's variant of Kahan
+// summation), for the long chains of block sums.
+class CompensatedSum {
+ public:
+  void add(double x) {
+    const double t = sum_ + x;
+    comp_ += std::abs(sum_) >= std::abs(x) ? (sum_ - t) + x : (x - t) + sum_;
+    sum_ = t;
   }
-  out[0] += sum_other;
-  out[1] += cross;
-  out[2] += invalid;
-}
+  double value() const { return sum_ + comp_; }
 
-// Sum and invalid count of one block of the reference.
+ private:
+  double sum_ = 0.0, comp_ = 0.0;
+};
+
+// An element in float64; float16 and bfloat16 go through float32, where they are exact.
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void ref_block_sums(
-    const T* __restrict ref, int64_t n, double* out) {
-  double sum = 0.0, invalid = 0.0;
-#pragma omp simd reduction(+ : sum, invalid)
-  for (int64_t i = 0; i < n; ++i) {
-    const double a = static_cast<double>(ref[i]);
-    sum += a;
-    invalid += invalid_entry(a);
+inline double widen(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+inline double widen(double v) { return v; }
+
+// Portable block sums, vectorised by the compiler for each instruction set in FF_CLONES. The
+// block is summed in runs of kRun elements (at most 32 additions per vector lane with AVX-512,
+// 64 with AVX2), and the runs' sums are added with compensation.
+constexpr int64_t kRun = 256;
+
+template <typename T, bool kWithRef>
+FF_CLONES BlockSums block_sums_portable(const T* __restrict ref, const T* __restrict other,
+                                        int64_t n) {
+  CompensatedSum sum_ref, sum_other, cross;
+  double invalid_ref = 0.0, invalid_other = 0.0;
+  for (int64_t start = 0; start < n; start += kRun) {
+    const int64_t end = std::min(n, start + kRun);
+    double run_ref = 0.0, run_other = 0.0, run_cross = 0.0;
+#pragma omp simd reduction(+ : run_ref, run_other, run_cross, invalid_ref, invalid_other)
+    for (int64_t i = start; i < end; ++i) {
+      const double a = widen(ref[i]);
+      const double b = widen(other[i]);
+      if constexpr (kWithRef) {
+        run_ref += a;
+        invalid_ref += invalid_entry(a);
+      }
+      run_other += b;
+      run_cross += sqrt_product(a, b);
+      invalid_other += invalid_entry(b);
+    }
+    sum_ref.add(run_ref);
+    sum_other.add(run_other);
+    cross.add(run_cross);
   }
-  out[0] += sum;
-  out[1] += invalid;
+  return {sum_ref.value(), invalid_ref, sum_other.value(), cross.value(), invalid_other};
 }
 
-// Per-thread accumulator layout: [sum_ref, invalid_ref, then (sum_other, cross, invalid) x K].
+#if FF_X86_64
+// GCC 12's intrinsics headers trip -W(maybe-)uninitialized on their own _mm512_undefined_*().
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// vfpclasspd categories that make an entry invalid: NaN, +-inf, negative (-0.0 stays valid, as
+// in invalid_entry).
+constexpr int kInvalidClasses = 0x01 | 0x08 | 0x10 | 0x40 | 0x80;
+
+// sqrt(p) for p >= 0 in float64 from the 14-bit estimate y ~ 1/sqrt(p): with s = p*y and
+// r = 1 - s*y, sqrt(p) = s (1 - r)^(-1/2) = s (1 + r/2 + 3r^2/8 + 5r^3/16 + O(r^4)). |r| < 2^-13,
+// so the dropped term is below 2^-53 relative; s's own rounding cancels through r. Zero lanes
+// (+0 and -0: any bit but the sign's) get y = 0 and give 0; the estimate of 0 would be infinite.
+FF_AVX512 inline __m512d sqrt_fma(__m512d p) {
+  const __mmask8 nonzero =
+      _mm512_test_epi64_mask(_mm512_castpd_si512(p), _mm512_set1_epi64(0x7FFFFFFFFFFFFFFF));
+  const __m512d y = _mm512_maskz_rsqrt14_pd(nonzero, p);
+  const __m512d s = _mm512_mul_pd(p, y);
+  const __m512d r = _mm512_fnmadd_pd(s, y, _mm512_set1_pd(1.0));
+  __m512d q = _mm512_fmadd_pd(r, _mm512_set1_pd(5.0 / 16.0), _mm512_set1_pd(3.0 / 8.0));
+  q = _mm512_fmadd_pd(r, q, _mm512_set1_pd(0.5));
+  return _mm512_fmadd_pd(_mm512_mul_pd(s, r), q, s);
+}
+
+// Eight float64 lanes of each input, of their root products, and invalid-entry counts: what
+// eight float32 elements contribute to a block's sums, or a running total of such contributions.
+struct Lanes {
+  __m512d a, b, root;
+  int invalid_a, invalid_b;
+};
+
+FF_AVX512 inline Lanes operator+(const Lanes& x, const Lanes& y) {
+  return {_mm512_add_pd(x.a, y.a), _mm512_add_pd(x.b, y.b), _mm512_add_pd(x.root, y.root),
+          x.invalid_a + y.invalid_a, x.invalid_b + y.invalid_b};
+}
+
+// The contribution of ref[0, 8) and other[0, 8); lanes outside `live` read as zero, which adds
+// nothing. kDividerSqrt picks vsqrtpd over sqrt_fma for the root.
+template <bool kDividerSqrt>
+FF_AVX512 inline Lanes load_lanes(const float* ref, const float* other, __mmask8 live) {
+  const __m512d a = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, ref));
+  const __m512d b = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, other));
+  const __m512d p = _mm512_mul_pd(a, b);
+  return {a, b, kDividerSqrt ? _mm512_sqrt_pd(p) : sqrt_fma(p),
+          __builtin_popcount(_mm512_fpclass_pd_mask(a, kInvalidClasses)),
+          __builtin_popcount(_mm512_fpclass_pd_mask(b, kInvalidClasses))};
+}
+
+// Block sums for float32 on AVX-512 CPUs (see the file comment). Groups of three vectors (24
+// elements) are summed first and then added to the running total, which keeps the chains short.
+template <bool kWithRef>
+FF_AVX512 BlockSums block_sums_avx512(const float* ref, const float* other, int64_t n) {
+  const __m512d zero = _mm512_setzero_pd();
+  Lanes total{zero, zero, zero, 0, 0};
+  int64_t i = 0;
+  for (; i + 24 <= n; i += 24) {
+    total = total + (load_lanes<false>(ref + i, other + i, 0xFF) +
+                     load_lanes<false>(ref + i + 8, other + i + 8, 0xFF) +
+                     load_lanes<true>(ref + i + 16, other + i + 16, 0xFF));
+  }
+  for (; i < n; i += 8) {
+    const int64_t left = n - i;
+    const __mmask8 live = left >= 8 ? 0xFF : static_cast<__mmask8>((1u << left) - 1u);
+    total = total + load_lanes<false>(ref + i, other + i, live);
+  }
+  BlockSums out;
+  if constexpr (kWithRef) {
+    out.sum_ref = _mm512_reduce_add_pd(total.a);
+    out.invalid_ref = total.invalid_a;
+  }
+  out.sum_other = _mm512_reduce_add_pd(total.b);
+  out.cross = _mm512_reduce_add_pd(total.root);
+  out.invalid_other = total.invalid_b;
+  return out;
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+#pragma GCC diagnostic pop
+#endif  // FF_X86_64
+
+// The fastest block function for this dtype on this CPU.
+template <typename T, bool kWithRef>
+BlockFn<T> block_fn() {
+#if FF_X86_64
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512()) return &block_sums_avx512<kWithRef>;
+  }
+#endif
+  return &block_sums_portable<T, kWithRef>;
+}
+
+// Slots of one chunk's sums: [sum ref, invalid ref, then (sum other, cross, invalid other) x K].
+constexpr int64_t kRefSlots = 2;
+constexpr int64_t kPairSlots = 3;
+
+// Adds the sums of one tensor (segment) of the FIMs to the per-chunk sums `chunk_acc`.
 template <typename T>
 void accumulate_segment(const T* ref, const std::vector<const T*>& others, int64_t numel,
-                        std::vector<double>& per_thread, int64_t stride) {
+                        std::vector<CompensatedSum>& chunk_acc, int64_t stride) {
+  const BlockFn<T> with_ref = block_fn<T, true>();
+  const BlockFn<T> without_ref = block_fn<T, false>();
   const int64_t n_blocks = (numel + kBlock - 1) / kBlock;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
-    double* acc = per_thread.data() + at::get_thread_num() * stride;
-    for (int64_t blk = first; blk < last; ++blk) {
-      const int64_t start = blk * kBlock;
-      const int64_t len = std::min(kBlock, numel - start);
-      ref_block_sums<T>(ref + start, len, acc);
-      for (size_t k = 0; k < others.size(); ++k) {
-        pair_block_sums<T>(ref + start, others[k] + start, len, acc + 2 + 3 * k);
+  const int64_t max_chunks = static_cast<int64_t>(chunk_acc.size()) / stride;
+  const int64_t n_chunks = std::max<int64_t>(
+      1, std::min(max_chunks, (n_blocks + kMinBlocksPerChunk - 1) / kMinBlocksPerChunk));
+  at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      CompensatedSum* acc = chunk_acc.data() + c * stride;
+      for (int64_t blk = c * n_blocks / n_chunks; blk < (c + 1) * n_blocks / n_chunks; ++blk) {
+        const int64_t start = blk * kBlock;
+        const int64_t len = std::min(kBlock, numel - start);
+        for (size_t k = 0; k < others.size(); ++k) {
+          const BlockSums s =
+              (k == 0 ? with_ref : without_ref)(ref + start, others[k] + start, len);
+          if (k == 0) {
+            acc[0].add(s.sum_ref);
+            acc[1].add(s.invalid_ref);
+          }
+          CompensatedSum* pair = acc + kRefSlots + kPairSlots * k;
+          pair[0].add(s.sum_other);
+          pair[1].add(s.cross);
+          pair[2].add(s.invalid_other);
+        }
       }
     }
   });
 }
 
-at::Tensor frechet_sums_cpu(at::TensorList ref, at::TensorList others) {
+void check_inputs(at::TensorList ref, at::TensorList others) {
   const int64_t n_seg = static_cast<int64_t>(ref.size());
   FF_CHECK(n_seg > 0, "the reference list is empty");
   FF_CHECK(others.size() % ref.size() == 0, "got ", others.size(),
            " tensors in 'others', which is not a multiple of the ", n_seg,
            " tensors in 'ref'; each other FIM needs one tensor per reference tensor");
-  const int64_t k_count = static_cast<int64_t>(others.size()) / n_seg;
   const auto dtype = ref[0].scalar_type();
   for (const auto& t : ref) {
     FF_CHECK_FLOATING(t, "every FIM tensor");
-    FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype,
-             " and ", t.scalar_type());
+    FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype, " and ",
+             t.scalar_type());
     FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
     FF_CHECK(t.device().is_cpu(), "expected CPU tensors, got one on ", t.device());
   }
-  for (int64_t k = 0; k < k_count; ++k) {
-    for (int64_t s = 0; s < n_seg; ++s) {
-      const auto& t = others[k * n_seg + s];
-      FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype,
-               " and ", t.scalar_type());
-      FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
-      FF_CHECK_SAME_DEVICE(t, ref[s], "an 'other' tensor", "the reference");
-      FF_CHECK(t.numel() == ref[s].numel(), "tensor ", s, " of FIM ", k, " has ", t.numel(),
-               " elements but the reference has ", ref[s].numel());
-    }
+  for (size_t i = 0; i < others.size(); ++i) {
+    const auto& t = others[i];
+    const auto& r = ref[static_cast<int64_t>(i) % n_seg];
+    FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype, " and ",
+             t.scalar_type());
+    FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
+    FF_CHECK_SAME_DEVICE(t, r, "an 'other' tensor", "the reference");
+    FF_CHECK(t.numel() == r.numel(), "tensor ", static_cast<int64_t>(i) % n_seg, " of FIM ",
+             static_cast<int64_t>(i) / n_seg, " has ", t.numel(),
+             " elements but the reference has ", r.numel());
   }
+}
 
-  const int64_t stride = 2 + 3 * k_count;
-  std::vector<double> per_thread(static_cast<size_t>(at::get_num_threads() * stride), 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "frechet_sums_cpu", [&] {
-    for (int64_t s = 0; s < n_seg; ++s) {
-      std::vector<const scalar_t*> other_ptrs;
-      for (int64_t k = 0; k < k_count; ++k) {
-        other_ptrs.push_back(others[k * n_seg + s].data_ptr<scalar_t>());
-      }
-      accumulate_segment<scalar_t>(ref[s].data_ptr<scalar_t>(), other_ptrs, ref[s].numel(),
-                                   per_thread, stride);
-    }
-  });
+at::Tensor frechet_sums_cpu(at::TensorList ref, at::TensorList others) {
+  check_inputs(ref, others);
+  const int64_t n_seg = static_cast<int64_t>(ref.size());
+  const int64_t k_count = static_cast<int64_t>(others.size()) / n_seg;
+  const int64_t stride = kRefSlots + kPairSlots * k_count;
+  std::vector<CompensatedSum> chunk_acc(static_cast<size_t>(at::get_num_threads() * stride));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, ref[0].scalar_type(), "frechet_sums_cpu", [&] {
+        for (int64_t s = 0; s < n_seg; ++s) {
+          std::vector<const scalar_t*> other_ptrs;
+          for (int64_t k = 0; k < k_count; ++k) {
+            other_ptrs.push_back(others[k * n_seg + s].data_ptr<scalar_t>());
+          }
+          accumulate_segment<scalar_t>(ref[s].data_ptr<scalar_t>(), other_ptrs, ref[s].numel(),
+                                       chunk_acc, stride);
+        }
+      });
 
-  std::vector<double> total(static_cast<size_t>(stride), 0.0);
-  for (int64_t t = 0; t < at::get_num_threads(); ++t) {
-    for (int64_t j = 0; j < stride; ++j) total[j] += per_thread[t * stride + j];
-  }
+  std::vector<CompensatedSum> total(static_cast<size_t>(stride));
+  for (size_t i = 0; i < chunk_acc.size(); ++i) total[i % stride].add(chunk_acc[i].value());
   auto out = at::empty({k_count, kFrechetColumns}, at::TensorOptions().dtype(at::kDouble));
   auto o = out.accessor<double, 2>();
   for (int64_t k = 0; k < k_count; ++k) {
-    o[k][kSumRef] = total[0];
-    o[k][kInvalidRef] = total[1];
-    o[k][kSumOther] = total[2 + 3 * k];
-    o[k][kCross] = total[3 + 3 * k];
-    o[k][kInvalidOther] = total[4 + 3 * k];
+    const CompensatedSum* pair = total.data() + kRefSlots + kPairSlots * k;
+    o[k][kSumRef] = total[0].value();
+    o[k][kInvalidRef] = total[1].value();
+    o[k][kSumOther] = pair[0].value();
+    o[k][kCross] = pair[1].value();
+    o[k][kInvalidOther] = pair[2].value();
   }
   return out;
 }

@@ -1,0 +1,237 @@
+"""Tests of the compiled ops (fisher_fast.ops): values against float64 references, input checks,
+torch.library.opcheck, and torch.compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_fim
+
+from fisher_fast import frechet_distance, ops
+from fisher_fast.distance import distances_from_sums
+
+# frechet_sums
+
+
+def reference_sums(ref: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
+    """The (K, 5) result of frechet_sums computed plainly in float64."""
+
+    def invalid(t: torch.Tensor) -> float:
+        return float((~((t >= 0) & torch.isfinite(t))).sum())
+
+    flat_ref = torch.cat([t.detach().cpu().reshape(-1).double() for t in ref])
+    rows = []
+    for k in range(len(others) // len(ref)):
+        fim = others[k * len(ref) : (k + 1) * len(ref)]
+        flat = torch.cat([t.detach().cpu().reshape(-1).double() for t in fim])
+        cross = (flat_ref * flat).sqrt().sum().item()
+        rows.append(
+            [flat_ref.sum().item(), flat.sum().item(), cross, invalid(flat_ref), invalid(flat)]
+        )
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 5)
+
+
+SHAPES = [[(1,)], [(24,)], [(1000,)], [(3, 5), (7,), (2, 2, 2)], [(4096 * 9 + 5,), (33,)]]
+
+
+@pytest.mark.parametrize("shapes", SHAPES, ids=str)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_frechet_sums_match_reference(
+    shapes: list[tuple[int, ...]], k: int, dtype: torch.dtype, gen: torch.Generator, device: str
+) -> None:
+    def fim() -> list[torch.Tensor]:
+        return [
+            random_fim(s.numel(), gen, dtype, device, zeros=0.2).reshape(s)
+            for s in map(torch.Size, shapes)
+        ]
+
+    ref = fim()
+    others = [t for _ in range(k) for t in fim()]
+    got = ops.frechet_sums(ref, others)
+    assert got.dtype == torch.float64
+    assert got.device == ref[0].device
+    torch.testing.assert_close(got.cpu(), reference_sums(ref, others), rtol=1e-13, atol=0)
+
+
+def test_frechet_sums_count_invalid_entries(gen: torch.Generator, device: str) -> None:
+    ref = random_fim(5000, gen, device=device)
+    other = random_fim(5000, gen, device=device)
+    bad = torch.tensor([-1.0, float("nan"), float("inf"), -float("inf"), -1e-40], device=device)
+    at_ref = torch.randperm(5000, generator=gen)[:3].to(device)
+    at_other = torch.randperm(5000, generator=gen)[:5].to(device)
+    ref[at_ref] = bad[:3]
+    other[at_other] = bad
+    ref[0] = -0.0  # negative zero is a valid (zero) entry
+    got = ops.frechet_sums([ref], [other]).cpu()
+    assert got[0, 3].item() == 3
+    assert got[0, 4].item() == 5
+
+
+def test_frechet_sums_with_no_others(device: str) -> None:
+    got = ops.frechet_sums([torch.ones(3, device=device)], [])
+    assert got.shape == (0, 5)
+    assert got.dtype == torch.float64
+
+
+def test_frechet_sums_input_checks() -> None:
+    one = torch.ones(4)
+    with pytest.raises(RuntimeError, match="the reference list is empty"):
+        ops.frechet_sums([], [one])
+    with pytest.raises(
+        RuntimeError, match="got 3 tensors in 'others', which is not a multiple of the 2"
+    ):
+        ops.frechet_sums([one, one], [one, one, one])
+    with pytest.raises(
+        RuntimeError, match="must be float16, bfloat16, float32 or float64, got Int"
+    ):
+        ops.frechet_sums([one.int()], [one.int()])
+    with pytest.raises(RuntimeError, match="all FIM tensors must share one dtype"):
+        ops.frechet_sums([one], [one.double()])
+    with pytest.raises(RuntimeError, match="every FIM tensor must be contiguous"):
+        ops.frechet_sums([torch.ones(2, 3)], [torch.ones(3, 2).t()])
+    with pytest.raises(
+        RuntimeError, match="tensor 1 of FIM 0 has 3 elements but the reference has 4"
+    ):
+        ops.frechet_sums([one, one], [one, torch.ones(3)])
+
+
+# per_sample_sq_sum
+
+# (N, B, T, O, I): one position, several blocks, one output, one sample, and a larger case that
+# spans several threads' sample ranges and several scratch steps.
+PS_SHAPES = [
+    (5, 1, 1, 3, 4),
+    (7, 3, 2, 4, 5),
+    (6, 2, 3, 1, 4),
+    (1, 1, 4, 3, 2),
+    (300, 2, 5, 16, 12),
+]
+
+
+def reference_per_sample_sq_sum(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (g.double().transpose(2, 3) @ x.double()).pow(2).sum(0)
+
+
+def per_sample_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, b, t, o, i = shape
+    g = torch.randn(n, b, t, o, generator=gen).to(dtype=dtype, device=device)
+    x = torch.randn(n, b, t, i, generator=gen).to(dtype=dtype, device=device)
+    return g, x
+
+
+@pytest.mark.parametrize("shape", PS_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+def test_per_sample_sq_sum_matches_reference(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    acc_dtype: torch.dtype,
+    gen: torch.Generator,
+    device: str,
+) -> None:
+    g, x = per_sample_inputs(shape, dtype, gen, device)
+    got = ops.per_sample_sq_sum(g, x, acc_dtype)
+    expected = reference_per_sample_sq_sum(g, x)
+    assert got.shape == expected.shape
+    assert got.dtype == acc_dtype
+    # Products run in float32 unless the input is float64 (then in float64): rounding of a
+    # T-term product and of the sum over N samples, relative to the largest entry.
+    exact = dtype == torch.float64 and acc_dtype == torch.float64
+    rtol = 1e-12 if exact else 2e-5
+    torch.testing.assert_close(
+        got.double().cpu(), expected, rtol=rtol, atol=rtol * expected.abs().max().item()
+    )
+
+
+def test_per_sample_sq_sum_non_contiguous_inputs(gen: torch.Generator, device: str) -> None:
+    g, x = per_sample_inputs((9, 2, 3, 4, 5), torch.float32, gen, device)
+    x_strided = x.transpose(0, 2).contiguous().transpose(0, 2)
+    assert not x_strided.is_contiguous()
+    torch.testing.assert_close(
+        ops.per_sample_sq_sum(g, x_strided), ops.per_sample_sq_sum(g, x), rtol=1e-6, atol=0
+    )
+
+
+def test_per_sample_sq_sum_of_no_samples(device: str) -> None:
+    g = torch.zeros(0, 2, 3, 4, device=device)
+    x = torch.zeros(0, 2, 3, 5, device=device)
+    got = ops.per_sample_sq_sum(g, x, torch.float64)
+    assert got.shape == (2, 4, 5)
+    assert got.dtype == torch.float64
+    assert not got.any()
+
+
+def test_per_sample_sq_sum_input_checks() -> None:
+    g, x = torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 5)
+    with pytest.raises(
+        RuntimeError, match=r"g and x must be 4-D \(N, B, T, O\) and \(N, B, T, I\)"
+    ):
+        ops.per_sample_sq_sum(g[0], x[0])
+    with pytest.raises(RuntimeError, match="must agree in samples, blocks and positions"):
+        ops.per_sample_sq_sum(g, torch.ones(2, 1, 2, 5))
+    with pytest.raises(RuntimeError, match="g must be float16, bfloat16, float32 or float64"):
+        ops.per_sample_sq_sum(g.long(), x.long())
+    with pytest.raises(RuntimeError, match="g and x must share one dtype"):
+        ops.per_sample_sq_sum(g, x.double())
+    with pytest.raises(RuntimeError, match="acc_dtype must be float32 or float64, got Half"):
+        ops.per_sample_sq_sum(g, x, torch.float16)
+
+
+# Operator registration: schema, fake (meta) implementations, torch.compile
+
+
+def frechet_samples(gen: torch.Generator, device: str) -> list[tuple]:
+    def fims(shapes, k, dtype):
+        ref = [random_fim(torch.Size(s).numel(), gen, dtype, device).reshape(s) for s in shapes]
+        others = [
+            random_fim(torch.Size(s).numel(), gen, dtype, device).reshape(s)
+            for _ in range(k)
+            for s in shapes
+        ]
+        return ref, others
+
+    return [
+        fims([(10,)], 1, torch.float32),
+        fims([(3, 4), (5,), (1, 2, 3)], 2, torch.float64),
+        fims([(100,)], 4, torch.bfloat16),
+        fims([(7,)], 0, torch.float16),
+    ]
+
+
+def test_opcheck_frechet_sums(gen: torch.Generator, device: str) -> None:
+    for sample in frechet_samples(gen, device):
+        torch.library.opcheck(torch.ops.fisher_fast.frechet_sums.default, sample)
+
+
+def test_opcheck_per_sample_sq_sum(gen: torch.Generator, device: str) -> None:
+    for shape, dtype, acc in [
+        (PS_SHAPES[0], torch.float32, torch.float32),
+        (PS_SHAPES[1], torch.float64, torch.float64),
+        (PS_SHAPES[2], torch.bfloat16, torch.float32),
+        (PS_SHAPES[3], torch.float32, torch.float64),
+    ]:
+        g, x = per_sample_inputs(shape, dtype, gen, device)
+        torch.library.opcheck(torch.ops.fisher_fast.per_sample_sq_sum.default, (g, x, acc))
+
+
+def test_compile_sums_and_distances_fullgraph(gen: torch.Generator, device: str) -> None:
+    def distances(ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return distances_from_sums(ops.frechet_sums([ref], [a, b]))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(distances, fullgraph=True)
+    ref, a, b = (random_fim(3000, gen, device=device) for _ in range(3))
+    eager = distances(ref, a, b)
+    torch.testing.assert_close(compiled(ref, a, b), eager, rtol=1e-14, atol=0)
+    assert eager.shape == (2,)
+
+
+def test_compile_frechet_distance(gen: torch.Generator, device: str) -> None:
+    torch._dynamo.reset()
+    compiled = torch.compile(frechet_distance)
+    a, b = random_fim(3000, gen, device=device), random_fim(3000, gen, device=device)
+    torch.testing.assert_close(compiled(a, b), frechet_distance(a, b), rtol=1e-14, atol=0)
