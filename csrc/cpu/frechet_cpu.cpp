@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "fisher_fast/checks.h"
+#include "fisher_fast/frechet_checks.h"
 #include "fisher_fast/frechet_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -243,35 +244,8 @@ void accumulate_segment(const T* ref, const std::vector<const T*>& others, int64
   });
 }
 
-void check_inputs(at::TensorList ref, at::TensorList others) {
-  const int64_t n_seg = static_cast<int64_t>(ref.size());
-  FF_CHECK(n_seg > 0, "the reference list is empty");
-  FF_CHECK(others.size() % ref.size() == 0, "got ", others.size(),
-           " tensors in 'others', which is not a multiple of the ", n_seg,
-           " tensors in 'ref'; each other FIM needs one tensor per reference tensor");
-  const auto dtype = ref[0].scalar_type();
-  for (const auto& t : ref) {
-    FF_CHECK_FLOATING(t, "every FIM tensor");
-    FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype, " and ",
-             t.scalar_type());
-    FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
-    FF_CHECK(t.device().is_cpu(), "expected CPU tensors, got one on ", t.device());
-  }
-  for (size_t i = 0; i < others.size(); ++i) {
-    const auto& t = others[i];
-    const auto& r = ref[static_cast<int64_t>(i) % n_seg];
-    FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype, " and ",
-             t.scalar_type());
-    FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
-    FF_CHECK_SAME_DEVICE(t, r, "an 'other' tensor", "the reference");
-    FF_CHECK(t.numel() == r.numel(), "tensor ", static_cast<int64_t>(i) % n_seg, " of FIM ",
-             static_cast<int64_t>(i) / n_seg, " has ", t.numel(),
-             " elements but the reference has ", r.numel());
-  }
-}
-
 at::Tensor frechet_sums_cpu(at::TensorList ref, at::TensorList others) {
-  check_inputs(ref, others);
+  check_frechet_inputs(ref, others, c10::DeviceType::CPU);
   const int64_t n_seg = static_cast<int64_t>(ref.size());
   const int64_t k_count = static_cast<int64_t>(others.size()) / n_seg;
   const int64_t stride = kRefSlots + kPairSlots * k_count;

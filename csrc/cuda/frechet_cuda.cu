@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "fisher_fast/checks.h"
+#include "fisher_fast/frechet_checks.h"
 #include "fisher_fast/frechet_math.h"
 
 namespace fisher_fast {
@@ -209,31 +210,9 @@ void launch(const at::Tensor& table, int64_t n_seg, int width, int64_t k_count, 
 
 at::Tensor frechet_sums_cuda(at::TensorList ref, at::TensorList others) {
   const int64_t n_seg = static_cast<int64_t>(ref.size());
-  FF_CHECK(n_seg > 0, "the reference list is empty");
-  FF_CHECK(others.size() % ref.size() == 0, "got ", others.size(),
-           " tensors in 'others', which is not a multiple of the ", n_seg,
-           " tensors in 'ref'; each other FIM needs one tensor per reference tensor");
+  check_frechet_inputs(ref, others, c10::DeviceType::CUDA);
   const int64_t k_count = static_cast<int64_t>(others.size()) / n_seg;
   const auto dtype = ref[0].scalar_type();
-  for (const auto& t : ref) {
-    FF_CHECK_FLOATING(t, "every FIM tensor");
-    FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype, " and ",
-             t.scalar_type());
-    FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
-    FF_CHECK(t.device().is_cuda(), "expected CUDA tensors, got one on ", t.device());
-    FF_CHECK_SAME_DEVICE(t, ref[0], "a reference tensor", "the first reference tensor");
-  }
-  for (int64_t k = 0; k < k_count; ++k) {
-    for (int64_t s = 0; s < n_seg; ++s) {
-      const auto& t = others[k * n_seg + s];
-      FF_CHECK(t.scalar_type() == dtype, "all FIM tensors must share one dtype; got ", dtype,
-               " and ", t.scalar_type());
-      FF_CHECK_CONTIGUOUS(t, "every FIM tensor");
-      FF_CHECK_SAME_DEVICE(t, ref[s], "an 'other' tensor", "the reference");
-      FF_CHECK(t.numel() == ref[s].numel(), "tensor ", s, " of FIM ", k, " has ", t.numel(),
-               " elements but the reference has ", ref[s].numel());
-    }
-  }
 
   const c10::cuda::CUDAGuard guard(ref[0].device());
   auto out = at::empty({k_count, kFrechetColumns}, ref[0].options().dtype(at::kDouble));
