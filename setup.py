@@ -64,7 +64,9 @@ def extension():
     ]
     if debug:
         macros.append(("FISHER_FAST_DEBUG", "1"))
-    cxx = [*opt, "-fopenmp-simd", "-fno-math-errno"]
+    # -fopenmp at compile time only: at::parallel_for is an inline OpenMP loop (serial without
+    # it), and its GOMP_* calls bind at load time to the OpenMP runtime torch itself loads.
+    cxx = [*opt, "-fopenmp", "-fno-math-errno"]
     kwargs = dict(
         name="fisher_fast._C",
         include_dirs=[str(ROOT / "csrc/include"), str(ROOT / "csrc")],
