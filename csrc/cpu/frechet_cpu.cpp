@@ -223,7 +223,9 @@ void accumulate_segment(const T* ref, const std::vector<const T*>& others, int64
       1, std::min(max_chunks, (n_blocks + kMinBlocksPerChunk - 1) / kMinBlocksPerChunk));
   at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      CompensatedSum* acc = chunk_acc.data() + c * stride;
+      // Summed here, stored at the end: chunks' sums side by side in chunk_acc share cache lines.
+      std::vector<CompensatedSum> acc(chunk_acc.begin() + c * stride,
+                                      chunk_acc.begin() + (c + 1) * stride);
       for (int64_t blk = c * n_blocks / n_chunks; blk < (c + 1) * n_blocks / n_chunks; ++blk) {
         const int64_t start = blk * kBlock;
         const int64_t len = std::min(kBlock, numel - start);
@@ -234,12 +236,13 @@ void accumulate_segment(const T* ref, const std::vector<const T*>& others, int64
             acc[0].add(s.sum_ref);
             acc[1].add(s.invalid_ref);
           }
-          CompensatedSum* pair = acc + kRefSlots + kPairSlots * k;
+          CompensatedSum* pair = acc.data() + kRefSlots + kPairSlots * k;
           pair[0].add(s.sum_other);
           pair[1].add(s.cross);
           pair[2].add(s.invalid_other);
         }
       }
+      std::copy(acc.begin(), acc.end(), chunk_acc.begin() + c * stride);
     }
   });
 }
