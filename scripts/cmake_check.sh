@@ -10,9 +10,11 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 build="$(mktemp -d "${TMPDIR:-/tmp}/fisher_fast_cmake.XXXXXX")"
 trap 'rm -rf "$build"' EXIT
 
-generator=()
 ninja="$(command -v ninja || true)"
-[ -n "$ninja" ] || { [ -x "$(dirname "$py")/ninja" ] && ninja="$(dirname "$py")/ninja"; } || true
+if [ -z "$ninja" ] && [ -x "$(dirname "$py")/ninja" ]; then
+  ninja="$(dirname "$py")/ninja"
+fi
+generator=()
 if [ -n "$ninja" ]; then
   generator=(-G Ninja -DCMAKE_MAKE_PROGRAM="$ninja")
 fi

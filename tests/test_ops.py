@@ -59,7 +59,7 @@ def test_frechet_sums_count_invalid_entries(gen: torch.Generator, device: str) -
     ref = random_fim(5000, gen, device=device)
     other = random_fim(5000, gen, device=device)
     bad = torch.tensor([-1.0, float("nan"), float("inf"), -float("inf"), -1e-40], device=device)
-    at_ref = torch.randperm(5000, generator=gen)[:3].to(device)
+    at_ref = (torch.randperm(4999, generator=gen)[:3] + 1).to(device)  # index 0 gets -0.0
     at_other = torch.randperm(5000, generator=gen)[:5].to(device)
     ref[at_ref] = bad[:3]
     other[at_other] = bad

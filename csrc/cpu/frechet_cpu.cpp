@@ -24,7 +24,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "fisher_fast/checks.h"
 #include "fisher_fast/frechet_checks.h"
 #include "fisher_fast/frechet_math.h"
 
