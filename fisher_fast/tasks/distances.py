@@ -32,7 +32,7 @@ from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.suites import Suite
-from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.task import Task, TaskSplits
 from fisher_fast.tasks.train import Probe, TrainConfig, train_probe, warn_if_not_reached
 
 LABEL_CONVENTIONS = {
@@ -52,20 +52,25 @@ def task_fim(
     mc_samples: int = 1,
     seed: int = 0,
     batch_size: int = 256,
+    split: str = "test",
 ) -> DiagFIM:
     """Diagonal FIM of ``probe`` on ``task``'s test split (labels per ``fisher``, see module doc).
 
-    ``seed`` seeds the label draws of the "mc" kind. The FIM lives where the model does.
+    ``seed`` seeds the label draws of the "mc" kind. ``split`` names the split the FIM is
+    computed on: ``"test"`` (Definition 4) or ``"val"`` / ``"train"`` (a search that must keep
+    the test split for its final evaluation). The FIM lives where the model does.
     """
     _check_fisher(fisher)
+    if split not in TaskSplits._fields:
+        raise ValueError(f"split must be one of {', '.join(TaskSplits._fields)}, got {split!r}")
     model = probe.model if isinstance(probe, Probe) else probe
     device = next(model.parameters()).device
-    test = task.splits().test
-    labels = test.y.to(device) if fisher == "empirical" else None
+    part = getattr(task.splits(), split)
+    labels = part.y.to(device) if fisher == "empirical" else None
     generator = torch.Generator(device).manual_seed(seed) if fisher == "mc" else None
     return diag_fim(
         model,
-        (test.x.to(device), labels),
+        (part.x.to(device), labels),
         fisher=fisher,
         mc_samples=mc_samples,
         generator=generator,
