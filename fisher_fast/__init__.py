@@ -1,9 +1,10 @@
 """fisher_fast: diagonal Fisher information, Fréchet task distance and task-aware NAS for PyTorch."""
 
-from fisher_fast import ops
+from fisher_fast import distributed, ops
 from fisher_fast._library import build_info, is_loaded
 from fisher_fast._version import __version__
 from fisher_fast.distance import frechet_distance, frechet_distance_full, frechet_distances
+from fisher_fast.distributed import shard
 from fisher_fast.fim import Call, DiagFIM, RuleContext, diag_fim, register_rule, sample_labels
 from fisher_fast.tasks import (
     DataSource,
@@ -33,6 +34,7 @@ __all__ = [
     "build_info",
     "diag_fim",
     "distance_matrix",
+    "distributed",
     "frechet_distance",
     "frechet_distance_full",
     "frechet_distances",
@@ -42,6 +44,7 @@ __all__ = [
     "ops",
     "register_rule",
     "sample_labels",
+    "shard",
     "task_distance",
     "train_probe",
 ]

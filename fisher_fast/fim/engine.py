@@ -10,6 +10,7 @@ model, whatever the number of samples.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -19,9 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fisher_fast import _library
+from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
+from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.fallback import make_fallback_rule
 from fisher_fast.fim.losses import FISHER_KINDS, LossSpec, objectives
 from fisher_fast.fim.plan import OwnerPlan, make_plan
@@ -48,6 +51,7 @@ def diag_fim(
     progress: bool = True,
     batch_size: int = 256,
     mode: str = "eval",
+    distributed: bool | None = None,
 ) -> DiagFIM:
     """Diagonal Fisher information ``F = (1/N) sum_n (dL_n/dθ)^2`` of ``model``'s trainable parameters.
 
@@ -68,7 +72,19 @@ def diag_fim(
         on_unsupported: for parameters without a per-layer rule: ``"fallback"`` (torch.func
             per-sample gradients of that module), ``"error"`` (list them) or ``"skip"`` (leave
             them out of the result).
-        progress: show a progress bar over samples.
+        progress: show a progress bar over samples (on rank 0 only when reducing).
+        distributed: inside an initialised torch.distributed process group, each rank passes
+            its own shard of the data (``fisher_fast.distributed.shard(X, y)``, or a sampler
+            that does not pad: ``DistributedSampler`` repeats samples to even out the shards),
+            and the sums of squared gradients and the sample counts are all-reduced, so every
+            rank returns the FIM over all shards (equal to the single-process one up to float
+            summation order). Shards may be uneven or empty. ``None`` (default): reduce when a
+            group with more than one rank is initialised; ``True``: require one; ``False``:
+            this process's data only. Every rank must call diag_fim the same number of times;
+            ``max_samples`` applies per rank; for ``fisher="mc"`` give each rank its own
+            ``generator`` seed. Initialise the group with a timeout
+            (``init_process_group(..., timeout=datetime.timedelta(minutes=30))``); an error on
+            one rank is raised on every rank as a ``fisher_fast.distributed.RankError``.
 
     Returns:
         A :class:`DiagFIM` over the handled parameters, in ``named_parameters()`` order, in
@@ -98,51 +114,35 @@ def diag_fim(
         )
     device = trainable[0][1].device
 
+    reduce = should_reduce(distributed)
     with _model_mode(model, mode):
         _check_batchnorm(model)
-        stream = iter(batches(data, batch_size))
-        first = next(stream, None)
-        if first is None:
-            raise ValueError("data is empty: it yielded no batches")
-        _check_devices(first, device)
-        plan = make_plan(model, first[0])
-        if plan.unsupported and on_unsupported == "error":
-            raise ValueError(_unsupported_message(plan.unsupported))
-        skipped = set(plan.unsupported) if on_unsupported == "skip" else set()
-        names = [n for n, _ in trainable if n not in skipped]
-        params = dict(trainable)
-        acc = torch.zeros(sum(params[n].numel() for n in names), dtype=dtype, device=device)
-        views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
-        missing = set(names) - _covered(plan.owners, skipped)
-        if missing:
-            raise ValueError(f"no module call handles the parameters {sorted(missing)}")
-        capture = Capture()
-        processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
-        for o in plan.owners:
-            capture.add_owner(
-                Owner(
-                    o.name,
-                    o.module,
-                    _processor(o, views, skipped, dtype, backend, capture, processed),
-                    getattr(o.rule, "instrument", None),
-                )
-            )
-        n_seen = _accumulate(
+        local = functools.partial(
+            _local_sums,
             model,
-            itertools.chain([first], stream),
-            capture,
-            device,
-            check=lambda samples: _check_finite(acc, views, processed, samples),
-            processed=processed,
+            data,
+            trainable,
             loss=loss,
             fisher=fisher,
             mc_samples=mc_samples,
             generator=generator,
             max_samples=max_samples,
-            progress=progress,
-            total=_expected_samples(data, max_samples),
+            dtype=dtype,
+            backend=backend,
+            on_unsupported=on_unsupported,
+            progress=progress and (not reduce or dist_env.is_main()),
+            batch_size=batch_size,
         )
+        if reduce:
+            sizes = {n: p.numel() for n, p in trainable}
+            sums: LocalSums | None = reduce_sums(local, sizes, dtype, device)
+        else:
+            sums = local()
+    if sums is None:
+        raise ValueError("data is empty: it yielded no samples")
+    names, acc, n_seen = sums
     acc /= n_seen
+    params = dict(trainable)
     meta = {
         "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
         "mc_samples": mc_samples,
@@ -157,6 +157,69 @@ def diag_fim(
         fisher=fisher,
         meta=meta,
     )
+
+
+def _local_sums(
+    model: nn.Module,
+    data: Any,
+    trainable: list[tuple[str, nn.Parameter]],
+    *,
+    loss: LossSpec,
+    fisher: str,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    max_samples: int | None,
+    dtype: torch.dtype,
+    backend: str,
+    on_unsupported: str,
+    progress: bool,
+    batch_size: int,
+) -> LocalSums | None:
+    """The un-normalised accumulator over this process's data; None when it holds no sample."""
+    device = trainable[0][1].device
+    stream = iter(batches(data, batch_size))
+    first = next(stream, None)
+    if first is None:
+        return None
+    _check_devices(first, device)
+    plan = make_plan(model, first[0])
+    if plan.unsupported and on_unsupported == "error":
+        raise ValueError(_unsupported_message(plan.unsupported))
+    skipped = set(plan.unsupported) if on_unsupported == "skip" else set()
+    names = [n for n, _ in trainable if n not in skipped]
+    params = dict(trainable)
+    acc = torch.zeros(sum(params[n].numel() for n in names), dtype=dtype, device=device)
+    views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
+    missing = set(names) - _covered(plan.owners, skipped)
+    if missing:
+        raise ValueError(f"no module call handles the parameters {sorted(missing)}")
+    capture = Capture()
+    processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
+    for o in plan.owners:
+        capture.add_owner(
+            Owner(
+                o.name,
+                o.module,
+                _processor(o, views, skipped, dtype, backend, capture, processed),
+                getattr(o.rule, "instrument", None),
+            )
+        )
+    n_seen = _accumulate(
+        model,
+        itertools.chain([first], stream),
+        capture,
+        device,
+        check=lambda samples: _check_finite(acc, views, processed, samples),
+        processed=processed,
+        loss=loss,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        generator=generator,
+        max_samples=max_samples,
+        progress=progress,
+        total=_expected_samples(data, max_samples),
+    )
+    return LocalSums(names, acc, n_seen) if n_seen else None
 
 
 def _accumulate(
@@ -211,8 +274,6 @@ def _accumulate(
             check(f"{n_seen}..{n_seen + n - 1}")
             n_seen += n
             bar.update(n)
-    if n_seen == 0:
-        raise ValueError("data is empty: it yielded no samples")
     return n_seen
 
 

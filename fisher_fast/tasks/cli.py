@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group, world_size
 from fisher_fast.tasks.distances import LABEL_CONVENTIONS, distance_matrix
 from fisher_fast.tasks.loaders.config import load_task_config
 from fisher_fast.tasks.probes import PROBES, SMALL_PROBES
@@ -149,12 +152,29 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
         "single-threaded; torch's default otherwise)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--dist-timeout",
+        metavar="MIN",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds() / 60,
+        help="under torchrun: minutes a process waits for the others at a synchronisation point "
+        f"before giving up (default {DEFAULT_TIMEOUT.total_seconds() / 60:.0f}); one trial's "
+        "probe trainings on one process must fit in it",
+    )
     p.set_defaults(run=run_distance)
 
 
 def run_distance(args: argparse.Namespace) -> int:
-    """Run ``fisher-fast distance``: build the suite, compute the matrix, print it."""
+    """Run ``fisher-fast distance``: build the suite, compute the matrix, print it. Under
+    torchrun (``torchrun --nproc-per-node N -m fisher_fast.cli distance ...``) the processes
+    form a process group (gloo on CPU, nccl with CUDA) and share the work; rank 0 prints."""
+    with process_group(timeout=datetime.timedelta(minutes=args.dist_timeout)):
+        return _run_distance(args)
+
+
+def _run_distance(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    say = print if is_main() else _silent
     suite = _suite(args)
     arch = args.arch or suite.default_arch
     set_threads(args.threads, arch)
@@ -164,13 +184,15 @@ def run_distance(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     out = args.out or Path("runs") / f"{suite.name}-{arch}"
-    print(
+    say(
         f"suite {suite.name}: "
         + "; ".join(f"{i}: {t.name} ({t.num_classes} classes)" for i, t in enumerate(suite.tasks))
     )
-    print(
+    say(
         f"probe {arch}, head width {suite.head_width} (task label k -> head unit k); {LABEL_CONVENTIONS[args.fisher]}"
     )
+    if world_size() > 1:
+        say(f"{world_size()} processes share the work ({dist.get_backend()} backend)")
     result = distance_matrix(
         suite,
         arch,
@@ -184,12 +206,16 @@ def run_distance(args: argparse.Namespace) -> int:
         batch_size=args.fim_batch_size,
         progress=not args.quiet,
     )
-    print(format_matrix(result))
-    print(
+    say(format_matrix(result))
+    say(
         f"results: {out / f'results-{args.fisher}.json'}, figure: {out / f'distance-{args.fisher}.png'}"
     )
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _silent(*_: object) -> None:
+    """print on the ranks other than 0."""
 
 
 def set_threads(threads: int | None, arch: str) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fisher_fast.distance import frechet_distance, frechet_distances
+from fisher_fast.distributed import all_outcomes, is_main, my_share, world_size
 from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.probes import make_probe
@@ -76,6 +77,7 @@ def task_fim(
         generator=generator,
         batch_size=batch_size,
         progress=False,
+        distributed=False,
     )
 
 
@@ -206,6 +208,16 @@ def distance_matrix(
             file and recomputes nothing else), and results-<fisher>.json and
             distance-<fisher>.png are written there. None: nothing is written.
         batch_size: samples per FIM batch.
+
+    Inside an initialised torch.distributed process group (e.g. under torchrun, see
+    docs/distributed.md) every rank calls this with the same arguments and the work is dealt
+    out round-robin: job ``s * K + a`` of trial ``s`` (training task a's probe, then the FIMs and
+    distances of target column a) goes to rank ``(s * K + a) % world_size``. Trained probes are
+    exchanged as weights, columns as distances (``all_gather_object``); each rank caches what
+    it computed in ``out`` (same keys and files as a single process, so either kind of run
+    reuses the other's cache), rank 0 writes the JSON and figure, and every rank returns the
+    same values as a single process would. An error on any rank is raised on every rank as a
+    :class:`fisher_fast.distributed.RankError` naming it.
     """
     tasks, default_train, default_epsilon = _unpack(suite_or_tasks)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -226,26 +238,20 @@ def distance_matrix(
     k = len(tasks)
     values = torch.zeros(len(seed_list), k, k, dtype=torch.float64)
     accuracy = torch.zeros(len(seed_list), k, dtype=torch.float64)
+    mine = set(my_share(range(len(seed_list) * k)))  # job i*k + a: probe a, then column a
     with tqdm(
-        total=len(seed_list) * (k + k * k),
+        total=len(mine) * (1 + k),
         desc=f"{arch} {fisher}",
         unit="step",
-        disable=not progress,
+        disable=not (progress and is_main()),
     ) as bar:
         for i, seed in enumerate(seed_list):
-            probes = []
-            for a, task in enumerate(tasks):
-                probes.append(run.probe(task, seed))
-                accuracy[i, a] = probes[-1][0].test_accuracy
-                bar.update(1)
-            for b, target in enumerate(tasks):
-                fims = []
-                for a, source in enumerate(tasks):
-                    fims.append(run.fim(probes[a], source, target, seed))
-                    bar.update(1)
-                for fim in fims:
-                    _check_same_structure(fims[b], fim)
-                values[i, :, b] = frechet_distances(fims[b], fims).cpu()
+            ours = [a for a in range(k) if i * k + a in mine]
+            probes = run.probes(tasks, seed, ours, bar)
+            for a, (probe, _) in enumerate(probes):
+                accuracy[i, a] = probe.test_accuracy
+            for b, column in run.columns(tasks, seed, probes, ours, bar).items():
+                values[i, :, b] = column
     result = DistanceResult(
         [t.name for t in tasks],
         arch,
@@ -260,12 +266,21 @@ def distance_matrix(
             "mc_samples": mc_samples,
             "tasks": [t.fingerprint() for t in tasks],
             "seconds": round(time.perf_counter() - start, 2),
+            "processes": world_size(),
         },
     )
     if out is not None:
         from fisher_fast.tasks.report import save_result
 
-        save_result(result, Path(out))
+        directory = Path(out)
+
+        def write() -> None:
+            if is_main():
+                save_result(result, directory)
+
+        # Written once, by rank 0; the exchange is also the final barrier (no rank returns
+        # before the files exist) and reports a failure to write on every rank.
+        all_outcomes("writing the results", write)
     return result
 
 
@@ -290,6 +305,58 @@ class _Run:
         self.epsilon, self.device, self.batch_size, self.cache = epsilon, device, batch_size, cache
         self.head_width = max(t.num_classes for t in tasks)
 
+    def probes(
+        self, tasks: list[Task], seed: int, ours: list[int], bar: tqdm[Any]
+    ) -> list[tuple[Probe, str]]:
+        """Every task's probe in trial ``seed`` (see :meth:`probe`), in task order. This rank
+        trains or loads those of the task indices ``ours``; the other ranks' probes arrive as
+        weights and metadata through the process group."""
+        done: dict[int, tuple[Probe, str]] = {}
+
+        def work() -> list[tuple[int, dict[str, torch.Tensor], dict[str, Any], str]]:
+            for a in ours:
+                done[a] = self.probe(tasks[a], seed)
+                bar.update(1)
+            if world_size() == 1:
+                return []
+            return [
+                (a, {n: t.detach().cpu() for n, t in p.model.state_dict().items()}, p.metadata(), d)
+                for a, (p, d) in done.items()
+            ]
+
+        for shared in all_outcomes(f"training the probes of seed {seed}", work):
+            for a, state, meta, digest in shared:
+                if a not in done:
+                    done[a] = self._rebuild(tasks[a], seed, state, meta), digest
+        return [done[a] for a in range(len(tasks))]
+
+    def columns(
+        self,
+        tasks: list[Task],
+        seed: int,
+        probes: list[tuple[Probe, str]],
+        ours: list[int],
+        bar: tqdm[Any],
+    ) -> dict[int, torch.Tensor]:
+        """Columns d[:, b] of trial ``seed``, (K,) float64 each, for every target b: this rank
+        computes (or loads) the FIMs F[a, b] of the targets ``ours``; the other ranks send their
+        columns of distances, not their FIMs."""
+
+        def work() -> dict[int, torch.Tensor]:
+            columns = {}
+            for b in ours:
+                fims = []
+                for a, source in enumerate(tasks):
+                    fims.append(self.fim(probes[a], source, tasks[b], seed))
+                    bar.update(1)
+                for fim in fims:
+                    _check_same_structure(fims[b], fim)
+                columns[b] = frechet_distances(fims[b], fims).cpu()
+            return columns
+
+        shared = all_outcomes(f"computing the FIMs of seed {seed}", work)
+        return {b: column for part in shared for b, column in part.items()}
+
     def probe(self, task: Task, seed: int) -> tuple[Probe, str]:
         """The probe of ``task`` in trial ``seed`` and the content hash of its weights (part of
         the keys of the FIMs computed from it; empty without a cache)."""
@@ -309,30 +376,37 @@ class _Run:
         loaded = self.cache.load_state(path, key)
         if loaded is not None:
             state, meta, digest = loaded
-            model = make_probe(self.arch, tuple(meta["input_shape"]), self.head_width)
             try:
-                model.load_state_dict(state)
+                probe = self._rebuild(task, seed, state, meta)
             except RuntimeError as exc:
                 self.cache.reject(path, f"its weights do not fit probe {self.arch!r} ({exc})")
             else:
-                probe = Probe(
-                    model.to(self.device).eval(),
-                    self.arch,
-                    task.name,
-                    seed,
-                    tuple(meta["input_shape"]),
-                    self.head_width,
-                    meta["test_accuracy"],
-                    meta["val_accuracy"],
-                    meta["best_epoch"],
-                    self.epsilon,
-                    meta["train_seconds"],
-                )
                 warn_if_not_reached(probe)
                 return probe, digest
         trained = self._train(task, seed)
         return trained, self.cache.save_state(
             path, key, trained.model.state_dict(), trained.metadata()
+        )
+
+    def _rebuild(
+        self, task: Task, seed: int, state: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> Probe:
+        """The probe of ``task`` in trial ``seed`` from its weights and :meth:`Probe.metadata`
+        (RuntimeError when the weights do not fit the architecture)."""
+        model = make_probe(self.arch, tuple(meta["input_shape"]), self.head_width)
+        model.load_state_dict(state)
+        return Probe(
+            model.to(self.device).eval(),
+            self.arch,
+            task.name,
+            seed,
+            tuple(meta["input_shape"]),
+            self.head_width,
+            meta["test_accuracy"],
+            meta["val_accuracy"],
+            meta["best_epoch"],
+            self.epsilon,
+            meta["train_seconds"],
         )
 
     def _train(self, task: Task, seed: int) -> Probe:

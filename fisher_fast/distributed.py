@@ -1,0 +1,189 @@
+"""torch.distributed plumbing shared by the whole package: the process group, who is who, and
+sharing per-rank work so that all ranks fail together instead of hanging.
+
+Launch with torchrun (``torchrun --nproc-per-node 2 -m fisher_fast.cli distance ...``): it sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, and
+:func:`init_from_env` (or the :func:`process_group` context manager) turns them into a process
+group: gloo on CPU, nccl when CUDA is available. Every collective waits at most ``timeout``;
+initialise your own groups with a timeout too
+(``torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))``),
+otherwise a crashed rank leaves the others waiting for the backend's default (30 minutes for
+gloo, 10 for nccl, or forever with NCCL error handling disabled).
+
+Without a process group every function here describes a single process: rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=60)
+"""How long a rank waits at a collective for the others. Work between two collectives (e.g. one
+rank's share of probe trainings) must fit in it, so it is generous; a rank that raises never
+makes the others wait for it (see :func:`all_outcomes`)."""
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankError(RuntimeError):
+    """Work failed on one or more ranks; raised on every rank, naming the ranks that failed."""
+
+    def __init__(self, message: str, ranks: Sequence[int]) -> None:
+        super().__init__(message)
+        self.ranks = list(ranks)
+
+
+def is_initialized() -> bool:
+    """Whether torch.distributed is available and a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the default group (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the rank that prints, shows progress bars and writes final outputs."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the torchrun (or SLURM-style) environment variables of a process group are set."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def init_from_env(
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT, backend: str | None = None
+) -> bool:
+    """Initialise the default process group from torchrun's environment variables.
+
+    ``backend`` defaults to nccl when CUDA is available (each process then uses GPU
+    ``LOCAL_RANK``) and gloo otherwise. Does nothing when a group already exists or the
+    variables are not set. Returns True when this call created the group (the caller should
+    destroy it with ``torch.distributed.destroy_process_group()``; :func:`process_group` does).
+    """
+    if is_initialized() or not launched_by_torchrun():
+        return False
+    if not dist.is_available():
+        raise RuntimeError(
+            "torchrun's variables (RANK, WORLD_SIZE, ...) are set but this build of torch has no "
+            "torch.distributed; install a torch with distributed support or run a single process"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timeout)
+    return True
+
+
+@contextlib.contextmanager
+def process_group(
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT, backend: str | None = None
+) -> Iterator[None]:
+    """Run the body inside the torchrun process group (see :func:`init_from_env`), destroying
+    the group afterwards if this call created it. An exception in the body is re-raised as a
+    :class:`RankError` naming this rank (unless it already is one), so that torchrun's report
+    says which rank failed. Without torchrun's variables the body runs as a single process."""
+    created = init_from_env(timeout, backend)
+    try:
+        yield
+    except Exception as exc:
+        if world_size() > 1 and not isinstance(exc, RankError):
+            raise RankError(
+                f"rank {rank()} of {world_size()} failed: {type(exc).__name__}: {exc}", [rank()]
+            ) from exc
+        raise
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def all_outcomes(what: str, compute: Callable[[], T]) -> list[T]:
+    """Run ``compute()`` on this rank and return every rank's result, in rank order.
+
+    Results travel as pickled objects (``all_gather_object``), so keep them small and on the
+    CPU. Exceptions are exchanged too: when ``compute`` raises on any rank, every rank raises a
+    :class:`RankError` naming ``what`` and the failing ranks with their messages (the failing
+    rank chains its own exception), so no rank waits for a result that never comes. Without a
+    process group this is ``[compute()]``.
+    """
+    if world_size() == 1:
+        return [compute()]
+    result: Any = None
+    error: Exception | None = None
+    try:
+        result = compute()
+    except Exception as exc:
+        error = exc
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, (message, None if error else result))
+    failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
+    if failed:
+        if len(failed) == 1:
+            where, details = f"rank {failed[0][0]}", failed[0][1]
+        else:
+            where = f"ranks {', '.join(str(r) for r, _ in failed)}"
+            details = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        raise RankError(
+            f"{what} failed on {where} of {world_size()}: {details}", [r for r, _ in failed]
+        ) from error
+    return [value for _, value in gathered]
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """The items this rank handles when work is dealt round-robin: ``items[rank::world_size]``
+    (deterministic; all of them without a process group)."""
+    return list(items[rank() :: world_size()])
+
+
+def shard_range(n: int, rank_: int | None = None, world_size_: int | None = None) -> range:
+    """The contiguous block of ``range(n)`` that rank ``rank_`` of ``world_size_`` owns
+    (defaults: this process). Blocks differ in length by at most one and cover every index
+    exactly once, without the padding of ``DistributedSampler``; some may be empty."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world_size_ is None else world_size_
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is outside 0..{w - 1}")
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def shard(data: Any) -> Any:
+    """This rank's contiguous share of ``data`` (see :func:`shard_range`), for diag_fim's
+    ``distributed`` mode: a tensor (rows), a pair ``(X, y)`` (``y`` may be None) or a map-style
+    Dataset (a Subset; wrap it in your DataLoader). Unlike ``DistributedSampler``, which pads
+    the last shard with repeated samples when N is not a multiple of the world size, the shards
+    add up to the data exactly once, so the reduced FIM equals the single-process one.
+    """
+    if isinstance(data, torch.Tensor):
+        part = shard_range(data.shape[0])
+        return data[part.start : part.stop]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise ValueError(f"X has {x.shape[0]} samples but y has {y.shape[0]}")
+        part = shard_range(x.shape[0])
+        return x[part.start : part.stop], None if y is None else y[part.start : part.stop]
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return Subset(data, shard_range(len(data)))
+    raise TypeError(
+        f"shard takes a tensor, a pair (X, y) of tensors or a map-style Dataset with a length, "
+        f"got {type(data).__name__}"
+    )
