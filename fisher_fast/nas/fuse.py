@@ -15,14 +15,19 @@ FUSE and DARTS). Ties go to the incumbent, which is listed first.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from fisher_fast.nas.genotype import Genotype
+from fisher_fast.nas.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, search_key
 from fisher_fast.nas.mixture import Mixture
 from fisher_fast.nas.result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
@@ -85,6 +90,14 @@ class FuseConfig:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON values (the skeleton as a nested object). Inverse: :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FuseConfig:
+        return cls(**{**data, "skeleton": Skeleton(**data["skeleton"])})
+
 
 def fuse_search(
     space: SearchSpace,
@@ -94,59 +107,88 @@ def fuse_search(
     generator: torch.Generator,
     config: FuseConfig | None = None,
     build: NetworkBuilder | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    on_round: Callable[[Round], None] | None = None,
+    progress: bool = False,
 ) -> SearchResult:
     """Search ``space`` with FUSE on the training split ``train_data`` (inputs ``(N, C, H, W)``,
     labels ``0..num_classes-1``).
 
     ``generator`` seeds everything (the validation split, the sampled cells, each candidate's
-    initialisation, the batches): the same seed gives the same result on CPU. ``build`` turns a
-    genotype into a network (default: ``config.skeleton``'s
+    initialisation, each round's batches): the same seed gives the same result on CPU. ``build``
+    turns a genotype into a network (default: ``config.skeleton``'s
     :class:`~fisher_fast.nas.network.Network`); it runs under a seed drawn per candidate.
     ``result.steps`` counts candidate-steps (``K`` per mixture step), the budget unit of
     :func:`~fisher_fast.nas.random_search.random_search`. Raises what
     :meth:`SearchSpace.sample` raises when the space has fewer than ``K`` distinct cells.
+
+    ``checkpoint``: a JSON file written (atomically) after every finished round; when it
+    exists, the search resumes after its last round and ends exactly as an uninterrupted run
+    (same ``generator`` seed, data, space and settings; a mismatch is an error, see
+    :mod:`~fisher_fast.nas.checkpoint`). A custom ``build`` must be the same on resume.
+    ``on_round`` is called with each finished round, after its checkpoint is written.
     """
     config = config or FuseConfig()
     build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
     start = time.perf_counter()
+    key = search_key(space, train_data, num_classes, config, generator.get_state())
     weights_part, val_part = carve_validation(train_data, config.val_fraction, generator)
-    train_batches = batches(weights_part, config.batch_size, generator)
-    val_batches = batches(val_part, config.batch_size, generator)
+    path = None if checkpoint is None else Path(checkpoint)
+    resumed = None if path is None else load_checkpoint(path, key)
     history: list[Round] = []
-    incumbent: Genotype | None = None
-    for _ in range(config.rounds):
-        if history and _out_of_time(config, start):
+    spent = 0.0
+    if resumed is not None:
+        history, spent = list(resumed.rounds), resumed.seconds
+        generator.set_state(resumed.generator_state)
+    bar = tqdm(total=config.rounds, initial=len(history), desc="FUSE rounds", disable=not progress)
+    while len(history) < config.rounds:
+        if history and _out_of_time(config, spent + time.perf_counter() - start):
             break
-        kept = [] if incumbent is None else [incumbent]
-        cells = kept + space.sample(config.candidates + 1 - len(kept), generator, exclude=kept)
+        incumbent = [] if not history else [history[-1].candidates[history[-1].winner]]
+        cells = incumbent + space.sample(
+            config.candidates + 1 - len(incumbent), generator, exclude=incumbent
+        )
         mixture = Mixture([build_seeded(build, g, draw_seed(generator)) for g in cells])
-        steps, converged = _optimise(mixture, train_batches, val_batches, config)
+        round_batches = torch.Generator().manual_seed(draw_seed(generator))
+        steps, converged = _optimise(
+            mixture,
+            batches(weights_part, config.batch_size, round_batches),
+            batches(val_part, config.batch_size, round_batches),
+            config,
+        )
         weights = mixture.probabilities()
-        winner = int(weights.argmax())
         history.append(
             Round(
                 candidates=tuple(cells),
                 alphas=tuple(weights.tolist()),
-                winner=winner,
+                winner=int(weights.argmax()),
                 steps=steps,
                 converged=converged,
                 val_accuracy=evaluate(mixture, val_part, "cpu")[0],
             )
         )
-        incumbent = cells[winner]
-    assert incumbent is not None  # rounds >= 1, and the first round always runs
+        if path is not None:
+            state = Checkpoint(
+                key, tuple(history), generator.get_state(), spent + time.perf_counter() - start
+            )
+            save_checkpoint(path, state)
+        bar.update()
+        if on_round is not None:
+            on_round(history[-1])
+    bar.close()
+    last = history[-1]
     return SearchResult(
-        genotype=incumbent,
+        genotype=last.candidates[last.winner],
         history=tuple(history),
-        alphas=history[-1].alphas,
+        alphas=last.alphas,
         steps=sum(len(r.candidates) * r.steps for r in history),
-        seconds=time.perf_counter() - start,
+        seconds=spent + time.perf_counter() - start,
     )
 
 
-def _out_of_time(config: FuseConfig, start: float) -> bool:
+def _out_of_time(config: FuseConfig, elapsed: float) -> bool:
     budget = config.time_budget_s
-    return budget is not None and time.perf_counter() - start >= budget
+    return budget is not None and elapsed >= budget
 
 
 def _optimise(

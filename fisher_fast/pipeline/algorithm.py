@@ -1,0 +1,188 @@
+"""Algorithm 1 of the paper: task-aware architecture search for a new target task.
+
+1. Train the target's probe (the dictionary's architecture and schedule).
+2. Fréchet distance from every baseline to the target: each baseline probe's FIM and the
+   target probe's FIM on the same target inputs (Definition 4, the dictionary's Fisher kind).
+3. ``a* = argmin`` distance; the search space ``S_{a*}`` restricted to a*'s best cell.
+4. FUSE in ``S_{a*}`` on the target's training split (its validation part carved from it).
+5. Train the found cell once more from scratch and evaluate it once on the test split.
+
+The test split serves step 5 only. The distances use the target's validation split by default
+(``distance_split``; the paper's Definition 4 uses test data, which a search must not look at).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fisher_fast.distance import frechet_distances
+from fisher_fast.nas import (
+    Evaluation,
+    FuseConfig,
+    SearchResult,
+    SearchSpace,
+    fuse_search,
+    train_and_evaluate,
+)
+from fisher_fast.pipeline.dictionary import DictionaryError, TaskDictionary
+from fisher_fast.tasks.cache import write_json
+from fisher_fast.tasks.distances import task_fim
+from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.train import train_probe
+
+DEFAULT_FINAL_STEPS = 400
+"""Adam steps of the final training of a found cell (batch size from the FUSE setting)."""
+
+
+@dataclass(frozen=True)
+class ArchitectureReport:
+    """What :func:`search_architecture` found and what it cost.
+
+    ``distances`` maps each baseline to its Fréchet distance to the target (in [0, 1]);
+    ``closest`` is a*; ``space_size`` the number of cells of ``S_{a*}`` (``full_space_size``
+    that of the full space of the same node count); ``search`` the FUSE result; ``evaluation``
+    the final training's test accuracy, parameter count and seconds; ``*_seconds`` wall times.
+    """
+
+    target: str
+    distances: dict[str, float]
+    closest: str
+    baseline_genotype: str
+    space_size: int
+    full_space_size: int
+    search: SearchResult
+    evaluation: Evaluation
+    probe_seconds: float
+    distance_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of steps 1-4, the search cost reported in Table 1."""
+        return self.probe_seconds + self.distance_seconds + self.search.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "distances": self.distances,
+            "closest": self.closest,
+            "baseline_genotype": self.baseline_genotype,
+            "space_size": self.space_size,
+            "full_space_size": self.full_space_size,
+            "search": self.search.to_dict(),
+            "evaluation": self.evaluation._asdict(),
+            "probe_seconds": self.probe_seconds,
+            "distance_seconds": self.distance_seconds,
+            "search_seconds": self.seconds,
+        }
+
+
+def baseline_distances(
+    target: Task, dictionary: TaskDictionary, *, seed: int = 0, split: str = "val"
+) -> tuple[dict[str, float], float]:
+    """Steps 1-2: ({baseline: distance to ``target``}, seconds spent training the probe)."""
+    if len(dictionary) == 0:
+        raise DictionaryError(f"the task dictionary in {dictionary.root} has no baseline yet")
+    s = dictionary.settings
+    shape = tuple(target.splits().train.x.shape[1:])
+    if shape != s.input_shape or target.num_classes > s.head_width:
+        raise DictionaryError(
+            f"target {target.name!r} ({target.num_classes} classes, inputs {shape}) does not fit "
+            f"the dictionary's probes (inputs {s.input_shape}, {s.head_width} outputs)"
+        )
+    start = time.perf_counter()
+    probe = train_probe(
+        target, s.arch, epsilon=s.epsilon, seed=seed, config=s.train, head_width=s.head_width
+    )
+    probe_seconds = time.perf_counter() - start
+    reference = task_fim(probe, target, fisher=s.fisher, seed=seed, split=split)
+    others = [
+        task_fim(dictionary.load_probe(name), target, fisher=s.fisher, seed=seed, split=split)
+        for name in dictionary.names()
+    ]
+    values = frechet_distances(reference, others).tolist()
+    return dict(zip(dictionary.names(), values, strict=True)), probe_seconds
+
+
+def search_architecture(
+    target: Task,
+    dictionary: TaskDictionary,
+    *,
+    seed: int = 0,
+    config: FuseConfig | None = None,
+    final_steps: int = DEFAULT_FINAL_STEPS,
+    distance_split: str = "val",
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> ArchitectureReport:
+    """Run Algorithm 1 for ``target`` against ``dictionary`` (see module doc).
+
+    ``seed`` seeds the target probe and one generator for the search and the final training:
+    same seed, same report (on CPU). ``config`` defaults to the dictionary's FUSE setting. With
+    ``out``, the FUSE rounds are checkpointed to ``out/fuse.json`` (a rerun resumes them) and
+    the report is written to ``out/report.json``.
+    """
+    config = config or dictionary.settings.fuse
+    start = time.perf_counter()
+    distances, probe_seconds = baseline_distances(
+        target, dictionary, seed=seed, split=distance_split
+    )
+    distance_seconds = time.perf_counter() - start - probe_seconds
+    closest = min(distances, key=distances.__getitem__)
+    best = dictionary[closest].genotype
+    space = SearchSpace.restricted_to(best)
+    config = fit_candidates(config, space)
+    splits = target.splits()
+    generator = torch.Generator().manual_seed(seed)
+    folder = None if out is None else Path(out)
+    result = fuse_search(
+        space,
+        splits.train,
+        num_classes=target.num_classes,
+        generator=generator,
+        config=config,
+        checkpoint=None if folder is None else folder / "fuse.json",
+        progress=progress,
+    )
+    evaluation = train_and_evaluate(
+        result.genotype,
+        splits.train,
+        splits.test,
+        num_classes=target.num_classes,
+        steps=final_steps,
+        generator=generator,
+        config=config,
+    )
+    report = ArchitectureReport(
+        target=target.name,
+        distances=distances,
+        closest=closest,
+        baseline_genotype=best.to_string(),
+        space_size=space.size,
+        full_space_size=SearchSpace.full(best.nodes).size,
+        search=result,
+        evaluation=evaluation,
+        probe_seconds=probe_seconds,
+        distance_seconds=distance_seconds,
+    )
+    if folder is not None:
+        write_json(folder / "report.json", report.to_dict())
+    return report
+
+
+def fit_candidates(config: FuseConfig, space: SearchSpace) -> FuseConfig:
+    """``config`` with at most ``space.size - 1`` candidates per round: a round mixes the
+    incumbent with distinct other cells, so a small restricted space caps C. A space of one
+    cell is an error (there is nothing to search; its cell is the answer)."""
+    if space.size < 2:
+        raise ValueError(
+            f"the restricted space holds a single cell ({next(iter(space))}); it needs no search: "
+            "train it directly with fisher_fast.nas.train_and_evaluate"
+        )
+    return dataclasses.replace(config, candidates=min(config.candidates, space.size - 1))

@@ -1,0 +1,228 @@
+"""``fisher-fast dictionary build|list``, ``fisher-fast search`` and ``fisher-fast demo`` (the
+main job): Algorithm 1 from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fisher_fast.nas import FuseConfig
+from fisher_fast.pipeline.algorithm import DEFAULT_FINAL_STEPS, search_architecture
+from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
+from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
+from fisher_fast.pipeline.table import format_table
+from fisher_fast.tasks.cli import set_threads
+from fisher_fast.tasks.suites import SUITES, Suite, get_suite
+from fisher_fast.tasks.task import Task
+
+
+def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``dictionary``, ``search`` and ``demo`` on the CLI's subparsers."""
+    dictionary = sub.add_parser(
+        "dictionary",
+        help="the task dictionary of Algorithm 1: baseline tasks with their probes and best cells",
+    )
+    actions = dictionary.add_subparsers(dest="action", required=True)
+    build = actions.add_parser(
+        "build",
+        help="train each baseline's probe and search its best cell with FUSE in the full space",
+        description="Creates (or completes, after an interruption) a task dictionary: for every "
+        "task of the suite except --exclude, an ε-approximation probe and the best cell found "
+        "by FUSE in the full space of cells. Tasks already in the dictionary are kept.",
+    )
+    _suite_arguments(build)
+    build.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="task index or name to leave out (the future target); repeatable",
+    )
+    build.add_argument("--out", type=Path, required=True, metavar="DIR", help="dictionary folder")
+    build.add_argument("--nodes", type=int, default=4, choices=(3, 4), help="nodes per cell (4)")
+    _search_arguments(build)
+    build.set_defaults(run=_build)
+    listing = actions.add_parser("list", help="print the baselines of a dictionary")
+    listing.add_argument("dictionary", type=Path, metavar="DIR")
+    listing.set_defaults(run=_list)
+
+    search = sub.add_parser(
+        "search",
+        help="Algorithm 1 for a target task: closest baseline, its restricted space, FUSE",
+        description="Trains the target's probe, measures the Fréchet distance from every "
+        "baseline of the dictionary, restricts the space to the closest baseline's best cell, "
+        "searches it with FUSE, trains the found cell and tests it once. The FUSE rounds are "
+        "checkpointed in --out: rerunning an interrupted search resumes it.",
+    )
+    _suite_arguments(search)
+    search.add_argument("--target", required=True, metavar="TASK", help="task index or name")
+    search.add_argument("--dictionary", type=Path, required=True, metavar="DIR")
+    search.add_argument(
+        "--out", type=Path, metavar="DIR", help="run folder (default runs/search-<suite>-<target>)"
+    )
+    search.add_argument(
+        "--final-steps",
+        type=int,
+        default=DEFAULT_FINAL_STEPS,
+        metavar="N",
+        help=f"training steps of the found cell (default {DEFAULT_FINAL_STEPS})",
+    )
+    _search_arguments(search, defaults_from_dictionary=True)
+    search.set_defaults(run=_search)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: Algorithm 1 on the embedded digits, reported as the paper's Table 1",
+        description="Builds (or reuses) the dictionary of digits tasks 0, 1 and 3, finds the "
+        "closest to task 2, searches its restricted space with FUSE, and compares the found "
+        "cell with random search (same space, same budget), FUSE in the full space and the "
+        "hand-designed probes. Writes main-job.json and main-job.png into --out.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR")
+    demo.add_argument("--target", default="2", metavar="TASK", help="target task (default 2)")
+    _common_arguments(demo)
+    demo.set_defaults(run=_demo)
+
+
+def _suite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=list(SUITES), default="digits", help="task suite")
+    parser.add_argument(
+        "--data", type=Path, metavar="PATH", help="the suite's files (all suites but digits)"
+    )
+
+
+def _search_arguments(
+    parser: argparse.ArgumentParser, *, defaults_from_dictionary: bool = False
+) -> None:
+    def default(value: int) -> str:
+        return "the dictionary's setting" if defaults_from_dictionary else str(value)
+
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help=f"FUSE rounds (default {default(MAIN_JOB_FUSE.rounds)})",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        metavar="C",
+        help="cells sampled per FUSE round besides the incumbent "
+        f"(default {default(MAIN_JOB_FUSE.candidates)})",
+    )
+    _common_arguments(parser)
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _fuse(args: argparse.Namespace, base: FuseConfig) -> FuseConfig:
+    changes = {k: getattr(args, k) for k in ("rounds", "candidates") if getattr(args, k)}
+    return replace(base, **changes)
+
+
+def _pick(suite: Suite, ref: str) -> int:
+    """Index of the task named or numbered ``ref``."""
+    names = [t.name for t in suite.tasks]
+    if ref in names:
+        return names.index(ref)
+    if ref.isdigit() and int(ref) < len(names):
+        return int(ref)
+    listing = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
+    raise SystemExit(f"error: no task {ref!r} in suite {suite.name} ({listing})")
+
+
+def _build(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    suite = get_suite(args.suite, args.data)
+    set_threads(args.threads, suite.default_arch)
+    excluded = {_pick(suite, ref) for ref in args.exclude}
+    tasks = [t for i, t in enumerate(suite.tasks) if i not in excluded]
+    settings = DictionarySettings(
+        arch=suite.default_arch,
+        input_shape=tuple(tasks[0].splits().train.x.shape[1:]),
+        head_width=suite.head_width,
+        train=suite.train,
+        fuse=_fuse(args, MAIN_JOB_FUSE),
+        nodes=args.nodes,
+        epsilon=suite.epsilon,
+    )
+    dictionary = build_dictionary(
+        args.out, tasks, settings, seed=args.seed, progress=not args.quiet
+    )
+    _print_baselines(dictionary)
+    print(f"dictionary {args.out} ready in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    _print_baselines(TaskDictionary.open(args.dictionary))
+    return 0
+
+
+def _print_baselines(dictionary: TaskDictionary) -> None:
+    s = dictionary.settings
+    print(f"{len(dictionary)} baselines; probe {s.arch}, {s.nodes}-node cells, Fisher {s.fisher}")
+    for b in dictionary:
+        print(f"  {b.task}: {b.genotype}  (probe test accuracy {b.probe['test_accuracy']:.3f})")
+
+
+def _search(args: argparse.Namespace) -> int:
+    suite = get_suite(args.suite, args.data)
+    set_threads(args.threads, suite.default_arch)
+    target: Task = suite.tasks[_pick(suite, args.target)]
+    dictionary = TaskDictionary.open(args.dictionary)
+    out = args.out or Path("runs") / f"search-{suite.name}-{args.target}"
+    report = search_architecture(
+        target,
+        dictionary,
+        seed=args.seed,
+        config=_fuse(args, dictionary.settings.fuse),
+        final_steps=args.final_steps,
+        out=out,
+        progress=not args.quiet,
+    )
+    for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
+        print(f"d({name} -> {target.name}) = {d:.4f}{'  <- a*' if name == report.closest else ''}")
+    print(
+        f"restricted space: {report.space_size} cells of {report.full_space_size} "
+        f"(best cell of {report.closest!r}: {report.baseline_genotype})"
+    )
+    e = report.evaluation
+    print(
+        f"found {report.search.genotype} in {len(report.search.history)} rounds, "
+        f"{report.seconds:.1f} s; test accuracy {e.test_accuracy:.4f}, {e.parameters} parameters"
+    )
+    print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    suite = get_suite("digits")
+    set_threads(args.threads, suite.default_arch)
+    target = _pick(suite, args.target)
+    print(
+        f"Algorithm 1 on the embedded digits: target task {target} ({suite.tasks[target].name}); "
+        "baselines: the other tasks"
+    )
+    result = run_main_job(suite, target, args.out, seed=args.seed, progress=not args.quiet)
+    report = result.report
+    for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
+        print(f"  d({name} -> target) = {d:.4f}{'  <- a*' if name == report.closest else ''}")
+    print(
+        f"restricted space S_a*: {report.space_size} cells (the full space has "
+        f"{report.full_space_size}); search time includes the target probe and the distances"
+    )
+    print(format_table(result.rows))
+    for row in result.rows:
+        if row.genotype:
+            print(f"  {row.method}: {row.genotype}")
+    print(f"report: {result.json_path}, figure: {result.figure_path}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,360 @@
+"""The task dictionary of Algorithm 1: baseline tasks, each with its probe and its best cell.
+
+A dictionary is a directory::
+
+    dictionary.json                  format, versions, shared settings, one entry per task
+    probes/<task>.safetensors        the baseline's probe (weights; its SHA-256 is in the JSON)
+    searches/<task>.json             the FUSE checkpoint of the baseline's search (resumable)
+
+Every baseline shares one probe architecture (Definition 3: distances compare FIMs of the same
+network), one probe training schedule and one FUSE setting; they are fixed when the dictionary
+is created and stored in ``dictionary.json``. Each baseline's best cell is found by FUSE in the
+full space of cells. Writes are atomic (temporary file, then rename) and an entry is added to
+the JSON only after its probe file is complete, so an interrupted build leaves a valid
+dictionary of the tasks finished so far. Opening verifies the format, the version and every
+probe's checksum: a damaged or foreign dictionary is an error that names the file, and nothing
+is overwritten (adding a task that is already there is an error too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fisher_fast._version import __version__
+from fisher_fast.nas import FuseConfig, Genotype, SearchSpace, fuse_search
+from fisher_fast.tasks.cache import atomic_write, state_sha256, write_json
+from fisher_fast.tasks.probes import make_probe
+from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.train import TrainConfig, train_probe
+
+DICTIONARY_FORMAT = "fisher_fast.task_dictionary"
+DICTIONARY_VERSION = 1
+"""Bumped when the layout or the meaning of a field changes; older readers refuse newer files."""
+INDEX_FILE = "dictionary.json"
+
+
+class DictionaryError(ValueError):
+    """A task dictionary is missing, damaged, incompatible, or asked to overwrite an entry."""
+
+
+@dataclass(frozen=True)
+class DictionarySettings:
+    """What every baseline of a dictionary shares.
+
+    Args:
+        arch: probe architecture (a name of :data:`fisher_fast.tasks.PROBES`).
+        input_shape: ``(C, H, W)`` of the tasks' inputs.
+        head_width: probe output units (the largest class count of the baselines and targets).
+        train: how probes are trained.
+        fuse: the FUSE setting of the baselines' searches (and the default for a target's).
+        nodes: nodes per cell of the full space the baselines are searched in (3 or 4).
+        fisher: FIM kind of the distances (``"exact"`` needs no labels across tasks).
+        epsilon: the probes' ε (Definition 2; a warning when a probe misses it).
+    """
+
+    arch: str
+    input_shape: tuple[int, ...]
+    head_width: int
+    train: TrainConfig
+    fuse: FuseConfig
+    nodes: int = 4
+    fisher: str = "exact"
+    epsilon: float = 0.1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "input_shape": list(self.input_shape),
+            "head_width": self.head_width,
+            "train": self.train.as_dict(),
+            "fuse": self.fuse.as_dict(),
+            "nodes": self.nodes,
+            "fisher": self.fisher,
+            "epsilon": self.epsilon,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DictionarySettings:
+        return cls(
+            arch=data["arch"],
+            input_shape=tuple(data["input_shape"]),
+            head_width=int(data["head_width"]),
+            train=TrainConfig(**data["train"]),
+            fuse=FuseConfig.from_dict(data["fuse"]),
+            nodes=int(data["nodes"]),
+            fisher=data["fisher"],
+            epsilon=float(data["epsilon"]),
+        )
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One dictionary entry: the task's name, its best cell (found by FUSE in the full space),
+    its probe file and metadata, and the search's report (:meth:`SearchResult.to_dict`)."""
+
+    task: str
+    genotype: Genotype
+    probe_file: str
+    probe_sha256: str
+    probe: dict[str, Any]
+    search: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "genotype": self.genotype.to_string(),
+            "probe_file": self.probe_file,
+            "probe_sha256": self.probe_sha256,
+            "probe": self.probe,
+            "search": self.search,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        return cls(
+            task=data["task"],
+            genotype=Genotype.from_string(data["genotype"]),
+            probe_file=data["probe_file"],
+            probe_sha256=data["probe_sha256"],
+            probe=dict(data["probe"]),
+            search=dict(data["search"]),
+        )
+
+
+class TaskDictionary:
+    """Baseline tasks with their probes and best cells, stored in ``root`` (see module doc).
+
+    Create one with :meth:`create`, open an existing one with :meth:`open`; add baselines with
+    :meth:`add`. Iterating yields the :class:`Baseline` entries in the order they were added.
+    """
+
+    def __init__(
+        self, root: Path, settings: DictionarySettings, entries: dict[str, Baseline]
+    ) -> None:
+        self.root = root
+        self.settings = settings
+        self._entries = entries
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], settings: DictionarySettings) -> TaskDictionary:
+        """A new, empty dictionary in ``root`` (created; it must not hold a dictionary yet)."""
+        path = Path(root)
+        if (path / INDEX_FILE).exists():
+            raise DictionaryError(
+                f"{path} already holds a task dictionary; open it with TaskDictionary.open, or "
+                "choose another directory"
+            )
+        dictionary = cls(path, settings, {})
+        dictionary._write_index()
+        return dictionary
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> TaskDictionary:
+        """The dictionary in ``root``, verified: format, version and every probe's checksum."""
+        path = Path(root)
+        index = path / INDEX_FILE
+        if not index.exists():
+            raise DictionaryError(
+                f"no task dictionary in {path} ({INDEX_FILE} is missing); build one with "
+                "`fisher-fast dictionary build`"
+            )
+        try:
+            data = json.loads(index.read_text())
+            fmt, version = data["format"], data["version"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DictionaryError(
+                f"{index} is not a readable task dictionary ({type(exc).__name__}: {exc}); it is "
+                "damaged: restore it from a copy or build the dictionary again in a new directory"
+            ) from exc
+        if fmt != DICTIONARY_FORMAT:
+            raise DictionaryError(f"{index} is not a task dictionary (format {fmt!r})")
+        if version != DICTIONARY_VERSION:
+            raise DictionaryError(
+                f"{index} has format version {version}; this fisher_fast "
+                f"({__version__}) reads version {DICTIONARY_VERSION}: use the "
+                "fisher_fast version that wrote it, or build the dictionary again"
+            )
+        try:
+            settings = DictionarySettings.from_dict(data["settings"])
+            entries = {e["task"]: Baseline.from_dict(e) for e in data["tasks"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DictionaryError(
+                f"{index} has a malformed field ({type(exc).__name__}: {exc}); it is damaged: "
+                "restore it from a copy or build the dictionary again in a new directory"
+            ) from exc
+        dictionary = cls(path, settings, entries)
+        for entry in entries.values():
+            dictionary._read_probe_state(entry)
+        return dictionary
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Baseline]:
+        return iter(self._entries.values())
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._entries
+
+    def __getitem__(self, task: str) -> Baseline:
+        if task not in self._entries:
+            raise KeyError(f"no baseline {task!r} in {self.root}; it holds {self.names()}")
+        return self._entries[task]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def load_probe(self, task: str) -> nn.Module:
+        """Baseline ``task``'s probe, in eval mode, its weights verified against the checksum."""
+        s = self.settings
+        model = make_probe(s.arch, s.input_shape, s.head_width)
+        model.load_state_dict(self._read_probe_state(self[task]))
+        return model.eval()
+
+    def add(
+        self, task: Task, *, seed: int = 0, progress: bool = False, replace: bool = False
+    ) -> Baseline:
+        """Train ``task``'s probe, search its best cell with FUSE in the full space, store both.
+
+        ``seed`` seeds the probe; the search's generator is seeded by ``seed`` and the task's
+        name together (:func:`task_seed`), so baselines do not share their candidates. The search checkpoints each round under
+        ``searches/``, so an interrupted :meth:`add` of the same task resumes it. An existing
+        entry of the same name is an error unless ``replace`` is given.
+        """
+        s = self.settings
+        if task.name in self._entries and not replace:
+            raise DictionaryError(
+                f"{self.root} already has a baseline {task.name!r}; pass replace=True to replace "
+                "it, or add the task under another name"
+            )
+        splits = task.splits()
+        shape = tuple(splits.train.x.shape[1:])
+        if shape != s.input_shape or task.num_classes > s.head_width:
+            raise DictionaryError(
+                f"task {task.name!r} ({task.num_classes} classes, inputs {shape}) does not fit "
+                f"this dictionary (inputs {s.input_shape}, at most {s.head_width} classes)"
+            )
+        start = time.perf_counter()
+        probe = train_probe(
+            task, s.arch, epsilon=s.epsilon, seed=seed, config=s.train, head_width=s.head_width
+        )
+        slug = file_slug(task.name)
+        result = fuse_search(
+            SearchSpace.full(s.nodes),
+            splits.train,
+            num_classes=task.num_classes,
+            generator=torch.Generator().manual_seed(task_seed(seed, task.name)),
+            config=s.fuse,
+            checkpoint=self.root / "searches" / f"{slug}.json",
+            progress=progress,
+        )
+        probe_file = f"probes/{slug}.safetensors"
+        digest = self._write_probe(probe_file, probe.model.state_dict())
+        entry = Baseline(
+            task=task.name,
+            genotype=result.genotype,
+            probe_file=probe_file,
+            probe_sha256=digest,
+            probe={**probe.metadata(), "seconds": time.perf_counter() - start},
+            search=result.to_dict(),
+        )
+        self._entries[task.name] = entry
+        self._write_index()
+        return entry
+
+    def check_compatible(self, settings: DictionarySettings) -> None:
+        """Raise unless this dictionary was built with ``settings`` (to extend it safely)."""
+        if settings != self.settings:
+            mine, theirs = self.settings.as_dict(), settings.as_dict()
+            differ = sorted(k for k in mine if mine[k] != theirs[k])
+            raise DictionaryError(
+                f"{self.root} was built with other settings ({', '.join(differ)} differ: "
+                f"{[mine[k] for k in differ]} there, {[theirs[k] for k in differ]} asked); "
+                "build into another directory, or use the same settings"
+            )
+
+    def _write_probe(self, relative: str, state: dict[str, torch.Tensor]) -> str:
+        from safetensors.torch import save_file
+
+        tensors = {n: t.detach().cpu().contiguous() for n, t in state.items()}
+        path = self.root / relative
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        return state_sha256(tensors)
+
+    def _read_probe_state(self, entry: Baseline) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.root / entry.probe_file
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise DictionaryError(
+                f"the probe of baseline {entry.task!r} ({path}) cannot be read "
+                f"({type(exc).__name__}: {exc}); re-add the task with replace=True or rebuild"
+            ) from exc
+        if state_sha256(state) != entry.probe_sha256:
+            raise DictionaryError(
+                f"the probe of baseline {entry.task!r} ({path}) does not match its checksum in "
+                f"{self.root / INDEX_FILE}: the file is damaged; re-add the task with "
+                "replace=True or rebuild the dictionary"
+            )
+        return state
+
+    def _write_index(self) -> None:
+        write_json(
+            self.root / INDEX_FILE,
+            {
+                "format": DICTIONARY_FORMAT,
+                "version": DICTIONARY_VERSION,
+                "fisher_fast": __version__,
+                "torch": torch.__version__,
+                "settings": self.settings.as_dict(),
+                "tasks": [e.as_dict() for e in self._entries.values()],
+            },
+        )
+
+
+def build_dictionary(
+    root: str | os.PathLike[str],
+    tasks: Sequence[Task],
+    settings: DictionarySettings,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> TaskDictionary:
+    """Create the dictionary in ``root``, or open it (its settings must be ``settings``), and
+    add every task of ``tasks`` it does not hold yet: running it again after an interruption
+    finishes the job, and running it on a complete dictionary only verifies it."""
+    path = Path(root)
+    if (path / INDEX_FILE).exists():
+        dictionary = TaskDictionary.open(path)
+        dictionary.check_compatible(settings)
+    else:
+        dictionary = TaskDictionary.create(path, settings)
+    missing = [t for t in tasks if t.name not in dictionary]
+    for task in tqdm(missing, desc="baseline tasks", disable=not progress or not missing):
+        dictionary.add(task, seed=seed, progress=progress)
+    return dictionary
+
+
+def task_seed(seed: int, name: str) -> int:
+    """A 62-bit seed for one task's search, from the run's ``seed`` and the task's name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 2
+
+
+def file_slug(name: str) -> str:
+    """A file-name-safe, collision-free form of a task name (readable part + short hash)."""
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "task"
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"

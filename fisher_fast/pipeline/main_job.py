@@ -1,0 +1,200 @@
+"""The main job: Algorithm 1 end to end on a suite, reported in the form of the paper's Table 1.
+
+For a target task and the suite's other tasks as baselines: build (or reuse) the task
+dictionary, run :func:`~fisher_fast.pipeline.algorithm.search_architecture`, then, for
+comparison on the same target with the same seed,
+
+* random search in the same restricted space with the same budget (candidate-steps),
+* FUSE in the full space with the same setting (the paper's central claim is that the
+  restricted space is the better place to search),
+* the hand-designed probes trained directly on the target,
+
+and print one table (test accuracy, parameters in millions, search seconds) with the report
+written to ``out`` as JSON and a figure. Everything but the dictionary is recomputed on a rerun,
+except the FUSE rounds, which are checkpointed and resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fisher_fast.nas import (
+    FuseConfig,
+    Genotype,
+    SearchSpace,
+    fuse_search,
+    random_search,
+    train_and_evaluate,
+)
+from fisher_fast.pipeline.algorithm import (
+    DEFAULT_FINAL_STEPS,
+    ArchitectureReport,
+    fit_candidates,
+    search_architecture,
+)
+from fisher_fast.pipeline.dictionary import DictionarySettings, build_dictionary
+from fisher_fast.pipeline.table import Row, plot_report
+from fisher_fast.tasks.cache import write_json
+from fisher_fast.tasks.probes import SMALL_PROBES
+from fisher_fast.tasks.suites import Suite
+from fisher_fast.tasks.train import train_probe
+
+MAIN_JOB_FUSE = FuseConfig(candidates=3, rounds=4, max_steps=60)
+"""The main job's FUSE setting: four rounds of four mixed candidates, at most 60 steps each."""
+
+
+@dataclass(frozen=True)
+class MainJobResult:
+    """The Table 1 rows, the Algorithm 1 report, and where the files went."""
+
+    rows: tuple[Row, ...]
+    report: ArchitectureReport
+    json_path: Path
+    figure_path: Path
+
+
+def run_main_job(
+    suite: Suite,
+    target: int,
+    out: str | os.PathLike[str],
+    *,
+    baselines: Sequence[int] | None = None,
+    seed: int = 0,
+    config: FuseConfig = MAIN_JOB_FUSE,
+    nodes: int = 4,
+    final_steps: int = DEFAULT_FINAL_STEPS,
+    progress: bool = True,
+) -> MainJobResult:
+    """Run the pipeline for ``suite.tasks[target]`` with the tasks ``baselines`` (default: all
+    others) as the dictionary, in the run directory ``out`` (see module doc)."""
+    if not 0 <= target < len(suite.tasks):
+        raise ValueError(f"target must be a task index 0..{len(suite.tasks) - 1}, got {target}")
+    others = [i for i in range(len(suite.tasks)) if i != target] if baselines is None else baselines
+    if target in others or not others:
+        raise ValueError(f"the baselines {list(others)} must be non-empty and exclude the target")
+    root = Path(out)
+    task = suite.tasks[target]
+    settings = DictionarySettings(
+        arch=suite.default_arch,
+        input_shape=tuple(task.splits().train.x.shape[1:]),
+        head_width=suite.head_width,
+        train=suite.train,
+        fuse=config,
+        nodes=nodes,
+        epsilon=suite.epsilon,
+    )
+    start = time.perf_counter()
+    dictionary = build_dictionary(
+        root / "dictionary",
+        [suite.tasks[i] for i in others],
+        settings,
+        seed=seed,
+        progress=progress,
+    )
+    dictionary_seconds = time.perf_counter() - start
+    report = search_architecture(
+        task, dictionary, seed=seed, final_steps=final_steps, out=root / "search", progress=progress
+    )
+    rows = [
+        Row(
+            f"FUSE in S_a* (closest baseline: {report.closest})",
+            report.evaluation.test_accuracy,
+            report.evaluation.parameters,
+            report.seconds,
+            report.search.genotype.to_string(),
+        ),
+        *_same_budget_rows(suite, target, report, root, seed, config, final_steps, progress),
+        *_probe_rows(suite, target, seed),
+    ]
+    summary: dict[str, Any] = {
+        "suite": suite.name,
+        "target": task.name,
+        "baselines": [suite.tasks[i].name for i in others],
+        "seed": seed,
+        "dictionary_seconds": dictionary_seconds,
+        "algorithm1": report.to_dict(),
+        "table": [r._asdict() for r in rows],
+    }
+    json_path, figure_path = root / "main-job.json", root / "main-job.png"
+    write_json(json_path, summary)
+    plot_report(rows, report.distances, report.closest, figure_path)
+    return MainJobResult(tuple(rows), report, json_path, figure_path)
+
+
+def _same_budget_rows(
+    suite: Suite,
+    target: int,
+    report: ArchitectureReport,
+    root: Path,
+    seed: int,
+    config: FuseConfig,
+    final_steps: int,
+    progress: bool,
+) -> list[Row]:
+    """Random search in S_a* and FUSE in the full space, each with the budget FUSE spent in
+    S_a*, each winner trained and tested like the found cell."""
+    splits = suite.tasks[target].splits()
+    restricted = SearchSpace.restricted_to(Genotype.from_string(report.baseline_genotype))
+    classes = suite.tasks[target].num_classes
+    rows = []
+    generator = torch.Generator().manual_seed(seed)
+    rnd = random_search(
+        restricted,
+        splits.train,
+        num_classes=classes,
+        budget=report.search.steps,
+        generator=generator,
+        config=fit_candidates(config, restricted),
+    )
+    full = SearchSpace.full(report.search.genotype.nodes)
+    full_generator = torch.Generator().manual_seed(seed)
+    fuse_full = fuse_search(
+        full,
+        splits.train,
+        num_classes=classes,
+        generator=full_generator,
+        config=config,
+        checkpoint=root / "full-space" / "fuse.json",
+        progress=progress,
+    )
+    for name, result, gen in (
+        ("random search in S_a*, same budget", rnd, generator),
+        ("FUSE in the full space, same setting", fuse_full, full_generator),
+    ):
+        evaluation = train_and_evaluate(
+            result.genotype,
+            splits.train,
+            splits.test,
+            num_classes=classes,
+            steps=final_steps,
+            generator=gen,
+            config=config,
+        )
+        rows.append(
+            Row(
+                name,
+                evaluation.test_accuracy,
+                evaluation.parameters,
+                result.seconds,
+                result.genotype.to_string(),
+            )
+        )
+    return rows
+
+
+def _probe_rows(suite: Suite, target: int, seed: int) -> list[Row]:
+    """The hand-designed small probes trained on the target (no search: search seconds 0)."""
+    task = suite.tasks[target]
+    rows = []
+    for arch in SMALL_PROBES:
+        probe = train_probe(task, arch, epsilon=suite.epsilon, seed=seed, config=suite.train)
+        parameters = sum(p.numel() for p in probe.model.parameters())
+        rows.append(Row(f"hand-designed {arch}", probe.test_accuracy, parameters, 0.0, ""))
+    return rows
