@@ -105,14 +105,35 @@ def process_group(
     try:
         yield
     except Exception as exc:
-        if world_size() > 1 and not isinstance(exc, RankError):
-            raise RankError(
-                f"rank {rank()} of {world_size()} failed: {type(exc).__name__}: {exc}", [rank()]
-            ) from exc
-        raise
+        if world_size() == 1 or isinstance(exc, RankError):
+            raise
+        message = f"{type(exc).__name__}: {exc}"
+        others = _record_failure(message)
+        if not others:
+            raise RankError(f"rank {rank()} of {world_size()} failed: {message}", [rank()]) from exc
+        first = min(others)
+        raise RankError(
+            f"rank {rank()} of {world_size()} stopped because rank {first} failed: "
+            f"{others[first]} (on rank {rank()}: {message})",
+            sorted(others),
+        ) from exc
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _record_failure(message: str) -> dict[int, str]:
+    """Leave this rank's failure in the process group's key-value store and return those the
+    other ranks left there: a rank that stops because another one vanished (a collective ends
+    with "connection reset by peer") can then name the rank that failed first. Best effort:
+    the store may be gone with the process that hosted it."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"fisher_fast/failed/{rank()}", message)
+        keys = {r: f"fisher_fast/failed/{r}" for r in range(world_size()) if r != rank()}
+        return {r: store.get(k).decode() for r, k in keys.items() if store.check([k])}
+    except Exception:
+        return {}
 
 
 def all_outcomes(what: str, compute: Callable[[], T]) -> list[T]:

@@ -140,7 +140,10 @@ def test_crash_outside_a_collective_names_the_rank_and_does_not_hang(tmp_path: P
     outcomes = run_ranks(crash_on_rank_1, 2, tmp_path)
     assert time.perf_counter() - start < TIMEOUT.total_seconds()
     assert outcomes[1].error == "RankError: rank 1 of 2 failed: ValueError: simulated failure"
-    assert outcomes[0].error is not None and outcomes[0].error.startswith("RankError: rank 0 of 2")
+    assert outcomes[0].error is not None
+    assert outcomes[0].error.startswith(
+        "RankError: rank 0 of 2 stopped because rank 1 failed: ValueError: simulated failure"
+    )
 
 
 def test_helpers_without_a_process_group() -> None:
