@@ -7,6 +7,9 @@
 4. FUSE in ``S_{a*}`` on the target's training split (its validation part carved from it).
 5. Train the found cell once more from scratch and evaluate it once on the test split.
 
+a*'s structure may admit a single cell (one live edge, one operation); that cell is then the
+answer without a search (no rounds, no steps).
+
 The test split serves step 5 only. The distances use the target's validation split by default
 (``distance_split``; the paper's Definition 4 uses test data, which a search must not look at).
 """
@@ -137,19 +140,21 @@ def search_architecture(
     closest = min(distances, key=distances.__getitem__)
     best = dictionary[closest].genotype
     space = SearchSpace.restricted_to(best)
-    config = fit_candidates(config, space)
     splits = target.splits()
     generator = torch.Generator().manual_seed(seed)
     folder = None if out is None else Path(out)
-    result = fuse_search(
-        space,
-        splits.train,
-        num_classes=target.num_classes,
-        generator=generator,
-        config=config,
-        checkpoint=None if folder is None else folder / "fuse.json",
-        progress=progress,
-    )
+    if space.size == 1:  # nothing to choose: the baseline's structure admits one cell
+        result = SearchResult(next(iter(space)), history=(), alphas=(1.0,), steps=0, seconds=0.0)
+    else:
+        result = fuse_search(
+            space,
+            splits.train,
+            num_classes=target.num_classes,
+            generator=generator,
+            config=fit_candidates(config, space),
+            checkpoint=None if folder is None else folder / "fuse.json",
+            progress=progress,
+        )
     evaluation = train_and_evaluate(
         result.genotype,
         splits.train,
@@ -178,11 +183,5 @@ def search_architecture(
 
 def fit_candidates(config: FuseConfig, space: SearchSpace) -> FuseConfig:
     """``config`` with at most ``space.size - 1`` candidates per round: a round mixes the
-    incumbent with distinct other cells, so a small restricted space caps C. A space of one
-    cell is an error (there is nothing to search; its cell is the answer)."""
-    if space.size < 2:
-        raise ValueError(
-            f"the restricted space holds a single cell ({next(iter(space))}); it needs no search: "
-            "train it directly with fisher_fast.nas.train_and_evaluate"
-        )
-    return dataclasses.replace(config, candidates=min(config.candidates, space.size - 1))
+    incumbent with distinct other cells, so a small restricted space caps C (at least 1)."""
+    return dataclasses.replace(config, candidates=max(1, min(config.candidates, space.size - 1)))

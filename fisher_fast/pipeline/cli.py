@@ -42,6 +42,9 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--out", type=Path, required=True, metavar="DIR", help="dictionary folder")
     build.add_argument("--nodes", type=int, default=4, choices=(3, 4), help="nodes per cell (4)")
+    build.add_argument(
+        "--epochs", type=int, metavar="N", help="probe training epochs (default: the suite's)"
+    )
     _search_arguments(build)
     build.set_defaults(run=_build)
     listing = actions.add_parser("list", help="print the baselines of a dictionary")
@@ -112,6 +115,12 @@ def _search_arguments(
         help="cells sampled per FUSE round besides the incumbent "
         f"(default {default(MAIN_JOB_FUSE.candidates)})",
     )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help=f"cap on the steps of one FUSE round (default {default(MAIN_JOB_FUSE.max_steps)})",
+    )
     _common_arguments(parser)
 
 
@@ -122,7 +131,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fuse(args: argparse.Namespace, base: FuseConfig) -> FuseConfig:
-    changes = {k: getattr(args, k) for k in ("rounds", "candidates") if getattr(args, k)}
+    names = ("rounds", "candidates", "max_steps")
+    changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     return replace(base, **changes)
 
 
@@ -147,7 +157,7 @@ def _build(args: argparse.Namespace) -> int:
         arch=suite.default_arch,
         input_shape=tuple(tasks[0].splits().train.x.shape[1:]),
         head_width=suite.head_width,
-        train=suite.train,
+        train=suite.train if args.epochs is None else replace(suite.train, epochs=args.epochs),
         fuse=_fuse(args, MAIN_JOB_FUSE),
         nodes=args.nodes,
         epsilon=suite.epsilon,

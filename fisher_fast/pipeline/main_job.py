@@ -145,14 +145,16 @@ def _same_budget_rows(
     classes = suite.tasks[target].num_classes
     rows = []
     generator = torch.Generator().manual_seed(seed)
-    rnd = random_search(
-        restricted,
-        splits.train,
-        num_classes=classes,
-        budget=report.search.steps,
-        generator=generator,
-        config=fit_candidates(config, restricted),
-    )
+    rnd = report.search  # a space of one cell: nothing to search, as for FUSE
+    if report.search.steps:
+        rnd = random_search(
+            restricted,
+            splits.train,
+            num_classes=classes,
+            budget=report.search.steps,
+            generator=generator,
+            config=fit_candidates(config, restricted),
+        )
     full = SearchSpace.full(report.search.genotype.nodes)
     full_generator = torch.Generator().manual_seed(seed)
     fuse_full = fuse_search(
