@@ -6,6 +6,7 @@ search, the full space and hand-designed networks (:func:`run_main_job`)."""
 from fisher_fast.pipeline.algorithm import (
     ArchitectureReport,
     baseline_distances,
+    closest_baseline,
     search_architecture,
 )
 from fisher_fast.pipeline.dictionary import (
@@ -28,6 +29,7 @@ __all__ = [
     "TaskDictionary",
     "baseline_distances",
     "build_dictionary",
+    "closest_baseline",
     "format_table",
     "run_main_job",
     "search_architecture",

@@ -113,6 +113,11 @@ def baseline_distances(
     return dict(zip(dictionary.names(), values, strict=True)), probe_seconds
 
 
+def closest_baseline(distances: dict[str, float]) -> str:
+    """a* = argmin of the distances (ties: the baseline added first)."""
+    return min(distances, key=distances.__getitem__)
+
+
 def search_architecture(
     target: Task,
     dictionary: TaskDictionary,
@@ -137,7 +142,7 @@ def search_architecture(
         target, dictionary, seed=seed, split=distance_split
     )
     distance_seconds = time.perf_counter() - start - probe_seconds
-    closest = min(distances, key=distances.__getitem__)
+    closest = closest_baseline(distances)
     best = dictionary[closest].genotype
     space = SearchSpace.restricted_to(best)
     splits = target.splits()

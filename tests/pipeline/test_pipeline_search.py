@@ -130,6 +130,7 @@ def test_main_job_writes_table_1(tmp_path: Path) -> None:
     assert index.stat().st_mtime_ns == stamp  # the dictionary is reused, not rebuilt
 
 
+@pytest.mark.filterwarnings("ignore::fisher_fast.tasks.EpsilonWarning")  # one-epoch probes
 def test_cli_builds_lists_and_searches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fisher_fast.cli import main
 
