@@ -14,4 +14,13 @@ TORCH_LIBRARY(fisher_fast, m) {
   // g: (N, B, T, O), x: (N, B, T, I), same dtype and device; B independent blocks (groups).
   // Returns (B, O, I) in acc_dtype (float32 or float64). Per-sample products are never stored.
   m.def("per_sample_sq_sum(Tensor g, Tensor x, ScalarType acc_dtype) -> Tensor");
+
+  // Sum over samples of the squared per-sample weight gradients of a 2-D convolution (CPU only):
+  // out[b] = sum_n (G[n,b] U[n,b]^T)^2 with U the im2col patches of x, never materialised.
+  // x: (N, C, H, W) layer input, g: (N, O, Ho, Wo) output gradient, same dtype; padding: zero
+  // rows/columns before the input (entries past its end read as zero, so Ho, Wo fix the rest).
+  // Returns (groups, O/groups, C/groups * kernel_h * kernel_w) in acc_dtype (float32 or float64).
+  m.def(
+      "conv2d_sq_sum(Tensor x, Tensor g, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, ScalarType acc_dtype) -> Tensor");
 }

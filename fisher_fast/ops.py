@@ -40,6 +40,27 @@ def per_sample_sq_sum(
     return _op("per_sample_sq_sum")(g, x, acc_dtype)
 
 
+def conv2d_sq_sum(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    acc_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Sum over samples of a 2-D convolution's squared per-sample weight gradients (CPU only).
+
+    x: (N, C, H, W) layer input, g: (N, O, Ho, Wo) gradient at the layer output. ``padding``
+    counts the zero rows and columns before the input; entries past its end read as zero.
+    Returns (groups, O/groups, C/groups * kh * kw) in ``acc_dtype``; no im2col tensor is built.
+    """
+    return _op("conv2d_sq_sum")(
+        x, g, list(kernel_size), list(stride), list(padding), list(dilation), groups, acc_dtype
+    )
+
+
 if _library.is_loaded():
 
     @torch.library.register_fake("fisher_fast::frechet_sums")
@@ -55,3 +76,18 @@ if _library.is_loaded():
     ) -> torch.Tensor:
         torch._check(g.dim() == 4 and x.dim() == 4, lambda: "g and x must be 4-D")
         return g.new_empty((g.shape[1], g.shape[3], x.shape[3]), dtype=acc_dtype)
+
+    @torch.library.register_fake("fisher_fast::conv2d_sq_sum")
+    def _conv2d_sq_sum_fake(
+        x: torch.Tensor,
+        g: torch.Tensor,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        acc_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        torch._check(x.dim() == 4 and g.dim() == 4, lambda: "x and g must be 4-D")
+        columns = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+        return x.new_empty((groups, g.shape[1] // groups, columns), dtype=acc_dtype)

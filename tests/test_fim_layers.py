@@ -122,7 +122,14 @@ SETTINGS = [
         lambda: nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=2),
         _x(2, 11),
     ),
+    Setting(
+        "conv1d-same-replicate",
+        lambda: nn.Conv1d(2, 3, 4, padding="same", padding_mode="replicate"),
+        _x(2, 7),
+    ),
     Setting("conv2d", lambda: nn.Conv2d(3, 4, 3, padding=1), _x(3, 6, 6)),
+    Setting("conv2d-1x1", lambda: nn.Conv2d(5, 3, 1), _x(5, 4, 3)),
+    Setting("conv2d-1x1-stride2", lambda: nn.Conv2d(3, 4, 1, stride=2, bias=False), _x(3, 5, 5)),
     Setting(
         "conv2d-stride2-rect",
         lambda: nn.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0)),

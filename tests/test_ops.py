@@ -4,8 +4,11 @@ torch.library.opcheck, and torch.compile.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_fim
 
 from fisher_fast import frechet_distance, ops
@@ -181,6 +184,135 @@ def test_per_sample_sq_sum_input_checks() -> None:
         ops.per_sample_sq_sum(g, x, torch.float16)
 
 
+# conv2d_sq_sum (CPU only)
+
+
+class ConvCase(NamedTuple):
+    """A 2-D convolution's geometry and batch: x (n, c, h, w), output gradient (n, out, ...)."""
+
+    n: int
+    c: int
+    hw: tuple[int, int]
+    out: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+# 3x3 same-size, 1x1 (the input is the patch matrix), strides, dilation, groups, depthwise, padding
+# wider than the kernel reach, one sample, and a batch large enough for several tiles and threads.
+CONV_CASES = [
+    ConvCase(5, 3, (8, 8), 4, (3, 3), padding=(1, 1)),
+    ConvCase(3, 5, (4, 6), 7, (1, 1)),
+    ConvCase(4, 3, (7, 7), 2, (1, 1), stride=(2, 2)),
+    ConvCase(4, 6, (9, 7), 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+    ConvCase(6, 8, (6, 6), 8, (3, 3), stride=(2, 2), padding=(2, 1), dilation=(2, 1), groups=8),
+    ConvCase(2, 2, (3, 3), 3, (2, 2), padding=(3, 2)),
+    ConvCase(1, 2, (5, 1), 3, (3, 1), padding=(1, 0)),
+    ConvCase(70, 40, (6, 6), 48, (3, 3), padding=(1, 1)),
+]
+
+
+def conv_inputs(
+    case: ConvCase, dtype: torch.dtype, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random x and a random gradient with the shape of the convolution's output."""
+    x = torch.randn(case.n, case.c, *case.hw, generator=gen)
+    weight = torch.zeros(case.out, case.c // case.groups, *case.kernel)
+    y = F.conv2d(x, weight, None, case.stride, case.padding, case.dilation, case.groups)
+    return x.to(dtype), torch.randn(y.shape, generator=gen).to(dtype)
+
+
+def conv_args(case: ConvCase) -> tuple:
+    return case.kernel, case.stride, case.padding, case.dilation, case.groups
+
+
+def reference_conv2d_sq_sum(x: torch.Tensor, g: torch.Tensor, case: ConvCase) -> torch.Tensor:
+    """Per-sample weight gradients from float64 autograd, squared and summed."""
+    weight = torch.zeros(case.out, case.c // case.groups, *case.kernel, dtype=torch.float64)
+    total = torch.zeros_like(weight)
+    for xi, gi in zip(x.double(), g.double(), strict=True):
+        w = weight.clone().requires_grad_()
+        y = F.conv2d(xi[None], w, None, case.stride, case.padding, case.dilation, case.groups)
+        (grad,) = torch.autograd.grad(y, w, gi[None])
+        total += grad.square()
+    return total.reshape(case.groups, case.out // case.groups, -1)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize(
+    "dtype, acc_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+)
+def test_conv2d_sq_sum_matches_reference(
+    case: ConvCase, dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    x, g = conv_inputs(case, dtype, gen)
+    got = ops.conv2d_sq_sum(x, g, *conv_args(case), acc_dtype)
+    assert got.dtype == acc_dtype
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), reference_conv2d_sq_sum(x, g, case), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_conv2d_sq_sum_independent_of_threads(threads: int, gen: torch.Generator) -> None:
+    case = CONV_CASES[-1]
+    x, g = conv_inputs(case, torch.float64, gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = ops.conv2d_sq_sum(x, g, *conv_args(case), torch.float64)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, reference_conv2d_sq_sum(x, g, case), rtol=1e-12, atol=0)
+
+
+def test_conv2d_sq_sum_non_contiguous_inputs(gen: torch.Generator) -> None:
+    case = CONV_CASES[0]
+    x, g = conv_inputs(case, torch.float32, gen)
+    channels_last = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        ops.conv2d_sq_sum(channels_last, g, *conv_args(case)),
+        ops.conv2d_sq_sum(x, g, *conv_args(case)),
+        rtol=1e-6,
+        atol=0,
+    )
+
+
+def test_conv2d_sq_sum_of_no_samples() -> None:
+    got = ops.conv2d_sq_sum(
+        torch.zeros(0, 4, 5, 5), torch.zeros(0, 6, 3, 3), (3, 3), (1, 1), (0, 0), (1, 1), 2
+    )
+    assert got.shape == (2, 3, 18)
+    assert not got.any()
+
+
+def test_conv2d_sq_sum_input_checks() -> None:
+    x, g = torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3)
+    geometry = ((3, 3), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(RuntimeError, match=r"x and g must be 4-D \(N, C, H, W\)"):
+        ops.conv2d_sq_sum(x[0], g[0], *geometry, 1)
+    with pytest.raises(RuntimeError, match="must have the same number of samples"):
+        ops.conv2d_sq_sum(x, g[:1], *geometry, 1)
+    with pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
+        ops.conv2d_sq_sum(x.long(), g.long(), *geometry, 1)
+    with pytest.raises(RuntimeError, match="x and g must share one dtype"):
+        ops.conv2d_sq_sum(x, g.double(), *geometry, 1)
+    with pytest.raises(RuntimeError, match=r"groups \(3\) must divide"):
+        ops.conv2d_sq_sum(x, g, *geometry, 3)
+    with pytest.raises(RuntimeError, match="must be positive and padding nonnegative"):
+        ops.conv2d_sq_sum(x, g, (3, 3), (0, 1), (0, 0), (1, 1), 1)
+    with pytest.raises(RuntimeError, match="acc_dtype must be float32 or float64, got Half"):
+        ops.conv2d_sq_sum(x, g, *geometry, 1, torch.float16)
+
+
 # Operator registration: schema, fake (meta) implementations, torch.compile
 
 
@@ -216,6 +348,20 @@ def test_opcheck_per_sample_sq_sum(gen: torch.Generator, device: str) -> None:
     ]:
         g, x = per_sample_inputs(shape, dtype, gen, device)
         torch.library.opcheck(torch.ops.fisher_fast.per_sample_sq_sum.default, (g, x, acc))
+
+
+def test_opcheck_conv2d_sq_sum(gen: torch.Generator) -> None:
+    for case, dtype, acc in [
+        (CONV_CASES[0], torch.float32, torch.float32),
+        (CONV_CASES[3], torch.float64, torch.float64),
+        (CONV_CASES[1], torch.bfloat16, torch.float32),
+    ]:
+        x, g = conv_inputs(case, dtype, gen)
+        kernel, stride, padding, dilation, groups = conv_args(case)
+        torch.library.opcheck(
+            torch.ops.fisher_fast.conv2d_sq_sum.default,
+            (x, g, list(kernel), list(stride), list(padding), list(dilation), groups, acc),
+        )
 
 
 def test_compile_sums_and_distances_fullgraph(gen: torch.Generator, device: str) -> None:

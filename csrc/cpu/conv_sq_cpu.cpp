@@ -1,0 +1,163 @@
+// CPU kernel of fisher_fast::conv2d_sq_sum: out[b] = sum_n (G[n,b] U[n,b]ᵀ)^2, the squared
+// per-sample weight gradients of a 2-D convolution, without an im2col tensor of the batch.
+//
+// The result (groups, O/groups, I/groups), I = C * kernel_h * kernel_w, is cut into tiles of
+// patch rows (weight columns). One work item owns one tile of one group and walks over the
+// samples: it writes the tile's patch rows of sample n into a small buffer (patch_rows), forms
+// that sample's product G[n,b] (O_g × L) · U_tileᵀ (L × rows) with one BLAS call, and adds its
+// squares to the tile of the result, which stays in cache across samples. Items own disjoint
+// tiles, so no accumulator is shared; only when there are fewer tiles than threads are the
+// samples also split, each part with its own accumulator, summed at the end. Memory: the result
+// plus, per thread, one patch tile and one product tile (kTileBytes each), whatever N.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fisher_fast/checks.h"
+#include "fisher_fast/conv_patches.h"
+#include "fisher_fast/gemm_nt.h"
+
+namespace fisher_fast {
+namespace {
+
+constexpr int64_t kTileBytes = 256 << 10;  // patch tile and product tile, each (L2-resident)
+constexpr int64_t kMinRows = 16;           // fewer patch rows per tile than this: split samples
+
+#define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// acc[o * acc_stride + j] += prod[o * cols + j]^2 for o < rows, j < cols.
+template <typename compute_t, typename acc_t>
+FF_CLONES void square_add(const compute_t* __restrict prod, acc_t* __restrict acc, int64_t rows,
+                          int64_t cols, int64_t acc_stride) {
+  for (int64_t o = 0; o < rows; ++o) {
+    const compute_t* p = prod + o * cols;
+    acc_t* a = acc + o * acc_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t v = static_cast<acc_t>(p[j]);
+      a[j] += v * v;
+    }
+  }
+}
+
+// How the (groups × weight columns × samples) work is cut into items.
+struct Plan {
+  int64_t rows;    // patch rows (weight columns) per tile
+  int64_t tiles;   // tiles per group
+  int64_t splits;  // sample ranges, each with its own accumulator
+};
+
+Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t positions,
+               int64_t elem, int64_t threads) {
+  const int64_t by_patches = kTileBytes / std::max<int64_t>(1, positions * elem);
+  const int64_t by_product = kTileBytes / std::max<int64_t>(1, out_g * elem);
+  int64_t rows = std::clamp<int64_t>(std::min(by_patches, by_product), 1, in_g);
+  int64_t tiles = ceil_div(in_g, rows);
+  // Enough items for every thread, in a multiple of the thread count when there are few.
+  if (groups * tiles < 4 * threads) {
+    const int64_t wanted = ceil_div(groups * tiles, threads) * threads;
+    tiles = std::max(tiles, std::min(ceil_div(wanted, groups), ceil_div(in_g, kMinRows)));
+  }
+  rows = ceil_div(in_g, tiles);
+  tiles = ceil_div(in_g, rows);
+  const int64_t splits =
+      groups * tiles >= threads ? 1 : std::min(n, ceil_div(threads, groups * tiles));
+  return {rows, tiles, std::max<int64_t>(1, splits)};
+}
+
+ConvGeometry geometry(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return {x.size(2), x.size(3), g.size(2),  g.size(3),  kernel[0],   kernel[1],
+          stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups, at::ScalarType acc_dtype) {
+  FF_CHECK(x.dim() == 4 && g.dim() == 4,
+           "x and g must be 4-D (N, C, H, W) and (N, O, Ho, Wo); got ", x.sizes(), " and ",
+           g.sizes());
+  FF_CHECK(x.size(0) == g.size(0), "x ", x.sizes(), " and g ", g.sizes(),
+           " must have the same number of samples");
+  FF_CHECK_FLOATING(x, "x");
+  FF_CHECK(x.scalar_type() == g.scalar_type(), "x and g must share one dtype");
+  FF_CHECK(x.device().is_cpu() && g.device().is_cpu(), "conv2d_sq_sum runs on CPU tensors only");
+  FF_CHECK(acc_dtype == at::kFloat || acc_dtype == at::kDouble,
+           "acc_dtype must be float32 or float64, got ", acc_dtype);
+  FF_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+           "kernel_size, stride, padding and dilation must have two entries each");
+  for (int d = 0; d < 2; ++d) {
+    FF_CHECK(kernel[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
+             "kernel_size, stride and dilation must be positive and padding nonnegative");
+  }
+  FF_CHECK(groups >= 1 && x.size(1) % groups == 0 && g.size(1) % groups == 0, "groups (", groups,
+           ") must divide the input channels (", x.size(1), ") and output channels (", g.size(1),
+           ")");
+}
+
+at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, at::ScalarType acc_dtype) {
+  check_inputs(x, g, kernel, stride, padding, dilation, groups, acc_dtype);
+  const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
+  const int64_t n = x.size(0), channels = x.size(1), out_ch = g.size(1);
+  const int64_t out_g = out_ch / groups, in_g = channels / groups * geo.kernel_size();
+  const int64_t positions = geo.positions(), image = geo.height * geo.width;
+  // Products run in float32 for reduced-precision inputs and in float64 for float64 inputs.
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto xc = x.to(compute).contiguous();
+  const auto gc = g.to(compute).contiguous();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const Plan plan = make_plan(n, groups, out_g, in_g, positions, at::elementSize(compute), threads);
+  auto acc = at::zeros({plan.splits, groups, out_g, in_g}, x.options().dtype(acc_dtype));
+  if (n == 0 || positions == 0) return acc.sum(0);
+  const bool direct = geo.patches_are_input();
+  const int64_t items = plan.splits * groups * plan.tiles;
+  const int64_t per_split = ceil_div(n, plan.splits);
+
+  AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_compute", [&] {
+    using compute_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_acc", [&] {
+      using acc_t = scalar_t;
+      const compute_t* x_data = xc.data_ptr<compute_t>();
+      const compute_t* g_data = gc.data_ptr<compute_t>();
+      acc_t* acc_data = acc.data_ptr<acc_t>();
+      at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+        std::vector<compute_t> patches(direct ? 0 : plan.rows * positions);
+        std::vector<compute_t> prod(out_g * plan.rows);
+        for (int64_t item = first; item < last; ++item) {
+          const int64_t split = item / (groups * plan.tiles);
+          const int64_t b = item / plan.tiles % groups, tile = item % plan.tiles;
+          const int64_t r0 = tile * plan.rows, r1 = std::min(in_g, r0 + plan.rows);
+          acc_t* acc_tile = acc_data + ((split * groups + b) * out_g) * in_g + r0;
+          const int64_t s1 = std::min(n, (split + 1) * per_split);
+          for (int64_t s = split * per_split; s < s1; ++s) {
+            const compute_t* x_group = x_data + (s * channels + b * (channels / groups)) * image;
+            const compute_t* u = x_group + r0 * positions;
+            if (!direct) {
+              patch_rows(x_group, geo, r0, r1, patches.data());
+              u = patches.data();
+            }
+            const compute_t* g_group = g_data + (s * out_ch + b * out_g) * positions;
+            gemm_nt(out_g, r1 - r0, positions, g_group, positions, u, positions, prod.data(),
+                    r1 - r0);
+            square_add(prod.data(), acc_tile, out_g, r1 - r0, in_g);
+          }
+        }
+      });
+    });
+  });
+  return plan.splits == 1 ? acc[0] : acc.sum(0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fisher_fast, CPU, m) { m.impl("conv2d_sq_sum", &conv2d_sq_sum_cpu); }
+
+}  // namespace fisher_fast
