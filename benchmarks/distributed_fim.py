@@ -8,14 +8,17 @@ problem (``fim_models.cnn_problem``, N samples):
 * ``2 processes x 1 thread``: a gloo process group on loopback; each rank passes its half
   (``fisher_fast.shard``) and diag_fim all-reduces the sums.
 
-Each set-up warms up with one call, then times ``--repeats`` calls and keeps the median. In the
-2-process set-up every call starts after a barrier and its time is the slower rank's, the
-wall-clock time a user waits; process start-up and group initialisation are reported apart
-(paid once per job, not per call). The script also checks that the 2-process FIM equals the
+Each set-up warms up with one call, then times ``--repeats`` calls and keeps the median; the
+three set-ups run ``--rounds`` times, interleaved, and the table gives the median and range over
+rounds (on a shared machine a burst of load then shows as a wide range instead of a skewed
+result). In the 2-process set-up every call starts after a barrier and its time is the slower
+rank's, the wall-clock time a user waits; the same processes also time diag_fim on their shard
+alone (``distributed=False``), so the difference is the cost of the reduction. Process start-up
+is reported apart (paid once per job, not per call). The script also checks that the 2-process FIM equals the
 single-process one up to float32 rounding.
 
-    python benchmarks/distributed_fim.py            # N=256, 5 repeats
-    python benchmarks/distributed_fim.py --n 64 --repeats 1
+    python benchmarks/distributed_fim.py            # N=256, 5 repeats, 3 rounds
+    python benchmarks/distributed_fim.py --n 64 --repeats 1 --rounds 1
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ SETUPS = (
 def worker(
     rank: int, world_size: int, threads: int, n: int, repeats: int, port: int, out: str
 ) -> None:
-    """One process of a set-up: time ``repeats`` diag_fim calls and save the times and the FIM."""
+    """One process of a set-up: time ``repeats`` diag_fim calls and, with several processes,
+    as many calls on the local shard alone (``distributed=False``); save the times and the FIM."""
     torch.set_num_threads(threads)
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -59,24 +63,30 @@ def worker(
     model, inputs, targets = cnn_problem(n)
     data = fisher_fast.shard((inputs, targets)) if world_size > 1 else (inputs, targets)
     loop_start = time.perf_counter()
-    times = []
+    times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(repeats + 1):  # the first call warms up
-        if world_size > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        fim = fisher_fast.diag_fim(model, data, progress=False)
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    loop_s = time.perf_counter() - loop_start
-    torch.save({"times": times, "loop_s": loop_s, "flat": fim.flat}, Path(out) / f"rank{rank}.pt")
+        for reduce in (True, False) if world_size > 1 else (True,):
+            if world_size > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            fim = fisher_fast.diag_fim(
+                model, data, progress=False, distributed=None if reduce else False
+            )
+            if i > 0:
+                times[reduce].append(time.perf_counter() - start)
+            if reduce:
+                flat = fim.flat
+    result = {"times": times, "loop_s": time.perf_counter() - loop_start, "flat": flat}
+    torch.save(result, Path(out) / f"rank{rank}.pt")
     if world_size > 1:
         dist.destroy_process_group()
 
 
 def run_setup(world_size: int, threads: int, n: int, repeats: int) -> dict[str, Any]:
-    """Spawn the processes of one set-up; return the median time per call (the slowest rank's),
-    the rest of the job's wall time (starting Python and torch, the process group, the data,
-    exiting) and rank 0's FIM."""
+    """Spawn the processes of one set-up. Returns the median time per call (the slowest rank's),
+    the median time of the local shard alone (``local_s``, several processes only), the rest of
+    the job's wall time (starting Python and torch, the process group, the data, exiting) and
+    rank 0's FIM."""
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         mp.spawn(
@@ -84,9 +94,13 @@ def run_setup(world_size: int, threads: int, n: int, repeats: int) -> dict[str, 
         )
         total_s = time.perf_counter() - start
         ranks = [torch.load(Path(out) / f"rank{r}.pt") for r in range(world_size)]
-    per_call = [max(r["times"][i] for r in ranks) for i in range(repeats)]
+
+    def slowest(reduce: bool) -> float:
+        return statistics.median(max(r["times"][reduce][i] for r in ranks) for i in range(repeats))
+
     return {
-        "median_s": statistics.median(per_call),
+        "median_s": slowest(True),
+        "local_s": slowest(False) if world_size > 1 else None,
         "startup_s": total_s - max(r["loop_s"] for r in ranks),
         "flat": ranks[0]["flat"],
     }
@@ -111,22 +125,39 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=CNN_N, help=f"samples (default {CNN_N})")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per set-up (default 5)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per set-up and round (default 5)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds over the three set-ups (default 3)"
+    )
     args = parser.parse_args(argv)
     print(
         f"diag_fim, benchmark CNN, N={args.n}, median of {args.repeats}; {_cpu_model()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
         f"kernels loaded: {fisher_fast.is_loaded()}"
     )
-    rows = [(name, run_setup(w, t, args.n, args.repeats)) for name, w, t in SETUPS]
-    base = rows[0][1]["median_s"]
-    print("| set-up | time per call | speed-up over 1 process x 1 thread | start-up + group init |")
-    print("|---|---|---|---|")
-    for name, r in rows:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in SETUPS}
+    for _ in range(args.rounds):  # interleaved, so that a burst of load hits every set-up
+        for name, w, t in SETUPS:
+            runs[name].append(run_setup(w, t, args.n, args.repeats))
+    base = statistics.median(r["median_s"] for r in runs[SETUPS[0][0]])
+    print(
+        "| set-up | time per call, median (min–max) over rounds | speed-up over 1×1 "
+        "| local shard alone | start-up + exit |"
+    )
+    print("|---|---|---|---|---|")
+    for name, rounds in runs.items():
+        times = [r["median_s"] for r in rounds]
+        local = [r["local_s"] for r in rounds if r["local_s"] is not None]
         print(
-            f"| {name} | {r['median_s']:.3f} s | {base / r['median_s']:.2f}x | {r['startup_s']:.1f} s |"
+            f"| {name} | {statistics.median(times):.3f} s ({min(times):.3f}–{max(times):.3f}) "
+            f"| {base / statistics.median(times):.2f}× "
+            f"| {f'{statistics.median(local):.3f} s' if local else '–'} "
+            f"| {statistics.median(r['startup_s'] for r in rounds):.1f} s |"
         )
-    torch.testing.assert_close(rows[2][1]["flat"], rows[0][1]["flat"], rtol=1e-5, atol=0)
+    one, two = runs[SETUPS[0][0]][0]["flat"], runs[SETUPS[2][0]][0]["flat"]
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=0)
     print("2-process FIM equals the 1-process FIM (float32 rounding, rtol 1e-5)")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0

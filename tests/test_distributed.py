@@ -205,6 +205,7 @@ def cache_files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_distance_matrix_over_two_ranks_shares_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -223,6 +224,7 @@ def test_distance_matrix_over_two_ranks_shares_the_cache(
     assert (trained.calls, fims.calls) == (0, 0) and torch.equal(again.values, single.values)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     """The unchanged command line, launched by torchrun on 2 processes: 2 tasks, 1 seed."""
     config = write_config(tmp_path / "tasks.json", tasks=2)
