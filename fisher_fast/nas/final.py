@@ -3,6 +3,7 @@ test accuracy, parameter count, cost)."""
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import NamedTuple
 
@@ -34,20 +35,37 @@ def train_and_evaluate(
     generator: torch.Generator,
     config: FuseConfig | None = None,
     build: NetworkBuilder | None = None,
+    val_data: Part | None = None,
+    check_every: int = 50,
 ) -> Evaluation:
     """Train a fresh network around ``genotype`` for ``steps`` Adam steps on the whole training
     split ``train_data`` (batch size and step size from ``config``), then evaluate it once on
-    ``test_data``. The schedule is fixed in advance, so no choice looks at the test split;
-    ``generator`` seeds the initialisation and the batches."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    ``test_data``. ``generator`` seeds the initialisation and the batches.
+
+    With ``val_data`` (a split disjoint from both), the network is scored on it every
+    ``check_every`` steps and at the end, and the best state (validation accuracy, then lower
+    loss; the earlier on ties) is the one tested: Adam on a small training set can spike late,
+    after the training loss is near zero. Without it, the last state is tested. Either way the
+    schedule is fixed in advance and no choice looks at the test split.
+    """
+    if steps < 1 or check_every < 1:
+        raise ValueError(f"steps and check_every must be at least 1, got {steps}, {check_every}")
     config = config or FuseConfig()
     build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
     start = time.perf_counter()
     network = build_seeded(build, genotype, draw_seed(generator))
-    train_steps(
-        network, batches(train_data, config.batch_size, generator), steps, lr=config.weight_lr
-    )
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
+    data = batches(train_data, config.batch_size, generator)
+    best: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    for done in range(0, steps, check_every):
+        train_steps(network, data, min(check_every, steps - done), optimizer)
+        if val_data is not None:
+            accuracy, loss = evaluate(network, val_data, "cpu")
+            if best is None or (accuracy, -loss) > best:
+                best, best_state = (accuracy, -loss), copy.deepcopy(network.state_dict())
+    if best_state is not None:
+        network.load_state_dict(best_state)
     accuracy, _ = evaluate(network, test_data, "cpu")
     parameters = sum(p.numel() for p in network.parameters() if p.requires_grad)
     return Evaluation(accuracy, parameters, time.perf_counter() - start)

@@ -63,7 +63,8 @@ def random_search(
     for trial, cell in enumerate(cells):
         steps = min(per_trial, budget - trial * per_trial)
         network = build_seeded(build, cell, draw_seed(generator))
-        train_steps(network, train_batches, steps, lr=config.weight_lr)
+        optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
+        train_steps(network, train_batches, steps, optimizer)
         accuracy, loss = evaluate(network, val_part, "cpu")
         if best is None or (accuracy, -loss) > best:
             best, winner = (accuracy, -loss), trial

@@ -94,14 +94,12 @@ def train_steps(
     model: nn.Module,
     data: Iterator[Part],
     steps: int,
-    *,
-    lr: float,
+    optimizer: torch.optim.Optimizer,
 ) -> None:
-    """``steps`` Adam steps (step size ``lr``) of cross-entropy on batches from ``data``, in
+    """``steps`` steps of ``optimizer`` on the cross-entropy of batches from ``data``, in
     train mode."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _, batch in zip(range(steps), data, strict=False):
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(batch.x), batch.y).backward()
-        opt.step()
+        optimizer.step()

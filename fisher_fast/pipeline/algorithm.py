@@ -166,6 +166,7 @@ def search_architecture(
         splits.test,
         num_classes=target.num_classes,
         steps=final_steps,
+        val_data=splits.val,
         generator=generator,
         config=config,
     )

@@ -176,6 +176,7 @@ def _same_budget_rows(
             splits.test,
             num_classes=classes,
             steps=final_steps,
+            val_data=splits.val,
             generator=gen,
             config=config,
         )

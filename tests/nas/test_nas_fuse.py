@@ -139,3 +139,24 @@ def test_config_rejects_bad_settings() -> None:
         FuseConfig(candidates=0)
     with pytest.raises(ValueError, match="alpha_lr"):
         FuseConfig(alpha_lr=0.0)
+
+
+def test_final_training_tests_the_best_validation_state() -> None:
+    """Scoring on a validation split does not change the training trajectory, so when that split
+    is the test split itself, the state it picks tests at least as well as the last one."""
+    train, test = toy_part(48, seed=6), toy_part(32, seed=7)
+    cell = next(iter(THREE_OPS))
+
+    def final(val: Part | None) -> float:
+        g = torch.Generator().manual_seed(3)
+        return train_and_evaluate(
+            cell, train, test, num_classes=2, steps=12, generator=g, config=TINY,
+            val_data=val, check_every=2,
+        ).test_accuracy  # fmt: skip
+
+    last, best = final(None), final(test)
+    assert best >= last
+    with pytest.raises(ValueError, match="check_every"):
+        train_and_evaluate(
+            cell, train, test, num_classes=2, steps=5, generator=torch.Generator(), check_every=0
+        )
