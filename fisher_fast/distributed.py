@@ -169,6 +169,15 @@ def all_outcomes(what: str, compute: Callable[[], T]) -> list[T]:
     return [value for _, value in gathered]
 
 
+def on_main(what: str, compute: Callable[[], T]) -> T:
+    """Run ``compute()`` on rank 0 only and return its result on every rank (pickled, so keep
+    it small and on the CPU); an exception on rank 0 is raised on every rank as in
+    :func:`all_outcomes`. Without a process group this is ``compute()``."""
+    if world_size() == 1:
+        return compute()
+    return all_outcomes(what, lambda: compute() if is_main() else None)[0]  # type: ignore[return-value]
+
+
 def my_share(items: Sequence[T]) -> list[T]:
     """The items this rank handles when work is dealt round-robin: ``items[rank::world_size]``
     (deterministic; all of them without a process group)."""

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fisher_fast.distributed import is_main
 from fisher_fast.nas.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, search_key
 from fisher_fast.nas.mixture import Mixture
+from fisher_fast.nas.parallel import average_gradients, data_parallel, shard_loss, sync_buffers
 from fisher_fast.nas.result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
 from fisher_fast.nas.training import (
@@ -140,7 +141,12 @@ def fuse_search(
     if resumed is not None:
         history, spent = list(resumed.rounds), resumed.seconds
         generator.set_state(resumed.generator_state)
-    bar = tqdm(total=config.rounds, initial=len(history), desc="FUSE rounds", disable=not progress)
+    bar = tqdm(
+        total=config.rounds,
+        initial=len(history),
+        desc="FUSE rounds",
+        disable=not progress or not is_main(),
+    )
     while len(history) < config.rounds:
         if history and _out_of_time(config, spent + time.perf_counter() - start):
             break
@@ -167,7 +173,7 @@ def fuse_search(
                 val_accuracy=evaluate(mixture, val_part, "cpu")[0],
             )
         )
-        if path is not None:
+        if path is not None and is_main():
             state = Checkpoint(
                 key, tuple(history), generator.get_state(), spent + time.perf_counter() - start
             )
@@ -198,27 +204,34 @@ def _optimise(
     config: FuseConfig,
 ) -> tuple[int, bool]:
     """Alternate weight and α steps until α converges or ``config.max_steps``; returns the
-    number of steps taken and whether α converged."""
+    number of steps taken and whether α converged. Data-parallel in a process group
+    (:mod:`~fisher_fast.nas.parallel`)."""
     weight_opt = torch.optim.Adam(mixture.weights(), lr=config.weight_lr)
     alpha_opt = torch.optim.Adam([mixture.alpha], lr=config.alpha_lr)
+    model = data_parallel(mixture)
     mixture.train()
+
+    def mix_frozen(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            outputs = mixture.outputs(x)
+        return mixture.mix(outputs)
+
     previous = mixture.probabilities()
     for step in range(1, config.max_steps + 1):
-        batch = next(train_batches)
         weight_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(mixture(batch.x), batch.y).backward()
+        shard_loss(model, next(train_batches)).backward()
         weight_opt.step()
 
-        batch = next(val_batches)
-        with torch.no_grad():
-            outputs = mixture.outputs(batch.x)
         alpha_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(mixture.mix(outputs), batch.y).backward()
+        shard_loss(mix_frozen, next(val_batches)).backward()
+        average_gradients([mixture.alpha])
         alpha_opt.step()
 
         if step % config.check_every == 0:
             current = mixture.probabilities()
             if float((current - previous).abs().max()) < config.tol:
+                sync_buffers(mixture)
                 return step, True
             previous = current
+    sync_buffers(mixture)
     return config.max_steps, False

@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast.nas.genotype import Genotype
 from fisher_fast.nas.network import Network
+from fisher_fast.nas.parallel import data_parallel, shard_loss, sync_buffers
 from fisher_fast.tasks.balance import stratified_split
 from fisher_fast.tasks.source import Part
 
@@ -97,9 +97,11 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
 ) -> None:
     """``steps`` steps of ``optimizer`` on the cross-entropy of batches from ``data``, in
-    train mode."""
+    train mode; data-parallel in a process group (:mod:`~fisher_fast.nas.parallel`)."""
+    parallel = data_parallel(model)
     model.train()
     for _, batch in zip(range(steps), data, strict=False):
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(batch.x), batch.y).backward()
+        shard_loss(parallel, batch).backward()
         optimizer.step()
+    sync_buffers(model)

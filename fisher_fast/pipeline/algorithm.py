@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fisher_fast.distance import frechet_distances
+from fisher_fast.distributed import is_main, on_main
 from fisher_fast.nas import (
     Evaluation,
     FuseConfig,
@@ -135,11 +136,16 @@ def search_architecture(
     same seed, same report (on CPU). ``config`` defaults to the dictionary's FUSE setting. With
     ``out``, the FUSE rounds are checkpointed to ``out/fuse.json`` (a rerun resumes them) and
     the report is written to ``out/report.json``.
+
+    Under torch.distributed, rank 0 trains the target probe and measures the distances; the
+    search and the final training run data-parallel on every rank
+    (:mod:`fisher_fast.nas.parallel`); rank 0 writes the files.
     """
     config = config or dictionary.settings.fuse
     start = time.perf_counter()
-    distances, probe_seconds = baseline_distances(
-        target, dictionary, seed=seed, split=distance_split
+    distances, probe_seconds = on_main(
+        "the task distances",
+        lambda: baseline_distances(target, dictionary, seed=seed, split=distance_split),
     )
     distance_seconds = time.perf_counter() - start - probe_seconds
     closest = closest_baseline(distances)
@@ -182,7 +188,7 @@ def search_architecture(
         probe_seconds=probe_seconds,
         distance_seconds=distance_seconds,
     )
-    if folder is not None:
+    if folder is not None and is_main():
         write_json(folder / "report.json", report.to_dict())
     return report
 

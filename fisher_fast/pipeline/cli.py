@@ -1,13 +1,19 @@
 """``fisher-fast dictionary build|list``, ``fisher-fast search`` and ``fisher-fast demo`` (the
-main job): Algorithm 1 from the command line."""
+main job): Algorithm 1 from the command line. ``build``, ``search`` and ``demo`` also run under
+``torchrun --nproc-per-node N -m fisher_fast.cli ...`` (data-parallel searches, output on rank 0)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group
 from fisher_fast.nas import FuseConfig
 from fisher_fast.pipeline.algorithm import DEFAULT_FINAL_STEPS, search_architecture
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
@@ -46,7 +52,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
         "--epochs", type=int, metavar="N", help="probe training epochs (default: the suite's)"
     )
     _search_arguments(build)
-    build.set_defaults(run=_build)
+    build.set_defaults(run=_in_process_group(_build))
     listing = actions.add_parser("list", help="print the baselines of a dictionary")
     listing.add_argument("dictionary", type=Path, metavar="DIR")
     listing.set_defaults(run=_list)
@@ -73,7 +79,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
         help=f"training steps of the found cell (default {DEFAULT_FINAL_STEPS})",
     )
     _search_arguments(search, defaults_from_dictionary=True)
-    search.set_defaults(run=_search)
+    search.set_defaults(run=_in_process_group(_search))
 
     demo = sub.add_parser(
         "demo",
@@ -86,7 +92,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR")
     demo.add_argument("--target", default="2", metavar="TASK", help="target task (default 2)")
     _common_arguments(demo)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_in_process_group(_demo))
 
 
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +134,30 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--dist-timeout",
+        metavar="MIN",
+        type=float,
+        default=DEFAULT_TIMEOUT.total_seconds() / 60,
+        help="under torchrun: minutes a process waits for the others at a synchronisation "
+        f"point (default {DEFAULT_TIMEOUT.total_seconds() / 60:.0f})",
+    )
+
+
+def _in_process_group(
+    run: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``run`` inside the torchrun process group when launched by torchrun (the searches then
+    train data-parallel), printing on rank 0 only."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        with process_group(timeout=datetime.timedelta(minutes=args.dist_timeout)):
+            if is_main():
+                return run(args)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return run(args)
+
+    return wrapped
 
 
 def _fuse(args: argparse.Namespace, base: FuseConfig) -> FuseConfig:

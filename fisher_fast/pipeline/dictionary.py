@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fisher_fast._version import __version__
+from fisher_fast.distributed import is_main, on_main
 from fisher_fast.nas import FuseConfig, Genotype, SearchSpace, fuse_search
 from fisher_fast.tasks.cache import atomic_write, state_sha256, write_json
 from fisher_fast.tasks.probes import make_probe
@@ -247,8 +248,11 @@ class TaskDictionary:
                 f"this dictionary (inputs {s.input_shape}, at most {s.head_width} classes)"
             )
         start = time.perf_counter()
-        probe = train_probe(
-            task, s.arch, epsilon=s.epsilon, seed=seed, config=s.train, head_width=s.head_width
+        probe = on_main(
+            f"training the probe of {task.name!r}",
+            lambda: train_probe(
+                task, s.arch, epsilon=s.epsilon, seed=seed, config=s.train, head_width=s.head_width
+            ),
         )
         slug = file_slug(task.name)
         result = fuse_search(
@@ -289,8 +293,8 @@ class TaskDictionary:
         from safetensors.torch import save_file
 
         tensors = {n: t.detach().cpu().contiguous() for n, t in state.items()}
-        path = self.root / relative
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        if is_main():
+            atomic_write(self.root / relative, lambda tmp: save_file(tensors, str(tmp)))
         return state_sha256(tensors)
 
     def _read_probe_state(self, entry: Baseline) -> dict[str, torch.Tensor]:
@@ -313,6 +317,8 @@ class TaskDictionary:
         return state
 
     def _write_index(self) -> None:
+        if not is_main():
+            return
         write_json(
             self.root / INDEX_FILE,
             {
@@ -336,15 +342,24 @@ def build_dictionary(
 ) -> TaskDictionary:
     """Create the dictionary in ``root``, or open it (its settings must be ``settings``), and
     add every task of ``tasks`` it does not hold yet: running it again after an interruption
-    finishes the job, and running it on a complete dictionary only verifies it."""
+    finishes the job, and running it on a complete dictionary only verifies it.
+
+    Under torch.distributed, rank 0 opens or creates the dictionary, trains the probes and
+    writes the files; every rank takes part in the data-parallel FUSE searches.
+    """
     path = Path(root)
-    if (path / INDEX_FILE).exists():
+
+    def open_or_create() -> TaskDictionary:
+        if not (path / INDEX_FILE).exists():
+            return TaskDictionary.create(path, settings)
         dictionary = TaskDictionary.open(path)
         dictionary.check_compatible(settings)
-    else:
-        dictionary = TaskDictionary.create(path, settings)
+        return dictionary
+
+    dictionary = on_main(f"opening the task dictionary {path}", open_or_create)
     missing = [t for t in tasks if t.name not in dictionary]
-    for task in tqdm(missing, desc="baseline tasks", disable=not progress or not missing):
+    quiet = not progress or not missing or not is_main()
+    for task in tqdm(missing, desc="baseline tasks", disable=quiet):
         dictionary.add(task, seed=seed, progress=progress)
     return dictionary
 

@@ -11,7 +11,8 @@ comparison on the same target with the same seed,
 
 and print one table (test accuracy, parameters in millions, search seconds) with the report
 written to ``out`` as JSON and a figure. Everything but the dictionary is recomputed on a rerun,
-except the FUSE rounds, which are checkpointed and resumed.
+except the FUSE rounds, which are checkpointed and resumed. Under torch.distributed (torchrun)
+the searches and final trainings run data-parallel; rank 0 trains the probes and writes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fisher_fast.distributed import is_main, on_main
 from fisher_fast.nas import (
     FuseConfig,
     Genotype,
@@ -111,7 +113,7 @@ def run_main_job(
             report.search.genotype.to_string(),
         ),
         *_same_budget_rows(suite, target, report, root, seed, config, final_steps, progress),
-        *_probe_rows(suite, target, seed),
+        *on_main("training the hand-designed probes", lambda: _probe_rows(suite, target, seed)),
     ]
     summary: dict[str, Any] = {
         "suite": suite.name,
@@ -123,8 +125,9 @@ def run_main_job(
         "table": [r._asdict() for r in rows],
     }
     json_path, figure_path = root / "main-job.json", root / "main-job.png"
-    write_json(json_path, summary)
-    plot_report(rows, report.distances, report.closest, figure_path)
+    if is_main():
+        write_json(json_path, summary)
+        plot_report(rows, report.distances, report.closest, figure_path)
     return MainJobResult(tuple(rows), report, json_path, figure_path)
 
 

@@ -1,0 +1,69 @@
+"""Data-parallel training steps for the searches on torch.distributed (DistributedDataParallel).
+
+Inside a process group of N ranks every rank draws the same global batch (the batches come from
+generators seeded alike on every rank), keeps its contiguous shard of it
+(:func:`fisher_fast.distributed.shard_range`), and the gradients are summed over ranks: network
+weights by DDP's all-reduce, FUSE's α (a few numbers, outside DDP's forward) by one
+``all_reduce`` (:func:`average_gradients`). The loss of a shard is its summed cross-entropy divided by the *global* batch
+size (times N, which DDP divides by), so the reduced gradient is the mean over the global batch
+exactly as one process computes it, also when the shards are uneven.
+
+What differs from one process: BatchNorm in training mode normalises each rank's shard with the
+shard's own statistics (SyncBatchNorm needs a GPU), and DDP keeps the running statistics of
+rank 0. A run on N processes is reproducible for that N; it matches the one-process run to
+float rounding for networks without BatchNorm. Without a process group these functions are the
+plain single-process steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fisher_fast.distributed import shard_range, world_size
+from fisher_fast.tasks.source import Part
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel inside a process group of several ranks
+    (its gradients are then all-reduced in backward), else ``model`` itself."""
+    if world_size() == 1:
+        return model
+    return DistributedDataParallel(model, broadcast_buffers=True)
+
+
+def shard_loss(forward: Callable[[torch.Tensor], torch.Tensor], batch: Part) -> torch.Tensor:
+    """Cross-entropy of the logits ``forward(x)`` on this rank's shard of the global ``batch``,
+    scaled so that the gradients averaged over ranks (by DDP, or :func:`average_gradients`) are
+    those of the mean loss over the whole batch."""
+    index = shard_range(len(batch))
+    logits = forward(batch.x[index.start : index.stop])
+    total = F.cross_entropy(logits, batch.y[index.start : index.stop], reduction="sum")
+    return total * (world_size() / len(batch))
+
+
+def average_gradients(parameters: list[torch.Tensor]) -> None:
+    """Average the gradients of ``parameters`` (not managed by DDP) over the ranks, matching
+    the scaling of :func:`shard_loss`; nothing without a process group."""
+    n = world_size()
+    if n == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(n)
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), which the last training
+    forward updated from each rank's own shard: evaluations, and the choices made from them,
+    are then the same on every rank. Nothing without a process group."""
+    if world_size() == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
