@@ -34,7 +34,7 @@ def data_parallel(model: nn.Module) -> nn.Module:
     (its gradients are then all-reduced in backward), else ``model`` itself."""
     if world_size() == 1:
         return model
-    return DistributedDataParallel(model, broadcast_buffers=True)
+    return DistributedDataParallel(model)
 
 
 def shard_loss(forward: Callable[[torch.Tensor], torch.Tensor], batch: Part) -> torch.Tensor:
