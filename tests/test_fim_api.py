@@ -208,6 +208,24 @@ def test_non_finite_gradient_names_the_layer() -> None:
         _fim(model, (torch.randn(4, 4), torch.randint(0, 3, (4,))))
 
 
+def test_illegal_in_place_change_of_a_layer_output_is_still_caught() -> None:
+    """The captured output is an alias of the layer's own output (no copy): autograd must still
+    see an in-place change to it after it was saved for the backward pass."""
+
+    class SquareThenShift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.body(x)
+            squared = h * h  # saves h
+            return squared + h.add_(1.0)
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _fim(SquareThenShift(), (torch.randn(4, 4), torch.randint(0, 3, (4,))))
+
+
 def test_empty_data() -> None:
     model, x, y = _problem()
     with pytest.raises(ValueError, match="data is empty"):

@@ -1,14 +1,16 @@
 // CPU kernel of fisher_fast::conv2d_sq_sum: out[b] = sum_n (G[n,b] U[n,b]ᵀ)^2, the squared
 // per-sample weight gradients of a 2-D convolution, without an im2col tensor of the batch.
 //
-// The result (groups, O/groups, I/groups), I = C * kernel_h * kernel_w, is cut into tiles of
-// patch rows (weight columns). One work item owns one tile of one group and walks over the
-// samples: it writes the tile's patch rows of sample n into a small buffer (patch_rows), forms
-// that sample's product G[n,b] (O_g × L) · U_tileᵀ (L × rows) with one BLAS call, and adds its
-// squares to the tile of the result, which stays in cache across samples. Items own disjoint
-// tiles, so no accumulator is shared; only when there are fewer tiles than threads are the
-// samples also split, each part with its own accumulator, summed at the end. Memory: the result
-// plus, per thread, one patch tile and one product tile (kTileBytes each), whatever N.
+// The result is accumulated transposed, (groups, I/groups, O/groups) with I = C * kernel_h *
+// kernel_w, and cut into tiles of patch rows (weight columns). Work items are tiles; each thread
+// takes a run of them and walks over the samples in chunks: it transposes the chunk's output
+// gradients G[n,b] (O_g × L) once into L × O_g, then for each of its tiles and each sample writes
+// the tile's patch rows U (rows × L) into a small buffer (patch_rows), forms the product
+// U · G[n,b]ᵀ (rows × O_g) with one micro-kernel call (gemm_nn) and adds its squares to the tile,
+// a contiguous block of the result. Tiles are disjoint, so no accumulator is shared; only when
+// there are fewer tiles than threads are the samples also split, each part with its own
+// accumulator, summed at the end. Memory: the result plus, per thread, one chunk of transposed
+// gradients, one patch tile and one product tile, whatever N.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,29 +21,40 @@
 
 #include "fisher_fast/checks.h"
 #include "fisher_fast/conv_patches.h"
-#include "fisher_fast/gemm_nt.h"
+#include "fisher_fast/gemm_nn.h"
 
 namespace fisher_fast {
 namespace {
 
-constexpr int64_t kTileBytes = 256 << 10;  // patch tile and product tile, each (L2-resident)
-constexpr int64_t kMinRows = 16;           // fewer patch rows per tile than this: split samples
+constexpr int64_t kTileBytes = 256 << 10;   // patch tile and product tile, each (L2-resident)
+constexpr int64_t kChunkBytes = 512 << 10;  // transposed output gradients held per thread
+constexpr int64_t kMinRows = 16;            // fewer patch rows per tile than this: split samples
+constexpr int64_t kBlock = 16;              // transpose block
 
 #define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// acc[o * acc_stride + j] += prod[o * cols + j]^2 for o < rows, j < cols.
+// acc[j] += prod[j]^2 for j < size.
 template <typename compute_t, typename acc_t>
-FF_CLONES void square_add(const compute_t* __restrict prod, acc_t* __restrict acc, int64_t rows,
-                          int64_t cols, int64_t acc_stride) {
-  for (int64_t o = 0; o < rows; ++o) {
-    const compute_t* p = prod + o * cols;
-    acc_t* a = acc + o * acc_stride;
+FF_CLONES void square_add(const compute_t* __restrict prod, acc_t* __restrict acc, int64_t size) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc_t v = static_cast<acc_t>(p[j]);
-      a[j] += v * v;
+  for (int64_t j = 0; j < size; ++j) {
+    const acc_t v = static_cast<acc_t>(prod[j]);
+    acc[j] += v * v;
+  }
+}
+
+// dst (cols × rows) = src (rows × cols)ᵀ, both contiguous, in cache-sized blocks.
+template <typename T>
+void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t r1 = std::min(rows, r0 + kBlock);
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t c1 = std::min(cols, c0 + kBlock);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
+      }
     }
   }
 }
@@ -51,6 +64,7 @@ struct Plan {
   int64_t rows;    // patch rows (weight columns) per tile
   int64_t tiles;   // tiles per group
   int64_t splits;  // sample ranges, each with its own accumulator
+  int64_t chunk;   // samples whose transposed gradients a thread holds at once
 };
 
 Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t positions,
@@ -68,7 +82,9 @@ Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t p
   tiles = ceil_div(in_g, rows);
   const int64_t splits =
       groups * tiles >= threads ? 1 : std::min(n, ceil_div(threads, groups * tiles));
-  return {rows, tiles, std::max<int64_t>(1, splits)};
+  const int64_t chunk =
+      std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, positions * out_g * elem));
+  return {rows, tiles, std::max<int64_t>(1, splits), chunk};
 }
 
 ConvGeometry geometry(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
@@ -115,11 +131,12 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
   const auto gc = g.to(compute).contiguous();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const Plan plan = make_plan(n, groups, out_g, in_g, positions, at::elementSize(compute), threads);
-  auto acc = at::zeros({plan.splits, groups, out_g, in_g}, x.options().dtype(acc_dtype));
-  if (n == 0 || positions == 0) return acc.sum(0);
+  auto acc = at::zeros({plan.splits, groups, in_g, out_g}, x.options().dtype(acc_dtype));
+  if (n == 0 || positions == 0) return acc.sum(0).transpose(1, 2).contiguous();
   const bool direct = geo.patches_are_input();
   const int64_t items = plan.splits * groups * plan.tiles;
   const int64_t per_split = ceil_div(n, plan.splits);
+  gemm_nn_uses_brgemm();  // probe the micro-kernel outside the parallel region
 
   AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
@@ -129,31 +146,46 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
       const compute_t* g_data = gc.data_ptr<compute_t>();
       acc_t* acc_data = acc.data_ptr<acc_t>();
       at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
+        std::vector<compute_t> grads(plan.chunk * positions * out_g);
         std::vector<compute_t> patches(direct ? 0 : plan.rows * positions);
-        std::vector<compute_t> prod(out_g * plan.rows);
-        for (int64_t item = first; item < last; ++item) {
+        std::vector<compute_t> prod(plan.rows * out_g);
+        // Runs of consecutive tiles of one (split, group).
+        for (int64_t item = first; item < last;) {
           const int64_t split = item / (groups * plan.tiles);
-          const int64_t b = item / plan.tiles % groups, tile = item % plan.tiles;
-          const int64_t r0 = tile * plan.rows, r1 = std::min(in_g, r0 + plan.rows);
-          acc_t* acc_tile = acc_data + ((split * groups + b) * out_g) * in_g + r0;
-          const int64_t s1 = std::min(n, (split + 1) * per_split);
-          for (int64_t s = split * per_split; s < s1; ++s) {
-            const compute_t* x_group = x_data + (s * channels + b * (channels / groups)) * image;
-            const compute_t* u = x_group + r0 * positions;
-            if (!direct) {
-              patch_rows(x_group, geo, r0, r1, patches.data());
-              u = patches.data();
+          const int64_t b = item / plan.tiles % groups, t0 = item % plan.tiles;
+          const int64_t t1 = std::min(plan.tiles, t0 + (last - item));
+          const int64_t s_end = std::min(n, (split + 1) * per_split);
+          for (int64_t c0 = split * per_split; c0 < s_end; c0 += plan.chunk) {
+            const int64_t c1 = std::min(s_end, c0 + plan.chunk);
+            for (int64_t s = c0; s < c1; ++s) {
+              transpose(g_data + (s * out_ch + b * out_g) * positions, out_g, positions,
+                        grads.data() + (s - c0) * positions * out_g);
             }
-            const compute_t* g_group = g_data + (s * out_ch + b * out_g) * positions;
-            gemm_nt(out_g, r1 - r0, positions, g_group, positions, u, positions, prod.data(),
-                    r1 - r0);
-            square_add(prod.data(), acc_tile, out_g, r1 - r0, in_g);
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t r0 = t * plan.rows, r1 = std::min(in_g, r0 + plan.rows);
+              acc_t* acc_tile = acc_data + ((split * groups + b) * in_g + r0) * out_g;
+              for (int64_t s = c0; s < c1; ++s) {
+                const compute_t* x_group =
+                    x_data + (s * channels + b * (channels / groups)) * image;
+                const compute_t* u = x_group + r0 * positions;
+                if (!direct) {
+                  patch_rows(x_group, geo, r0, r1, patches.data());
+                  u = patches.data();
+                }
+                gemm_nn(r1 - r0, out_g, positions, u, positions,
+                        grads.data() + (s - c0) * positions * out_g, out_g, prod.data(), out_g);
+                square_add(prod.data(), acc_tile, (r1 - r0) * out_g);
+              }
+            }
           }
+          item += t1 - t0;
         }
+        gemm_nn_release();
       });
     });
   });
-  return plan.splits == 1 ? acc[0] : acc.sum(0);
+  // (splits, groups, I_g, O_g) -> (groups, O_g, I_g)
+  return (plan.splits == 1 ? acc[0] : acc.sum(0)).transpose(1, 2).contiguous();
 }
 
 }  // namespace

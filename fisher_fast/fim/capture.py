@@ -1,13 +1,15 @@
 """Forward hooks that record each module call and deliver the gradients at its outputs.
 
-Every output tensor of a recorded call is replaced by a copy made by ``_Tap``, an autograd
-Function that also takes a 0-dim "zero" leaf requiring grad; a tensor hook on the copy receives
+Every output tensor of a recorded call is replaced by an alias made by ``_Tap``, an autograd
+Function that also takes a 0-dim "zero" leaf requiring grad; a tensor hook on the alias receives
 dL/d(output) during the backward pass. Differentiating only with respect to the zero leaves makes
 autograd run every node between the loss and each recorded output, and skip the weight-gradient
-products that a plain backward would compute (diag_fim never needs the batch gradient). A fresh
-tensor, rather than a view, keeps in-place operations after the module legal (autograd forbids
-in-place changes to views made inside a custom Function), and the zero leaf's own gradient is a
-constant, so no reduction over the output is spent on it.
+products that a plain backward would compute (diag_fim never needs the batch gradient). The
+alias is ``detach()`` of the output: it shares storage and version counter (no copy, and
+autograd still catches in-place changes to saved tensors) but is not an autograd view, so
+in-place operations after the module stay legal (autograd forbids in-place changes to views made
+inside a custom Function). The zero leaf's own gradient is a constant, so no reduction over the
+output is spent on it.
 
 A module called once with one output is processed as soon as its gradient arrives, so that
 gradient is freed early; anything else (weight sharing, several outputs) is processed after the
@@ -29,11 +31,11 @@ from fisher_fast.fim.rules import Call, Instrument
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on ``x`` (as a copy) that makes ``x``'s gradient reachable from ``zero``."""
+    """Identity on ``x`` (an alias, no copy) that makes ``x``'s gradient reachable from ``zero``."""
 
     @staticmethod
     def forward(ctx: Any, zero: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
+        return x.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
