@@ -27,6 +27,7 @@ build: $(STAMP)
 test: build
 	bash scripts/run_pytest.sh $(PY) tests
 
+# The main job: Algorithm 1 on the embedded digits (fisher-fast demo; report in runs/demo).
 demo: build
 	$(PY) -m fisher_fast.cli demo
 

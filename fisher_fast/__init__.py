@@ -6,6 +6,12 @@ from fisher_fast._version import __version__
 from fisher_fast.distance import frechet_distance, frechet_distance_full, frechet_distances
 from fisher_fast.distributed import shard
 from fisher_fast.fim import Call, DiagFIM, RuleContext, diag_fim, register_rule, sample_labels
+from fisher_fast.pipeline import (
+    DictionarySettings,
+    TaskDictionary,
+    build_dictionary,
+    search_architecture,
+)
 from fisher_fast.tasks import (
     DataSource,
     DistanceResult,
@@ -24,13 +30,16 @@ __all__ = [
     "Call",
     "DataSource",
     "DiagFIM",
+    "DictionarySettings",
     "DistanceResult",
     "Probe",
     "RuleContext",
     "Suite",
     "Task",
+    "TaskDictionary",
     "TrainConfig",
     "__version__",
+    "build_dictionary",
     "build_info",
     "diag_fim",
     "distance_matrix",
@@ -44,6 +53,7 @@ __all__ = [
     "ops",
     "register_rule",
     "sample_labels",
+    "search_architecture",
     "shard",
     "task_distance",
     "train_probe",
