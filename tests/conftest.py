@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -82,3 +83,14 @@ def reference_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a / a.sum()
     b = b / b.sum()
     return math.sqrt((a.sqrt() - b.sqrt()).square().sum().item() / 2)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded: the tensors of the task, search and multi-process tests are
+    tiny, and on a shared machine extra intra-op threads only contend (they made those tests tens
+    of times slower); spawned ranks run one thread too, so references then use the same kernels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

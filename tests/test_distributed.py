@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,7 @@ from fisher_fast.tasks.loaders.config import load_task_config
 
 N = 37  # odd: two ranks get uneven shards
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread, as in every spawned rank: the single-process references then run the
-    same kernels (and on a shared 2-core machine extra threads only contend)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as in every spawned rank
 
 
 def small_cnn() -> nn.Module:

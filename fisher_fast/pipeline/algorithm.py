@@ -39,7 +39,6 @@ from fisher_fast.pipeline.dictionary import DictionaryError, TaskDictionary
 from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.distances import task_fim
 from fisher_fast.tasks.task import Task
-from fisher_fast.tasks.train import train_probe
 
 DEFAULT_FINAL_STEPS = 400
 """Adam steps of the final training of a found cell (batch size from the FUSE setting)."""
@@ -94,16 +93,8 @@ def baseline_distances(
     if len(dictionary) == 0:
         raise DictionaryError(f"the task dictionary in {dictionary.root} has no baseline yet")
     s = dictionary.settings
-    shape = tuple(target.splits().train.x.shape[1:])
-    if shape != s.input_shape or target.num_classes > s.head_width:
-        raise DictionaryError(
-            f"target {target.name!r} ({target.num_classes} classes, inputs {shape}) does not fit "
-            f"the dictionary's probes (inputs {s.input_shape}, {s.head_width} outputs)"
-        )
     start = time.perf_counter()
-    probe = train_probe(
-        target, s.arch, epsilon=s.epsilon, seed=seed, config=s.train, head_width=s.head_width
-    )
+    probe = s.train_probe(target, seed)
     probe_seconds = time.perf_counter() - start
     reference = task_fim(probe, target, fisher=s.fisher, seed=seed, split=split)
     others = [

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group
+from fisher_fast.distributed import is_main, process_group
 from fisher_fast.nas import FuseConfig
 from fisher_fast.pipeline.algorithm import DEFAULT_FINAL_STEPS, search_architecture
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
 from fisher_fast.pipeline.table import format_table
-from fisher_fast.tasks.cli import set_threads
+from fisher_fast.tasks.cli import add_timeout_argument, set_threads
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite
 from fisher_fast.tasks.task import Task
 
@@ -134,13 +134,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--dist-timeout",
-        metavar="MIN",
-        type=float,
-        default=DEFAULT_TIMEOUT.total_seconds() / 60,
-        help="under torchrun: minutes a process waits for the others at a synchronisation "
-        f"point (default {DEFAULT_TIMEOUT.total_seconds() / 60:.0f})",
+    add_timeout_argument(
+        parser, "the work between two synchronisations (e.g. a probe's training) must fit in it"
     )
 
 

@@ -38,7 +38,7 @@ from fisher_fast.nas import FuseConfig, Genotype, SearchSpace, fuse_search
 from fisher_fast.tasks.cache import atomic_write, state_sha256, write_json
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.task import Task
-from fisher_fast.tasks.train import TrainConfig, train_probe
+from fisher_fast.tasks.train import Probe, TrainConfig, train_probe
 
 DICTIONARY_FORMAT = "fisher_fast.task_dictionary"
 DICTIONARY_VERSION = 1
@@ -85,6 +85,24 @@ class DictionarySettings:
             "fisher": self.fisher,
             "epsilon": self.epsilon,
         }
+
+    def train_probe(self, task: Task, seed: int) -> Probe:
+        """``task``'s probe with these settings; a task whose inputs or class count do not fit
+        the probes is a :class:`DictionaryError`."""
+        shape = tuple(task.splits().train.x.shape[1:])
+        if shape != self.input_shape or task.num_classes > self.head_width:
+            raise DictionaryError(
+                f"task {task.name!r} ({task.num_classes} classes, inputs {shape}) does not fit "
+                f"the dictionary's probes (inputs {self.input_shape}, {self.head_width} outputs)"
+            )
+        return train_probe(
+            task,
+            self.arch,
+            epsilon=self.epsilon,
+            seed=seed,
+            config=self.train,
+            head_width=self.head_width,
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictionarySettings:
@@ -230,9 +248,10 @@ class TaskDictionary:
         """Train ``task``'s probe, search its best cell with FUSE in the full space, store both.
 
         ``seed`` seeds the probe; the search's generator is seeded by ``seed`` and the task's
-        name together (:func:`task_seed`), so baselines do not share their candidates. The search checkpoints each round under
-        ``searches/``, so an interrupted :meth:`add` of the same task resumes it. An existing
-        entry of the same name is an error unless ``replace`` is given.
+        name together (:func:`task_seed`), so baselines do not share their candidates. The
+        search checkpoints each round under ``searches/``, so an interrupted :meth:`add` of the
+        same task resumes it. An existing entry of the same name is an error unless ``replace``
+        is given.
         """
         s = self.settings
         if task.name in self._entries and not replace:
@@ -240,24 +259,12 @@ class TaskDictionary:
                 f"{self.root} already has a baseline {task.name!r}; pass replace=True to replace "
                 "it, or add the task under another name"
             )
-        splits = task.splits()
-        shape = tuple(splits.train.x.shape[1:])
-        if shape != s.input_shape or task.num_classes > s.head_width:
-            raise DictionaryError(
-                f"task {task.name!r} ({task.num_classes} classes, inputs {shape}) does not fit "
-                f"this dictionary (inputs {s.input_shape}, at most {s.head_width} classes)"
-            )
         start = time.perf_counter()
-        probe = on_main(
-            f"training the probe of {task.name!r}",
-            lambda: train_probe(
-                task, s.arch, epsilon=s.epsilon, seed=seed, config=s.train, head_width=s.head_width
-            ),
-        )
+        probe = on_main(f"training the probe of {task.name!r}", lambda: s.train_probe(task, seed))
         slug = file_slug(task.name)
         result = fuse_search(
             SearchSpace.full(s.nodes),
-            splits.train,
+            task.splits().train,
             num_classes=task.num_classes,
             generator=torch.Generator().manual_seed(task_seed(seed, task.name)),
             config=s.fuse,

@@ -152,15 +152,7 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
         "single-threaded; torch's default otherwise)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument(
-        "--dist-timeout",
-        metavar="MIN",
-        type=float,
-        default=DEFAULT_TIMEOUT.total_seconds() / 60,
-        help="under torchrun: minutes a process waits for the others at a synchronisation point "
-        f"before giving up (default {DEFAULT_TIMEOUT.total_seconds() / 60:.0f}); one trial's "
-        "probe trainings on one process must fit in it",
-    )
+    add_timeout_argument(run, "one trial's probe trainings on one process must fit in it")
     p.set_defaults(run=run_distance)
 
 
@@ -216,6 +208,20 @@ def _run_distance(args: argparse.Namespace) -> int:
 
 def _silent(*_: object) -> None:
     """print on the ranks other than 0."""
+
+
+def add_timeout_argument(parser: argparse._ActionsContainer, fits: str) -> None:
+    """``--dist-timeout MIN``: how long a rank waits for the others under torchrun; ``fits``
+    says what work must fit in it."""
+    default = DEFAULT_TIMEOUT.total_seconds() / 60
+    parser.add_argument(
+        "--dist-timeout",
+        metavar="MIN",
+        type=float,
+        default=default,
+        help="under torchrun: minutes a process waits for the others at a synchronisation point "
+        f"before giving up (default {default:.0f}); {fits}",
+    )
 
 
 def set_threads(threads: int | None, arch: str) -> None:

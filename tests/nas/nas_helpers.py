@@ -1,24 +1,8 @@
-"""Shared pieces of the NAS tests: the ``one_thread`` fixture (each test module imports it) and
-a few fixed genotypes."""
+"""Shared pieces of the NAS tests: a few fixed genotypes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-import torch
-
 from fisher_fast.nas import Genotype
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run torch single-threaded: the tensors here are tiny, and extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 EVERY_OP_4 = Genotype.from_string(
     "|conv_3x3~0|+|dil_conv_3x3~0|conv_7x1_1x7~1|+|max_pool_3x3~0|avg_pool_3x3~1|conv_5x5~2|"

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from nas_helpers import one_thread  # noqa: F401 - autouse fixture
 from nas_search_helpers import THREE_OPS, TINY, TWO_CELLS, only_good, toy_part
 from torch import nn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nas_helpers import EVERY_OP_4, one_thread  # noqa: F401 - autouse fixture
+from nas_helpers import EVERY_OP_4
 
 from fisher_fast.nas import Genotype, SearchSpace, edge_list
 

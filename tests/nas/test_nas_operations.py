@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nas_helpers import one_thread  # noqa: F401 - autouse fixture: torch single-threaded
 
 from fisher_fast.nas import OPERATIONS, make_operation
 

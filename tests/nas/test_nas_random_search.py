@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nas_helpers import one_thread  # noqa: F401 - autouse fixture
 from nas_search_helpers import SHAPE, THREE_OPS, TINY, TWO_CELLS, only_good, toy_part
 
 from fisher_fast.nas import Genotype, Network, fuse_search, random_search, train_and_evaluate

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from nas_helpers import one_thread  # noqa: F401 - autouse fixture
 from nas_search_helpers import THREE_OPS, TINY, toy_part
 
 from fisher_fast.nas import Round, SearchResult, fuse_search

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from nas_helpers import EVERY_OP_4, one_thread  # noqa: F401 - autouse fixture
+from nas_helpers import EVERY_OP_4
 
 from fisher_fast.nas import OPERATIONS, Genotype, SearchSpace, edge_list
 

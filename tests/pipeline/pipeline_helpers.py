@@ -3,11 +3,6 @@ rounds of a few steps over 3-node cells of a two-channel skeleton (a second or s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-import torch
-
 from fisher_fast.nas import FuseConfig, Skeleton
 from fisher_fast.pipeline import DictionarySettings
 from fisher_fast.tasks import Task, TrainConfig
@@ -37,12 +32,3 @@ TINY_SETTINGS = DictionarySettings(
 def digit_tasks() -> tuple[Task, ...]:
     """The digits suite's four tasks (embedded data)."""
     return digits_suite().tasks
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run torch single-threaded: the networks are tiny, and extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

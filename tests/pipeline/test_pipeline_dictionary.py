@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import TINY_SETTINGS, digit_tasks, one_thread  # noqa: F401 - fixture
+from pipeline_helpers import TINY_SETTINGS, digit_tasks
 
 from fisher_fast.nas import SearchSpace
 from fisher_fast.pipeline import DictionaryError, TaskDictionary, build_dictionary

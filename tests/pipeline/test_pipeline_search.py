@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import TINY_FUSE, TINY_SETTINGS, digit_tasks, one_thread  # noqa: F401
+from pipeline_helpers import TINY_FUSE, TINY_SETTINGS, digit_tasks
 
 from fisher_fast.distance import frechet_distance
 from fisher_fast.nas import SearchSpace

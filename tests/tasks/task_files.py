@@ -1,30 +1,17 @@
-"""Shared by the task tests: writers of tiny data files in each supported format, a tiny
-synthetic data source, and the ``one_thread`` fixture (each test module imports it)."""
+"""Shared by the task tests: writers of tiny data files in each supported format and a tiny
+synthetic data source."""
 
 from __future__ import annotations
 
 import gzip
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from fisher_fast.tasks import DataSource
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run torch single-threaded: these tensors are tiny, and on a shared machine extra intra-op
-    threads only contend (they made these tests tens of times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 IDX_CODES = {
     np.dtype(np.uint8): 0x08,

@@ -11,7 +11,6 @@ import pytest
 import torch
 from task_files import (
     blob_source,
-    one_thread,  # noqa: F401 - autouse fixture: torch single-threaded
 )
 
 import fisher_fast.tasks.distances as dm

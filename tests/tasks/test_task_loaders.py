@@ -12,7 +12,6 @@ import pytest
 import torch
 from task_files import (
     CIFAR100_FINE,
-    one_thread,  # noqa: F401 - autouse fixture: torch single-threaded
     write_cifar10,
     write_cifar100,
     write_idx,
