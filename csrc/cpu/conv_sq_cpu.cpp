@@ -73,10 +73,11 @@ Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t p
   const int64_t by_product = kTileBytes / std::max<int64_t>(1, out_g * elem);
   int64_t rows = std::clamp<int64_t>(std::min(by_patches, by_product), 1, in_g);
   int64_t tiles = ceil_div(in_g, rows);
-  // Enough items for every thread, in a multiple of the thread count when there are few.
-  if (groups * tiles < 4 * threads) {
-    const int64_t wanted = ceil_div(groups * tiles, threads) * threads;
-    tiles = std::max(tiles, std::min(ceil_div(wanted, groups), ceil_div(in_g, kMinRows)));
+  // Whole rounds of items for the threads (each thread takes one contiguous range of items, so
+  // an uneven count leaves threads idle at the end), unless there are many items anyway.
+  if (groups * tiles < 16 * threads) {
+    const int64_t per_group = ceil_div(ceil_div(groups * tiles, threads) * threads, groups);
+    tiles = std::max(tiles, std::min(per_group, ceil_div(in_g, kMinRows)));
   }
   rows = ceil_div(in_g, tiles);
   tiles = ceil_div(in_g, rows);
