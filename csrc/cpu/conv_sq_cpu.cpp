@@ -7,10 +7,11 @@
 // gradients G[n,b] (O_g × L) once into L × O_g, then for each of its tiles and each sample writes
 // the tile's patch rows U (rows × L) into a small buffer (patch_rows), forms the product
 // U · G[n,b]ᵀ (rows × O_g) with one micro-kernel call (gemm_nn) and adds its squares to the tile,
-// a contiguous block of the result. Tiles are disjoint, so no accumulator is shared; only when
-// there are fewer tiles than threads are the samples also split, each part with its own
-// accumulator, summed at the end. Memory: the result plus, per thread, one chunk of transposed
-// gradients, one patch tile and one product tile, whatever N.
+// a contiguous block of the result. When the result is small, each thread takes all tiles for
+// its own range of samples, with its own accumulator (summed at the end), so every gradient is
+// transposed once; otherwise threads own disjoint tiles and share no accumulator. Memory: the
+// result plus, per thread, one chunk of transposed gradients, one patch tile and one product tile,
+// whatever N.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,13 +24,18 @@
 #include "fisher_fast/conv_patches.h"
 #include "fisher_fast/gemm_nn.h"
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace fisher_fast {
 namespace {
 
-constexpr int64_t kTileBytes = 256 << 10;   // patch tile and product tile, each (L2-resident)
-constexpr int64_t kChunkBytes = 512 << 10;  // transposed output gradients held per thread
-constexpr int64_t kMinRows = 16;            // fewer patch rows per tile than this: split samples
-constexpr int64_t kBlock = 16;              // transpose block
+constexpr int64_t kTileBytes = 256 << 10;      // patch tile and product tile, each (L2-resident)
+constexpr int64_t kChunkBytes = 512 << 10;     // transposed output gradients held per thread
+constexpr int64_t kSplitAccBytes = 512 << 10;  // results up to this: split samples
+constexpr int64_t kMinRows = 16;               // fewer patch rows per tile than this: split samples
+constexpr int64_t kBlock = 16;                 // transpose block
 
 #define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
@@ -45,16 +51,42 @@ FF_CLONES void square_add(const compute_t* __restrict prod, acc_t* __restrict ac
   }
 }
 
-// dst (cols × rows) = src (rows × cols)ᵀ, both contiguous, in cache-sized blocks.
+// dst (cols × rows) = src (rows × cols)ᵀ, both contiguous, in cache-sized blocks; float32 moves
+// 4×4 blocks through SSE registers (baseline on x86-64), the rest goes element by element.
+template <typename T>
+void transpose_block(const T* __restrict src, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
+                     int64_t c0, int64_t c1, T* __restrict dst) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
+  }
+}
+
+#if defined(__SSE__)
+void transpose_block(const float* __restrict src, int64_t rows, int64_t cols, int64_t r0,
+                     int64_t r1, int64_t c0, int64_t c1, float* __restrict dst) {
+  const int64_t r4 = r0 + (r1 - r0) / 4 * 4, c4 = c0 + (c1 - c0) / 4 * 4;
+  for (int64_t r = r0; r < r4; r += 4) {
+    for (int64_t c = c0; c < c4; c += 4) {
+      __m128 a = _mm_loadu_ps(src + r * cols + c), b = _mm_loadu_ps(src + (r + 1) * cols + c);
+      __m128 e = _mm_loadu_ps(src + (r + 2) * cols + c), d = _mm_loadu_ps(src + (r + 3) * cols + c);
+      _MM_TRANSPOSE4_PS(a, b, e, d);
+      _mm_storeu_ps(dst + c * rows + r, a);
+      _mm_storeu_ps(dst + (c + 1) * rows + r, b);
+      _mm_storeu_ps(dst + (c + 2) * rows + r, e);
+      _mm_storeu_ps(dst + (c + 3) * rows + r, d);
+    }
+  }
+  transpose_block<float>(src, rows, cols, r0, r4, c4, c1, dst);  // right edge
+  transpose_block<float>(src, rows, cols, r4, r1, c0, c1, dst);  // bottom edge
+}
+#endif
+
 template <typename T>
 void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst) {
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    const int64_t r1 = std::min(rows, r0 + kBlock);
     for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      const int64_t c1 = std::min(cols, c0 + kBlock);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
-      }
+      transpose_block(src, rows, cols, r0, std::min(rows, r0 + kBlock), c0,
+                      std::min(cols, c0 + kBlock), dst);
     }
   }
 }
@@ -73,8 +105,15 @@ Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t p
   const int64_t by_product = kTileBytes / std::max<int64_t>(1, out_g * elem);
   int64_t rows = std::clamp<int64_t>(std::min(by_patches, by_product), 1, in_g);
   int64_t tiles = ceil_div(in_g, rows);
-  // Whole rounds of items for the threads (each thread takes one contiguous range of items, so
-  // an uneven count leaves threads idle at the end), unless there are many items anyway.
+  const int64_t chunk =
+      std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, positions * out_g * elem));
+  // A small result: every thread takes all tiles for its own share of the samples (each output
+  // gradient is then transposed once, by one thread), with its own accumulator.
+  if (groups * out_g * in_g * elem <= kSplitAccBytes && n >= threads) {
+    return {ceil_div(in_g, tiles), tiles, threads, chunk};
+  }
+  // Otherwise threads own tiles, in whole rounds of items (each thread takes one contiguous
+  // range of items, so an uneven count leaves threads idle at the end) unless there are many.
   if (groups * tiles < 16 * threads) {
     const int64_t per_group = ceil_div(ceil_div(groups * tiles, threads) * threads, groups);
     tiles = std::max(tiles, std::min(per_group, ceil_div(in_g, kMinRows)));
@@ -83,8 +122,6 @@ Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t p
   tiles = ceil_div(in_g, rows);
   const int64_t splits =
       groups * tiles >= threads ? 1 : std::min(n, ceil_div(threads, groups * tiles));
-  const int64_t chunk =
-      std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, positions * out_g * elem));
   return {rows, tiles, std::max<int64_t>(1, splits), chunk};
 }
 
