@@ -47,7 +47,10 @@ void gemm_nn_blas(Gemm gemm, int64_t m, int64_t n, int64_t k, const T* a, int64_
   gemm("N", "N", &in, &im, &ik, &one, b, &ildb, a, &ilda, &zero, c, &ildc);
 }
 
+// The float32 brgemm exists only in newer torch (CPUBlas.h then defines CPUBLAS_BRGEMM_F32F32F32);
+// it throws where oneDNN has no micro-kernel for this CPU.
 bool probe_brgemm() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
   const float a = 2.0f, b = 3.0f;
   float c = 0.0f;
   try {
@@ -57,6 +60,9 @@ bool probe_brgemm() {
     return false;
   }
   return c == 6.0f;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -67,14 +73,18 @@ bool gemm_nn_uses_brgemm() {
 }
 
 void gemm_nn_release() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
   if (gemm_nn_uses_brgemm()) at::native::cpublas::brgemm_release(false);
+#endif
 }
 
 void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
              int64_t ldb, float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
   if (gemm_nn_uses_brgemm()) {
     return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, false, a, b, c);
   }
+#endif
   if (sgemm_ != nullptr) return gemm_nn_blas(sgemm_, m, n, k, a, lda, b, ldb, c, ldc);
   gemm_nn_aten(m, n, k, a, lda, b, ldb, c, ldc);
 }
