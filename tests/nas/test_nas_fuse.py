@@ -22,6 +22,8 @@ from fisher_fast.nas import (
 from fisher_fast.nas.training import carve_validation
 from fisher_fast.tasks import Part
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 class Constant(nn.Module):
     def __init__(self, logits: list[float]) -> None:

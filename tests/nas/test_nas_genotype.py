@@ -8,6 +8,8 @@ from nas_helpers import EVERY_OP_4
 
 from fisher_fast.nas import Genotype, SearchSpace, edge_list
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 def test_edges_are_ordered_by_target_then_source() -> None:
     assert edge_list(3) == ((0, 1), (0, 2), (1, 2))

@@ -9,6 +9,8 @@ from nas_helpers import EVERY_OP_4, IDENTITY_3
 import fisher_fast
 from fisher_fast.nas import Cell, Genotype, Network
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 @pytest.mark.parametrize("reduction", [False, True])
 def test_cell_shapes(reduction: bool) -> None:

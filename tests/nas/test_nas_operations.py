@@ -7,6 +7,8 @@ import torch
 
 from fisher_fast.nas import OPERATIONS, make_operation
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 def test_the_ten_operations_of_appendix_a() -> None:
     assert len(OPERATIONS) == 10 and OPERATIONS[:2] == ("zero", "identity")

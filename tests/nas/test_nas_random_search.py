@@ -9,6 +9,8 @@ from nas_search_helpers import SHAPE, THREE_OPS, TINY, TWO_CELLS, only_good, toy
 
 from fisher_fast.nas import Genotype, Network, fuse_search, random_search, train_and_evaluate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 def test_random_search_spends_exactly_the_fuse_budget() -> None:
     data = toy_part(48, seed=0)

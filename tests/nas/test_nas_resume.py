@@ -13,6 +13,8 @@ from nas_search_helpers import THREE_OPS, TINY, toy_part
 
 from fisher_fast.nas import Round, SearchResult, fuse_search
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 CONFIG = replace(TINY, candidates=2, rounds=4)
 DATA = toy_part(48, seed=5)
 

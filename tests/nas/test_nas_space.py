@@ -11,6 +11,8 @@ from nas_helpers import EVERY_OP_4
 
 from fisher_fast.nas import OPERATIONS, Genotype, SearchSpace, edge_list
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 SMALL = SearchSpace(3, ["zero", "identity", "conv_3x3"])
 """27 assignments; 5 leave the output unreachable (0->2 zero and not both 0->1, 1->2 non-zero)."""
 

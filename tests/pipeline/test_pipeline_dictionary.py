@@ -15,6 +15,8 @@ from fisher_fast.nas import SearchSpace
 from fisher_fast.pipeline import DictionaryError, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.dictionary import INDEX_FILE
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:

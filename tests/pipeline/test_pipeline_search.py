@@ -24,6 +24,8 @@ from fisher_fast.pipeline import (
 from fisher_fast.tasks import Part, task_fim, train_probe
 from fisher_fast.tasks.suites import digits_suite
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 @pytest.fixture(scope="module")
 def dictionary(tmp_path_factory: pytest.TempPathFactory) -> TaskDictionary:

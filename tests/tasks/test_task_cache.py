@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from task_files import (
-    blob_source,
-)
+from task_files import blob_source
 
 import fisher_fast.tasks.distances as dm
 from fisher_fast.tasks import CacheWarning, Task, TrainConfig, distance_matrix
 from fisher_fast.tasks.cache import RunCache, atomic_write, config_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def _tasks() -> list[Task]:

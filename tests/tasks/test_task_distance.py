@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from task_files import (
-    blob_source,
-)
+from task_files import blob_source
 
 import fisher_fast
 from fisher_fast.cli import build_parser, main
@@ -27,6 +25,8 @@ from fisher_fast.tasks import (
     task_fim,
     train_probe,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 
 def test_digits_matrix_end_to_end(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from fisher_fast.tasks.loaders import (
 )
 from fisher_fast.tasks.suites import IMAGENET_FOLDERS, IMAGENET_TASKS, imagenet_folder_suite
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.float32])
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -16,6 +16,8 @@ from task_files import (
 from fisher_fast.tasks import DataSource, Task, get_suite
 from fisher_fast.tasks.balance import DROPPED, balanced_indices, stratified_split, task_labels
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 def test_task_labels_map_groups_other_and_dropped() -> None:
     y = torch.tensor([0, 1, 2, 3, 4, 5, 3])

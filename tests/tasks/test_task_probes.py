@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-from task_files import (
-    blob_source,
-)
+from task_files import blob_source
 
 import fisher_fast
 from fisher_fast.tasks import PROBES, EpsilonWarning, Task, TrainConfig, make_probe, train_probe
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
