@@ -2,7 +2,8 @@
 
 Input (N, *, I), output gradient (N, *, O). The per-sample weight gradient is
 sum_t g_t x_t^T over the extra axes t; with no extra axes and a single call it factors and
-costs one matrix product, (g∘g)^T (x∘x). The bias gradient is sum_t g_t.
+costs one matrix product, (g∘g)^T (x∘x), whose g∘g also gives the bias. The bias gradient is
+sum_t g_t.
 """
 
 from __future__ import annotations
@@ -25,9 +26,24 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
     # Calls are positions of one per-sample sum, so weight sharing is a concatenation along T.
     x = torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]
     g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+    if g.shape[1] == 1:
+        _factored(module, g[:, 0], x[:, 0], ctx)
+        return
     if module.weight.requires_grad:
         ctx.add("weight", ctx.square_sum(g.unsqueeze(1), x.unsqueeze(1))[0])
     if module.bias is not None and module.bias.requires_grad:
         ctx.add_bias(
             "bias", sum_over_calls(calls, lambda c: _positions(c.grad()).to(ctx.work_dtype).sum(1))
         )
+
+
+def _factored(module: nn.Linear, g: torch.Tensor, x: torch.Tensor, ctx: RuleContext) -> None:
+    """One call without extra axes, g (N, O), x (N, I): the per-sample weight gradient g_n x_n^T
+    squares to (g_n∘g_n)(x_n∘x_n)^T, so the sum over samples is one matrix product, and the
+    bias's is the column sum of the same g∘g (squared once for both)."""
+    g2 = g.to(ctx.work_dtype).square()
+    if module.weight.requires_grad:
+        x2 = x.to(ctx.work_dtype).square()
+        ctx.add("weight", torch.mm(g2.t(), x2).to(ctx.acc_dtype))
+    if module.bias is not None and module.bias.requires_grad:
+        ctx.add("bias", g2.sum(0, dtype=ctx.acc_dtype))
