@@ -132,10 +132,14 @@ def fuse_search(
     config = config or FuseConfig()
     build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
     start = time.perf_counter()
-    key = search_key(space, train_data, num_classes, config, generator.get_state())
+    initial_state = generator.get_state()
     weights_part, val_part = carve_validation(train_data, config.val_fraction, generator)
-    path = None if checkpoint is None else Path(checkpoint)
-    resumed = None if path is None else load_checkpoint(path, key)
+    # (file, key): the key hashes the training data, so it is only computed for a checkpoint.
+    saving = None
+    resumed = None
+    if checkpoint is not None:
+        saving = Path(checkpoint), search_key(space, train_data, num_classes, config, initial_state)
+        resumed = load_checkpoint(*saving)
     history: list[Round] = []
     spent = 0.0
     if resumed is not None:
@@ -173,7 +177,8 @@ def fuse_search(
                 val_accuracy=evaluate(mixture, val_part, "cpu")[0],
             )
         )
-        if path is not None and is_main():
+        if saving is not None and is_main():
+            path, key = saving
             state = Checkpoint(
                 key, tuple(history), generator.get_state(), spent + time.perf_counter() - start
             )

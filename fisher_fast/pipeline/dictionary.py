@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +258,6 @@ class TaskDictionary:
                 f"{self.root} already has a baseline {task.name!r}; pass replace=True to replace "
                 "it, or add the task under another name"
             )
-        start = time.perf_counter()
         probe = on_main(f"training the probe of {task.name!r}", lambda: s.train_probe(task, seed))
         slug = file_slug(task.name)
         result = fuse_search(
@@ -278,7 +276,7 @@ class TaskDictionary:
             genotype=result.genotype,
             probe_file=probe_file,
             probe_sha256=digest,
-            probe={**probe.metadata(), "seconds": time.perf_counter() - start},
+            probe=probe.metadata(),
             search=result.to_dict(),
         )
         self._entries[task.name] = entry

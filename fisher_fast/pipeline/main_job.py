@@ -29,7 +29,6 @@ import torch
 from fisher_fast.distributed import is_main, on_main
 from fisher_fast.nas import (
     FuseConfig,
-    Genotype,
     SearchSpace,
     fuse_search,
     random_search,
@@ -38,7 +37,6 @@ from fisher_fast.nas import (
 from fisher_fast.pipeline.algorithm import (
     DEFAULT_FINAL_STEPS,
     ArchitectureReport,
-    fit_candidates,
     search_architecture,
 )
 from fisher_fast.pipeline.dictionary import DictionarySettings, build_dictionary
@@ -112,7 +110,17 @@ def run_main_job(
             report.seconds,
             report.search.genotype.to_string(),
         ),
-        *_same_budget_rows(suite, target, report, root, seed, config, final_steps, progress),
+        *_same_budget_rows(
+            suite,
+            target,
+            report,
+            SearchSpace.restricted_to(dictionary[report.closest].genotype),
+            root,
+            seed,
+            config,
+            final_steps,
+            progress,
+        ),
         *on_main("training the hand-designed probes", lambda: _probe_rows(suite, target, seed)),
     ]
     summary: dict[str, Any] = {
@@ -135,16 +143,16 @@ def _same_budget_rows(
     suite: Suite,
     target: int,
     report: ArchitectureReport,
+    restricted: SearchSpace,
     root: Path,
     seed: int,
     config: FuseConfig,
     final_steps: int,
     progress: bool,
 ) -> list[Row]:
-    """Random search in S_a* and FUSE in the full space, each with the budget FUSE spent in
-    S_a*, each winner trained and tested like the found cell."""
+    """Random search in ``restricted`` (S_a*) and FUSE in the full space, each with the budget
+    FUSE spent in S_a*, each winner trained and tested like the found cell."""
     splits = suite.tasks[target].splits()
-    restricted = SearchSpace.restricted_to(Genotype.from_string(report.baseline_genotype))
     classes = suite.tasks[target].num_classes
     rows = []
     generator = torch.Generator().manual_seed(seed)
@@ -156,7 +164,7 @@ def _same_budget_rows(
             num_classes=classes,
             budget=report.search.steps,
             generator=generator,
-            config=fit_candidates(config, restricted),
+            config=config,
         )
     full = SearchSpace.full(report.search.genotype.nodes)
     full_generator = torch.Generator().manual_seed(seed)
