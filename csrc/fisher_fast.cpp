@@ -23,4 +23,11 @@ TORCH_LIBRARY(fisher_fast, m) {
   m.def(
       "conv2d_sq_sum(Tensor x, Tensor g, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, ScalarType acc_dtype) -> Tensor");
+
+  // In place, for a linear layer without extra axes (CPU only): weight_acc += (g∘g)ᵀ (x∘x) and
+  // bias_acc += column sums of g∘g, the sums over samples of the squared per-sample gradients.
+  // g: (N, O) output gradients, x: (N, I) inputs, same floating dtype; weight_acc (O, I) and
+  // bias_acc (O,) float32 or float64, either may be None. Allocates nothing the size of the batch.
+  m.def(
+      "linear_sq_sum_(Tensor(a!)? weight_acc, Tensor(b!)? bias_acc, Tensor g, Tensor x) -> ()");
 }

@@ -61,6 +61,23 @@ def conv2d_sq_sum(
     )
 
 
+def linear_sq_sum_(
+    weight_acc: torch.Tensor | None,
+    bias_acc: torch.Tensor | None,
+    g: torch.Tensor,
+    x: torch.Tensor,
+) -> None:
+    """In place: ``weight_acc += (g∘g)ᵀ (x∘x)`` and ``bias_acc += (g∘g).sum(0)`` (CPU only).
+
+    The sums over samples of a linear layer's squared per-sample gradients, for g: (N, O) output
+    gradients and x: (N, I) inputs (any floating dtype). weight_acc (O, I) and bias_acc (O,) are
+    float32 or float64 (the squares are taken in that type); either may be None. The squares go
+    into a workspace the calling thread keeps between calls (at most 16 MiB; larger batches are
+    taken in chunks of samples), so nothing the size of the batch is allocated.
+    """
+    _op("linear_sq_sum_")(weight_acc, bias_acc, g, x)
+
+
 if _library.is_loaded():
 
     @torch.library.register_fake("fisher_fast::frechet_sums")
@@ -91,3 +108,15 @@ if _library.is_loaded():
         torch._check(x.dim() == 4 and g.dim() == 4, lambda: "x and g must be 4-D")
         columns = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
         return x.new_empty((groups, g.shape[1] // groups, columns), dtype=acc_dtype)
+
+    @torch.library.register_fake("fisher_fast::linear_sq_sum_")
+    def _linear_sq_sum_fake(
+        weight_acc: torch.Tensor | None,
+        bias_acc: torch.Tensor | None,
+        g: torch.Tensor,
+        x: torch.Tensor,
+    ) -> None:
+        torch._check(g.dim() == 2 and x.dim() == 2, lambda: "g and x must be 2-D")
+        torch._check(
+            weight_acc is not None or bias_acc is not None, lambda: "nothing to accumulate"
+        )

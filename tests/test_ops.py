@@ -313,6 +313,109 @@ def test_conv2d_sq_sum_input_checks() -> None:
         ops.conv2d_sq_sum(x, g, *geometry, 1, torch.float16)
 
 
+# linear_sq_sum_ (CPU only, in place)
+
+
+def reference_linear_sq_sum(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample weight and bias gradients of a linear layer, squared and summed, in float64."""
+    g64, x64 = g.double(), x.double()
+    weight = sum(torch.outer(gn, xn).square() for gn, xn in zip(g64, x64, strict=True))
+    return weight, g64.square().sum(0)
+
+
+@pytest.mark.parametrize(
+    "n, out_f, in_f", [(1, 1, 1), (7, 5, 3), (64, 33, 130)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize(
+    "dtype, acc_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+    ],
+)
+def test_linear_sq_sum_matches_reference(
+    n: int, out_f: int, in_f: int, dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    g = torch.randn(n, out_f, generator=gen).to(dtype)
+    x = torch.randn(n, in_f, generator=gen).to(dtype)
+    start_w = torch.rand(out_f, in_f, generator=gen, dtype=acc_dtype)
+    start_b = torch.rand(out_f, generator=gen, dtype=acc_dtype)
+    weight, bias = start_w.clone(), start_b.clone()
+    ops.linear_sq_sum_(weight, bias, g, x)
+    want_w, want_b = reference_linear_sq_sum(g, x)
+    rtol = 1e-5 if acc_dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(weight.double(), start_w.double() + want_w, rtol=rtol, atol=0)
+    torch.testing.assert_close(bias.double(), start_b.double() + want_b, rtol=rtol, atol=0)
+
+
+def test_linear_sq_sum_one_accumulator_at_a_time(gen: torch.Generator) -> None:
+    g, x = torch.randn(9, 4, generator=gen), torch.randn(9, 6, generator=gen)
+    want_w, want_b = reference_linear_sq_sum(g, x)
+    weight, bias = torch.zeros(4, 6), torch.zeros(4)
+    ops.linear_sq_sum_(weight, None, g, x)
+    ops.linear_sq_sum_(None, bias, g, x)
+    torch.testing.assert_close(weight.double(), want_w, rtol=1e-5, atol=0)
+    torch.testing.assert_close(bias.double(), want_b, rtol=1e-5, atol=0)
+
+
+def test_linear_sq_sum_in_chunks_and_threads(gen: torch.Generator) -> None:
+    """A batch whose squares exceed the 16 MiB workspace is taken in chunks of samples; the
+    result does not depend on the chunking or the number of threads."""
+    n, out_f, in_f = 700, 1000, 2100  # 700 * 3100 float64 squares: 17.4 MB
+    g = torch.randn(n, out_f, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, in_f, generator=gen, dtype=torch.float64)
+    want = g.square().t() @ x.square()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            weight = torch.zeros(out_f, in_f, dtype=torch.float64)
+            ops.linear_sq_sum_(weight, None, g, x)
+            torch.testing.assert_close(weight, want, rtol=1e-12, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_linear_sq_sum_non_contiguous_inputs(gen: torch.Generator) -> None:
+    g = torch.randn(5, 8, generator=gen).t()  # (8, 5) with strides (1, 8)
+    x = torch.randn(3, 8, generator=gen).t()
+    weight, bias = torch.zeros(5, 3), torch.zeros(5)
+    ops.linear_sq_sum_(weight, bias, g, x)
+    want_w, want_b = reference_linear_sq_sum(g, x)
+    torch.testing.assert_close(weight.double(), want_w, rtol=1e-5, atol=0)
+    torch.testing.assert_close(bias.double(), want_b, rtol=1e-5, atol=0)
+
+
+def test_linear_sq_sum_of_no_samples() -> None:
+    weight, bias = torch.ones(2, 3), torch.ones(2)
+    ops.linear_sq_sum_(weight, bias, torch.zeros(0, 2), torch.zeros(0, 3))
+    assert bool((weight == 1).all()) and bool((bias == 1).all())
+
+
+def test_linear_sq_sum_input_checks() -> None:
+    g, x, w, b = torch.ones(4, 2), torch.ones(4, 3), torch.zeros(2, 3), torch.zeros(2)
+    with pytest.raises(RuntimeError, match=r"g and x must be 2-D \(N, O\) and \(N, I\)"):
+        ops.linear_sq_sum_(w, b, g[None], x)
+    with pytest.raises(RuntimeError, match="must have the same number of samples"):
+        ops.linear_sq_sum_(w, b, g, x[:3])
+    with pytest.raises(RuntimeError, match="g must be float16, bfloat16, float32 or float64"):
+        ops.linear_sq_sum_(w, b, g.long(), x.long())
+    with pytest.raises(RuntimeError, match="g and x must share one dtype"):
+        ops.linear_sq_sum_(w, b, g, x.double())
+    with pytest.raises(RuntimeError, match="nothing to accumulate"):
+        ops.linear_sq_sum_(None, None, g, x)
+    with pytest.raises(RuntimeError, match="accumulators must be float32 or float64, got Half"):
+        ops.linear_sq_sum_(w.half(), None, g, x)
+    with pytest.raises(RuntimeError, match=r"weight_acc has shape \[3, 2\] but g and x need"):
+        ops.linear_sq_sum_(w.t().contiguous(), None, g, x)
+    with pytest.raises(RuntimeError, match=r"bias_acc has shape \[3\] but g needs \(2,\)"):
+        ops.linear_sq_sum_(None, torch.zeros(3), g, x)
+    with pytest.raises(RuntimeError, match="weight_acc and bias_acc must share one dtype"):
+        ops.linear_sq_sum_(w, b.double(), g, x)
+
+
 # Operator registration: schema, fake (meta) implementations, torch.compile
 
 
@@ -362,6 +465,21 @@ def test_opcheck_conv2d_sq_sum(gen: torch.Generator) -> None:
             torch.ops.fisher_fast.conv2d_sq_sum.default,
             (x, g, list(kernel), list(stride), list(padding), list(dilation), groups, acc),
         )
+
+
+def test_opcheck_linear_sq_sum(gen: torch.Generator) -> None:
+    for dtype, acc, with_weight, with_bias in [
+        (torch.float32, torch.float32, True, True),
+        (torch.float64, torch.float64, True, False),
+        (torch.bfloat16, torch.float32, False, True),
+    ]:
+        g, x = (
+            torch.randn(6, 4, generator=gen).to(dtype),
+            torch.randn(6, 5, generator=gen).to(dtype),
+        )
+        weight = torch.zeros(4, 5, dtype=acc) if with_weight else None
+        bias = torch.zeros(4, dtype=acc) if with_bias else None
+        torch.library.opcheck(torch.ops.fisher_fast.linear_sq_sum_.default, (weight, bias, g, x))
 
 
 def test_compile_sums_and_distances_fullgraph(gen: torch.Generator, device: str) -> None:

@@ -300,7 +300,10 @@ def _processor(
                 f"the rule for {type(plan.module).__name__} added {local!r}, which is not a parameter to fill"
             )
 
-    ctx = RuleContext(acc_dtype=dtype, backend=backend, add=add)
+    def target(local: str) -> torch.Tensor | None:
+        return views.get(plan.global_name(local))
+
+    ctx = RuleContext(acc_dtype=dtype, backend=backend, add=add, target=target)
 
     @torch.no_grad()
     def process(module: nn.Module, calls: list[Call]) -> None:

@@ -59,6 +59,9 @@ class RuleContext:
     acc_dtype: torch.dtype
     backend: str
     add: Callable[[str, torch.Tensor], None]  # (local parameter name, sum of squares)
+    # (local parameter name) -> the accumulator's view for that parameter, to add to in place
+    # (saves a temporary the size of the parameter), or None when it is not accumulated.
+    target: Callable[[str], torch.Tensor | None]
 
     @property
     def work_dtype(self) -> torch.dtype:

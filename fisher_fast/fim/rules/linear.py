@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fisher_fast import ops
 from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
 
 
@@ -40,10 +41,17 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
 def _factored(module: nn.Linear, g: torch.Tensor, x: torch.Tensor, ctx: RuleContext) -> None:
     """One call without extra axes, g (N, O), x (N, I): the per-sample weight gradient g_n x_n^T
     squares to (g_n∘g_n)(x_n∘x_n)^T, so the sum over samples is one matrix product, and the
-    bias's is the column sum of the same g∘g (squared once for both)."""
+    bias's is the column sum of the same g∘g (squared once for both). Both are added into the
+    accumulator in place; on CPU the kernels backend also keeps the squares out of fresh memory."""
+    weight = ctx.target("weight") if module.weight.requires_grad else None
+    bias = ctx.target("bias") if module.bias is not None and module.bias.requires_grad else None
+    if weight is None and bias is None:
+        return
+    if ctx.backend == "kernels" and g.device.type == "cpu":
+        ops.linear_sq_sum_(weight, bias, g, x)
+        return
     g2 = g.to(ctx.work_dtype).square()
-    if module.weight.requires_grad:
-        x2 = x.to(ctx.work_dtype).square()
-        ctx.add("weight", torch.mm(g2.t(), x2).to(ctx.acc_dtype))
-    if module.bias is not None and module.bias.requires_grad:
-        ctx.add("bias", g2.sum(0, dtype=ctx.acc_dtype))
+    if weight is not None:
+        weight.addmm_(g2.t(), x.to(ctx.work_dtype).square())
+    if bias is not None:
+        bias.add_(g2.sum(0))
