@@ -67,8 +67,9 @@ void check_inputs(const std::optional<at::Tensor>& weight_acc,
            "the accumulators must be float32 or float64, got ", any.scalar_type());
   FF_CHECK_SAME_DEVICE(any, g, "the accumulator", "g");
   if (weight_acc.has_value()) {
-    FF_CHECK(weight_acc->sizes() == at::IntArrayRef({g.size(1), x.size(1)}), "weight_acc has shape ",
-             weight_acc->sizes(), " but g and x need (", g.size(1), ", ", x.size(1), ")");
+    FF_CHECK(weight_acc->sizes() == at::IntArrayRef({g.size(1), x.size(1)}),
+             "weight_acc has shape ", weight_acc->sizes(), " but g and x need (", g.size(1), ", ",
+             x.size(1), ")");
   }
   if (bias_acc.has_value()) {
     FF_CHECK(bias_acc->sizes() == at::IntArrayRef({g.size(1)}), "bias_acc has shape ",
@@ -89,7 +90,8 @@ void linear_sq_sum_cpu(const std::optional<at::Tensor>& weight_acc,
   const auto xc = x.contiguous();
   const int64_t elem = work == at::kDouble ? 8 : 4;
   const int64_t row_bytes = (out_f + in_f) * elem;
-  const int64_t chunk = std::clamp<int64_t>(kWorkspaceBytes / std::max<int64_t>(1, row_bytes), 1, n);
+  const int64_t chunk =
+      std::clamp<int64_t>(kWorkspaceBytes / std::max<int64_t>(1, row_bytes), 1, n);
   auto* base = workspace(chunk * row_bytes);
   const auto options = g.options().dtype(work);
 
