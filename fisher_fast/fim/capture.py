@@ -100,10 +100,30 @@ class Capture:
         """The leaves to differentiate with respect to (one per device seen)."""
         return list(self._zeros.values())
 
-    def begin_batch(self) -> None:
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Record one batch's calls, and drop them (inputs, output gradients) when it ends.
+
+        Dropping them is what frees the batch: a call's tensors lead through autograd's C++
+        graph to tap hooks that refer back to the call and to this Capture (a recorded input is
+        usually another module's tapped output), a reference cycle that Python's garbage
+        collector does not see. Kept, every batch's activations and the accumulator would
+        outlive diag_fim (measured: 5.5 MB per call on the benchmark MLP).
+        """
+        self._forget_calls()
+        try:
+            yield
+        finally:
+            self._forget_calls()
+
+    def _forget_calls(self) -> None:
         for calls in self.calls.values():
+            for call in calls:
+                call.forget()
             calls.clear()
         self._zeros.clear()
+        self._done.clear()
+        self._instrumented.clear()
 
     def begin_pass(self) -> None:
         self._done.clear()

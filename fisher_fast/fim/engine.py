@@ -253,24 +253,24 @@ def _accumulate(
                     n = max_samples - n_seen
                     inputs, targets = take(inputs, targets, n)
             _check_devices((inputs, targets), device)
-            capture.begin_batch()
-            processed.clear()
-            with torch.enable_grad():
-                output = call_model(model, inputs)
-                zeros = capture.zero_leaves()
-                objs = list(objectives(output, targets, loss, fisher, mc_samples, generator))
-                for j, objective in enumerate(objs):
-                    if not torch.isfinite(objective):
-                        raise FloatingPointError(
-                            f"the loss is not finite ({objective.item()}) on the batch of samples "
-                            f"{n_seen}..{n_seen + n - 1}; check the inputs and the model"
+            with capture.batch():
+                processed.clear()
+                with torch.enable_grad():
+                    output = call_model(model, inputs)
+                    zeros = capture.zero_leaves()
+                    objs = list(objectives(output, targets, loss, fisher, mc_samples, generator))
+                    for j, objective in enumerate(objs):
+                        if not torch.isfinite(objective):
+                            raise FloatingPointError(
+                                f"the loss is not finite ({objective.item()}) on the batch of samples "
+                                f"{n_seen}..{n_seen + n - 1}; check the inputs and the model"
+                            )
+                        capture.begin_pass()
+                        torch.autograd.grad(
+                            objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
                         )
-                    capture.begin_pass()
-                    torch.autograd.grad(
-                        objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
-                    )
-                    capture.end_pass()
-            del output, objs
+                        capture.end_pass()
+                del output, objs
             check(f"{n_seen}..{n_seen + n - 1}")
             n_seen += n
             bar.update(n)

@@ -46,6 +46,10 @@ class Call:
             return torch.zeros(shape, dtype=dtype, device=device)
         return g
 
+    def forget(self) -> None:
+        """Drop every tensor this call holds (the batch's graph may still refer to the Call)."""
+        self.args, self.kwargs, self.grads, self.saved = (), {}, [], {}
+
     @property
     def input(self) -> torch.Tensor:
         """The first positional input (the layer input for every built-in layer)."""
