@@ -77,6 +77,18 @@ class UsesChildWeight(nn.Module):
         return self.after(torch.relu(h))
 
 
+class BorrowsChildWeight(nn.Module):
+    """Holds no parameter of its own and uses its child's weight without calling the child, so
+    the plan must tap it after the first forward pass (which then runs again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.nn.functional.linear(x, self.proj.weight, self.proj.bias))
+
+
 class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -165,10 +177,14 @@ SETTINGS = [
     Setting("embedding-freq", lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), _tokens(5, 9)),
     Setting("fallback-custom", lambda: Scale(5), _x(5)),
     Setting("fallback-orphan", lambda: UsesChildWeight(), _x(4)),
+    Setting("fallback-borrowed", lambda: BorrowsChildWeight(), _x(4)),
     Setting("multihead-attention", lambda: _SelfAttention(), _x(4, 6)),
     Setting("cnn-batchnorm", SmallCNN, _x(3, 8, 8), head=False),
     Setting("transformer", TinyTransformer, _tokens(11, 5), head=False),
 ]
+
+
+SETTINGS_BY_ID = {s.id: s for s in SETTINGS}
 
 
 class _SelfAttention(nn.Module):
@@ -246,6 +262,39 @@ def test_names_and_shapes_follow_named_parameters() -> None:
     assert fim.names == [n for n, _ in model.named_parameters()]
     for name, p in model.named_parameters():
         assert fim[name].shape == p.shape
+
+
+def test_a_borrowed_weight_costs_one_repeated_forward_pass() -> None:
+    model, x, y = build(SETTINGS_BY_ID["fallback-borrowed"], random.randrange(2**31))
+    head_runs: list[int] = []
+    model[2].register_forward_pre_hook(lambda m, args: head_runs.append(args[0].shape[0]))
+    fisher_fast.diag_fim(model, (x, y), progress=False, batch_size=3)
+    sizes = [len(chunk) for chunk in torch.arange(N).split(3)]
+    assert head_runs == [sizes[0], *sizes]  # the first batch twice: its taps came from the plan
+
+
+class _OptionalBranch(nn.Module):
+    """Runs ``extra`` only for batches that carry the input "extra" (dict inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main, self.extra = nn.Linear(3, CLASSES), nn.Linear(3, CLASSES)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.main(x)
+        return out if extra is None else out + self.extra(extra)
+
+
+def test_a_module_first_run_in_a_later_batch_is_an_error() -> None:
+    y = torch.zeros(4, dtype=torch.long)
+    data = [
+        ({"x": torch.randn(4, 3)}, y),
+        ({"x": torch.randn(4, 3), "extra": torch.randn(4, 3)}, y),
+    ]
+    with pytest.raises(
+        RuntimeError, match=r"extra \(Linear\) ran in a later batch but not in the first"
+    ):
+        fisher_fast.diag_fim(_OptionalBranch(), data, progress=False)
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])

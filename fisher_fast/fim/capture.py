@@ -42,13 +42,25 @@ class _Tap(torch.autograd.Function):
         return grad.new_zeros(()), grad
 
 
+Process = Callable[[nn.Module, list[Call]], None]  # runs a module's rule(s), adds the result
+
+
+def _ignore(module: nn.Module, calls: list[Call]) -> None:
+    """The process of a tapped module that has nothing to add (its parameters are handled
+    elsewhere or left out)."""
+
+
 @dataclass
 class Owner:
-    """A module whose parameters are handled through its calls, and how."""
+    """A module whose parameters are handled through its calls, and how.
+
+    ``process`` is None until the plan is known (after the first forward pass); a gradient that
+    reaches an owner still without one means the module did not run in the first batch.
+    """
 
     name: str
     module: nn.Module
-    process: Callable[[nn.Module, list[Call]], None]  # runs the rule(s) and adds the result
+    process: Process | None = None
     instrument: Instrument | None = None  # optional instrumented forward (rules/__init__.py)
 
 
@@ -63,29 +75,47 @@ class Capture:
         self._paused = False
         self._handles: list[Any] = []
         self._instrumented: set[int] = set()  # modules whose current call was instrumented
+        self._installed = False
 
     def add_owner(self, owner: Owner) -> None:
-        """Record calls of ``owner.module`` once installed."""
+        """Record calls of ``owner.module`` (from now on when installed, else once installed)."""
         self.calls[owner.module] = []
         self._owner_of[owner.module] = owner
+        if self._installed:
+            self._install(owner)
+
+    def owns(self, module: nn.Module) -> bool:
+        return module in self._owner_of
+
+    def set_process(self, module: nn.Module, process: Process) -> None:
+        self._owner_of[module].process = process
+
+    def ignore_unplanned(self) -> None:
+        """Owners still without a process and with calls in this batch add nothing."""
+        for module, owner in self._owner_of.items():
+            if owner.process is None and self.calls[module]:
+                owner.process = _ignore
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Capture]:
+        self._installed = True
         for owner in self._owner_of.values():
-            self._handles.append(
-                owner.module.register_forward_hook(self._on_forward, with_kwargs=True)
-            )
-            if owner.instrument is not None:
-                owner.module.forward = self._instrumented_forward(owner)
+            self._install(owner)
         try:
             yield self
         finally:
+            self._installed = False
             for h in self._handles:
                 h.remove()
             self._handles.clear()
             for owner in self._owner_of.values():
                 if owner.instrument is not None:
                     del owner.module.forward  # back to the class's forward
+
+    def _install(self, owner: Owner) -> None:
+        self._handles.append(owner.module.register_forward_hook(self._on_forward, with_kwargs=True))
+        if owner.instrument is not None:
+            owner.module.forward = self._instrumented_forward(owner)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -110,13 +140,14 @@ class Capture:
         collector does not see. Kept, every batch's activations and the accumulator would
         outlive diag_fim (measured: 5.5 MB per call on the benchmark MLP).
         """
-        self._forget_calls()
+        self.forget_calls()
         try:
             yield
         finally:
-            self._forget_calls()
+            self.forget_calls()
 
-    def _forget_calls(self) -> None:
+    def forget_calls(self) -> None:
+        """Drop the calls recorded so far in this batch (and their tensors)."""
         for calls in self.calls.values():
             for call in calls:
                 call.forget()
@@ -135,7 +166,18 @@ class Capture:
         """Process every module not yet processed in this backward pass."""
         for module, calls in self.calls.items():
             if calls and id(module) not in self._done:
-                self._owner_of[module].process(module, calls)
+                self._process(module, calls)
+
+    def _process(self, module: nn.Module, calls: list[Call]) -> None:
+        owner = self._owner_of[module]
+        if owner.process is None:
+            raise RuntimeError(
+                f"{owner.name or 'the model'} ({type(module).__name__}) ran in a later batch but "
+                "not in the first one, and diag_fim decides from the first batch's forward pass "
+                "which module handles which parameter; make the first batch run every module "
+                "(e.g. put samples of every kind in it) or compute the FIM of each branch apart"
+            )
+        owner.process(module, calls)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _zero(self, device: torch.device) -> torch.Tensor:
@@ -191,7 +233,7 @@ class Capture:
             call.grads[k] = grad
             calls = self.calls[module]
             if len(calls) == 1 and len(call.output_meta) == 1:
-                self._owner_of[module].process(module, calls)
+                self._process(module, calls)
                 self._done.add(id(module))
                 call.grads[k] = None
 

@@ -10,9 +10,10 @@ model, whatever the number of samples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,9 +28,9 @@ from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of,
 from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.fallback import make_fallback_rule
 from fisher_fast.fim.losses import FISHER_KINDS, LossSpec, objectives
-from fisher_fast.fim.plan import OwnerPlan, make_plan
+from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, plan_from_calls, recording_calls
 from fisher_fast.fim.result import DiagFIM
-from fisher_fast.fim.rules import Call, RuleContext
+from fisher_fast.fim.rules import Call, Instrument, Rule, RuleContext, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
 
 BACKENDS = ("auto", "kernels", "torch")
@@ -182,34 +183,32 @@ def _local_sums(
     if first is None:
         return None
     _check_devices(first, device)
-    plan = make_plan(model, first[0])
-    if plan.unsupported and on_unsupported == "error":
-        raise ValueError(_unsupported_message(plan.unsupported))
-    skipped = set(plan.unsupported) if on_unsupported == "skip" else set()
-    names = [n for n, _ in trainable if n not in skipped]
-    params = dict(trainable)
-    acc = torch.zeros(sum(params[n].numel() for n in names), dtype=dtype, device=device)
-    views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
-    missing = set(names) - _covered(plan.owners, skipped)
-    if missing:
-        raise ValueError(f"no module call handles the parameters {sorted(missing)}")
     capture = Capture()
+    for name, module in direct_owners(model):
+        capture.add_owner(Owner(name, module, instrument=_instrument_of(find_rule(module))))
     processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
-    for o in plan.owners:
-        capture.add_owner(
-            Owner(
-                o.name,
-                o.module,
-                _processor(o, views, skipped, dtype, backend, capture, processed),
-                getattr(o.rule, "instrument", None),
-            )
+    sums: list[_Sums] = []  # laid out once the first forward pass has shown what runs
+
+    def adopt(called: set[nn.Module]) -> bool:
+        laid_out, covered = _adopt_plan(
+            plan_from_calls(model, called),
+            trainable,
+            capture,
+            processed,
+            dtype=dtype,
+            backend=backend,
+            on_unsupported=on_unsupported,
         )
+        sums.append(laid_out)
+        return covered
+
     n_seen = _accumulate(
         model,
         itertools.chain([first], stream),
         capture,
         device,
-        check=lambda samples: _check_finite(acc, views, processed, samples),
+        adopt=adopt,
+        check=lambda samples: _check_finite(sums[0].acc, sums[0].views, processed, samples),
         processed=processed,
         loss=loss,
         fisher=fisher,
@@ -219,7 +218,59 @@ def _local_sums(
         progress=progress,
         total=_expected_samples(data, max_samples),
     )
-    return LocalSums(names, acc, n_seen) if n_seen else None
+    return LocalSums(sums[0].names, sums[0].acc, n_seen) if n_seen else None
+
+
+@dataclasses.dataclass
+class _Sums:
+    """The accumulator of the parameters in the result, and a view of it per parameter."""
+
+    names: list[str]
+    acc: torch.Tensor
+    views: dict[str, torch.Tensor]
+
+
+def _adopt_plan(
+    plan: Plan,
+    trainable: list[tuple[str, nn.Parameter]],
+    capture: Capture,
+    processed: list[OwnerPlan],
+    *,
+    dtype: torch.dtype,
+    backend: str,
+    on_unsupported: str,
+) -> tuple[_Sums, bool]:
+    """Lay out the accumulator for ``plan`` and give each planned owner its process.
+
+    Returns the sums and whether the taps already in place cover the plan; when a parameter is
+    handled through an ancestor that was not tapped, that ancestor is tapped now and the forward
+    pass that led to the plan has to run again.
+    """
+    if plan.unsupported and on_unsupported == "error":
+        raise ValueError(_unsupported_message(plan.unsupported))
+    skipped = set(plan.unsupported) if on_unsupported == "skip" else set()
+    params = dict(trainable)
+    names = [n for n, _ in trainable if n not in skipped]
+    device = trainable[0][1].device
+    acc = torch.zeros(sum(params[n].numel() for n in names), dtype=dtype, device=device)
+    views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
+    missing = set(names) - _covered(plan.owners, skipped)
+    if missing:
+        raise ValueError(f"no module call handles the parameters {sorted(missing)}")
+    covered = True
+    for o in plan.owners:
+        process = _processor(o, views, skipped, dtype, backend, capture, processed)
+        if capture.owns(o.module):
+            capture.set_process(o.module, process)
+        else:
+            capture.add_owner(Owner(o.name, o.module, process, _instrument_of(o.rule)))
+            covered = False
+    capture.ignore_unplanned()
+    return _Sums(names, acc, views), covered
+
+
+def _instrument_of(rule: Rule | None) -> Instrument | None:
+    return getattr(rule, "instrument", None)
 
 
 def _accumulate(
@@ -228,7 +279,8 @@ def _accumulate(
     capture: Capture,
     device: torch.device,
     *,
-    check: Any,
+    adopt: Callable[[set[nn.Module]], bool],
+    check: Callable[[str], None],
     processed: list[OwnerPlan],
     loss: LossSpec,
     fisher: str,
@@ -238,8 +290,13 @@ def _accumulate(
     progress: bool,
     total: int | None,
 ) -> int:
-    """Run the forward and backward passes over all batches; return the number of samples."""
+    """Run the forward and backward passes over all batches; return the number of samples.
+
+    The first batch's forward pass also records which modules run, and ``adopt`` makes the plan
+    from them (returning False when that forward pass has to be repeated with more taps).
+    """
     n_seen = 0
+    planned = False
     with (
         capture.installed(),
         tqdm(total=total, unit="sample", desc="diag_fim", disable=not progress) as bar,
@@ -256,7 +313,11 @@ def _accumulate(
             with capture.batch():
                 processed.clear()
                 with torch.enable_grad():
-                    output = call_model(model, inputs)
+                    if planned:
+                        output = call_model(model, inputs)
+                    else:
+                        output = _planning_forward(model, inputs, capture, adopt)
+                        planned = True
                     zeros = capture.zero_leaves()
                     objs = list(objectives(output, targets, loss, fisher, mc_samples, generator))
                     for j, objective in enumerate(objs):
@@ -275,6 +336,20 @@ def _accumulate(
             n_seen += n
             bar.update(n)
     return n_seen
+
+
+def _planning_forward(
+    model: nn.Module, inputs: Any, capture: Capture, adopt: Callable[[set[nn.Module]], bool]
+) -> Any:
+    """The first forward pass, which also decides the plan; run again if the plan needs taps
+    that were not in place (a parameter used by an ancestor that owns none of its own)."""
+    with recording_calls(model) as called:
+        output = call_model(model, inputs)
+    if adopt(called):
+        return output
+    del output
+    capture.forget_calls()
+    return call_model(model, inputs)
 
 
 def _processor(

@@ -45,11 +45,7 @@ def make_fallback_rule(
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
         params = {name: module.get_parameter(name).detach() for name in param_names}
-        n = (
-            calls[0].input.shape[0]
-            if isinstance(calls[0].input, torch.Tensor)
-            else _batch_size(calls[0])
-        )
+        n = _batch_size(calls[0])
         size = sum(p.numel() for p in params.values())
         step = max(1, CHUNK_BYTES // max(1, size * 4 * (len(calls) + 1)))
         totals = {

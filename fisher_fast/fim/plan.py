@@ -1,21 +1,23 @@
-"""Deciding, before the first real pass, which module handles which trainable parameter.
+"""Deciding which module handles which trainable parameter, from the modules that actually run.
 
-A probe forward on two samples records which modules actually run. A parameter is handled
-through the module that owns it when that module runs and has a rule; through the generic
-torch.func fallback when it runs without a rule; and when its owner never runs (the parameter
-is used by an ancestor's forward, as nn.MultiheadAttention does with out_proj), through the
-fallback of the nearest ancestor that runs. Parameters shared by several modules are reported.
+diag_fim taps every module that directly owns a trainable parameter and records, during the
+first batch's forward pass, which modules run (``recording_calls``); ``plan_from_calls`` then
+decides. A parameter is handled through the module that owns it when that module runs and has a
+rule; through the generic torch.func fallback when it runs without a rule; and when its owner
+never runs (the parameter is used by an ancestor's forward, as nn.MultiheadAttention does with
+out_proj), through the rule's ``extra_params`` or the fallback of the nearest ancestor that runs
+(which then has to be tapped, so that one forward pass is repeated). Parameters shared by several
+modules are reported.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 from torch import nn
 
-from fisher_fast.fim.data import call_model, take
 from fisher_fast.fim.rules import Rule, find_rule
 
 
@@ -39,24 +41,31 @@ class Plan:
     unsupported: dict[str, str]  # global parameter name -> why it has no rule
 
 
-def called_modules(model: nn.Module, inputs: Any) -> set[nn.Module]:
-    """Modules whose forward runs on a two-sample slice of ``inputs`` (with grad enabled, so
-    that layers with inference fast paths take the same route as in the real passes)."""
+def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module holding a trainable parameter of its own."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if any(p is not None and p.requires_grad for p in module._parameters.values())
+    ]
+
+
+@contextlib.contextmanager
+def recording_calls(model: nn.Module) -> Iterator[set[nn.Module]]:
+    """Yield a set that collects every submodule of ``model`` whose forward runs meanwhile."""
     seen: set[nn.Module] = set()
     handles = [
         m.register_forward_pre_hook(lambda mod, args: seen.add(mod)) for m in model.modules()
     ]
     try:
-        with torch.enable_grad():
-            call_model(model, take(inputs, None, 2)[0])
+        yield seen
     finally:
         for h in handles:
             h.remove()
-    return seen
 
 
-def make_plan(model: nn.Module, inputs: Any) -> Plan:
-    called = called_modules(model, inputs)
+def plan_from_calls(model: nn.Module, called: set[nn.Module]) -> Plan:
+    """The plan, given the modules whose forward ran (see the module docstring)."""
     modules = dict(model.named_modules())
     owners: dict[str, OwnerPlan] = {}
     unsupported: dict[str, str] = {}
