@@ -354,6 +354,7 @@ def _fisher_fast(
 fisher_fast_torch = partial(_fisher_fast, backend="torch", fisher="empirical")
 fisher_fast_kernels = partial(_fisher_fast, backend="kernels", fisher="empirical")
 fisher_fast_torch_exact = partial(_fisher_fast, backend="torch", fisher="exact")
+fisher_fast_kernels_exact = partial(_fisher_fast, backend="kernels", fisher="exact")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,4 +380,5 @@ METHODS: dict[str, Method] = {
     "nngeometry_diag": Method(nngeometry_diag, "exact", "nngeometry"),
     "backpack_diag_ggn_exact": Method(backpack_diag_ggn_exact, "exact", "backpack"),
     "fisher_fast_torch_exact": Method(fisher_fast_torch_exact, "exact", "fisher_fast"),
+    "fisher_fast_kernels_exact": Method(fisher_fast_kernels_exact, "exact", "fisher_fast"),
 }

@@ -30,6 +30,7 @@ BENCHMARKED = [
     "nngeometry_diag",
     "backpack_diag_ggn_exact",
     "fisher_fast_torch_exact",
+    "fisher_fast_kernels_exact",
 ]
 
 _problems: dict[str, Problem] = {}
