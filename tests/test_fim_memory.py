@@ -18,6 +18,7 @@ import weakref
 
 import pytest
 import torch
+from test_fim_layers import Scale
 from torch import nn
 
 import fisher_fast
@@ -74,17 +75,6 @@ def test_peak_memory_is_flat_in_samples(backend: str) -> None:
     )
 
 
-class _Scale(nn.Module):
-    """A layer without a rule (handled by the generic torch.func fallback)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gain
-
-
 def _mlp() -> tuple[nn.Module, torch.Tensor]:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     return model, torch.randn(20, 6)
@@ -94,7 +84,7 @@ def _transformer() -> tuple[nn.Module, torch.Tensor]:
     model = nn.Sequential(
         nn.Embedding(10, 8),
         nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
-        _Scale(),
+        Scale(8),  # no rule: the torch.func fallback
         nn.Flatten(),
         nn.Linear(8 * 5, 3),
     )

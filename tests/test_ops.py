@@ -241,16 +241,17 @@ def reference_conv2d_sq_sum(x: torch.Tensor, g: torch.Tensor, case: ConvCase) ->
     return total.reshape(case.groups, case.out // case.groups, -1)
 
 
+# (input dtype, accumulator dtype) pairs the product-square-sum ops are checked with.
+INPUT_ACC_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float64),
+]
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize(
-    "dtype, acc_dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.float64, torch.float64),
-        (torch.bfloat16, torch.float32),
-        (torch.float32, torch.float64),
-    ],
-)
+@pytest.mark.parametrize("dtype, acc_dtype", INPUT_ACC_DTYPES)
 def test_conv2d_sq_sum_matches_reference(
     case: ConvCase, dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
 ) -> None:
@@ -326,15 +327,7 @@ def reference_linear_sq_sum(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Ten
 @pytest.mark.parametrize(
     "n, out_f, in_f", [(1, 1, 1), (7, 5, 3), (64, 33, 130)], ids=lambda v: str(v)
 )
-@pytest.mark.parametrize(
-    "dtype, acc_dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.float64, torch.float64),
-        (torch.bfloat16, torch.float32),
-        (torch.float16, torch.float64),
-    ],
-)
+@pytest.mark.parametrize("dtype, acc_dtype", [*INPUT_ACC_DTYPES, (torch.float16, torch.float64)])
 def test_linear_sq_sum_matches_reference(
     n: int, out_f: int, in_f: int, dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
 ) -> None:
