@@ -27,6 +27,9 @@ TORCH_LIBRARY(fisher_fast, m) {
   // In place, for a linear layer without extra axes (CPU only): weight_acc += (g∘g)ᵀ (x∘x) and
   // bias_acc += column sums of g∘g, the sums over samples of the squared per-sample gradients.
   // g: (N, O) output gradients, x: (N, I) inputs, same floating dtype; weight_acc (O, I) and
-  // bias_acc (O,) float32 or float64, either may be None. Allocates nothing the size of the batch.
-  m.def("linear_sq_sum_(Tensor(a!)? weight_acc, Tensor(b!)? bias_acc, Tensor g, Tensor x) -> ()");
+  // bias_acc (O,) float32 or float64, either may be None. With g_squared, g already holds g∘g
+  // (e.g. summed over several backward passes). Allocates nothing the size of the batch.
+  m.def(
+      "linear_sq_sum_(Tensor(a!)? weight_acc, Tensor(b!)? bias_acc, Tensor g, Tensor x, "
+      "bool g_squared=False) -> ()");
 }

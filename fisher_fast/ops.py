@@ -66,16 +66,18 @@ def linear_sq_sum_(
     bias_acc: torch.Tensor | None,
     g: torch.Tensor,
     x: torch.Tensor,
+    g_squared: bool = False,
 ) -> None:
     """In place: ``weight_acc += (g∘g)ᵀ (x∘x)`` and ``bias_acc += (g∘g).sum(0)`` (CPU only).
 
     The sums over samples of a linear layer's squared per-sample gradients, for g: (N, O) output
     gradients and x: (N, I) inputs (any floating dtype). weight_acc (O, I) and bias_acc (O,) are
-    float32 or float64 (the squares are taken in that type); either may be None. The squares go
-    into a workspace the calling thread keeps between calls (at most 16 MiB; larger batches are
-    taken in chunks of samples), so nothing the size of the batch is allocated.
+    float32 or float64 (the squares are taken in that type); either may be None. With
+    ``g_squared``, g already holds g∘g (for instance summed over several backward passes). The
+    squares go into a workspace the calling thread keeps between calls (at most 16 MiB; larger
+    batches are taken in chunks of samples), so nothing the size of the batch is allocated.
     """
-    _op("linear_sq_sum_")(weight_acc, bias_acc, g, x)
+    _op("linear_sq_sum_")(weight_acc, bias_acc, g, x, g_squared)
 
 
 if _library.is_loaded():
@@ -115,6 +117,7 @@ if _library.is_loaded():
         bias_acc: torch.Tensor | None,
         g: torch.Tensor,
         x: torch.Tensor,
+        g_squared: bool = False,
     ) -> None:
         torch._check(g.dim() == 2 and x.dim() == 2, lambda: "g and x must be 2-D")
         torch._check(

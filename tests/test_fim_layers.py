@@ -256,6 +256,34 @@ def test_float64_matches_to_rounding(setting: Setting, backend: str) -> None:
     assert relative_error(fim.flat, reference_fim(model, x, y)) < 1e-10, f"seed {seed}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
+@pytest.mark.parametrize("setting_id", ["linear-2d", "linear-4d-nobias", "cnn-batchnorm"])
+def test_several_passes_float64_match_to_rounding(
+    setting_id: str, fisher: str, backend: str
+) -> None:
+    """The kinds with one backward pass per draw or class, where a Linear layer without extra
+    axes adds up its squared output gradients over the passes before its one product."""
+    seed = random.randrange(2**31)
+    model, x, y = build(SETTINGS_BY_ID[setting_id], seed)
+    model = model.double()
+    xd = x.double() if x.is_floating_point() else x
+    labels = _mc_labels(model, xd, seed, 3, torch.float64) if fisher == "mc" else None
+    fim = fisher_fast.diag_fim(
+        model,
+        (xd, y),
+        fisher=fisher,
+        mc_samples=3,
+        generator=torch.Generator().manual_seed(seed),
+        dtype=torch.float64,
+        backend=backend,
+        progress=False,
+        batch_size=N,
+    )
+    ref = reference_fim(model, x, y, fisher=fisher, labels=labels)
+    assert relative_error(fim.flat, ref) < 1e-10, f"seed {seed}"
+
+
 def test_names_and_shapes_follow_named_parameters() -> None:
     model, x, y = build(SETTINGS[-2], random.randrange(2**31))
     fim = fisher_fast.diag_fim(model, (x, y), progress=False)

@@ -353,6 +353,16 @@ def test_linear_sq_sum_one_accumulator_at_a_time(gen: torch.Generator) -> None:
     torch.testing.assert_close(bias.double(), want_b, rtol=1e-5, atol=0)
 
 
+def test_linear_sq_sum_of_given_squares(gen: torch.Generator) -> None:
+    """With g_squared, g is taken as g∘g already (e.g. summed over backward passes)."""
+    g2 = torch.rand(9, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    weight, bias = torch.zeros(4, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    ops.linear_sq_sum_(weight, bias, g2, x, g_squared=True)
+    torch.testing.assert_close(weight, g2.t() @ x.square(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(bias, g2.sum(0), rtol=1e-12, atol=0)
+
+
 def test_linear_sq_sum_in_chunks_and_threads(gen: torch.Generator) -> None:
     """A batch whose squares exceed the 16 MiB workspace is taken in chunks of samples; the
     result does not depend on the chunking or the number of threads."""
@@ -472,7 +482,10 @@ def test_opcheck_linear_sq_sum(gen: torch.Generator) -> None:
         )
         weight = torch.zeros(4, 5, dtype=acc) if with_weight else None
         bias = torch.zeros(4, dtype=acc) if with_bias else None
-        torch.library.opcheck(torch.ops.fisher_fast.linear_sq_sum_.default, (weight, bias, g, x))
+        for squared in (False, True):
+            torch.library.opcheck(
+                torch.ops.fisher_fast.linear_sq_sum_.default, (weight, bias, g, x, squared)
+            )
 
 
 def test_compile_sums_and_distances_fullgraph(gen: torch.Generator, device: str) -> None:

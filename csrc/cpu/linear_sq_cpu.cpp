@@ -1,5 +1,5 @@
 // CPU kernel of fisher_fast::linear_sq_sum_: weight_acc += (g∘g)ᵀ (x∘x) and
-// bias_acc += column sums of g∘g, in place.
+// bias_acc += column sums of g∘g, in place (g taken as g∘g itself when g_squared).
 //
 // A linear layer without extra axes has the per-sample weight gradient g_n x_nᵀ, whose square is
 // (g_n∘g_n)(x_n∘x_n)ᵀ, so the sum over samples is one matrix product of squares, added into the
@@ -33,18 +33,25 @@ double* workspace(int64_t bytes) {
   return buffer.data();
 }
 
-// dst[r, :] = src[first + r, :]^2 (converted to work_t) for r < rows; src contiguous (N, cols).
+// dst[r, :] = src[first + r, :]^2 (converted to work_t; not squared when !square) for r < rows;
+// src contiguous (N, cols).
 template <typename in_t, typename work_t>
-void square_rows(const in_t* src, int64_t first, int64_t rows, int64_t cols, work_t* dst) {
+void square_rows(const in_t* src, int64_t first, int64_t rows, int64_t cols, work_t* dst,
+                 bool square) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, cols));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const in_t* s = src + (first + r) * cols;
       work_t* d = dst + r * cols;
+      if (square) {
 #pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        const auto v = static_cast<work_t>(s[j]);
-        d[j] = v * v;
+        for (int64_t j = 0; j < cols; ++j) {
+          const auto v = static_cast<work_t>(s[j]);
+          d[j] = v * v;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<work_t>(s[j]);
       }
     }
   });
@@ -81,7 +88,7 @@ void check_inputs(const std::optional<at::Tensor>& weight_acc,
 
 void linear_sq_sum_cpu(const std::optional<at::Tensor>& weight_acc,
                        const std::optional<at::Tensor>& bias_acc, const at::Tensor& g,
-                       const at::Tensor& x) {
+                       const at::Tensor& x, bool g_squared) {
   check_inputs(weight_acc, bias_acc, g, x);
   const auto work = weight_acc.has_value() ? weight_acc->scalar_type() : bias_acc->scalar_type();
   const int64_t n = g.size(0), out_f = g.size(1), in_f = weight_acc.has_value() ? x.size(1) : 0;
@@ -103,10 +110,10 @@ void linear_sq_sum_cpu(const std::optional<at::Tensor>& weight_acc,
       auto* x2_data = g2_data + chunk * out_f;
       for (int64_t first = 0; first < n; first += chunk) {
         const int64_t rows = std::min(chunk, n - first);
-        square_rows(gc.data_ptr<in_t>(), first, rows, out_f, g2_data);
+        square_rows(gc.data_ptr<in_t>(), first, rows, out_f, g2_data, !g_squared);
         const auto g2 = at::from_blob(g2_data, {rows, out_f}, options);
         if (weight_acc.has_value()) {
-          square_rows(xc.data_ptr<in_t>(), first, rows, in_f, x2_data);
+          square_rows(xc.data_ptr<in_t>(), first, rows, in_f, x2_data, true);
           weight_acc->addmm_(g2.t(), at::from_blob(x2_data, {rows, in_f}, options));
         }
         if (bias_acc.has_value()) bias_acc->add_(g2.sum(0));

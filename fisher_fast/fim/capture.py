@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fisher_fast.fim.rules import Call, Instrument
+from fisher_fast.fim.rules import Call, Instrument, Passes
 
 
 class _Tap(torch.autograd.Function):
@@ -76,6 +76,7 @@ class Capture:
         self._handles: list[Any] = []
         self._instrumented: set[int] = set()  # modules whose current call was instrumented
         self._installed = False
+        self.passes = Passes()  # shared with every rule's context
 
     def add_owner(self, owner: Owner) -> None:
         """Record calls of ``owner.module`` (from now on when installed, else once installed)."""
@@ -156,7 +157,9 @@ class Capture:
         self._done.clear()
         self._instrumented.clear()
 
-    def begin_pass(self) -> None:
+    def begin_pass(self, index: int, count: int) -> None:
+        """Start backward pass ``index`` of ``count`` over the current batch."""
+        self.passes.index, self.passes.count = index, count
         self._done.clear()
         for calls in self.calls.values():
             for call in calls:

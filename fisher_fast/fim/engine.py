@@ -326,7 +326,7 @@ def _accumulate(
                                 f"the loss is not finite ({objective.item()}) on the batch of samples "
                                 f"{n_seen}..{n_seen + n - 1}; check the inputs and the model"
                             )
-                        capture.begin_pass()
+                        capture.begin_pass(j, len(objs))
                         torch.autograd.grad(
                             objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
                         )
@@ -378,7 +378,9 @@ def _processor(
     def target(local: str) -> torch.Tensor | None:
         return views.get(plan.global_name(local))
 
-    ctx = RuleContext(acc_dtype=dtype, backend=backend, add=add, target=target)
+    ctx = RuleContext(
+        acc_dtype=dtype, backend=backend, add=add, target=target, passes=capture.passes
+    )
 
     @torch.no_grad()
     def process(module: nn.Module, calls: list[Call]) -> None:

@@ -35,7 +35,8 @@ class Call:
     kwargs: dict[str, Any]
     output_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = field(default_factory=list)
     grads: list[torch.Tensor | None] = field(default_factory=list)
-    # Intermediate tensors kept by an instrumented forward (see ``Instrument``); empty otherwise.
+    # Intermediate tensors kept by an instrumented forward (see ``Instrument``), or by a rule
+    # between the backward passes of one batch; dropped with the call at the end of the batch.
     saved: dict[str, Any] = field(default_factory=dict)
 
     def grad(self, k: int = 0) -> torch.Tensor:
@@ -57,6 +58,20 @@ class Call:
 
 
 @dataclass
+class Passes:
+    """Where the current backward pass stands among the batch's passes: one per objective (one
+    for the empirical kind, ``mc_samples`` for "mc", one per class for "exact"). Rules are called
+    once per pass; all passes share the batch's forward pass, hence every module's inputs."""
+
+    count: int = 1
+    index: int = 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+@dataclass
 class RuleContext:
     """What a rule needs besides its module and calls."""
 
@@ -66,6 +81,7 @@ class RuleContext:
     # (local parameter name) -> the accumulator's view for that parameter, to add to in place
     # (saves a temporary the size of the parameter), or None when it is not accumulated.
     target: Callable[[str], torch.Tensor | None]
+    passes: Passes = field(default_factory=Passes)  # shared by every rule, set by diag_fim
 
     @property
     def work_dtype(self) -> torch.dtype:

@@ -3,7 +3,8 @@
 Input (N, *, I), output gradient (N, *, O). The per-sample weight gradient is
 sum_t g_t x_t^T over the extra axes t; with no extra axes and a single call it factors and
 costs one matrix product, (g∘g)^T (x∘x), whose g∘g also gives the bias. The bias gradient is
-sum_t g_t.
+sum_t g_t. With several backward passes per batch (the "mc" and "exact" kinds), x is the same in
+every pass, so the factored form adds up the passes' g∘g and takes one product per batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
     x = torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]
     g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
     if g.shape[1] == 1:
-        _factored(module, g[:, 0], x[:, 0], ctx)
+        g2 = _squares_over_passes(calls[0], g[:, 0], ctx)
+        if g2 is not None:
+            _factored(module, g2, x[:, 0], ctx)
         return
     if module.weight.requires_grad:
         ctx.add("weight", ctx.square_sum(g.unsqueeze(1), x.unsqueeze(1))[0])
@@ -38,19 +41,36 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
         )
 
 
+def _squares_over_passes(call: Call, g: torch.Tensor, ctx: RuleContext) -> torch.Tensor | None:
+    """g∘g summed over the batch's backward passes so far; None until the last pass.
+
+    (N, O) in the work dtype. A single pass returns g itself, to be squared by the product."""
+    if ctx.passes.count == 1:
+        return g
+    g2 = g.to(ctx.work_dtype).square()
+    if ctx.passes.index > 0:
+        g2 += call.saved.pop("g2")
+    if not ctx.passes.last:
+        call.saved["g2"] = g2
+        return None
+    return g2
+
+
 def _factored(module: nn.Linear, g: torch.Tensor, x: torch.Tensor, ctx: RuleContext) -> None:
-    """One call without extra axes, g (N, O), x (N, I): the per-sample weight gradient g_n x_n^T
-    squares to (g_n∘g_n)(x_n∘x_n)^T, so the sum over samples is one matrix product, and the
-    bias's is the column sum of the same g∘g (squared once for both). Both are added into the
-    accumulator in place; on CPU the kernels backend also keeps the squares out of fresh memory."""
+    """One call without extra axes, x (N, I) and g (N, O) the output gradient, or its square
+    summed over passes when there are several: the per-sample weight gradient g_n x_n^T squares
+    to (g_n∘g_n)(x_n∘x_n)^T, so the sum over samples is one matrix product, and the bias's is the
+    column sum of the same g∘g. Both are added into the accumulator in place; on CPU the kernels
+    backend also keeps the squares out of fresh memory."""
+    squared = ctx.passes.count > 1
     weight = ctx.target("weight") if module.weight.requires_grad else None
     bias = ctx.target("bias") if module.bias is not None and module.bias.requires_grad else None
     if weight is None and bias is None:
         return
     if ctx.backend == "kernels" and g.device.type == "cpu":
-        ops.linear_sq_sum_(weight, bias, g, x)
+        ops.linear_sq_sum_(weight, bias, g, x, g_squared=squared)
         return
-    g2 = g.to(ctx.work_dtype).square()
+    g2 = g if squared else g.to(ctx.work_dtype).square()
     if weight is not None:
         weight.addmm_(g2.t(), x.to(ctx.work_dtype).square())
     if bias is not None:
