@@ -182,7 +182,6 @@ def _local_sums(
     first = next(stream, None)
     if first is None:
         return None
-    _check_devices(first, device)
     capture = Capture()
     for name, module in direct_owners(model):
         capture.add_owner(Owner(name, module, instrument=_instrument_of(find_rule(module))))

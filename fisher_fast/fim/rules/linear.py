@@ -42,9 +42,8 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
 
 
 def _squares_over_passes(call: Call, g: torch.Tensor, ctx: RuleContext) -> torch.Tensor | None:
-    """g∘g summed over the batch's backward passes so far; None until the last pass.
-
-    (N, O) in the work dtype. A single pass returns g itself, to be squared by the product."""
+    """What the last pass hands to the product: with one pass, g itself (squared by the product);
+    with several, g∘g summed over them, (N, O) in the work dtype. None before the last pass."""
     if ctx.passes.count == 1:
         return g
     g2 = g.to(ctx.work_dtype).square()
