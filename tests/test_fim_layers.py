@@ -220,40 +220,54 @@ def _mc_labels(
     return fisher_fast.sample_labels(logits, k, torch.Generator().manual_seed(seed))
 
 
+def _fim_and_loop(
+    setting: Setting,
+    seed: int,
+    *,
+    backend: str,
+    batch_size: int,
+    fisher: str = "empirical",
+    mc_samples: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat diag_fim of the setting's model in ``dtype``, and the float64 per-sample loop's FIM
+    of the same model with the same MC draws."""
+    model, x, y = build(setting, seed)
+    model = model.to(dtype)
+    inputs = x.to(dtype) if x.is_floating_point() else x
+    labels = _mc_labels(model, inputs, seed, mc_samples, dtype) if fisher == "mc" else None
+    fim = fisher_fast.diag_fim(
+        model,
+        (inputs, y),
+        fisher=fisher,
+        mc_samples=mc_samples,
+        generator=torch.Generator().manual_seed(seed),
+        dtype=dtype,
+        backend=backend,
+        progress=False,
+        batch_size=batch_size,
+    )
+    assert fim.flat.dtype == dtype
+    return fim.flat, reference_fim(model, x, y, fisher=fisher, labels=labels)
+
+
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
 @pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s.id for s in SETTINGS])
 def test_matches_per_sample_loop(setting: Setting, fisher: str, backend: str) -> None:
     seed = random.randrange(2**31)
-    model, x, y = build(setting, seed)
-    labels = _mc_labels(model, x, seed, 2, torch.float32) if fisher == "mc" else None
-    fim = fisher_fast.diag_fim(
-        model,
-        (x, y),
-        fisher=fisher,
-        mc_samples=2,
-        generator=torch.Generator().manual_seed(seed),
-        backend=backend,
-        progress=False,
-        batch_size=4 if fisher == "empirical" else N,
-    )
-    ref = reference_fim(model, x, y, fisher=fisher, labels=labels)
-    assert fim.flat.shape == ref.shape
-    assert relative_error(fim.flat, ref) < 2e-5, f"seed {seed}"
+    batch_size = 4 if fisher == "empirical" else N
+    fim, ref = _fim_and_loop(setting, seed, fisher=fisher, backend=backend, batch_size=batch_size)
+    assert fim.shape == ref.shape
+    assert relative_error(fim, ref) < 2e-5, f"seed {seed}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s.id for s in SETTINGS])
 def test_float64_matches_to_rounding(setting: Setting, backend: str) -> None:
     seed = random.randrange(2**31)
-    model, x, y = build(setting, seed)
-    model = model.double()
-    xd = x.double() if x.is_floating_point() else x
-    fim = fisher_fast.diag_fim(
-        model, (xd, y), dtype=torch.float64, backend=backend, progress=False, batch_size=4
-    )
-    assert fim.flat.dtype == torch.float64
-    assert relative_error(fim.flat, reference_fim(model, x, y)) < 1e-10, f"seed {seed}"
+    fim, ref = _fim_and_loop(setting, seed, backend=backend, batch_size=4, dtype=torch.float64)
+    assert relative_error(fim, ref) < 1e-10, f"seed {seed}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
@@ -265,23 +279,16 @@ def test_several_passes_float64_match_to_rounding(
     """The kinds with one backward pass per draw or class, where a Linear layer without extra
     axes adds up its squared output gradients over the passes before its one product."""
     seed = random.randrange(2**31)
-    model, x, y = build(SETTINGS_BY_ID[setting_id], seed)
-    model = model.double()
-    xd = x.double() if x.is_floating_point() else x
-    labels = _mc_labels(model, xd, seed, 3, torch.float64) if fisher == "mc" else None
-    fim = fisher_fast.diag_fim(
-        model,
-        (xd, y),
+    fim, ref = _fim_and_loop(
+        SETTINGS_BY_ID[setting_id],
+        seed,
         fisher=fisher,
-        mc_samples=3,
-        generator=torch.Generator().manual_seed(seed),
-        dtype=torch.float64,
         backend=backend,
-        progress=False,
         batch_size=N,
+        mc_samples=3,
+        dtype=torch.float64,
     )
-    ref = reference_fim(model, x, y, fisher=fisher, labels=labels)
-    assert relative_error(fim.flat, ref) < 1e-10, f"seed {seed}"
+    assert relative_error(fim, ref) < 1e-10, f"seed {seed}"
 
 
 def test_names_and_shapes_follow_named_parameters() -> None:
