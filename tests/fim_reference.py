@@ -86,3 +86,69 @@ def batchnorm_stats_randomised(model: nn.Module, generator: torch.Generator) -> 
                 m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
                 m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
     return model
+
+
+def _sample_of(inputs: object, i: int, n: int) -> object:
+    """Sample i of a batch: tensors whose axis 0 has the n samples are sliced, others kept."""
+    from torch.utils._pytree import tree_map
+
+    def pick(v: object) -> object:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            v = v[i : i + 1]
+        return _as64(v) if isinstance(v, torch.Tensor) else v
+
+    return tree_map(pick, inputs)
+
+
+def _call(model: nn.Module, inputs: object) -> object:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def reference_fim_batches(
+    model: nn.Module,
+    batches: list[tuple[object, torch.Tensor]],
+    logits: object = None,
+    *,
+    loss: str = "cross_entropy",
+) -> dict[str, torch.Tensor]:
+    """{parameter name: float64 empirical diagonal FIM} by a loop over samples, for inputs that
+    are tensors, tuples or dicts (tensors with the batch's samples on axis 0 are split, others
+    shared) and outputs picked by ``logits(output)`` (default: the output, or its ``.logits``).
+    Classification targets may be (N,) or (N, T) (a token per position; loss summed over T)."""
+    m = to_float64(model)
+    params = dict((n, p) for n, p in m.named_parameters() if p.requires_grad)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for inputs, targets in batches:
+        n = targets.shape[0]
+        for i in range(n):
+            out = _call(m, _sample_of(inputs, i, n))
+            if logits is not None:
+                out = logits(out)  # type: ignore[operator]
+            elif not isinstance(out, torch.Tensor):
+                out = out["logits"] if isinstance(out, dict) else out.logits  # type: ignore[union-attr]
+            if loss == "mse":
+                obj = 0.5 * (out - _as64(targets[i : i + 1])).square().sum()
+            else:
+                flat = out.reshape(-1, out.shape[-1])
+                obj = nn.functional.cross_entropy(flat, targets[i].reshape(-1), reduction="sum")
+            grads = torch.autograd.grad(obj, list(params.values()), allow_unused=True)
+            for (name, _), g in zip(params.items(), grads, strict=True):
+                if g is not None:
+                    total[name] += g.square()
+            count += 1
+    return {name: t / count for name, t in total.items()}
+
+
+def max_relative_error(fim: object, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per parameter, max |fim - reference| / max |reference over all parameters|."""
+    scale = max(float(r.abs().max()) for r in reference.values())
+    assert scale > 0, "the reference FIM is all zeros: the test problem is degenerate"
+    return {
+        name: float((fim[name].double() - ref).abs().max()) / scale  # type: ignore[index]
+        for name, ref in reference.items()
+    }

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fim_reference import batchnorm_stats_randomised, reference_fim, relative_error
+from fim_reference import (
+    batchnorm_stats_randomised,
+    max_relative_error,
+    reference_fim,
+    reference_fim_batches,
+    relative_error,
+)
 from torch import nn
 
 import fisher_fast
@@ -305,7 +311,8 @@ def test_a_borrowed_weight_costs_one_repeated_forward_pass() -> None:
     model[2].register_forward_pre_hook(lambda m, args: head_runs.append(args[0].shape[0]))
     fisher_fast.diag_fim(model, (x, y), progress=False, batch_size=3)
     sizes = [len(chunk) for chunk in torch.arange(N).split(3)]
-    assert head_runs == [sizes[0], *sizes]  # the first batch twice: its taps came from the plan
+    # the first batch runs as a 2-sample variant (layouts), then twice (taps from the plan)
+    assert head_runs == [2, sizes[0], *sizes]
 
 
 class _OptionalBranch(nn.Module):
@@ -320,16 +327,29 @@ class _OptionalBranch(nn.Module):
         return out if extra is None else out + self.extra(extra)
 
 
-def test_a_module_first_run_in_a_later_batch_is_an_error() -> None:
+def test_a_module_first_run_in_a_later_batch_is_a_clear_error() -> None:
     y = torch.zeros(4, dtype=torch.long)
     data = [
         ({"x": torch.randn(4, 3)}, y),
         ({"x": torch.randn(4, 3), "extra": torch.randn(4, 3)}, y),
     ]
-    with pytest.raises(
-        RuntimeError, match=r"extra \(Linear\) ran in a later batch but not in the first"
-    ):
+    with pytest.raises(RuntimeError, match=r"the model \(_OptionalBranch\) does not have the layout"):
         fisher_fast.diag_fim(_OptionalBranch(), data, progress=False)
+
+
+def test_a_module_not_run_in_the_first_batch_goes_through_the_enclosing_module() -> None:
+    torch.manual_seed(random.randrange(2**31))
+    data = []
+    for _ in range(2):
+        y = torch.randint(0, CLASSES, (4,))
+        data.append(({"x": torch.randn(4, 3, dtype=torch.float64), "extra": None}, y))
+    model = _OptionalBranch().double()
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    assert fim.meta["paths"]["extra.weight"].startswith("per-sample gradients of the model")
+    assert fim.meta["paths"]["main.weight"] == "rule linear_rule"
+    errors = max_relative_error(fim, reference_fim_batches(model, data))
+    assert max(errors.values()) < 1e-10, errors
+    assert float(fim["extra.weight"].abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias"])

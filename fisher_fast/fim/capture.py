@@ -88,14 +88,28 @@ class Capture:
     def owns(self, module: nn.Module) -> bool:
         return module in self._owner_of
 
-    def set_process(self, module: nn.Module, process: Process) -> None:
-        self._owner_of[module].process = process
+    def set_process(
+        self, module: nn.Module, process: Process, instrument: Instrument | None
+    ) -> bool:
+        """Give a tapped module its process; False when its instrumented forward has to go
+        (the plan does not use the rule it serves), so the batch's forward must run again."""
+        owner = self._owner_of[module]
+        owner.process = process
+        if owner.instrument is not None and instrument is None:
+            owner.instrument = None
+            if self._installed:
+                del module.forward
+            return False
+        return True
 
-    def ignore_unplanned(self) -> None:
-        """Owners still without a process and with calls in this batch add nothing."""
+    def ignore_unplanned(self) -> bool:
+        """Owners still without a process add nothing (their parameters are handled elsewhere);
+        False when one of them loses its instrumented forward (see ``set_process``)."""
+        covered = True
         for module, owner in self._owner_of.items():
-            if owner.process is None and self.calls[module]:
-                owner.process = _ignore
+            if owner.process is None:
+                covered &= self.set_process(module, _ignore, None)
+        return covered
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Capture]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import itertools
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,17 +23,17 @@ from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
 from fisher_fast.fim.capture import Capture, Owner
+from fisher_fast.fim.conform import check_layouts, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.fallback import make_fallback_rule
-from fisher_fast.fim.losses import FISHER_KINDS, LossSpec, objectives
-from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, plan_from_calls, recording_calls
+from fisher_fast.fim.layout import CallLayout, layouts, recording, select_samples, variant_indices
+from fisher_fast.fim.losses import LossSpec, objectives
+from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
+from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
 from fisher_fast.fim.result import DiagFIM
-from fisher_fast.fim.rules import Call, Instrument, Rule, RuleContext, find_rule
+from fisher_fast.fim.rules import Call, RuleContext, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
-
-BACKENDS = ("auto", "kernels", "torch")
-ON_UNSUPPORTED = ("fallback", "error", "skip")
 
 
 def diag_fim(
@@ -52,6 +51,7 @@ def diag_fim(
     progress: bool = True,
     batch_size: int = 256,
     mode: str = "eval",
+    output: OutputSpec = None,
     distributed: bool | None = None,
 ) -> DiagFIM:
     """Diagonal Fisher information ``F = (1/N) sum_n (dL_n/dθ)^2`` of ``model``'s trainable parameters.
@@ -74,6 +74,10 @@ def diag_fim(
             per-sample gradients of that module), ``"error"`` (list them) or ``"skip"`` (leave
             them out of the result).
         progress: show a progress bar over samples (on rank 0 only when reducing).
+        output: which part of the model's output holds the logits (or regression outputs):
+            ``None`` (a tensor as is; ``.logits`` of a Hugging Face ``ModelOutput``; the
+            ``"logits"`` key of a dict; the first element of a tuple), a key or attribute
+            name, a tuple index, or a callable ``output -> tensor``.
         distributed: inside an initialised torch.distributed process group, each rank passes
             its own shard of the data (``fisher_fast.distributed.shard(X, y)``, or a sampler
             that does not pad: ``DistributedSampler`` repeats samples to even out the shards),
@@ -91,52 +95,56 @@ def diag_fim(
         A :class:`DiagFIM` over the handled parameters, in ``named_parameters()`` order, in
         ``dtype``, on the model's device. Units: squared loss per squared parameter unit.
     """
-    _check_choice("fisher", fisher, FISHER_KINDS)
-    _check_choice("backend", backend, BACKENDS)
-    _check_choice("on_unsupported", on_unsupported, ON_UNSUPPORTED)
-    _check_choice("mode", mode, ("eval", "keep"))
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if mc_samples < 1:
-        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be at least 1, got {max_samples}")
-    if backend == "auto":
+    options = FimOptions(
+        loss=loss,
+        fisher=fisher,
+        mc_samples=mc_samples,
+        generator=generator,
+        max_samples=max_samples,
+        dtype=dtype,
+        backend=backend,
+        on_unsupported=on_unsupported,
+        progress=progress,
+        batch_size=batch_size,
+        mode=mode,
+        output=output,
+    )
+    if options.backend == "auto":
         # The compiled kernels measured faster than the PyTorch formulation on every benchmark
         # model (benchmarks/README.md); the PyTorch one is the fallback without the library.
-        backend = "kernels" if _library.is_loaded() else "torch"
-    elif backend == "kernels":
+        options = dataclasses.replace(
+            options, backend="kernels" if _library.is_loaded() else "torch"
+        )
+    elif options.backend == "kernels":
         _library.require()
+    return _diag_fim(model, data, options, distributed)
 
+
+def _diag_fim(
+    model: nn.Module, data: Any, options: FimOptions, distributed: bool | None
+) -> DiagFIM:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(
             "the model has no trainable parameters (requires_grad=True), so there is no FIM"
         )
     device = trainable[0][1].device
-
     reduce = should_reduce(distributed)
-    with _model_mode(model, mode):
+    if reduce and not dist_env.is_main():
+        options = dataclasses.replace(options, progress=False)
+    paths: dict[str, str] = {}
+
+    def local() -> LocalSums | None:
+        accumulation = _Accumulation(model, trainable, options)
+        sums = accumulation.run(data)
+        paths.update(accumulation.paths)
+        return sums
+
+    with _model_mode(model, options.mode):
         _check_batchnorm(model)
-        local = functools.partial(
-            _local_sums,
-            model,
-            data,
-            trainable,
-            loss=loss,
-            fisher=fisher,
-            mc_samples=mc_samples,
-            generator=generator,
-            max_samples=max_samples,
-            dtype=dtype,
-            backend=backend,
-            on_unsupported=on_unsupported,
-            progress=progress and (not reduce or dist_env.is_main()),
-            batch_size=batch_size,
-        )
         if reduce:
             sizes = {n: p.numel() for n, p in trainable}
-            sums: LocalSums | None = reduce_sums(local, sizes, dtype, device)
+            sums: LocalSums | None = reduce_sums(local, sizes, options.dtype, device)
         else:
             sums = local()
     if sums is None:
@@ -144,80 +152,22 @@ def diag_fim(
     names, acc, n_seen = sums
     acc /= n_seen
     params = dict(trainable)
+    loss = options.loss
     meta = {
         "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
-        "mc_samples": mc_samples,
-        "backend": backend,
+        "mc_samples": options.mc_samples,
+        "backend": options.backend,
         "fisher_fast_version": __version__,
+        "paths": {n: paths[n] for n in names if n in paths},
     }
     return DiagFIM(
         acc,
         names,
         [tuple(params[n].shape) for n in names],
         n_samples=n_seen,
-        fisher=fisher,
+        fisher=options.fisher,
         meta=meta,
     )
-
-
-def _local_sums(
-    model: nn.Module,
-    data: Any,
-    trainable: list[tuple[str, nn.Parameter]],
-    *,
-    loss: LossSpec,
-    fisher: str,
-    mc_samples: int,
-    generator: torch.Generator | None,
-    max_samples: int | None,
-    dtype: torch.dtype,
-    backend: str,
-    on_unsupported: str,
-    progress: bool,
-    batch_size: int,
-) -> LocalSums | None:
-    """The un-normalised accumulator over this process's data; None when it holds no sample."""
-    device = trainable[0][1].device
-    stream = iter(batches(data, batch_size))
-    first = next(stream, None)
-    if first is None:
-        return None
-    capture = Capture()
-    for name, module in direct_owners(model):
-        capture.add_owner(Owner(name, module, instrument=_instrument_of(find_rule(module))))
-    processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
-    sums: list[_Sums] = []  # laid out once the first forward pass has shown what runs
-
-    def adopt(called: set[nn.Module]) -> bool:
-        laid_out, covered = _adopt_plan(
-            plan_from_calls(model, called),
-            trainable,
-            capture,
-            processed,
-            dtype=dtype,
-            backend=backend,
-            on_unsupported=on_unsupported,
-        )
-        sums.append(laid_out)
-        return covered
-
-    n_seen = _accumulate(
-        model,
-        itertools.chain([first], stream),
-        capture,
-        device,
-        adopt=adopt,
-        check=lambda samples: _check_finite(sums[0].acc, sums[0].views, processed, samples),
-        processed=processed,
-        loss=loss,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        generator=generator,
-        max_samples=max_samples,
-        progress=progress,
-        total=_expected_samples(data, max_samples),
-    )
-    return LocalSums(sums[0].names, sums[0].acc, n_seen) if n_seen else None
 
 
 @dataclasses.dataclass
@@ -229,167 +179,217 @@ class _Sums:
     views: dict[str, torch.Tensor]
 
 
-def _adopt_plan(
-    plan: Plan,
-    trainable: list[tuple[str, nn.Parameter]],
-    capture: Capture,
-    processed: list[OwnerPlan],
-    *,
-    dtype: torch.dtype,
-    backend: str,
-    on_unsupported: str,
-) -> tuple[_Sums, bool]:
-    """Lay out the accumulator for ``plan`` and give each planned owner its process.
+class _Accumulation:
+    """One process's pass over its data, in three phases.
 
-    Returns the sums and whether the taps already in place cover the plan; when a parameter is
-    handled through an ancestor that was not tapped, that ancestor is tapped now and the forward
-    pass that led to the plan has to run again.
+    * **plan** (first batch): the batch runs twice more than usual, as a small variant batch
+      (no taps) and as itself, recording every module call; the layouts of the calls decide
+      which module handles which parameter (plan.py), and the accumulator is laid out;
+    * **step** (every batch): one forward pass with taps, one backward pass per objective;
+      the tapped modules' rules add their sums of squares as gradients arrive;
+    * **check** (every batch): the accumulator is still finite (one reduction), and every
+      call still has the layout it was planned for (in the rules' processes).
     """
-    if plan.unsupported and on_unsupported == "error":
-        raise ValueError(_unsupported_message(plan.unsupported))
-    skipped = set(plan.unsupported) if on_unsupported == "skip" else set()
-    params = dict(trainable)
-    names = [n for n, _ in trainable if n not in skipped]
-    device = trainable[0][1].device
-    acc = torch.zeros(sum(params[n].numel() for n in names), dtype=dtype, device=device)
-    views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
-    missing = set(names) - _covered(plan.owners, skipped)
-    if missing:
-        raise ValueError(f"no module call handles the parameters {sorted(missing)}")
-    covered = True
-    for o in plan.owners:
-        process = _processor(o, views, skipped, dtype, backend, capture, processed)
-        if capture.owns(o.module):
-            capture.set_process(o.module, process)
-        else:
-            capture.add_owner(Owner(o.name, o.module, process, _instrument_of(o.rule)))
-            covered = False
-    capture.ignore_unplanned()
-    return _Sums(names, acc, views), covered
 
+    def __init__(
+        self, model: nn.Module, trainable: list[tuple[str, nn.Parameter]], options: FimOptions
+    ) -> None:
+        self.model = model
+        self.trainable = trainable
+        self.options = options
+        self.device = trainable[0][1].device
+        self.capture = Capture()
+        for name, module in direct_owners(model):
+            spec = find_rule(module)
+            instrument = spec.instrument if spec is not None else None
+            self.capture.add_owner(Owner(name, module, instrument=instrument))
+        self.processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
+        self.sums: _Sums | None = None
+        self.paths: dict[str, str] = {}
 
-def _instrument_of(rule: Rule | None) -> Instrument | None:
-    return getattr(rule, "instrument", None)
+    # -- plan ----------------------------------------------------------------------------------
+    def _planning_forward(self, inputs: Any, n: int) -> Any:
+        """The first batch's forward pass, which also decides the plan; run again if the plan
+        needs taps that were not in place (an ancestor's per-sample gradients)."""
+        index = variant_indices(n)
+        try:
+            with self.capture.paused(), recording(self.model) as variant:
+                call_model(self.model, select_samples(inputs, n, index))
+        except Exception as error:
+            raise RuntimeError(
+                f"diag_fim runs {len(index)} of the first batch's samples as a batch of their "
+                "own to find where each module call holds its samples, and the model failed on "
+                f"it ({type(error).__name__}: {error}); every input tensor whose first axis has "
+                "the batch's number of samples is split per sample, so give inputs shared by "
+                "all samples another first axis (e.g. 1)"
+            ) from error
+        with recording(self.model) as real:
+            output = call_model(self.model, inputs)
+        plan = make_plan(self.model, real, layouts(real, variant, n, index))
+        del real, variant
+        if self._adopt(plan):
+            return output
+        del output
+        self.capture.forget_calls()
+        return call_model(self.model, inputs)
 
+    def _adopt(self, plan: Plan) -> bool:
+        """Lay out the accumulator for ``plan`` and give each planned owner its process.
 
-def _accumulate(
-    model: nn.Module,
-    stream: Iterator[tuple[Any, torch.Tensor | None]],
-    capture: Capture,
-    device: torch.device,
-    *,
-    adopt: Callable[[set[nn.Module]], bool],
-    check: Callable[[str], None],
-    processed: list[OwnerPlan],
-    loss: LossSpec,
-    fisher: str,
-    mc_samples: int,
-    generator: torch.Generator | None,
-    max_samples: int | None,
-    progress: bool,
-    total: int | None,
-) -> int:
-    """Run the forward and backward passes over all batches; return the number of samples.
-
-    The first batch's forward pass also records which modules run, and ``adopt`` makes the plan
-    from them (returning False when that forward pass has to be repeated with more taps).
-    """
-    n_seen = 0
-    planned = False
-    with (
-        capture.installed(),
-        tqdm(total=total, unit="sample", desc="diag_fim", disable=not progress) as bar,
-    ):
-        for inputs, targets in stream:
-            n = batch_size_of(inputs)
-            if max_samples is not None:
-                if n_seen >= max_samples:
-                    break
-                if n_seen + n > max_samples:
-                    n = max_samples - n_seen
-                    inputs, targets = take(inputs, targets, n)
-            _check_devices((inputs, targets), device)
-            with capture.batch():
-                processed.clear()
-                with torch.enable_grad():
-                    if planned:
-                        output = call_model(model, inputs)
-                    else:
-                        output = _planning_forward(model, inputs, capture, adopt)
-                        planned = True
-                    zeros = capture.zero_leaves()
-                    objs = list(objectives(output, targets, loss, fisher, mc_samples, generator))
-                    for j, objective in enumerate(objs):
-                        if not torch.isfinite(objective):
-                            raise FloatingPointError(
-                                f"the loss is not finite ({objective.item()}) on the batch of samples "
-                                f"{n_seen}..{n_seen + n - 1}; check the inputs and the model"
-                            )
-                        capture.begin_pass(j, len(objs))
-                        torch.autograd.grad(
-                            objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
-                        )
-                        capture.end_pass()
-                del output, objs
-            check(f"{n_seen}..{n_seen + n - 1}")
-            n_seen += n
-            bar.update(n)
-    return n_seen
-
-
-def _planning_forward(
-    model: nn.Module, inputs: Any, capture: Capture, adopt: Callable[[set[nn.Module]], bool]
-) -> Any:
-    """The first forward pass, which also decides the plan; run again if the plan needs taps
-    that were not in place (a parameter used by an ancestor that owns none of its own)."""
-    with recording_calls(model) as called:
-        output = call_model(model, inputs)
-    if adopt(called):
-        return output
-    del output
-    capture.forget_calls()
-    return call_model(model, inputs)
-
-
-def _processor(
-    plan: OwnerPlan,
-    views: dict[str, torch.Tensor],
-    skipped: set[str],
-    dtype: torch.dtype,
-    backend: str,
-    capture: Capture,
-    processed: list[OwnerPlan],
-) -> Any:
-    """The function that turns one module's calls into accumulator updates."""
-    fallback_params = [p for p in plan.fallback_params if plan.global_name(p) not in skipped]
-    fallback = make_fallback_rule(fallback_params, capture.paused) if fallback_params else None
-    rule = plan.rule if any(plan.global_name(p) not in skipped for p in plan.rule_params) else None
-
-    def add(local: str, value: torch.Tensor) -> None:
-        name = plan.global_name(local)
-        if name in views:
-            views[name] += value.reshape(views[name].shape)
-        elif name not in skipped and plan.module.get_parameter(local).requires_grad:
-            raise KeyError(
-                f"the rule for {type(plan.module).__name__} added {local!r}, which is not a parameter to fill"
+        Returns whether the taps in place during the planning pass cover the plan; when an
+        ancestor has to be tapped, or a module's instrumented forward is not used, the
+        forward pass has to run again.
+        """
+        mode = self.options.on_unsupported
+        if plan.impossible and mode != "skip":
+            lines = "\n".join(f"  {name}: {why}" for name, why in plan.impossible.items())
+            raise ValueError(
+                "diag_fim cannot compute these parameters exactly:\n" + lines + "\n"
+                "Pass on_unsupported='skip' to leave them out, or register a rule for the "
+                "module that uses them (fisher_fast.register_rule)."
             )
+        if plan.unsupported and mode == "error":
+            raise ValueError(_unsupported_message(plan.unsupported))
+        skipped: set[str] = set()
+        if mode == "skip":
+            skipped = set(plan.unsupported) | set(plan.impossible)
+            if skipped:
+                warnings.warn(
+                    f"on_unsupported='skip' leaves {len(skipped)} trainable parameters out of "
+                    f"the FIM: {', '.join(sorted(skipped)[:8])}{' ...' if len(skipped) > 8 else ''}",
+                    stacklevel=5,
+                )
+        params = dict(self.trainable)
+        names = [n for n, _ in self.trainable if n not in skipped]
+        if not names:
+            raise ValueError(
+                "every trainable parameter was left out (on_unsupported='skip' and no rule "
+                "applies), so the FIM would be empty; use on_unsupported='fallback'"
+            )
+        acc = torch.zeros(
+            sum(params[n].numel() for n in names), dtype=self.options.dtype, device=self.device
+        )
+        views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
+        missing = set(names) - set(plan.paths)
+        if missing:
+            raise AssertionError(f"the plan leaves out {sorted(missing)}")  # plan.py's contract
+        self.paths = {n: plan.paths[n] for n in names}
+        covered = True
+        for o in plan.owners:
+            process = self._processor(o, views, skipped)
+            instrument = o.rule.instrument if o.rule is not None else None
+            if self.capture.owns(o.module):
+                covered &= self.capture.set_process(o.module, process, instrument)
+            else:
+                self.capture.add_owner(Owner(o.name, o.module, process, instrument))
+                covered = False
+        covered &= self.capture.ignore_unplanned()
+        self.sums = _Sums(names, acc, views)
+        return covered
 
-    def target(local: str) -> torch.Tensor | None:
-        return views.get(plan.global_name(local))
+    def _processor(self, plan: OwnerPlan, views: dict[str, torch.Tensor], skipped: set[str]) -> Any:
+        """The function that turns one module's calls into accumulator updates."""
+        fallback_params = [p for p in plan.fallback_params if plan.global_name(p) not in skipped]
+        call_layouts = [c for c in plan.layouts if isinstance(c, CallLayout)]
+        fallback = (
+            make_fallback_rule(plan.name, fallback_params, call_layouts, self.capture.paused)
+            if fallback_params
+            else None
+        )
+        used = any(plan.global_name(p) not in skipped for p in plan.rule_params)
+        rule = plan.rule if used else None
+        passes = self.capture.passes
 
-    ctx = RuleContext(
-        acc_dtype=dtype, backend=backend, add=add, target=target, passes=capture.passes
-    )
+        def add(local: str, value: torch.Tensor) -> None:
+            name = plan.global_name(local)
+            if name in views:
+                views[name] += value.reshape(views[name].shape)
+            elif name not in skipped and plan.module.get_parameter(local).requires_grad:
+                raise KeyError(
+                    f"the rule for {type(plan.module).__name__} added {local!r}, which is not a "
+                    "parameter to fill"
+                )
 
-    @torch.no_grad()
-    def process(module: nn.Module, calls: list[Call]) -> None:
-        if rule is not None:
-            rule(module, calls, ctx)
-        if fallback is not None:
-            fallback(module, calls, ctx)
-        processed.append(plan)
+        def target(local: str) -> torch.Tensor | None:
+            return views.get(plan.global_name(local))
 
-    return process
+        o = self.options
+        ctx = RuleContext(acc_dtype=o.dtype, backend=o.backend, add=add, target=target, passes=passes)
+
+        @torch.no_grad()
+        def process(module: nn.Module, calls: list[Call]) -> None:
+            if passes.index == 0:
+                check_layouts(plan.name, module, calls, call_layouts, passes.n_samples)
+            if rule is not None:
+                rule.compute(module, rule_calls(rule, calls, call_layouts, passes.n_samples), ctx)
+            if fallback is not None:
+                fallback(module, calls, ctx)
+            self.processed.append(plan)
+
+        return process
+
+    # -- step and check ------------------------------------------------------------------------
+    def run(self, data: Any) -> LocalSums | None:
+        """Accumulate over all batches; None when the data holds no sample."""
+        o = self.options
+        n_seen = 0
+        total = _expected_samples(data, o.max_samples)
+        with (
+            self.capture.installed(),
+            tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
+        ):
+            for inputs, targets in batches(data, o.batch_size):
+                n = batch_size_of(inputs)
+                if o.max_samples is not None:
+                    if n_seen >= o.max_samples:
+                        break
+                    if n_seen + n > o.max_samples:
+                        n = o.max_samples - n_seen
+                        inputs, targets = take(inputs, targets, n)
+                if n == 0:
+                    continue
+                _check_devices((inputs, targets), self.device)
+                self._step(inputs, targets, n, f"{n_seen}..{n_seen + n - 1}")
+                self._check(f"{n_seen}..{n_seen + n - 1}")
+                n_seen += n
+                bar.update(n)
+        if not n_seen:
+            return None
+        assert self.sums is not None
+        return LocalSums(self.sums.names, self.sums.acc, n_seen)
+
+    def _step(self, inputs: Any, targets: torch.Tensor | None, n: int, samples: str) -> None:
+        o = self.options
+        capture = self.capture
+        capture.passes.n_samples = n
+        with capture.batch():
+            self.processed.clear()
+            with torch.enable_grad():
+                if self.sums is None:
+                    raw = self._planning_forward(inputs, n)
+                else:
+                    raw = call_model(self.model, inputs)
+                output = select_output(raw, o.output)
+                zeros = capture.zero_leaves()
+                objs = list(
+                    objectives(output, targets, o.loss, o.fisher, o.mc_samples, o.generator)
+                )
+                for j, objective in enumerate(objs):
+                    if not torch.isfinite(objective):
+                        raise FloatingPointError(
+                            f"the loss is not finite ({objective.item()}) on the batch of samples "
+                            f"{samples}; check the inputs and the model"
+                        )
+                    capture.begin_pass(j, len(objs))
+                    torch.autograd.grad(
+                        objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
+                    )
+                    capture.end_pass()
+            del raw, output, objs
+
+    def _check(self, samples: str) -> None:
+        assert self.sums is not None
+        _check_finite(self.sums.acc, self.sums.views, self.processed, samples)
 
 
 def _check_finite(
@@ -412,10 +412,6 @@ def _check_finite(
     raise FloatingPointError(f"the Fisher accumulator became non-finite on samples {samples}")
 
 
-def _covered(owners: list[OwnerPlan], skipped: set[str]) -> set[str]:
-    return {o.global_name(p) for o in owners for p in o.rule_params + o.fallback_params} | skipped
-
-
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     views, start = [], 0
     for p in like:
@@ -431,11 +427,6 @@ def _unsupported_message(unsupported: dict[str, str]) -> str:
         "Pass on_unsupported='fallback' to compute them with torch.func per-sample gradients, "
         "on_unsupported='skip' to leave them out, or register a rule with fisher_fast.register_rule."
     )
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def _check_batchnorm(model: nn.Module) -> None:

@@ -1,103 +1,176 @@
-"""Generic per-sample rule for modules without a dedicated rule: torch.func over one module.
+"""Generic per-sample path: torch.func over one module call, along that call's sample axes.
 
 For each call of the module, the per-sample gradient of the chosen parameters is the
 vector-Jacobian product of the module's own forward, run on that sample alone, with the
-captured output gradient of that sample: ``vmap(vjp(functional_call(module, ...)))``. Children
-called inside are recomputed, but only the named parameters are differentiated. Inputs whose
-first axis has the batch size are treated as batched (batch-first layouts); everything else is
-shared by all samples. Samples are processed in chunks to bound the per-sample gradient memory.
+captured output gradient of that sample: ``vmap(vjp(functional_call(module, ...)))``. Where the
+samples are in each input and output comes from the call's layout (layout.py): a tensor with a
+sample axis is split along it (axis 0 or not), a tensor without one is shared by all samples.
+Children called inside are recomputed, but only the named parameters are differentiated.
+Samples go in chunks to bound the per-sample gradient memory. A module that ``vmap`` cannot run
+(data-dependent control flow, ``.item()``, an op without a batching rule) is re-run one sample
+at a time instead: slower, and as exact.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fisher_fast.fim.layout import CallLayout, Sampled
 from fisher_fast.fim.rules import Call, RuleContext
 
 CHUNK_BYTES = 64 * 2**20
 
 
-def _batched_dims(tree: Any, n: int) -> Any:
-    return tree_map(
-        lambda v: 0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else None,
-        tree,
-    )
-
-
-def _float_leaves(out: Any) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(out)
-    return [v for v in leaves if isinstance(v, torch.Tensor) and v.is_floating_point()]
+class PerSampleLoopWarning(UserWarning):
+    """A module's per-sample gradients are computed one sample at a time (vmap failed)."""
 
 
 def make_fallback_rule(
-    param_names: list[str], paused: Callable[[], Any]
+    name: str,
+    param_names: list[str],
+    layouts: list[CallLayout],
+    paused: Callable[[], Any],
 ) -> Callable[[nn.Module, list[Call], RuleContext], None]:
     """A rule differentiating ``param_names`` (dotted, relative to the module) per sample.
 
-    ``paused()`` is a context manager that silences the capture hooks while the module is re-run.
+    ``layouts[i]`` is call i's layout; ``paused()`` silences the capture hooks while the module
+    is re-run.
     """
+    state = {"loop": False}
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
-        params = {name: module.get_parameter(name).detach() for name in param_names}
-        n = _batch_size(calls[0])
+        params = {p: module.get_parameter(p).detach() for p in param_names}
+        n = ctx.n_samples
         size = sum(p.numel() for p in params.values())
         step = max(1, CHUNK_BYTES // max(1, size * 4 * (len(calls) + 1)))
         totals = {
-            name: torch.zeros(p.shape, dtype=ctx.acc_dtype, device=p.device)
-            for name, p in params.items()
+            p: torch.zeros(t.shape, dtype=ctx.acc_dtype, device=t.device) for p, t in params.items()
         }
         with paused():
             for start in range(0, n, step):
-                part = slice(start, start + step)
+                part = range(start, min(n, start + step))
                 summed: dict[str, torch.Tensor] | None = None
-                for call in calls:
-                    grads = _per_sample_grads(module, params, call, part, ctx.work_dtype)
+                for call, layout in zip(calls, layouts, strict=True):
+                    grads = _grads(module, params, call, layout, part, ctx.work_dtype, state, name)
                     summed = grads if summed is None else {k: summed[k] + grads[k] for k in grads}
                 assert summed is not None
-                for name, g in summed.items():
-                    totals[name] += g.square().sum(0, dtype=ctx.acc_dtype)
-        for name, total in totals.items():
-            ctx.add(name, total)
+                for p, g in summed.items():
+                    totals[p] += g.square().sum(0, dtype=ctx.acc_dtype)
+        for p, total in totals.items():
+            ctx.add(p, total)
 
     return rule
 
 
-def _batch_size(call: Call) -> int:
-    leaves, _ = tree_flatten((call.args, call.kwargs))
-    for v in leaves:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise ValueError("cannot find the batch size of a module call with no tensor inputs")
-
-
-def _per_sample_grads(
-    module: nn.Module, params: dict[str, torch.Tensor], call: Call, part: slice, work: torch.dtype
+def _grads(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    call: Call,
+    layout: CallLayout,
+    part: range,
+    work: torch.dtype,
+    state: dict[str, bool],
+    name: str,
 ) -> dict[str, torch.Tensor]:
-    """{name: (chunk, *shape)} per-sample gradients of one call, for samples in ``part``."""
-    n = _batch_size(call)
-    arg_dims, kwarg_dims = _batched_dims(call.args, n), _batched_dims(call.kwargs, n)
-    args = tree_map(lambda v, d: v if d is None else v[part], call.args, arg_dims)
-    kwargs = tree_map(lambda v, d: v if d is None else v[part], call.kwargs, kwarg_dims)
-    grads = [call.grad(k)[part] for k in range(len(call.output_meta))]
+    if not state["loop"]:
+        try:
+            return _vmapped(module, params, call, layout, part, work)
+        except Exception as error:  # any failure of vmap: re-run per sample
+            state["loop"] = True
+            warnings.warn(
+                f"{name or 'the model'} ({type(module).__name__}): torch.func.vmap cannot run it "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}), so its per-sample "
+                "gradients are computed one sample at a time (exact, slower)",
+                PerSampleLoopWarning,
+                stacklevel=2,
+            )
+    return _looped(module, params, call, layout, part, work)
 
-    def one_sample(
-        p: dict[str, torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any], g: list[torch.Tensor]
+
+def _inputs(call: Call) -> tuple[list[Any], Any]:
+    return tree_flatten((call.args, call.kwargs))
+
+
+def _one_sample(
+    module: nn.Module, spec: Any, layout: CallLayout
+) -> Callable[[dict[str, torch.Tensor], list[Any], list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """The vjp of one sample: inputs and output gradients come without their sample axis."""
+
+    def restore(values: list[Any], leaf_layouts: list[Any]) -> list[Any]:
+        return [
+            v.unsqueeze(lay.axis) if isinstance(lay, Sampled) else v
+            for v, lay in zip(values, leaf_layouts, strict=True)
+        ]
+
+    def one(
+        p: dict[str, torch.Tensor], leaves: list[Any], grads: list[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        a1 = tree_map(lambda v, d: v if d is None else v.unsqueeze(0), a, arg_dims)
-        kw1 = tree_map(lambda v, d: v if d is None else v.unsqueeze(0), kw, kwarg_dims)
+        args, kwargs = tree_unflatten(restore(leaves, layout.inputs), spec)
 
         def forward(q: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            return tuple(_float_leaves(functional_call(module, q, a1, kw1)))
+            out, _ = tree_flatten(functional_call(module, q, tuple(args), kwargs))
+            return tuple(v for v in out if isinstance(v, torch.Tensor) and v.is_floating_point())
 
         pullback = vjp(forward, p)[1]
-        return pullback(tuple(gk.unsqueeze(0) for gk in g))[0]
+        return pullback(tuple(restore(grads, layout.outputs)))[0]
 
-    in_dims = (None, arg_dims, kwarg_dims, [0] * len(grads))
-    out = vmap(one_sample, in_dims=in_dims)(params, args, kwargs, grads)
+    return one
+
+
+def _slice(values: list[Any], leaf_layouts: list[Any], part: range) -> list[Any]:
+    return [
+        v.narrow(lay.axis, part.start, len(part)) if isinstance(lay, Sampled) else v
+        for v, lay in zip(values, leaf_layouts, strict=True)
+    ]
+
+
+def _vmapped(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    call: Call,
+    layout: CallLayout,
+    part: range,
+    work: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """{name: (chunk, *shape)} per-sample gradients of one call, for samples in ``part``."""
+    leaves, spec = _inputs(call)
+    grads = [call.grad(k) for k in range(len(call.output_meta))]
+    in_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.inputs]
+    out_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.outputs]
+    one = _one_sample(module, spec, layout)
+    out = vmap(one, in_dims=(None, in_dims, out_dims))(
+        params, _slice(leaves, layout.inputs, part), _slice(grads, layout.outputs, part)
+    )
     return {k: v.to(work) for k, v in out.items()}
+
+
+def _looped(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    call: Call,
+    layout: CallLayout,
+    part: range,
+    work: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """The same as :func:`_vmapped`, one sample at a time."""
+    leaves, spec = _inputs(call)
+    grads = [call.grad(k) for k in range(len(call.output_meta))]
+    one = _one_sample(module, spec, layout)
+
+    def take(values: list[Any], leaf_layouts: list[Any], i: int) -> list[Any]:
+        return [
+            v.select(lay.axis, i) if isinstance(lay, Sampled) else v
+            for v, lay in zip(values, leaf_layouts, strict=True)
+        ]
+
+    per_sample = [
+        one(params, take(leaves, layout.inputs, i), take(grads, layout.outputs, i)) for i in part
+    ]
+    return {k: torch.stack([g[k] for g in per_sample]).to(work) for k in params}

@@ -1,35 +1,43 @@
-"""Deciding which module handles which trainable parameter, from the modules that actually run.
+"""Deciding which module call handles which trainable parameter, from the first batch.
 
-diag_fim taps every module that directly owns a trainable parameter and records, during the
-first batch's forward pass, which modules run (``recording_calls``); ``plan_from_calls`` then
-decides. A parameter is handled through the module that owns it when that module runs and has a
-rule; through the generic torch.func fallback when it runs without a rule; and when its owner
-never runs (the parameter is used by an ancestor's forward, as nn.MultiheadAttention does with
-out_proj), through the rule's ``extra_params`` or the fallback of the nearest ancestor that runs
-(which then has to be tapped, so that one forward pass is repeated). Parameters shared by several
-modules are reported.
+diag_fim records every module call of the first batch twice (the real batch and a variant of
+another size, see layout.py), so each call's sample axis is known. A parameter is then handled
+
+1. by its module's **rule**, when the module holds it alone, runs, and every one of its calls
+   has a layout the rule is exact on (or by an ancestor's rule that lists it in
+   ``extra_params``, as nn.MultiheadAttention does for ``out_proj``);
+2. else by **per-sample gradients** (torch.func, fallback.py) of the nearest module, starting
+   from its own and going up to the whole model, that contains every use of the parameter and
+   whose calls are per-sample separable: each input and output is per sample along one axis or
+   the same for every sample. A parameter shared by several modules (a tied embedding and head)
+   starts from their nearest common ancestor, so its per-sample gradient is summed over every
+   use before it is squared;
+3. and when not even the whole model's call is separable, it is an error naming the parameter
+   and why.
+
+Step 1 may also be refused by ``on_unsupported`` (fisher_fast/fim/options.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from fisher_fast.fim.rules import Rule, find_rule
+from fisher_fast.fim.layout import CallLayout, Recording, Unknown
+from fisher_fast.fim.rules import RuleSpec, find_rule
 
 
 @dataclass
 class OwnerPlan:
-    """How one module's calls contribute: its rule (direct parameters) and fallback parameters."""
+    """How one module's calls contribute: its rule's parameters and its per-sample ones."""
 
     name: str
     module: nn.Module
-    rule: Rule | None = None
-    rule_params: list[str] = field(default_factory=list)  # local names handled by the rule
-    fallback_params: list[str] = field(default_factory=list)  # local dotted names, via torch.func
+    layouts: list[CallLayout | Unknown]
+    rule: RuleSpec | None = None
+    rule_params: list[str] = field(default_factory=list)  # local names, by the rule
+    fallback_params: list[str] = field(default_factory=list)  # local dotted names, per sample
 
     def global_name(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
@@ -38,7 +46,11 @@ class OwnerPlan:
 @dataclass
 class Plan:
     owners: list[OwnerPlan]
-    unsupported: dict[str, str]  # global parameter name -> why it has no rule
+    # global parameter name -> how it is handled ("rule Linear", "per-sample gradients of ...")
+    paths: dict[str, str]
+    # global name -> why no rule handles it (it goes to per-sample gradients, or is refused)
+    unsupported: dict[str, str]
+    impossible: dict[str, str]  # global name -> why nothing can handle it exactly
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -50,73 +62,147 @@ def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-@contextlib.contextmanager
-def recording_calls(model: nn.Module) -> Iterator[set[nn.Module]]:
-    """Yield a set that collects every submodule of ``model`` whose forward runs meanwhile."""
-    seen: set[nn.Module] = set()
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args: seen.add(mod)) for m in model.modules()
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
+def _describe(name: str, module: nn.Module) -> str:
+    return f"'{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
 
 
-def plan_from_calls(model: nn.Module, called: set[nn.Module]) -> Plan:
-    """The plan, given the modules whose forward ran (see the module docstring)."""
-    modules = dict(model.named_modules())
-    owners: dict[str, OwnerPlan] = {}
-    unsupported: dict[str, str] = {}
-    holders: dict[int, list[str]] = {}
-    for module_name, module in modules.items():
-        for pname, p in module._parameters.items():
-            if p is not None and p.requires_grad:
-                holders.setdefault(id(p), []).append(
-                    f"{module_name}.{pname}" if module_name else pname
-                )
+class _Planner:
+    def __init__(
+        self,
+        model: nn.Module,
+        recording: Recording,
+        layouts: dict[nn.Module, list[CallLayout | Unknown]],
+    ) -> None:
+        self.modules = dict(model.named_modules())
+        self.names = {m: n for n, m in self.modules.items()}
+        self.recording = recording
+        self.layouts = layouts
+        self.owners: dict[str, OwnerPlan] = {}
+        self.plan = Plan([], {}, {}, {})
 
-    for module_name, module in modules.items():
-        for pname, p in module._parameters.items():
+    def owner(self, name: str) -> OwnerPlan:
+        if name not in self.owners:
+            module = self.modules[name]
+            self.owners[name] = OwnerPlan(name, module, self.layouts.get(module, []))
+        return self.owners[name]
+
+    def ran(self, module: nn.Module) -> bool:
+        return bool(self.recording.calls.get(module))
+
+    def rule_fits(self, module: nn.Module, rule: RuleSpec | None) -> bool:
+        return rule is not None and all(rule.accepts(module, c) for c in self.layouts[module])
+
+    def separable(self, module: nn.Module) -> str | None:
+        """None when every call of ``module`` is per-sample separable, else why not."""
+        for i, layout in enumerate(self.layouts.get(module, [])):
+            why = layout.why if isinstance(layout, Unknown) else layout.per_sample()
+            if why is not None:
+                return f"call {i}: {why}"
+        return None
+
+    def contains_uses(self, ancestor: nn.Module, holders: list[nn.Module]) -> bool:
+        """Every call of every holder happens inside a call of ``ancestor`` (or is one)."""
+        for h in holders:
+            if h is ancestor:
+                continue
+            for record in self.recording.calls.get(h, []):
+                if ancestor not in record.enclosing:
+                    return False
+        return True
+
+    def chain(self, start: str) -> list[str]:
+        """``start`` and its ancestors, nearest first, up to the model itself ("")."""
+        parts = start.split(".") if start else []
+        return [".".join(parts[:d]) for d in range(len(parts), -1, -1)]
+
+    def handle(self, pname: str, holders: list[tuple[str, nn.Module, str]]) -> None:
+        """Plan one parameter; holders are (module name, module, local name) of every module
+        holding it in its own ``_parameters``."""
+        plan = self.plan
+        if len(holders) == 1:
+            mname, module, local = holders[0]
+            rule = find_rule(module)
+            if self.ran(module) and self.rule_fits(module, rule):
+                assert rule is not None
+                o = self.owner(mname)
+                o.rule = rule
+                o.rule_params.append(local)
+                plan.paths[pname] = f"rule {rule.name}"
+                return
+            start = mname
+            if rule is None:
+                no_rule = f"no rule for {type(module).__name__}"
+            elif not self.ran(module):
+                no_rule = f"used outside {type(module).__name__}.forward"
+            else:
+                no_rule = f"{rule.name} does not fit the layout of its calls"
+            if not self.ran(module):
+                for ancestor in self.chain(mname)[1:]:
+                    a = self.modules[ancestor]
+                    if not self.ran(a):
+                        continue
+                    a_rule = find_rule(a)
+                    rel = pname[len(ancestor) + 1 :] if ancestor else pname
+                    if a_rule is not None and rel in a_rule.extra_params and self.rule_fits(a, a_rule):
+                        o = self.owner(ancestor)
+                        o.rule = a_rule
+                        o.rule_params.append(rel)
+                        plan.paths[pname] = f"rule {a_rule.name} of {_describe(ancestor, a)}"
+                        return
+                    break
+        else:
+            names = [h[0] for h in holders]
+            start = _common_prefix(names)
+            no_rule = "shared by " + ", ".join(f"{h[0]}.{h[2]}" if h[0] else h[2] for h in holders)
+        plan.unsupported[pname] = no_rule
+        reasons = []
+        mods = [h[1] for h in holders]
+        for ancestor in self.chain(start):
+            a = self.modules[ancestor]
+            if not self.ran(a):
+                continue
+            why = self.separable(a)
+            if why is None and not self.contains_uses(a, mods):
+                why = "some uses of the parameter happen outside its calls"
+            if why is None:
+                o = self.owner(ancestor)
+                rel = pname[len(ancestor) + 1 :] if ancestor else pname
+                o.fallback_params.append(rel)
+                plan.paths[pname] = f"per-sample gradients of {_describe(ancestor, a)}"
+                return
+            reasons.append(f"{_describe(ancestor, a)}: {why}")
+        plan.impossible[pname] = (
+            "no module containing it is per-sample separable (" + "; ".join(reasons) + ")"
+            if reasons
+            else "no module containing it runs in the forward pass"
+        )
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The nearest common ancestor of dotted module names."""
+    split = [n.split(".") if n else [] for n in names]
+    common: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def make_plan(
+    model: nn.Module, recording: Recording, layouts: dict[nn.Module, list[CallLayout | Unknown]]
+) -> Plan:
+    """The plan for ``model`` given its recorded calls and their layouts (module docstring)."""
+    planner = _Planner(model, recording, layouts)
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    first_name: dict[int, str] = {}
+    for module_name, module in planner.modules.items():
+        for local, p in module._parameters.items():
             if p is None or not p.requires_grad:
                 continue
-            global_name = f"{module_name}.{pname}" if module_name else pname
-            if len(holders[id(p)]) > 1:
-                unsupported[global_name] = f"shared by {', '.join(holders[id(p)])}"
-                continue
-            if module in called:
-                plan = owners.setdefault(module_name, OwnerPlan(module_name, module))
-                rule = find_rule(module)
-                if rule is not None:
-                    plan.rule = rule
-                    plan.rule_params.append(pname)
-                else:
-                    plan.fallback_params.append(pname)
-                    unsupported[global_name] = f"no rule for {type(module).__name__}"
-                continue
-            ancestor = _nearest_called_ancestor(module_name, modules, called)
-            if ancestor is None:
-                unsupported[global_name] = "its module never runs in the forward pass"
-                continue
-            plan = owners.setdefault(ancestor, OwnerPlan(ancestor, modules[ancestor]))
-            local = global_name[len(ancestor) + 1 :] if ancestor else global_name
-            if plan.rule is not None and local in getattr(plan.rule, "extra_params", ()):
-                plan.rule_params.append(local)
-                continue
-            plan.fallback_params.append(local)
-            unsupported[global_name] = (
-                f"used outside {type(module).__name__}.forward, inside {type(modules[ancestor]).__name__}"
-            )
-    return Plan(list(owners.values()), unsupported)
-
-
-def _nearest_called_ancestor(
-    name: str, modules: dict[str, nn.Module], called: set[nn.Module]
-) -> str | None:
-    parts = name.split(".") if name else []
-    for depth in range(len(parts) - 1, -1, -1):
-        prefix = ".".join(parts[:depth])
-        if modules[prefix] in called:
-            return prefix
-    return None
+            holders.setdefault(id(p), []).append((module_name, module, local))
+            first_name.setdefault(id(p), f"{module_name}.{local}" if module_name else local)
+    for key, hs in holders.items():
+        planner.handle(first_name[key], hs)
+    planner.plan.owners = list(planner.owners.values())
+    return planner.plan

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled, Unknown
 from fisher_fast.fim.products import compute_dtype, square_sum
 
 
@@ -65,6 +66,7 @@ class Passes:
 
     count: int = 1
     index: int = 0
+    n_samples: int = 0  # samples in the current batch
 
     @property
     def last(self) -> bool:
@@ -82,6 +84,11 @@ class RuleContext:
     # (saves a temporary the size of the parameter), or None when it is not accumulated.
     target: Callable[[str], torch.Tensor | None]
     passes: Passes = field(default_factory=Passes)  # shared by every rule, set by diag_fim
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples in the current batch."""
+        return self.passes.n_samples
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -103,39 +110,102 @@ Rule = Callable[[Any, list[Call], RuleContext], None]
 # module's output itself, passing intermediate tensors through ``tap`` (which returns the tensor
 # to use and makes its gradient arrive in ``call.grads`` in tap order), and returns the output;
 # or returns None to let the module's own forward run (its outputs are then tapped as usual).
-# A rule that carries one (``rule.instrument``) gets those gradients without recomputing.
+# A rule that carries one gets those gradients without recomputing.
 Instrument = Callable[..., Any]
-_RULES: dict[type[nn.Module], Rule] = {}
+
+# Which call layouts (fisher_fast/fim/layout.py) a rule computes exactly:
+# * "sample_first": every tensor the call sees or returns has its samples on axis 0, one entry
+#   per sample, or no sample axis at all (the default: safe for any rule);
+# * "positionwise": the layer treats every position alike (Linear, Embedding, LayerNorm), so the
+#   input and output may hold the samples on any one axis, k entries per sample (sequence-first,
+#   samples flattened with windows or tokens); the rule then gets them moved to (N, k, ...);
+# * a callable ``accepts(module, layout) -> bool`` for anything more specific.
+LayoutRequirement = str | Callable[[Any, CallLayout], bool]
 
 
-def register_rule(*module_types: type[nn.Module]) -> Callable[[Rule], Rule]:
-    """Decorator registering a rule for exact module classes (subclasses must register too)."""
+@dataclass(frozen=True)
+class RuleSpec:
+    """A registered rule: what it computes and what it needs.
+
+    ``supports(module)``: configurations it handles (others get the generic path);
+    ``extra_params``: dotted names of descendants' parameters the module uses without calling
+    their owner (nn.MultiheadAttention's ``out_proj``), which the rule also fills;
+    ``instrument``: an optional instrumented forward (see ``Instrument``).
+    """
+
+    compute: Rule
+    layout: LayoutRequirement = "sample_first"
+    supports: Callable[[Any], bool] | None = None
+    extra_params: tuple[str, ...] = ()
+    instrument: Instrument | None = None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.compute, "__name__", "rule")
+
+    def accepts(self, module: nn.Module, layout: CallLayout | Unknown) -> bool:
+        """Whether this rule is exact on a call with this layout."""
+        if isinstance(layout, Unknown):
+            return False
+        if callable(self.layout):
+            return bool(self.layout(module, layout))
+        if self.layout == "positionwise":
+            common = layout.uniform()
+            return common is not None and all(
+                v is None or isinstance(v, Broadcast) or v == common for v in layout.inputs
+            )
+        return sample_first(layout)
+
+
+def sample_first(layout: CallLayout) -> bool:
+    """Every tensor with samples on axis 0 (one entry each) or none; input and outputs sampled."""
+    first = Sampled(0, 1)
+    leaves = layout.inputs + layout.outputs
+    return (
+        layout.primary == first
+        and bool(layout.outputs)
+        and all(v == first for v in layout.outputs)
+        and all(v is None or isinstance(v, Broadcast) or v == first for v in leaves)
+    )
+
+
+_RULES: dict[type[nn.Module], RuleSpec] = {}
+
+
+def register_rule(
+    *module_types: type[nn.Module],
+    layout: LayoutRequirement = "sample_first",
+    supports: Callable[[Any], bool] | None = None,
+    extra_params: tuple[str, ...] = (),
+    instrument: Instrument | None = None,
+) -> Callable[[Rule], Rule]:
+    """Decorator registering a rule for exact module classes (subclasses with their own forward
+    must register too). The keyword arguments are those of :class:`RuleSpec`; the default
+    ``layout="sample_first"`` means the rule is only used on calls whose samples are on axis 0."""
+    if layout not in ("sample_first", "positionwise") and not callable(layout):
+        raise ValueError(f"layout must be 'sample_first', 'positionwise' or a callable, got {layout!r}")
 
     def decorate(rule: Rule) -> Rule:
+        spec = RuleSpec(rule, layout, supports, tuple(extra_params), instrument)
         for cls in module_types:
-            _RULES[cls] = rule
+            _RULES[cls] = spec
         return rule
 
     return decorate
 
 
-def find_rule(module: nn.Module) -> Rule | None:
-    """The rule for this module's class; subclasses inherit it only if they keep forward().
-
-    A rule may carry ``supports(module) -> bool`` (configurations it handles; others get the
-    generic fallback) and ``extra_params`` (dotted names of descendants' parameters that the
-    module uses without calling their owner, which the rule also handles).
-    """
+def find_rule(module: nn.Module) -> RuleSpec | None:
+    """The rule for this module's class; subclasses inherit it only if they keep forward()."""
     cls = type(module)
-    rule = _RULES.get(cls)
-    if rule is None:
+    spec = _RULES.get(cls)
+    if spec is None:
         for base in cls.__mro__[1:]:
             if base in _RULES and cls.forward is base.forward:
-                rule = _RULES[base]
+                spec = _RULES[base]
                 break
-    if rule is not None and not getattr(rule, "supports", lambda m: True)(module):
+    if spec is not None and spec.supports is not None and not spec.supports(module):
         return None
-    return rule
+    return spec
 
 
 def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled
 from fisher_fast.fim.rules import Call, RuleContext, register_rule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -147,7 +148,27 @@ def _instrumented_grads(
     return xs, g_proj, call.saved["attention"].detach().to(work), call.grad(3).to(work)
 
 
-@register_rule(nn.MultiheadAttention)
+def accepts(module: nn.MultiheadAttention, layout: CallLayout) -> bool:
+    """query, key, value and output with their samples on axis 0 (batch_first) or 1, one entry
+    each; masks per sample on axis 0 (a 3-d attn_mask: one block of heads per sample) or shared."""
+    seq = Sampled(0 if module.batch_first else 1, 1)
+    allowed = {seq, Sampled(0, 1), Sampled(0, module.num_heads)}
+    return (
+        layout.primary == seq
+        and bool(layout.outputs)
+        and layout.outputs[0] == seq
+        and all(v == Sampled(0, 1) for v in layout.outputs[1:])
+        and all(v is None or isinstance(v, Broadcast) or v in allowed for v in layout.inputs)
+    )
+
+
+@register_rule(
+    nn.MultiheadAttention,
+    layout=accepts,
+    supports=supports,
+    extra_params=("out_proj.weight", "out_proj.bias"),
+    instrument=instrument,
+)
 def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> None:
     per_call = [
         _instrumented_grads(c, ctx.work_dtype)
@@ -175,6 +196,3 @@ def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleCo
         ctx.add_bias("out_proj.bias", g_out.sum(1))
 
 
-attention_rule.supports = supports  # type: ignore[attr-defined]
-attention_rule.extra_params = ("out_proj.weight", "out_proj.bias")  # type: ignore[attr-defined]
-attention_rule.instrument = instrument  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from torch import nn
 from fisher_fast.fim.rules import Call, RuleContext, register_rule
 
 
-@register_rule(nn.Embedding)
+@register_rule(nn.Embedding, layout="positionwise")
 def embedding_rule(module: nn.Embedding, calls: list[Call], ctx: RuleContext) -> None:
     if not module.weight.requires_grad:
         return

@@ -21,7 +21,7 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-@register_rule(nn.Linear)
+@register_rule(nn.Linear, layout="positionwise")
 def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
     xs = [_positions(c.input) for c in calls]
     gs = [_positions(c.grad()) for c in calls]

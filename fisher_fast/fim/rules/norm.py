@@ -102,4 +102,4 @@ register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)(
     _affine_rule(_instance_norm, _channel_positions)
 )
 register_rule(nn.GroupNorm)(_affine_rule(_group_norm, _channel_positions))
-register_rule(nn.LayerNorm)(_layer_norm_rule)
+register_rule(nn.LayerNorm, layout="positionwise")(_layer_norm_rule)

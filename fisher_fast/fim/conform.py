@@ -1,0 +1,66 @@
+"""Module calls held to their planned layouts: checked in every batch, shown to rules sample-first.
+
+The plan (plan.py) is made from the first batch's layouts (layout.py). A later batch is only
+computed with it while every call keeps those layouts (same number of calls, each sample axis
+k times the batch's samples, each shared tensor the same shape); anything else is an error
+rather than a number computed along the wrong axis. Rules registered as "positionwise" may get
+calls whose samples sit on another axis or in blocks of k; ``rule_calls`` moves them to axis 0
+as (N, k, ...), so the rule's own code only ever sees samples first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from fisher_fast.fim.layout import CallLayout, Sampled, shape_matches, to_sample_first
+from fisher_fast.fim.rules import Call, RuleSpec
+
+_SAMPLE_FIRST = Sampled(0, 1)
+
+
+def check_layouts(
+    name: str, module: nn.Module, calls: list[Call], planned: list[CallLayout], n: int
+) -> None:
+    """Raise when this batch's calls do not have the layouts the plan was made for."""
+    where = f"{name or 'the model'} ({type(module).__name__})"
+    if len(calls) != len(planned):
+        raise RuntimeError(
+            f"{where} ran {len(calls)} times in this batch but {len(planned)} times in the "
+            "first one, from which diag_fim planned how to compute its parameters; give every "
+            "batch the same structure, or compute the FIM of each kind of batch apart"
+        )
+    for i, (call, layout) in enumerate(zip(calls, planned, strict=True)):
+        leaves, _ = tree_flatten((call.args, call.kwargs))
+        pairs = [(lay, _shape(v)) for lay, v in zip(layout.inputs, leaves, strict=False)]
+        if not call.saved:  # an instrumented call's taps are not its outputs
+            pairs += [(lay, m[0]) for lay, m in zip(layout.outputs, call.output_meta, strict=False)]
+        if len(leaves) != len(layout.inputs) or not all(shape_matches(lay, s, n) for lay, s in pairs):
+            raise RuntimeError(
+                f"call {i} of {where} does not have the layout it had in the first batch (planned "
+                f"{layout}, now with {n} samples); diag_fim planned the sample axis of every call "
+                "from the first batch, so make every batch alike (e.g. the same sequence length "
+                "for inputs shared by all samples), or compute the FIM of each kind of batch apart"
+            )
+
+
+def _shape(value: object) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def rule_calls(rule: RuleSpec, calls: list[Call], planned: list[CallLayout], n: int) -> list[Call]:
+    """The calls as the rule computes them: positionwise rules get samples first (N, k, ...)."""
+    if rule.layout != "positionwise":
+        return calls
+    moved = []
+    for call, layout in zip(calls, planned, strict=True):
+        common = layout.uniform()
+        if common is None or common == _SAMPLE_FIRST:
+            moved.append(call)
+            continue
+        grads = [to_sample_first(call.grad(k), common, n) for k in range(len(call.output_meta))]
+        args = (to_sample_first(call.args[0], common, n), *call.args[1:])
+        metas = [(g.shape, g.dtype, g.device) for g in grads]
+        moved.append(Call(args, call.kwargs, metas, list(grads), call.saved))
+    return moved

@@ -1,0 +1,251 @@
+"""Where the samples are in each module call: established from two batch sizes, never assumed.
+
+The per-layer rules and the per-sample fallback are exact only along the call's sample axis.
+Real models break "axis 0 is the sample axis" in ordinary ways: inputs without a sample axis
+that are broadcast later (position ids of shape (1, T)), sequence-first layouts ((T, N, D)),
+samples flattened with windows or tokens into one axis ((N·W, T, C)), one module called on
+inputs of different layouts. So diag_fim runs the first batch twice: the real batch of N samples,
+and a small *variant* batch made of some of its samples in another order (m ≠ N of them, under
+no_grad). For every tensor a module call sees or returns, comparing the two calls tells
+
+* ``Sampled(axis, k)``: the axis whose size is k·N in one and k·m in the other, holding each
+  sample's k entries as one contiguous block, sample after sample: the variant's block j equals
+  the real batch's block of the sample it was made from (checked on values, so a batch
+  statistic or a reordering is not mistaken for a sample axis);
+* ``Broadcast``: same shape and same values in both (no sample dependence: a shared table);
+* ``Unknown``: anything else (the call mixes samples, or its shape depends on N otherwise).
+
+Values are compared with a tolerance for rounding that depends on the batch size (BLAS blocking).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Samples along ``axis``, ``k`` consecutive entries per sample (k = 1: one per sample)."""
+
+    axis: int
+    k: int = 1
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """No sample axis: the same tensor for every sample (shape kept to check later batches)."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Unknown:
+    why: str
+
+
+LeafLayout = Sampled | Broadcast | Unknown | None  # None: not a tensor
+
+
+@dataclass
+class CallLayout:
+    """Layouts of one call's flattened inputs (args then kwargs) and outputs.
+
+    ``outputs`` lists the floating-point output tensors only, in the order diag_fim taps them.
+    """
+
+    inputs: list[LeafLayout]
+    outputs: list[LeafLayout]
+
+    @property
+    def primary(self) -> LeafLayout:
+        """The first input tensor's layout (the layer input of every built-in layer)."""
+        return next((v for v in self.inputs if v is not None), None)
+
+    def per_sample(self) -> str | None:
+        """None when every sample's output depends on that sample alone along a single axis
+        per tensor (k = 1), so a per-sample re-run of the call is exact; else why not."""
+        for where, leaves in (("input", self.inputs), ("output", self.outputs)):
+            for i, v in enumerate(leaves):
+                if isinstance(v, Unknown):
+                    return f"{where} {i}: {v.why}"
+                if isinstance(v, Sampled) and v.k != 1:
+                    return f"{where} {i} holds {v.k} entries per sample along axis {v.axis}"
+        if not any(isinstance(v, Sampled) for v in self.outputs):
+            return "no output has a sample axis (it is the same for every sample)"
+        return None
+
+    def uniform(self) -> Sampled | None:
+        """The common Sampled layout of the first input and every output, if there is one."""
+        first = self.primary
+        if not isinstance(first, Sampled) or not self.outputs:
+            return None
+        return first if all(v == first for v in self.outputs) else None
+
+
+@dataclass
+class Record:
+    """One recorded module call: flattened inputs, floating-point outputs, enclosing calls."""
+
+    module: nn.Module
+    inputs: list[Any]
+    outputs: list[torch.Tensor]
+    structure: Any  # tree specs of (inputs, outputs), to match calls across the two passes
+    enclosing: tuple[nn.Module, ...]
+
+
+@dataclass
+class Recording:
+    calls: dict[nn.Module, list[Record]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[Recording]:
+    """Record every module call of ``model`` (inputs, outputs, the calls around it)."""
+    rec = Recording()
+    stack: list[nn.Module] = []
+    handles = []
+
+    def pre(module: nn.Module, args: Any, kwargs: Any) -> None:
+        stack.append(module)
+
+    def post(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        stack.pop()
+        if not torch.is_grad_enabled():  # diag_fim's taps skip such calls too: no gradient
+            return
+        ins, in_spec = tree_flatten((args, kwargs))
+        outs, out_spec = tree_flatten(output)
+        floats = [t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        rec.calls.setdefault(module, []).append(
+            Record(module, ins, floats, (in_spec, out_spec), tuple(stack))
+        )
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=False))
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def variant_indices(n: int) -> list[int]:
+    """Samples of the real batch (of n) that make the variant batch: a different count, in
+    another order where possible, so that layout and independence can both be told apart."""
+    if n == 1:
+        return [0, 0]
+    if n == 2:
+        return [1, 0, 1]
+    return [1, 0]
+
+
+def select_samples(inputs: Any, n: int, index: list[int]) -> Any:
+    """The batch made of samples ``index`` of ``inputs``: every tensor whose axis 0 has the
+    batch's n samples is indexed; anything else (a broadcast tensor, a flag) is passed as is."""
+    picker = torch.tensor(index)
+
+    def pick(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            return v.index_select(0, picker.to(v.device))
+        return v
+
+    return tree_map(pick, inputs)
+
+
+def compare(real: Any, variant: Any, n: int, index: list[int]) -> LeafLayout:
+    """The layout of one tensor seen as ``real`` (n samples) and ``variant`` (samples index)."""
+    if not isinstance(real, torch.Tensor):
+        return None
+    if not isinstance(variant, torch.Tensor) or variant.dim() != real.dim():
+        return Unknown("its rank depends on the number of samples")
+    m = len(index)
+    changed = [a for a in range(real.dim()) if real.shape[a] != variant.shape[a]]
+    if not changed:
+        if _close(real, variant):
+            return Broadcast(tuple(real.shape))
+        return Unknown("same shape for any number of samples but values that depend on them")
+    if len(changed) > 1:
+        return Unknown(f"axes {changed} all change with the number of samples")
+    axis = changed[0]
+    size, small = real.shape[axis], variant.shape[axis]
+    if size % n or small % m or size // n != small // m:
+        return Unknown(f"axis {axis} has {size} entries for {n} samples and {small} for {m}")
+    k = size // n
+    for j, i in enumerate(index):
+        if not _close(real.narrow(axis, i * k, k), variant.narrow(axis, j * k, k)):
+            return Unknown(
+                f"axis {axis} grows with the number of samples, but its entries are not each "
+                "sample's own (samples interact, or are not laid out one block per sample)"
+            )
+    return Sampled(axis, k)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point() and not a.is_complex():
+        return bool(torch.equal(a, b))
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not bool(torch.isfinite(a64).all()):
+        return bool(torch.equal(torch.isfinite(a64), torch.isfinite(b64))) and bool(
+            torch.allclose(a64.nan_to_num(), b64.nan_to_num(), rtol=1e-3, atol=0)
+        )
+    scale = float(a64.abs().max()) if a64.numel() else 0.0
+    tol = 2e-2 if a.element_size() <= 2 else 1e-3
+    return bool(((a64 - b64).abs() <= tol * scale + 1e-30).all())
+
+
+def layouts(
+    real: Recording, variant: Recording, n: int, index: list[int]
+) -> dict[nn.Module, list[CallLayout | Unknown]]:
+    """Per module, the layout of each of its calls in the real pass (matched by order)."""
+    out: dict[nn.Module, list[CallLayout | Unknown]] = {}
+    for module, calls in real.calls.items():
+        others = variant.calls.get(module, [])
+        if len(others) != len(calls):
+            why = Unknown(
+                f"called {len(calls)} times for {n} samples but {len(others)} times for "
+                f"{len(index)} (the calls depend on the data)"
+            )
+            out[module] = [why] * len(calls)
+            continue
+        result: list[CallLayout | Unknown] = []
+        for r, v in zip(calls, others, strict=True):
+            if r.structure != v.structure:
+                result.append(Unknown("its inputs or outputs are structured differently"))
+                continue
+            result.append(
+                CallLayout(
+                    [compare(a, b, n, index) for a, b in zip(r.inputs, v.inputs, strict=True)],
+                    [compare(a, b, n, index) for a, b in zip(r.outputs, v.outputs, strict=True)],
+                )
+            )
+        out[module] = result
+    return out
+
+
+def shape_matches(layout: LeafLayout, shape: tuple[int, ...] | None, n: int) -> bool:
+    """Whether a later batch's tensor of this shape (None: not a tensor) of n samples still
+    fits the planned layout."""
+    if layout is None or isinstance(layout, Unknown):
+        return True
+    if shape is None:
+        return False
+    if isinstance(layout, Broadcast):
+        return tuple(shape) == layout.shape
+    return len(shape) > layout.axis and shape[layout.axis] == layout.k * n
+
+
+def to_sample_first(t: torch.Tensor, layout: Sampled, n: int) -> torch.Tensor:
+    """(…, k·N at ``axis``, …) -> (N, k, …) with the sample axis first (k kept as an axis)."""
+    t = t.movedim(layout.axis, 0)
+    if layout.k == 1:
+        return t
+    return t.reshape(n, layout.k, *t.shape[1:])
