@@ -5,7 +5,16 @@ from fisher_fast._library import build_info, is_loaded
 from fisher_fast._version import __version__
 from fisher_fast.distance import frechet_distance, frechet_distance_full, frechet_distances
 from fisher_fast.distributed import shard
-from fisher_fast.fim import Call, DiagFIM, RuleContext, diag_fim, register_rule, sample_labels
+from fisher_fast.fim import (
+    Call,
+    CheckReport,
+    DiagFIM,
+    RuleContext,
+    check,
+    diag_fim,
+    register_rule,
+    sample_labels,
+)
 from fisher_fast.pipeline import (
     DictionarySettings,
     TaskDictionary,
@@ -28,6 +37,7 @@ from fisher_fast.tasks import (
 
 __all__ = [
     "Call",
+    "CheckReport",
     "DataSource",
     "DiagFIM",
     "DictionarySettings",
@@ -41,6 +51,7 @@ __all__ = [
     "__version__",
     "build_dictionary",
     "build_info",
+    "check",
     "diag_fim",
     "distance_matrix",
     "distributed",

@@ -333,7 +333,9 @@ def test_a_module_first_run_in_a_later_batch_is_a_clear_error() -> None:
         ({"x": torch.randn(4, 3)}, y),
         ({"x": torch.randn(4, 3), "extra": torch.randn(4, 3)}, y),
     ]
-    with pytest.raises(RuntimeError, match=r"the model \(_OptionalBranch\) does not have the layout"):
+    with pytest.raises(
+        RuntimeError, match=r"the model \(_OptionalBranch\) does not have the layout"
+    ):
         fisher_fast.diag_fim(_OptionalBranch(), data, progress=False)
 
 

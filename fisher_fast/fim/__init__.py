@@ -1,8 +1,18 @@
 """Diagonal Fisher information of any nn.Module: engine, per-layer rules and the result type."""
 
+from fisher_fast.fim.check import CheckReport, check
 from fisher_fast.fim.engine import diag_fim
 from fisher_fast.fim.losses import sample_labels
 from fisher_fast.fim.result import DiagFIM
 from fisher_fast.fim.rules import Call, RuleContext, register_rule
 
-__all__ = ["Call", "DiagFIM", "RuleContext", "diag_fim", "register_rule", "sample_labels"]
+__all__ = [
+    "Call",
+    "CheckReport",
+    "DiagFIM",
+    "RuleContext",
+    "check",
+    "diag_fim",
+    "register_rule",
+    "sample_labels",
+]

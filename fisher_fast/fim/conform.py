@@ -36,7 +36,9 @@ def check_layouts(
         pairs = [(lay, _shape(v)) for lay, v in zip(layout.inputs, leaves, strict=False)]
         if not call.saved:  # an instrumented call's taps are not its outputs
             pairs += [(lay, m[0]) for lay, m in zip(layout.outputs, call.output_meta, strict=False)]
-        if len(leaves) != len(layout.inputs) or not all(shape_matches(lay, s, n) for lay, s in pairs):
+        if len(leaves) != len(layout.inputs) or not all(
+            shape_matches(lay, s, n) for lay, s in pairs
+        ):
             raise RuntimeError(
                 f"call {i} of {where} does not have the layout it had in the first batch (planned "
                 f"{layout}, now with {n} samples); diag_fim planned the sample axis of every call "

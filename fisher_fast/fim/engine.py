@@ -314,7 +314,9 @@ class _Accumulation:
             return views.get(plan.global_name(local))
 
         o = self.options
-        ctx = RuleContext(acc_dtype=o.dtype, backend=o.backend, add=add, target=target, passes=passes)
+        ctx = RuleContext(
+            acc_dtype=o.dtype, backend=o.backend, add=add, target=target, passes=passes
+        )
 
         @torch.no_grad()
         def process(module: nn.Module, calls: list[Call]) -> None:

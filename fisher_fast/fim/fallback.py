@@ -53,7 +53,9 @@ def make_fallback_rule(
         totals = {
             p: torch.zeros(t.shape, dtype=ctx.acc_dtype, device=t.device) for p, t in params.items()
         }
-        with paused():
+        # Grad mode on: under no_grad some kernels (oneDNN's LSTM) skip what their backward needs.
+        with paused(), torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop because")
             for start in range(0, n, step):
                 part = range(start, min(n, start + step))
                 summed: dict[str, torch.Tensor] | None = None

@@ -45,7 +45,9 @@ class FimOptions:
             raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if not (self.output is None or isinstance(self.output, (str, int)) or callable(self.output)):
+        if not (
+            self.output is None or isinstance(self.output, (str, int)) or callable(self.output)
+        ):
             raise TypeError(
                 "output must be None, a key or attribute name, a tuple index or a callable "
                 f"(model output -> logits), got {type(self.output).__name__}"
@@ -72,10 +74,14 @@ def select_output(output: Any, spec: OutputSpec) -> torch.Tensor:
         elif hasattr(output, spec):
             chosen = getattr(output, spec)
         else:
-            raise KeyError(f"output={spec!r}: the model's output ({type(output).__name__}) has no such key or attribute")
+            raise KeyError(
+                f"output={spec!r}: the model's output ({type(output).__name__}) has no such key or attribute"
+            )
     elif isinstance(spec, int):
         if not isinstance(output, (tuple, list)):
-            raise TypeError(f"output={spec}: the model returned {type(output).__name__}, not a tuple or list")
+            raise TypeError(
+                f"output={spec}: the model returned {type(output).__name__}, not a tuple or list"
+            )
         chosen = output[spec]
     elif isinstance(output, torch.Tensor):
         chosen = output

@@ -143,7 +143,11 @@ class _Planner:
                         continue
                     a_rule = find_rule(a)
                     rel = pname[len(ancestor) + 1 :] if ancestor else pname
-                    if a_rule is not None and rel in a_rule.extra_params and self.rule_fits(a, a_rule):
+                    if (
+                        a_rule is not None
+                        and rel in a_rule.extra_params
+                        and self.rule_fits(a, a_rule)
+                    ):
                         o = self.owner(ancestor)
                         o.rule = a_rule
                         o.rule_params.append(rel)

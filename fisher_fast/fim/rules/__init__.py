@@ -141,7 +141,7 @@ class RuleSpec:
 
     @property
     def name(self) -> str:
-        return getattr(self.compute, "__name__", "rule")
+        return getattr(self.compute, "__name__", "rule").strip("_")
 
     def accepts(self, module: nn.Module, layout: CallLayout | Unknown) -> bool:
         """Whether this rule is exact on a call with this layout."""
@@ -183,7 +183,9 @@ def register_rule(
     must register too). The keyword arguments are those of :class:`RuleSpec`; the default
     ``layout="sample_first"`` means the rule is only used on calls whose samples are on axis 0."""
     if layout not in ("sample_first", "positionwise") and not callable(layout):
-        raise ValueError(f"layout must be 'sample_first', 'positionwise' or a callable, got {layout!r}")
+        raise ValueError(
+            f"layout must be 'sample_first', 'positionwise' or a callable, got {layout!r}"
+        )
 
     def decorate(rule: Rule) -> Rule:
         spec = RuleSpec(rule, layout, supports, tuple(extra_params), instrument)
@@ -194,8 +196,19 @@ def register_rule(
     return decorate
 
 
+_MATCHED: list[tuple[Callable[[nn.Module], bool], RuleSpec]] = []
+
+
+def register_matched_rule(matches: Callable[[nn.Module], bool], spec: RuleSpec) -> None:
+    """A rule for modules of other libraries, recognised by ``matches(module)`` instead of by
+    class (so that fisher_fast does not import those libraries); ``matches`` must establish
+    that the module computes what the rule assumes."""
+    _MATCHED.append((matches, spec))
+
+
 def find_rule(module: nn.Module) -> RuleSpec | None:
-    """The rule for this module's class; subclasses inherit it only if they keep forward()."""
+    """The rule for this module's class (subclasses inherit it only if they keep forward()),
+    else the first matched rule that recognises the module."""
     cls = type(module)
     spec = _RULES.get(cls)
     if spec is None:
@@ -203,6 +216,8 @@ def find_rule(module: nn.Module) -> RuleSpec | None:
             if base in _RULES and cls.forward is base.forward:
                 spec = _RULES[base]
                 break
+    if spec is None:
+        spec = next((s for matches, s in _MATCHED if matches(module)), None)
     if spec is not None and spec.supports is not None and not spec.supports(module):
         return None
     return spec
@@ -217,4 +232,12 @@ def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) 
 
 
 # Importing the rule modules registers them.
-from fisher_fast.fim.rules import attention, conv, embedding, linear, norm  # noqa: E402, F401
+from fisher_fast.fim.rules import (  # noqa: E402, F401
+    attention,
+    conv,
+    embedding,
+    linear,
+    norm,
+    rms_norm,
+    transposed_linear,
+)

@@ -194,5 +194,3 @@ def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleCo
     ctx.add("out_proj.weight", ctx.square_sum(g_out.unsqueeze(1), a.unsqueeze(1))[0])
     if module.out_proj.bias is not None:
         ctx.add_bias("out_proj.bias", g_out.sum(1))
-
-

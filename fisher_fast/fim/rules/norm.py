@@ -25,7 +25,7 @@ BATCHNORM_TRAINING_ERROR = (
 )
 
 
-def _affine_rule(
+def affine_rule(
     normalise: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     reduce_dims: Callable[[torch.Tensor], tuple[int, ...]],
 ) -> Callable[[nn.Module, list[Call], RuleContext], None]:
@@ -86,20 +86,20 @@ def _layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
-def _layer_positions(x: torch.Tensor, n_normalised: int) -> tuple[int, ...]:
+def layer_positions(x: torch.Tensor, n_normalised: int) -> tuple[int, ...]:
     return tuple(range(1, x.dim() - n_normalised))
 
 
 def _layer_norm_rule(module: nn.LayerNorm, calls: list[Call], ctx: RuleContext) -> None:
     dims = len(module.normalized_shape)
-    _affine_rule(_layer_norm, lambda x: _layer_positions(x, dims))(module, calls, ctx)
+    affine_rule(_layer_norm, lambda x: layer_positions(x, dims))(module, calls, ctx)
 
 
 register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(
-    _affine_rule(_batch_norm, _channel_positions)
+    affine_rule(_batch_norm, _channel_positions)
 )
 register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)(
-    _affine_rule(_instance_norm, _channel_positions)
+    affine_rule(_instance_norm, _channel_positions)
 )
-register_rule(nn.GroupNorm)(_affine_rule(_group_norm, _channel_positions))
+register_rule(nn.GroupNorm)(affine_rule(_group_norm, _channel_positions))
 register_rule(nn.LayerNorm, layout="positionwise")(_layer_norm_rule)

@@ -1,0 +1,85 @@
+"""RMSNorm: torch's nn.RMSNorm and the look-alikes of other libraries (Llama-style decoders).
+
+y = x̂ ∘ weight with x̂ = x / sqrt(mean(x², normalised axes) + eps), so the per-sample weight
+gradient is the sum over positions of g ∘ x̂, as for LayerNorm without a bias. Other libraries'
+RMSNorm classes (``LlamaRMSNorm``, ``T5LayerNorm`` and the like) are recognised by name and then
+*verified*: the module is run once on a random input and must reproduce that formula to
+rounding, so a variant with other math (Gemma's ``1 + weight``, a bias, an offset) is not
+mistaken for it and goes to the exact generic path instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule, register_rule
+from fisher_fast.fim.rules.norm import affine_rule, layer_positions
+
+
+def _eps(module: nn.Module) -> float | None:
+    for attr in ("eps", "variance_epsilon"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _normalise(x: torch.Tensor, dims: int, eps: float | None) -> torch.Tensor:
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    axes = tuple(range(-dims, 0))
+    return x * torch.rsqrt(x.square().mean(axes, keepdim=True) + eps)
+
+
+def _normalised_dims(module: nn.Module) -> int:
+    shape = getattr(module, "normalized_shape", None)
+    return len(shape) if shape is not None else 1
+
+
+def _rms_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
+    dims = _normalised_dims(module)
+    eps = _eps(module)
+    affine_rule(lambda m, x: _normalise(x, dims, eps), lambda x: layer_positions(x, dims))(
+        module, calls, ctx
+    )
+
+
+register_rule(nn.RMSNorm, layout="positionwise", supports=lambda m: m.weight is not None)(_rms_rule)
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _looks_like_rms_norm(module: nn.Module) -> bool:
+    """A module named like an RMSNorm, with one 1-d weight, that computes weight ∘ x̂."""
+    name = type(module).__name__
+    if not (name.endswith("RMSNorm") or name == "T5LayerNorm") or isinstance(module, nn.RMSNorm):
+        return False
+    params = dict(module.named_parameters())
+    weight = params.get("weight")
+    if set(params) != {"weight"} or weight is None or weight.dim() != 1 or _eps(module) is None:
+        return False
+    if module not in _VERIFIED:
+        _VERIFIED[module] = _reproduces_formula(module, weight)
+    return _VERIFIED[module]
+
+
+@torch.no_grad()
+def _reproduces_formula(module: nn.Module, weight: torch.Tensor) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.numel(), generator=generator, dtype=torch.float64) * 3 + 0.5
+    x = x.to(weight)
+    try:
+        out = module(x)
+    except Exception:  # a module that does not take a plain tensor is not this formula
+        return False
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return False
+    expected = weight.double() * _normalise(x.double(), 1, _eps(module))
+    tol = 1e-2 if x.element_size() <= 2 else 1e-5
+    return bool(torch.allclose(out.double(), expected, rtol=tol, atol=tol * 1e-2))
+
+
+register_matched_rule(_looks_like_rms_norm, RuleSpec(_rms_rule, layout="positionwise"))
