@@ -47,6 +47,9 @@ def make_fallback_rule(
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
         params = {p: module.get_parameter(p).detach() for p in param_names}
+        # Every other parameter enters as a constant: no graph is built for it, and ops that
+        # refuse inputs requiring grad (sdpa's attn_mask on CPU) accept a bias made from it.
+        constants = {k: v.detach() for k, v in module.named_parameters() if k not in params}
         n = ctx.n_samples
         size = sum(p.numel() for p in params.values())
         step = max(1, CHUNK_BYTES // max(1, size * 4 * (len(calls) + 1)))
@@ -60,7 +63,9 @@ def make_fallback_rule(
                 part = range(start, min(n, start + step))
                 summed: dict[str, torch.Tensor] | None = None
                 for call, layout in zip(calls, layouts, strict=True):
-                    grads = _grads(module, params, call, layout, part, ctx.work_dtype, state, name)
+                    grads = _grads(
+                        module, params, constants, call, layout, part, ctx.work_dtype, state, name
+                    )
                     summed = grads if summed is None else {k: summed[k] + grads[k] for k in grads}
                 assert summed is not None
                 for p, g in summed.items():
@@ -74,6 +79,7 @@ def make_fallback_rule(
 def _grads(
     module: nn.Module,
     params: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
     call: Call,
     layout: CallLayout,
     part: range,
@@ -83,7 +89,7 @@ def _grads(
 ) -> dict[str, torch.Tensor]:
     if not state["loop"]:
         try:
-            return _vmapped(module, params, call, layout, part, work)
+            return _vmapped(module, params, constants, call, layout, part, work)
         except Exception as error:  # any failure of vmap: re-run per sample
             state["loop"] = True
             warnings.warn(
@@ -93,7 +99,7 @@ def _grads(
                 PerSampleLoopWarning,
                 stacklevel=2,
             )
-    return _looped(module, params, call, layout, part, work)
+    return _looped(module, params, constants, call, layout, part, work)
 
 
 def _inputs(call: Call) -> tuple[list[Any], Any]:
@@ -101,7 +107,7 @@ def _inputs(call: Call) -> tuple[list[Any], Any]:
 
 
 def _one_sample(
-    module: nn.Module, spec: Any, layout: CallLayout
+    module: nn.Module, spec: Any, layout: CallLayout, constants: dict[str, torch.Tensor]
 ) -> Callable[[dict[str, torch.Tensor], list[Any], list[torch.Tensor]], dict[str, torch.Tensor]]:
     """The vjp of one sample: inputs and output gradients come without their sample axis."""
 
@@ -117,7 +123,7 @@ def _one_sample(
         args, kwargs = tree_unflatten(restore(leaves, layout.inputs), spec)
 
         def forward(q: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            out, _ = tree_flatten(functional_call(module, q, tuple(args), kwargs))
+            out, _ = tree_flatten(functional_call(module, {**constants, **q}, tuple(args), kwargs))
             return tuple(v for v in out if isinstance(v, torch.Tensor) and v.is_floating_point())
 
         pullback = vjp(forward, p)[1]
@@ -136,6 +142,7 @@ def _slice(values: list[Any], leaf_layouts: list[Any], part: range) -> list[Any]
 def _vmapped(
     module: nn.Module,
     params: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
     call: Call,
     layout: CallLayout,
     part: range,
@@ -146,7 +153,7 @@ def _vmapped(
     grads = [call.grad(k) for k in range(len(call.output_meta))]
     in_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.inputs]
     out_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.outputs]
-    one = _one_sample(module, spec, layout)
+    one = _one_sample(module, spec, layout, constants)
     out = vmap(one, in_dims=(None, in_dims, out_dims))(
         params, _slice(leaves, layout.inputs, part), _slice(grads, layout.outputs, part)
     )
@@ -156,6 +163,7 @@ def _vmapped(
 def _looped(
     module: nn.Module,
     params: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
     call: Call,
     layout: CallLayout,
     part: range,
@@ -164,7 +172,7 @@ def _looped(
     """The same as :func:`_vmapped`, one sample at a time."""
     leaves, spec = _inputs(call)
     grads = [call.grad(k) for k in range(len(call.output_meta))]
-    one = _one_sample(module, spec, layout)
+    one = _one_sample(module, spec, layout, constants)
 
     def take(values: list[Any], leaf_layouts: list[Any], i: int) -> list[Any]:
         return [

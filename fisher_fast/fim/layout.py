@@ -21,6 +21,7 @@ Values are compared with a tolerance for rounding that depends on the batch size
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,10 +160,22 @@ def select_samples(inputs: Any, n: int, index: list[int]) -> Any:
     return tree_map(pick, inputs)
 
 
+# Non-tensor arguments that cannot carry state from one call to the next.
+_PLAIN = (
+    type(None), bool, int, float, complex, str, bytes, slice, type, enum.Enum,
+    torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size,
+)  # fmt: skip
+
+
 def compare(real: Any, variant: Any, n: int, index: list[int]) -> LeafLayout:
     """The layout of one tensor seen as ``real`` (n samples) and ``variant`` (samples index)."""
     if not isinstance(real, torch.Tensor):
-        return None
+        if isinstance(real, _PLAIN) or real is Ellipsis:
+            return None
+        return Unknown(
+            f"it takes a {type(real).__name__} object, which may keep state between calls "
+            "(a cache), so the call is not re-run per sample"
+        )
     if not isinstance(variant, torch.Tensor) or variant.dim() != real.dim():
         return Unknown("its rank depends on the number of samples")
     m = len(index)

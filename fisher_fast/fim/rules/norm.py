@@ -28,12 +28,15 @@ BATCHNORM_TRAINING_ERROR = (
 def affine_rule(
     normalise: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     reduce_dims: Callable[[torch.Tensor], tuple[int, ...]],
+    cast_input: bool = True,
 ) -> Callable[[nn.Module, list[Call], RuleContext], None]:
-    """A rule for y = normalise(x) * weight + bias; reduce_dims(x) are the position axes."""
+    """A rule for y = normalise(x) * weight + bias; reduce_dims(x) are the position axes.
+    ``normalise`` gets x in the work dtype, or as the module got it (``cast_input=False``)."""
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
         def weight_grad(c: Call) -> torch.Tensor:
-            x_hat = normalise(module, c.input.to(ctx.work_dtype))
+            x = c.input.to(ctx.work_dtype) if cast_input else c.input
+            x_hat = normalise(module, x).to(ctx.work_dtype)
             return _sum_positions(c.grad().to(ctx.work_dtype) * x_hat, reduce_dims(c.input))
 
         def bias_grad(c: Call) -> torch.Tensor:

@@ -4,7 +4,7 @@ y = x̂ ∘ weight with x̂ = x / sqrt(mean(x², normalised axes) + eps), so the
 gradient is the sum over positions of g ∘ x̂, as for LayerNorm without a bias. Other libraries'
 RMSNorm classes (``LlamaRMSNorm``, ``T5LayerNorm`` and the like) are recognised by name and then
 *verified*: the module is run once on a random input and must reproduce that formula to
-rounding, so a variant with other math (Gemma's ``1 + weight``, a bias, an offset) is not
+rounding (x̂ is then the module's own output with a weight of ones, to keep its numerics), so a variant with other math (Gemma's ``1 + weight``, a bias, an offset) is not
 mistaken for it and goes to the exact generic path instead.
 """
 
@@ -14,6 +14,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule, register_rule
 from fisher_fast.fim.rules.norm import affine_rule, layer_positions
@@ -82,4 +83,15 @@ def _reproduces_formula(module: nn.Module, weight: torch.Tensor) -> bool:
     return bool(torch.allclose(out.double(), expected, rtol=tol, atol=tol * 1e-2))
 
 
-register_matched_rule(_looks_like_rms_norm, RuleSpec(_rms_rule, layout="positionwise"))
+def _matched_rms_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
+    """x̂ is the module's own output with a weight of ones, so its numerics (a variance taken
+    in float32, casts back to the input dtype) are the model's, not a re-derivation's."""
+    ones = {"weight": torch.ones_like(module.get_parameter("weight"))}
+
+    def normalise(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(m, ones, (x,)).to(ctx.work_dtype)
+
+    affine_rule(normalise, lambda x: layer_positions(x, 1), cast_input=False)(module, calls, ctx)
+
+
+register_matched_rule(_looks_like_rms_norm, RuleSpec(_matched_rms_rule, layout="positionwise"))

@@ -1,0 +1,262 @@
+"""diag_fim on models as users bring them, against a float64 per-sample autograd loop.
+
+Hugging Face transformers models built from small configs (random weights, no downloads),
+torch.nn's Transformer and recurrent layers in both layouts, attention with ``add_bias_kv``,
+broadcast position ids, tied weights. Each runs on data in two batches, in float64 (error
+≤ 1e-10) and float32 (≤ 1e-5). transformers is an optional test dependency: its tests are
+skipped without it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fim_reference import max_relative_error, reference_fim_batches
+from torch import nn
+
+import fisher_fast
+from fisher_fast.fim.check import CheckFailedWarning
+
+VOCAB, T, N = 40, 6, 5
+Problem = tuple[nn.Module, list[tuple[Any, torch.Tensor]], dict[str, Any]]
+
+
+def _lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample language-model loss: cross-entropy summed over the positions."""
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)
+
+
+def _tokens(low: int = 0) -> torch.Tensor:
+    return torch.randint(low, VOCAB, (N, T))
+
+
+def _classes(k: int = 3) -> torch.Tensor:
+    return torch.randint(0, k, (N,))
+
+
+# -- Hugging Face transformers -------------------------------------------------------------------
+def _hf() -> Any:
+    return pytest.importorskip("transformers")
+
+
+def bert() -> Problem:
+    tf = _hf()
+    cfg = tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    data = [({"input_ids": _tokens()}, _classes()) for _ in range(2)]
+    return tf.BertForSequenceClassification(cfg), data, {}
+
+
+def gpt2_tied_head() -> Problem:
+    tf = _hf()
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    model = tf.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight  # the head is tied
+    data = [({"input_ids": _tokens()}, _tokens()) for _ in range(2)]
+    return model, data, {"loss": _lm_loss}
+
+
+def llama() -> Problem:
+    tf = _hf()
+    cfg = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=24, max_position_embeddings=16, num_labels=3,
+        pad_token_id=0,
+    )  # fmt: skip
+    data = [({"input_ids": _tokens(low=1)}, _classes()) for _ in range(2)]
+    return tf.LlamaForSequenceClassification(cfg), data, {}
+
+
+def vit() -> Problem:
+    tf = _hf()
+    cfg = tf.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=24, num_labels=3,
+    )  # fmt: skip
+    data = [({"pixel_values": torch.randn(N, 3, 8, 8)}, _classes()) for _ in range(2)]
+    return tf.ViTForImageClassification(cfg), data, {}
+
+
+def t5_shared_embedding() -> Problem:
+    tf = _hf()
+    cfg = tf.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
+        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = tf.T5ForConditionalGeneration(cfg)
+    data = [({"input_ids": _tokens(), "decoder_input_ids": _tokens()}, _tokens()) for _ in range(2)]
+    return model, data, {"loss": _lm_loss}
+
+
+# -- torch.nn --------------------------------------------------------------------------------------
+class _Encoder(nn.Module):
+    """Token + broadcast position embeddings (ids of shape (1, T)), nn.TransformerEncoder in
+    either layout, mean pooling, a linear head."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.tokens, self.positions = nn.Embedding(VOCAB, 16), nn.Embedding(T, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x) + self.positions(torch.arange(x.shape[1], device=x.device)[None])
+        h = self.encoder(h if self.batch_first else h.transpose(0, 1))
+        return self.head((h if self.batch_first else h.transpose(0, 1)).mean(1))
+
+
+def encoder_batch_first() -> Problem:
+    return _Encoder(True), [(_tokens(), _classes()) for _ in range(2)], {}
+
+
+def encoder_sequence_first() -> Problem:
+    return _Encoder(False), [(_tokens(), _classes()) for _ in range(2)], {}
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.Module], batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cell(4, 5, num_layers=2, batch_first=batch_first)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        h = state[0] if isinstance(state, tuple) else state  # (layers, N, H): samples on axis 1
+        return self.head(h[-1])
+
+
+def lstm() -> Problem:
+    return _Recurrent(nn.LSTM, True), [(torch.randn(N, T, 4), _classes()) for _ in range(2)], {}
+
+
+def gru_sequence_first() -> Problem:
+    data = [(torch.randn(N, T, 4), _classes()) for _ in range(2)]
+    return _Recurrent(nn.GRU, False), data, {}
+
+
+class _BiasKV(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def attention_bias_kv() -> Problem:
+    return _BiasKV(), [(torch.randn(N, T, 8), _classes()) for _ in range(2)], {}
+
+
+class _TiedClassifier(nn.Module):
+    """An embedding tied to the output layer (a text classifier over the vocabulary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Linear(8, VOCAB, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(x).mean(1))))
+
+
+def tied_embedding_and_head() -> Problem:
+    return _TiedClassifier(), [(_tokens(), _classes(VOCAB)) for _ in range(2)], {}
+
+
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    f.__name__: f
+    for f in (
+        bert, gpt2_tied_head, llama, vit, t5_shared_embedding, encoder_batch_first,
+        encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
+        tied_embedding_and_head,
+    )
+}  # fmt: skip
+
+
+def _as(dtype: torch.dtype, data: list[tuple[Any, torch.Tensor]]) -> list[tuple[Any, torch.Tensor]]:
+    from torch.utils._pytree import tree_map
+
+    def cast(v: Any) -> Any:
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return [(tree_map(cast, x), y) for x, y in data]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_matches_the_per_sample_loop(name: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(random.randrange(2**31))
+    model, data, kwargs = PROBLEMS[name]()
+    model = model.to(dtype).eval()
+    data = _as(dtype, data)
+    loss = "cross_entropy" if "loss" not in kwargs else "lm"
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64, **kwargs)
+    reference = reference_fim_batches(model, data, loss="cross_entropy")
+    assert loss in ("cross_entropy", "lm")
+    assert set(fim.names) == set(reference), "every trainable parameter gets an entry"
+    errors = max_relative_error(fim, reference)
+    worst = max(errors, key=errors.__getitem__)
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert errors[worst] <= bound, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
+
+
+def test_the_fast_paths_are_taken_where_they_apply() -> None:
+    """Layers with a rule keep it on real models (only what needs it takes the slow path)."""
+    model, data, kwargs = gpt2_tied_head()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
+    assert paths["transformer.h.0.attn.c_attn.weight"] == "rule transposed_linear_rule"
+    assert paths["transformer.h.0.ln_1.weight"] == "rule layer_norm_rule"
+    assert paths["transformer.wte.weight"].startswith("per-sample gradients of the model")
+    model, data, _ = llama()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
+    assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"
+    model, data, _ = encoder_sequence_first()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
+    assert paths["encoder.layers.0.linear1.weight"] == "rule linear_rule"  # (T, N, D) calls
+    assert paths["encoder.layers.0.self_attn.in_proj_weight"] == "rule attention_rule"
+    assert paths["positions.weight"].startswith("per-sample gradients of the model")
+
+
+def test_check_reports_every_parameter_with_its_path(capsys: pytest.CaptureFixture[str]) -> None:
+    model, data, _ = encoder_sequence_first()
+    report = fisher_fast.check(model.eval(), data, samples=6, batch_size=3)
+    assert report.ok and report.samples == 6
+    assert {r.name for r in report.rows} == {n for n, _ in model.named_parameters()}
+    printed = capsys.readouterr().out
+    assert "positions.weight" in printed and "all parameters agree" in printed
+
+
+def test_check_flags_a_wrong_rule() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.randn(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.gain
+
+    @fisher_fast.register_rule(Scale)
+    def wrong_rule(
+        module: Scale, calls: list[fisher_fast.Call], ctx: fisher_fast.RuleContext
+    ) -> None:
+        ctx.add("gain", sum(c.grad().sum(0) for c in calls).square())  # batch gradient squared
+
+    model = nn.Sequential(Scale(), nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.warns(CheckFailedWarning, match="0.gain"):
+        report = fisher_fast.check(model, (x, y), verbose=False)
+    assert not report.ok
+    assert [r.name for r in report.rows if not r.ok] == ["0.gain"]
