@@ -213,6 +213,17 @@ def test_matches_the_per_sample_loop(name: str, dtype: torch.dtype) -> None:
     assert errors[worst] <= bound, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
 
 
+def test_batches_of_different_sequence_lengths() -> None:
+    """Position ids (1, T) change shape with T: each new length is planned anew, and exact."""
+    torch.manual_seed(random.randrange(2**31))
+    model, _, _ = bert()
+    model = model.double().eval()
+    data = [({"input_ids": torch.randint(0, VOCAB, (N, t))}, _classes()) for t in (6, 4, 6)]
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    errors = max_relative_error(fim, reference_fim_batches(model, data))
+    assert max(errors.values()) <= 1e-10
+
+
 def test_the_fast_paths_are_taken_where_they_apply() -> None:
     """Layers with a rule keep it on real models (only what needs it takes the slow path)."""
     model, data, kwargs = gpt2_tied_head()

@@ -102,6 +102,11 @@ class Capture:
             return False
         return True
 
+    def reset_processes(self) -> None:
+        """Forget every owner's process (a new plan is being adopted)."""
+        for owner in self._owner_of.values():
+            owner.process = None
+
     def ignore_unplanned(self) -> bool:
         """Owners still without a process add nothing (their parameters are handled elsewhere);
         False when one of them loses its instrumented forward (see ``set_process``)."""

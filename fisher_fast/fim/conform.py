@@ -2,8 +2,8 @@
 
 The plan (plan.py) is made from the first batch's layouts (layout.py). A later batch is only
 computed with it while every call keeps those layouts (same number of calls, each sample axis
-k times the batch's samples, each shared tensor the same shape); anything else is an error
-rather than a number computed along the wrong axis. Rules registered as "positionwise" may get
+k times the batch's samples, each shared tensor the same shape); a batch that does not (another
+sequence length, another branch taken) is planned anew, never computed along the wrong axis. Rules registered as "positionwise" may get
 calls whose samples sit on another axis or in blocks of k; ``rule_calls`` moves them to axis 0
 as (N, k, ...), so the rule's own code only ever sees samples first.
 """
@@ -20,31 +20,20 @@ from fisher_fast.fim.rules import Call, RuleSpec
 _SAMPLE_FIRST = Sampled(0, 1)
 
 
-def check_layouts(
-    name: str, module: nn.Module, calls: list[Call], planned: list[CallLayout], n: int
-) -> None:
-    """Raise when this batch's calls do not have the layouts the plan was made for."""
-    where = f"{name or 'the model'} ({type(module).__name__})"
+def conforms(module: nn.Module, calls: list[Call], planned: list[CallLayout], n: int) -> bool:
+    """Whether this batch's calls of ``module`` have the layouts the plan was made for."""
     if len(calls) != len(planned):
-        raise RuntimeError(
-            f"{where} ran {len(calls)} times in this batch but {len(planned)} times in the "
-            "first one, from which diag_fim planned how to compute its parameters; give every "
-            "batch the same structure, or compute the FIM of each kind of batch apart"
-        )
-    for i, (call, layout) in enumerate(zip(calls, planned, strict=True)):
+        return False
+    for call, layout in zip(calls, planned, strict=True):
         leaves, _ = tree_flatten((call.args, call.kwargs))
-        pairs = [(lay, _shape(v)) for lay, v in zip(layout.inputs, leaves, strict=False)]
+        if len(leaves) != len(layout.inputs):
+            return False
+        pairs = [(lay, _shape(v)) for lay, v in zip(layout.inputs, leaves, strict=True)]
         if not call.saved:  # an instrumented call's taps are not its outputs
             pairs += [(lay, m[0]) for lay, m in zip(layout.outputs, call.output_meta, strict=False)]
-        if len(leaves) != len(layout.inputs) or not all(
-            shape_matches(lay, s, n) for lay, s in pairs
-        ):
-            raise RuntimeError(
-                f"call {i} of {where} does not have the layout it had in the first batch (planned "
-                f"{layout}, now with {n} samples); diag_fim planned the sample axis of every call "
-                "from the first batch, so make every batch alike (e.g. the same sequence length "
-                "for inputs shared by all samples), or compute the FIM of each kind of batch apart"
-            )
+        if not all(shape_matches(lay, s, n) for lay, s in pairs):
+            return False
+    return True
 
 
 def _shape(value: object) -> tuple[int, ...] | None:

@@ -23,7 +23,7 @@ from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
 from fisher_fast.fim.capture import Capture, Owner
-from fisher_fast.fim.conform import check_layouts, rule_calls
+from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.fallback import make_fallback_rule
@@ -205,6 +205,7 @@ class _Accumulation:
             self.capture.add_owner(Owner(name, module, instrument=instrument))
         self.processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
         self.sums: _Sums | None = None
+        self.planned: list[tuple[OwnerPlan, list[CallLayout]]] = []  # owners and their layouts
         self.paths: dict[str, str] = {}
 
     # -- plan ----------------------------------------------------------------------------------
@@ -212,6 +213,8 @@ class _Accumulation:
         """The first batch's forward pass, which also decides the plan; run again if the plan
         needs taps that were not in place (an ancestor's per-sample gradients)."""
         index = variant_indices(n)
+        with recording(self.model) as real:
+            output = call_model(self.model, inputs)
         try:
             with self.capture.paused(), recording(self.model) as variant:
                 call_model(self.model, select_samples(inputs, n, index))
@@ -223,8 +226,6 @@ class _Accumulation:
                 "the batch's number of samples is split per sample, so give inputs shared by "
                 "all samples another first axis (e.g. 1)"
             ) from error
-        with recording(self.model) as real:
-            output = call_model(self.model, inputs)
         plan = make_plan(self.model, real, layouts(real, variant, n, index))
         del real, variant
         if self._adopt(plan):
@@ -266,10 +267,21 @@ class _Accumulation:
                 "every trainable parameter was left out (on_unsupported='skip' and no rule "
                 "applies), so the FIM would be empty; use on_unsupported='fallback'"
             )
-        acc = torch.zeros(
-            sum(params[n].numel() for n in names), dtype=self.options.dtype, device=self.device
-        )
-        views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
+        if self.sums is not None:  # a new plan for a batch of other layouts: same accumulator
+            if names != self.sums.names:
+                raise RuntimeError(
+                    "this batch's layouts leave out other parameters than the first batch's "
+                    f"({sorted(set(names) ^ set(self.sums.names))[:5]}); use "
+                    "on_unsupported='fallback', or compute the FIM of each kind of batch apart"
+                )
+            acc, views = self.sums.acc, self.sums.views
+        else:
+            acc = torch.zeros(
+                sum(params[n].numel() for n in names), dtype=self.options.dtype, device=self.device
+            )
+            views = dict(zip(names, _split(acc, [params[n] for n in names]), strict=True))
+        self.capture.reset_processes()
+        self.planned = []
         missing = set(names) - set(plan.paths)
         if missing:
             raise AssertionError(f"the plan leaves out {sorted(missing)}")  # plan.py's contract
@@ -277,6 +289,7 @@ class _Accumulation:
         covered = True
         for o in plan.owners:
             process = self._processor(o, views, skipped)
+            self.planned.append((o, [c for c in o.layouts if isinstance(c, CallLayout)]))
             instrument = o.rule.instrument if o.rule is not None else None
             if self.capture.owns(o.module):
                 covered &= self.capture.set_process(o.module, process, instrument)
@@ -320,8 +333,6 @@ class _Accumulation:
 
         @torch.no_grad()
         def process(module: nn.Module, calls: list[Call]) -> None:
-            if passes.index == 0:
-                check_layouts(plan.name, module, calls, call_layouts, passes.n_samples)
             if rule is not None:
                 rule.compute(module, rule_calls(rule, calls, call_layouts, passes.n_samples), ctx)
             if fallback is not None:
@@ -371,6 +382,10 @@ class _Accumulation:
                     raw = self._planning_forward(inputs, n)
                 else:
                     raw = call_model(self.model, inputs)
+                    if not self._conforms(n):
+                        del raw
+                        capture.forget_calls()
+                        raw = self._planning_forward(inputs, n)
                 output = select_output(raw, o.output)
                 zeros = capture.zero_leaves()
                 objs = list(
@@ -388,6 +403,14 @@ class _Accumulation:
                     )
                     capture.end_pass()
             del raw, output, objs
+
+    def _conforms(self, n: int) -> bool:
+        """Whether this batch's calls have the layouts the plan was made for (else it gets a
+        plan of its own: another sequence length changes the shape of shared inputs)."""
+        return all(
+            conforms(o.module, self.capture.calls.get(o.module, []), layouts, n)
+            for o, layouts in self.planned
+        )
 
     def _check(self, samples: str) -> None:
         assert self.sums is not None

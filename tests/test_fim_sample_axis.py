@@ -1,0 +1,226 @@
+"""The sample axis is established, never assumed: synthetic modules for each way real models
+break "axis 0 holds the samples", each against a float64 per-sample loop, and the layout
+detection itself (fisher_fast/fim/layout.py) on hand-made tensors."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from fim_reference import max_relative_error, reference_fim_batches
+from torch import nn
+
+import fisher_fast
+from fisher_fast.fim.layout import Broadcast, Sampled, Unknown, compare
+
+N, T, D, C = 6, 4, 5, 3
+
+
+class BucketTable(nn.Module):
+    """A relative-position bias from an Embedding on a (T, T) bucket table: no sample axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.bias = nn.Embedding(2 * T, 1)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buckets = torch.arange(T)[:, None] - torch.arange(T)[None] + T - 1
+        scores = self.proj(x) @ x.transpose(1, 2) + self.bias(buckets)[..., 0]
+        return self.head((scores.softmax(-1) @ x).mean(1))
+
+
+class Windows(nn.Module):
+    """Samples flattened with windows into axis 0: (N·W, T, D), as window attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        w = x.reshape(n * 2, T // 2, D)  # two windows per sample
+        h = self.norm(torch.tanh(self.inner(w))).reshape(n, T, D)
+        return self.head(h.mean(1))
+
+
+class Tokens(nn.Module):
+    """A token-level layer on (N·T, D), as routers and expert layers use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert = nn.Linear(D, D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = torch.relu(self.expert(x.reshape(n * T, D))).reshape(n, T, D)
+        return self.head(h.sum(1))
+
+
+class TwoLayouts(nn.Module):
+    """One projection on the tokens (N, T, D) and on a position table (1, 2T, D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 2 * T, D))
+        self.proj = nn.Linear(D, D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, positions = self.proj(x), self.proj(self.table)
+        return self.head(
+            tokens.mean(1) + (tokens @ positions.transpose(1, 2)).mean((1, 2))[:, None]
+        )
+
+
+class Mixture(nn.Module):
+    """Mixture of experts with data-dependent dispatch (each sample to its argmax expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(D, 2)
+        self.experts = nn.ModuleList(nn.Linear(D, C) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.router(x).argmax(1)
+        gate = self.router(x).softmax(1)
+        out = torch.zeros(x.shape[0], C, dtype=x.dtype)
+        for e, expert in enumerate(self.experts):
+            mask = choice == e
+            if mask.any():
+                out[mask] = expert(x[mask]) * gate[mask, e : e + 1]
+        return out
+
+
+class ParameterOnly(nn.Module):
+    """A bias computed from a parameter alone (a call without tensor inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(C))
+
+    def forward(self) -> torch.Tensor:
+        return torch.tanh(self.logits)
+
+
+class WithParameterOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prior, self.head = ParameterOnly(), nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) * self.prior()
+
+
+class WeightNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.utils.parametrizations.weight_norm(nn.Linear(D, D))
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(x), x.sum(1)
+
+
+class DictOut(TupleOut):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"features": x, "logits": self.head(x)}
+
+
+SEQUENCE_MODELS = [BucketTable, Windows, Tokens, TwoLayouts]
+FLAT_MODELS = [Mixture, WithParameterOnly, WeightNormed, TupleOut, DictOut]
+
+
+def _data(sequence: bool) -> list[tuple[Any, torch.Tensor]]:
+    shape = (N, T, D) if sequence else (N, D)
+    return [(torch.randn(shape, dtype=torch.float64), torch.randint(0, C, (N,))) for _ in range(2)]
+
+
+@pytest.mark.parametrize("cls", SEQUENCE_MODELS + FLAT_MODELS, ids=lambda c: c.__name__)
+def test_exact_on_every_layout(cls: type[nn.Module]) -> None:
+    torch.manual_seed(random.randrange(2**31))
+    model = cls().double().eval()
+    data = _data(cls in SEQUENCE_MODELS)
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    logits = (lambda out: out[0]) if cls is TupleOut else None
+    reference = reference_fim_batches(model, data, logits)
+    errors = max_relative_error(fim, reference)
+    worst = max(errors, key=errors.__getitem__)
+    assert errors[worst] <= 1e-10, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
+
+
+def test_flattened_samples_keep_the_rules() -> None:
+    """(N·W, T, D) and (N·T, D) calls are per sample in blocks: the rules still apply."""
+    for cls, names in ((Windows, ["inner.weight", "norm.weight"]), (Tokens, ["expert.weight"])):
+        paths = fisher_fast.diag_fim(cls().double().eval(), _data(True), progress=False).meta[
+            "paths"
+        ]
+        assert all(paths[n].startswith("rule") for n in names), paths
+
+
+def test_a_call_without_samples_goes_to_the_enclosing_module() -> None:
+    paths = fisher_fast.diag_fim(BucketTable().double().eval(), _data(True), progress=False).meta[
+        "paths"
+    ]
+    assert paths["bias.weight"] == "per-sample gradients of the model (BucketTable)"
+    assert paths["proj.weight"] == "rule linear_rule"
+
+
+def test_output_picks_the_logits() -> None:
+    model, data = TupleOut().double().eval(), _data(False)
+    by_index = fisher_fast.diag_fim(model, data, output=0, progress=False)
+    by_callable = fisher_fast.diag_fim(model, data, output=lambda out: out[0], progress=False)
+    torch.testing.assert_close(by_index.flat, by_callable.flat, rtol=0, atol=0)
+    keyed = DictOut().double().eval()
+    keyed.load_state_dict(model.state_dict())
+    by_key = fisher_fast.diag_fim(keyed, data, output="logits", progress=False)
+    torch.testing.assert_close(by_key.flat, by_index.flat)
+    with pytest.raises(KeyError, match="no such key or attribute"):
+        fisher_fast.diag_fim(keyed, data, output="scores", progress=False)
+
+
+def test_a_model_whose_output_mixes_samples_is_refused() -> None:
+    class BatchMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(D, C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x - x.mean(0))  # every sample's output depends on all the others
+
+    with pytest.raises(ValueError, match=r"cannot compute these parameters exactly"):
+        fisher_fast.diag_fim(BatchMean().double(), _data(False), progress=False)
+
+
+def test_layout_detection() -> None:
+    n, index = 4, [1, 0]
+    x = torch.randn(n, 3, 2)
+    assert compare(x, x[index], n, index) == Sampled(0, 1)
+    seq = x.transpose(0, 1)
+    assert compare(seq, seq[:, index], n, index) == Sampled(1, 1)
+    flat = x.reshape(n * 3, 2)
+    assert compare(flat, x[index].reshape(6, 2), n, index) == Sampled(0, 3)
+    table = torch.randn(1, 5)
+    assert compare(table, table.clone(), n, index) == Broadcast((1, 5))
+    assert isinstance(compare(x.mean(0), x[index].mean(0), n, index), Unknown)  # a batch statistic
+    window_major = x.transpose(0, 1).reshape(n * 3, 2)  # samples not one block each
+    small = x[index].transpose(0, 1).reshape(6, 2)
+    assert isinstance(compare(window_major, small, n, index), Unknown)
+    assert isinstance(compare(x, x[[0, 1]], n, index), Unknown)  # not the variant's samples
+    assert compare(3, 3, n, index) is None
+    assert isinstance(compare(object(), object(), n, index), Unknown)  # may hold state
