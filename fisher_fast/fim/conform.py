@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from fisher_fast.fim.layout import CallLayout, Sampled, shape_matches, to_sample_first
+from fisher_fast.fim.layout import CallLayout, Sampled, flat_leaves, shape_matches, to_sample_first
 from fisher_fast.fim.rules import Call, RuleSpec
 
 _SAMPLE_FIRST = Sampled(0, 1)
@@ -25,7 +24,7 @@ def conforms(module: nn.Module, calls: list[Call], planned: list[CallLayout], n:
     if len(calls) != len(planned):
         return False
     for call, layout in zip(calls, planned, strict=True):
-        leaves, _ = tree_flatten((call.args, call.kwargs))
+        leaves = flat_leaves((call.args, call.kwargs))
         if len(leaves) != len(layout.inputs):
             return False
         pairs = [(lay, _shape(v)) for lay, v in zip(layout.inputs, leaves, strict=True)]

@@ -11,7 +11,8 @@ import torch
 def batches(data: Any, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | None]]:
     """Yield (inputs, targets) from a DataLoader, an iterable of batches, or a pair of tensors.
 
-    A pair of tensors ``(X, y)`` is cut into batches of ``batch_size`` samples (views, no copy);
+    A pair of tensors ``(X, y)`` is cut into batches of ``batch_size`` samples (views, no copy),
+    and so is ``({name: tensor}, y)`` (tensors whose axis 0 has y's samples; others are shared);
     ``(X, None)`` or a bare tensor ``X`` means "no targets" (for the mc and exact kinds).
     """
     if isinstance(data, torch.Tensor):
@@ -30,6 +31,25 @@ def batches(data: Any, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | No
         for start in range(0, inputs.shape[0], batch_size):
             stop = start + batch_size
             yield inputs[start:stop], None if targets is None else targets[start:stop]
+        return
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and isinstance(data[0], dict)
+        and (data[1] is None or isinstance(data[1], torch.Tensor))
+    ):
+        # (dict of input tensors, targets): every tensor with the targets' first axis is cut
+        inputs, targets = data
+        n = batch_size_of(inputs) if targets is None else targets.shape[0]
+        for start in range(0, n, batch_size):
+            stop = start + batch_size
+            part = {
+                k: v[start:stop]
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
+                else v
+                for k, v in inputs.items()
+            }
+            yield part, None if targets is None else targets[start:stop]
         return
     if not isinstance(data, Iterable):
         raise TypeError(
