@@ -177,6 +177,8 @@ SETTINGS = [
     Setting("layernorm", lambda: nn.LayerNorm(5), _x(3, 5)),
     Setting("layernorm-2d-shape", lambda: nn.LayerNorm((3, 4)), _x(2, 3, 4)),
     Setting("groupnorm", lambda: nn.GroupNorm(2, 4), _x(4, 3, 3)),
+    Setting("rmsnorm", lambda: nn.RMSNorm(5), _x(3, 5)),
+    Setting("rmsnorm-2d-shape-eps", lambda: nn.RMSNorm((3, 4), eps=1e-3), _x(2, 3, 4)),
     Setting("instancenorm2d-affine", lambda: nn.InstanceNorm2d(3, affine=True), _x(3, 4, 4)),
     Setting("embedding", lambda: nn.Embedding(7, 4), _tokens(7, 9)),
     Setting("embedding-padding", lambda: nn.Embedding(7, 4, padding_idx=2), _tokens(7, 9)),

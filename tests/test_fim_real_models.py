@@ -234,6 +234,11 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"
+    model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
+    paths = fisher_fast.diag_fim(model, (torch.randn(N, 4), _classes()), progress=False).meta[
+        "paths"
+    ]
+    assert paths["1.weight"] == "rule rms_rule"
     model, data, _ = encoder_sequence_first()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["encoder.layers.0.linear1.weight"] == "rule linear_rule"  # (T, N, D) calls

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from fisher_fast.fim.data import batch_size_of, batches, call_model, take
+from fisher_fast.fim.data import batch_size_of, batches, call_model
 from fisher_fast.fim.engine import diag_fim
 from fisher_fast.fim.layout import select_samples
 from fisher_fast.fim.losses import LossSpec, objectives
@@ -132,16 +133,15 @@ def _first_samples(data: Any, samples: int, batch_size: int) -> list[tuple[Any, 
 
 
 def _to64(value: Any) -> Any:
-    return (
-        value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-    )
+    """A tensor on the CPU, in float64 when floating point; anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.double().cpu() if value.is_floating_point() else value.cpu()
 
 
 def _per_sample_loop(
     model: nn.Module, chunks: list[tuple[Any, Any]], loss: LossSpec, fisher: str, output: OutputSpec
 ) -> dict[str, torch.Tensor]:
-    from torch.utils._pytree import tree_map
-
     m = copy.deepcopy(model).double().eval()
     m.cpu()
     params = {n: p for n, p in m.named_parameters() if p.requires_grad}
@@ -150,10 +150,8 @@ def _per_sample_loop(
     for inputs, targets in chunks:
         n = batch_size_of(inputs)
         for i in range(n):
-            one, target = take(select_samples(inputs, n, [i]), targets, 1)
-            del target
-            one = tree_map(lambda v: _to64(v).cpu() if isinstance(v, torch.Tensor) else v, one)
-            y = None if targets is None else _to64(targets[i : i + 1]).cpu()
+            one = tree_map(_to64, select_samples(inputs, n, [i]))
+            y = None if targets is None else _to64(targets[i : i + 1])
             with torch.enable_grad():
                 out = select_output(call_model(m, one), output)
                 objs = list(objectives(out, y, loss, fisher, 1, None))

@@ -20,36 +20,16 @@ def batches(data: Any, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | No
     if (
         isinstance(data, tuple)
         and len(data) == 2
-        and isinstance(data[0], torch.Tensor)
+        and isinstance(data[0], (torch.Tensor, dict))
         and (data[1] is None or isinstance(data[1], torch.Tensor))
     ):
-        inputs, targets = data
-        if targets is not None and targets.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"inputs have {inputs.shape[0]} samples but targets have {targets.shape[0]}"
-            )
-        for start in range(0, inputs.shape[0], batch_size):
-            stop = start + batch_size
-            yield inputs[start:stop], None if targets is None else targets[start:stop]
-        return
-    if (
-        isinstance(data, tuple)
-        and len(data) == 2
-        and isinstance(data[0], dict)
-        and (data[1] is None or isinstance(data[1], torch.Tensor))
-    ):
-        # (dict of input tensors, targets): every tensor with the targets' first axis is cut
         inputs, targets = data
         n = batch_size_of(inputs) if targets is None else targets.shape[0]
+        if isinstance(inputs, torch.Tensor) and inputs.shape[0] != n:
+            raise ValueError(f"inputs have {inputs.shape[0]} samples but targets have {n}")
         for start in range(0, n, batch_size):
             stop = start + batch_size
-            part = {
-                k: v[start:stop]
-                if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
-                else v
-                for k, v in inputs.items()
-            }
-            yield part, None if targets is None else targets[start:stop]
+            yield _rows(inputs, start, stop, n), None if targets is None else targets[start:stop]
         return
     if not isinstance(data, Iterable):
         raise TypeError(
@@ -65,6 +45,17 @@ def batches(data: Any, batch_size: int) -> Iterator[tuple[Any, torch.Tensor | No
             raise TypeError(
                 f"each batch must be (inputs, targets) or a tensor, got {type(batch).__name__}"
             )
+
+
+def _rows(inputs: torch.Tensor | dict[str, Any], start: int, stop: int, n: int) -> Any:
+    """Samples start..stop of a tensor, or of every tensor of a dict whose axis 0 has the n
+    samples (views, no copy); other dict entries are shared by all samples."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop]
+    return {
+        k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+        for k, v in inputs.items()
+    }
 
 
 def batch_size_of(inputs: Any) -> int:

@@ -27,7 +27,7 @@ from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.fallback import make_fallback_rule
-from fisher_fast.fim.layout import CallLayout, layouts, recording, select_samples, variant_indices
+from fisher_fast.fim.layout import layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
@@ -182,13 +182,14 @@ class _Sums:
 class _Accumulation:
     """One process's pass over its data, in three phases.
 
-    * **plan** (first batch): the batch runs twice more than usual, as a small variant batch
-      (no taps) and as itself, recording every module call; the layouts of the calls decide
-      which module handles which parameter (plan.py), and the accumulator is laid out;
-    * **step** (every batch): one forward pass with taps, one backward pass per objective;
-      the tapped modules' rules add their sums of squares as gradients arrive;
-    * **check** (every batch): the accumulator is still finite (one reduction), and every
-      call still has the layout it was planned for (in the rules' processes).
+    * **plan** (first batch, and any batch whose calls leave the planned layouts): the batch
+      runs recording every module call, then once more as a small variant batch (no taps); the
+      layouts of the calls decide which module handles which parameter (plan.py), and the
+      accumulator is laid out (once); a plan that taps new modules runs the batch again;
+    * **step** (every batch): one forward pass with taps, checked against the plan's layouts
+      (conform.py), one backward pass per objective; the tapped modules' rules add their sums
+      of squares as gradients arrive;
+    * **check** (every batch): the accumulator is still finite (one reduction).
     """
 
     def __init__(
@@ -205,7 +206,7 @@ class _Accumulation:
             self.capture.add_owner(Owner(name, module, instrument=instrument))
         self.processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
         self.sums: _Sums | None = None
-        self.planned: list[tuple[OwnerPlan, list[CallLayout]]] = []  # owners and their layouts
+        self.planned: list[OwnerPlan] = []  # the owners of the plan in use
         self.paths: dict[str, str] = {}
 
     # -- plan ----------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ class _Accumulation:
         covered = True
         for o in plan.owners:
             process = self._processor(o, views, skipped)
-            self.planned.append((o, [c for c in o.layouts if isinstance(c, CallLayout)]))
+            self.planned.append(o)
             instrument = o.rule.instrument if o.rule is not None else None
             if self.capture.owns(o.module):
                 covered &= self.capture.set_process(o.module, process, instrument)
@@ -303,9 +304,8 @@ class _Accumulation:
     def _processor(self, plan: OwnerPlan, views: dict[str, torch.Tensor], skipped: set[str]) -> Any:
         """The function that turns one module's calls into accumulator updates."""
         fallback_params = [p for p in plan.fallback_params if plan.global_name(p) not in skipped]
-        call_layouts = [c for c in plan.layouts if isinstance(c, CallLayout)]
         fallback = (
-            make_fallback_rule(plan.name, fallback_params, call_layouts, self.capture.paused)
+            make_fallback_rule(plan.name, fallback_params, plan.layouts, self.capture.paused)
             if fallback_params
             else None
         )
@@ -334,7 +334,7 @@ class _Accumulation:
         @torch.no_grad()
         def process(module: nn.Module, calls: list[Call]) -> None:
             if rule is not None:
-                rule.compute(module, rule_calls(rule, calls, call_layouts, passes.n_samples), ctx)
+                rule.compute(module, rule_calls(rule, calls, plan.layouts, passes.n_samples), ctx)
             if fallback is not None:
                 fallback(module, calls, ctx)
             self.processed.append(plan)
@@ -408,8 +408,8 @@ class _Accumulation:
         """Whether this batch's calls have the layouts the plan was made for (else it gets a
         plan of its own: another sequence length changes the shape of shared inputs)."""
         return all(
-            conforms(o.module, self.capture.calls.get(o.module, []), layouts, n)
-            for o, layouts in self.planned
+            conforms(o.module, self.capture.calls.get(o.module, []), o.layouts, n)
+            for o in self.planned
         )
 
     def _check(self, samples: str) -> None:

@@ -87,9 +87,22 @@ def _grads(
     state: dict[str, bool],
     name: str,
 ) -> dict[str, torch.Tensor]:
+    """{name: (chunk, *shape)} per-sample gradients of one call, for samples in ``part``:
+    vmapped, or one sample at a time once vmap has failed on this module."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    grads = [call.grad(k) for k in range(len(call.output_meta))]
+    one = _one_sample(module, spec, layout, constants)
     if not state["loop"]:
+        in_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.inputs]
+        out_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.outputs]
+        chunk = [
+            [v.narrow(lay.axis, part.start, len(part)) if isinstance(lay, Sampled) else v
+             for v, lay in zip(values, lays, strict=True)]
+            for values, lays in ((leaves, layout.inputs), (grads, layout.outputs))
+        ]  # fmt: skip
         try:
-            return _vmapped(module, params, constants, call, layout, part, work)
+            out = vmap(one, in_dims=(None, in_dims, out_dims))(params, *chunk)
+            return {k: v.to(work) for k, v in out.items()}
         except Exception as error:  # any failure of vmap: re-run per sample
             state["loop"] = True
             warnings.warn(
@@ -99,11 +112,18 @@ def _grads(
                 PerSampleLoopWarning,
                 stacklevel=2,
             )
-    return _looped(module, params, constants, call, layout, part, work)
 
+    def sample(values: list[Any], lays: list[Any], i: int) -> list[Any]:
+        return [
+            v.select(lay.axis, i) if isinstance(lay, Sampled) else v
+            for v, lay in zip(values, lays, strict=True)
+        ]
 
-def _inputs(call: Call) -> tuple[list[Any], Any]:
-    return tree_flatten((call.args, call.kwargs))
+    per_sample = [
+        one(params, sample(leaves, layout.inputs, i), sample(grads, layout.outputs, i))
+        for i in part
+    ]
+    return {k: torch.stack([g[k] for g in per_sample]).to(work) for k in params}
 
 
 def _one_sample(
@@ -130,57 +150,3 @@ def _one_sample(
         return pullback(tuple(restore(grads, layout.outputs)))[0]
 
     return one
-
-
-def _slice(values: list[Any], leaf_layouts: list[Any], part: range) -> list[Any]:
-    return [
-        v.narrow(lay.axis, part.start, len(part)) if isinstance(lay, Sampled) else v
-        for v, lay in zip(values, leaf_layouts, strict=True)
-    ]
-
-
-def _vmapped(
-    module: nn.Module,
-    params: dict[str, torch.Tensor],
-    constants: dict[str, torch.Tensor],
-    call: Call,
-    layout: CallLayout,
-    part: range,
-    work: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """{name: (chunk, *shape)} per-sample gradients of one call, for samples in ``part``."""
-    leaves, spec = _inputs(call)
-    grads = [call.grad(k) for k in range(len(call.output_meta))]
-    in_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.inputs]
-    out_dims = [lay.axis if isinstance(lay, Sampled) else None for lay in layout.outputs]
-    one = _one_sample(module, spec, layout, constants)
-    out = vmap(one, in_dims=(None, in_dims, out_dims))(
-        params, _slice(leaves, layout.inputs, part), _slice(grads, layout.outputs, part)
-    )
-    return {k: v.to(work) for k, v in out.items()}
-
-
-def _looped(
-    module: nn.Module,
-    params: dict[str, torch.Tensor],
-    constants: dict[str, torch.Tensor],
-    call: Call,
-    layout: CallLayout,
-    part: range,
-    work: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """The same as :func:`_vmapped`, one sample at a time."""
-    leaves, spec = _inputs(call)
-    grads = [call.grad(k) for k in range(len(call.output_meta))]
-    one = _one_sample(module, spec, layout, constants)
-
-    def take(values: list[Any], leaf_layouts: list[Any], i: int) -> list[Any]:
-        return [
-            v.select(lay.axis, i) if isinstance(lay, Sampled) else v
-            for v, lay in zip(values, leaf_layouts, strict=True)
-        ]
-
-    per_sample = [
-        one(params, take(leaves, layout.inputs, i), take(grads, layout.outputs, i)) for i in part
-    ]
-    return {k: torch.stack([g[k] for g in per_sample]).to(work) for k in params}

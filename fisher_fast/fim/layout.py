@@ -149,7 +149,7 @@ def recording(model: nn.Module) -> Iterator[Recording]:
 
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=False))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
     try:
         yield rec
     finally:

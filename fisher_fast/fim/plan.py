@@ -34,7 +34,7 @@ class OwnerPlan:
 
     name: str
     module: nn.Module
-    layouts: list[CallLayout | Unknown]
+    layouts: list[CallLayout]  # of each call: all known, or the module would not be an owner
     rule: RuleSpec | None = None
     rule_params: list[str] = field(default_factory=list)  # local names, by the rule
     fallback_params: list[str] = field(default_factory=list)  # local dotted names, per sample
@@ -83,7 +83,9 @@ class _Planner:
     def owner(self, name: str) -> OwnerPlan:
         if name not in self.owners:
             module = self.modules[name]
-            self.owners[name] = OwnerPlan(name, module, self.layouts.get(module, []))
+            known = [c for c in self.layouts.get(module, []) if isinstance(c, CallLayout)]
+            assert len(known) == len(self.layouts.get(module, [])), "owners have known layouts"
+            self.owners[name] = OwnerPlan(name, module, known)
         return self.owners[name]
 
     def ran(self, module: nn.Module) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -28,24 +29,18 @@ def _eps(module: nn.Module) -> float | None:
     return None
 
 
-def _normalise(x: torch.Tensor, dims: int, eps: float | None) -> torch.Tensor:
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    axes = tuple(range(-dims, 0))
-    return x * torch.rsqrt(x.square().mean(axes, keepdim=True) + eps)
+def _normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The RMSNorm formula over the last axis, to check look-alikes against."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
-def _normalised_dims(module: nn.Module) -> int:
-    shape = getattr(module, "normalized_shape", None)
-    return len(shape) if shape is not None else 1
-
-
-def _rms_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
-    dims = _normalised_dims(module)
-    eps = _eps(module)
-    affine_rule(lambda m, x: _normalise(x, dims, eps), lambda x: layer_positions(x, dims))(
-        module, calls, ctx
-    )
+def _rms_rule(module: nn.RMSNorm, calls: list[Call], ctx: RuleContext) -> None:
+    """x̂ from the layer's own functional form without the weight, as the other norm rules."""
+    shape = tuple(module.normalized_shape)
+    affine_rule(
+        lambda m, x: F.rms_norm(x, shape, None, module.eps),
+        lambda x: layer_positions(x, len(shape)),
+    )(module, calls, ctx)
 
 
 register_rule(nn.RMSNorm, layout="positionwise", supports=lambda m: m.weight is not None)(_rms_rule)
@@ -78,7 +73,9 @@ def _reproduces_formula(module: nn.Module, weight: torch.Tensor) -> bool:
         return False
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         return False
-    expected = weight.double() * _normalise(x.double(), 1, _eps(module))
+    eps = _eps(module)
+    assert eps is not None  # checked by the caller
+    expected = weight.double() * _normalise(x.double(), eps)
     tol = 1e-2 if x.element_size() <= 2 else 1e-5
     return bool(torch.allclose(out.double(), expected, rtol=tol, atol=tol * 1e-2))
 
