@@ -27,7 +27,7 @@ from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.fallback import make_fallback_rule
-from fisher_fast.fim.layout import layouts, recording, select_samples, variant_indices
+from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
@@ -227,7 +227,7 @@ class _Accumulation:
                 "the batch's number of samples is split per sample, so give inputs shared by "
                 "all samples another first axis (e.g. 1)"
             ) from error
-        plan = make_plan(self.model, real, layouts(real, variant, n, index))
+        plan = make_plan(self.model, real, Layouts(real, variant, n, index))
         del real, variant
         if self._adopt(plan):
             return output

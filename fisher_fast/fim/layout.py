@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,29 +230,46 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     a, b = a.detach(), b.detach().to(a.dtype)
-    finite = torch.isfinite(a)
-    if not bool(torch.equal(finite, torch.isfinite(b))):
-        return False
-    a, b = a.masked_fill(~finite, 0), b.masked_fill(~finite, 0)
     tol = 2e-2 if a.element_size() <= 2 else 1e-3
     worst, scale = torch.stack([(a - b).abs().max(), a.abs().max()]).double().tolist()
+    if not math.isfinite(worst) or not math.isfinite(scale):  # compare the finite entries
+        finite = torch.isfinite(a)
+        if not bool(torch.equal(finite, torch.isfinite(b))):
+            return False
+        a, b = a.masked_fill(~finite, 0), b.masked_fill(~finite, 0)
+        worst, scale = torch.stack([(a - b).abs().max(), a.abs().max()]).double().tolist()
     return worst <= tol * scale + 1e-30
 
 
-def layouts(
-    real: Recording, variant: Recording, n: int, index: list[int]
-) -> dict[nn.Module, list[CallLayout | Unknown]]:
-    """Per module, the layout of each of its calls in the real pass (matched by order)."""
-    out: dict[nn.Module, list[CallLayout | Unknown]] = {}
-    for module, calls in real.calls.items():
-        others = variant.calls.get(module, [])
+class Layouts(Mapping[nn.Module, list["CallLayout | Unknown"]]):
+    """Per module, the layout of each of its calls in the real pass (matched by order with the
+    variant's), computed when first asked for: planning only asks about the modules that hold
+    parameters and, where those need it, their ancestors."""
+
+    def __init__(self, real: Recording, variant: Recording, n: int, index: list[int]) -> None:
+        self.real, self.variant, self.n, self.index = real, variant, n, index
+        self._done: dict[nn.Module, list[CallLayout | Unknown]] = {}
+
+    def __getitem__(self, module: nn.Module) -> list[CallLayout | Unknown]:
+        if module not in self._done:
+            self._done[module] = self._compute(module, self.real.calls[module])
+        return self._done[module]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.real.calls)
+
+    def __len__(self) -> int:
+        return len(self.real.calls)
+
+    def _compute(self, module: nn.Module, calls: list[Record]) -> list[CallLayout | Unknown]:
+        n, index = self.n, self.index
+        others = self.variant.calls.get(module, [])
         if len(others) != len(calls):
             why = Unknown(
                 f"called {len(calls)} times for {n} samples but {len(others)} times for "
                 f"{len(index)} (the calls depend on the data)"
             )
-            out[module] = [why] * len(calls)
-            continue
+            return [why] * len(calls)
         result: list[CallLayout | Unknown] = []
         for r, v in zip(calls, others, strict=True):
             if r.structure != v.structure:
@@ -263,8 +281,7 @@ def layouts(
                     [compare(a, b, n, index) for a, b in zip(r.outputs, v.outputs, strict=True)],
                 )
             )
-        out[module] = result
-    return out
+        return result
 
 
 def shape_matches(layout: LeafLayout, shape: tuple[int, ...] | None, n: int) -> bool:

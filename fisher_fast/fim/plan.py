@@ -20,6 +20,7 @@ Step 1 may also be refused by ``on_unsupported`` (fisher_fast/fim/options.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -71,7 +72,7 @@ class _Planner:
         self,
         model: nn.Module,
         recording: Recording,
-        layouts: dict[nn.Module, list[CallLayout | Unknown]],
+        layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
     ) -> None:
         self.modules = dict(model.named_modules())
         self.names = {m: n for n, m in self.modules.items()}
@@ -196,7 +197,7 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def make_plan(
-    model: nn.Module, recording: Recording, layouts: dict[nn.Module, list[CallLayout | Unknown]]
+    model: nn.Module, recording: Recording, layouts: Mapping[nn.Module, list[CallLayout | Unknown]]
 ) -> Plan:
     """The plan for ``model`` given its recorded calls and their layouts (module docstring)."""
     planner = _Planner(model, recording, layouts)
