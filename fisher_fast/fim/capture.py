@@ -73,7 +73,7 @@ class Capture:
         self._zeros: dict[torch.device, torch.Tensor] = {}
         self._done: set[int] = set()
         self._paused = False
-        self._handles: list[Any] = []
+        self._handles: dict[nn.Module, Any] = {}  # the forward hook of each installed owner
         self._instrumented: set[int] = set()  # modules whose current call was instrumented
         self._installed = False
         self.passes = Passes()  # shared with every rule's context
@@ -125,17 +125,27 @@ class Capture:
             yield self
         finally:
             self._installed = False
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
-            for owner in self._owner_of.values():
-                if owner.instrument is not None:
-                    del owner.module.forward  # back to the class's forward
+            for module in list(self._handles):
+                self._uninstall(module)
 
     def _install(self, owner: Owner) -> None:
-        self._handles.append(owner.module.register_forward_hook(self._on_forward, with_kwargs=True))
+        hook = owner.module.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._handles[owner.module] = hook
         if owner.instrument is not None:
             owner.module.forward = self._instrumented_forward(owner)
+
+    def _uninstall(self, module: nn.Module) -> None:
+        self._handles.pop(module).remove()
+        if self._owner_of[module].instrument is not None:
+            del module.forward  # back to the class's forward
+
+    def keep_only(self, modules: set[nn.Module]) -> None:
+        """Stop tapping every owner but ``modules`` (between batches: the others are not in
+        the plan, so their calls would only cost time)."""
+        for module in [m for m in self._owner_of if m not in modules]:
+            if module in self._handles:
+                self._uninstall(module)
+            del self._owner_of[module], self.calls[module]
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

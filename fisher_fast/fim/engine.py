@@ -211,9 +211,13 @@ class _Accumulation:
 
     # -- plan ----------------------------------------------------------------------------------
     def _planning_forward(self, inputs: Any, n: int) -> Any:
-        """The first batch's forward pass, which also decides the plan; run again if the plan
-        needs taps that were not in place (an ancestor's per-sample gradients)."""
+        """The first batch's forward pass, which also decides the plan. Every module is tapped
+        for it, so that the plan's owners already have their calls; it runs again only when an
+        instrumented forward turns out not to be used (see ``Capture.set_process``)."""
         index = variant_indices(n)
+        for name, module in self.model.named_modules():  # any may be the plan's: tap them all
+            if not self.capture.owns(module):
+                self.capture.add_owner(Owner(name, module))
         with recording(self.model) as real:
             output = call_model(self.model, inputs)
         try:
@@ -238,9 +242,8 @@ class _Accumulation:
     def _adopt(self, plan: Plan) -> bool:
         """Lay out the accumulator for ``plan`` and give each planned owner its process.
 
-        Returns whether the taps in place during the planning pass cover the plan; when an
-        ancestor has to be tapped, or a module's instrumented forward is not used, the
-        forward pass has to run again.
+        Every module was tapped for the planning pass; returns False when a module's
+        instrumented forward is not used by the plan, so the forward pass has to run again.
         """
         mode = self.options.on_unsupported
         if plan.impossible and mode != "skip":
@@ -292,11 +295,7 @@ class _Accumulation:
             process = self._processor(o, views, skipped)
             self.planned.append(o)
             instrument = o.rule.instrument if o.rule is not None else None
-            if self.capture.owns(o.module):
-                covered &= self.capture.set_process(o.module, process, instrument)
-            else:
-                self.capture.add_owner(Owner(o.name, o.module, process, instrument))
-                covered = False
+            covered &= self.capture.set_process(o.module, process, instrument)
         covered &= self.capture.ignore_unplanned()
         self.sums = _Sums(names, acc, views)
         return covered
@@ -378,7 +377,8 @@ class _Accumulation:
         with capture.batch():
             self.processed.clear()
             with torch.enable_grad():
-                if self.sums is None:
+                planning = self.sums is None
+                if planning:
                     raw = self._planning_forward(inputs, n)
                 else:
                     raw = call_model(self.model, inputs)
@@ -386,6 +386,7 @@ class _Accumulation:
                         del raw
                         capture.forget_calls()
                         raw = self._planning_forward(inputs, n)
+                        planning = True
                 output = select_output(raw, o.output)
                 zeros = capture.zero_leaves()
                 objs = list(
@@ -403,6 +404,8 @@ class _Accumulation:
                     )
                     capture.end_pass()
             del raw, output, objs
+        if planning:
+            capture.keep_only({o.module for o in self.planned})
 
     def _conforms(self, n: int) -> bool:
         """Whether this batch's calls have the layouts the plan was made for (else it gets a
