@@ -231,6 +231,7 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     assert paths["transformer.h.0.attn.c_attn.weight"] == "rule transposed_linear_rule"
     assert paths["transformer.h.0.ln_1.weight"] == "rule layer_norm_rule"
     assert paths["transformer.wte.weight"].startswith("per-sample gradients of the model")
+    assert paths["transformer.wpe.weight"] == paths["transformer.wte.weight"]  # one re-run
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"

@@ -184,6 +184,30 @@ class _Planner:
             else "no module containing it runs in the forward pass"
         )
 
+    def merge_nested_fallbacks(self) -> None:
+        """A module re-run per sample inside an ancestor that is re-run per sample anyway: its
+        parameters join the ancestor's (one re-run instead of two; the ancestor's calls contain
+        all of the module's, so all uses of its parameters)."""
+        for name in sorted(self.owners, key=len):  # outermost first
+            inner = self.owners[name]
+            if not inner.fallback_params:
+                continue
+            for ancestor in self.chain(name)[1:]:
+                outer = self.owners.get(ancestor)
+                if outer is None or not outer.fallback_params:
+                    continue
+                if not self.contains_uses(outer.module, [inner.module]):
+                    break
+                prefix = name[len(ancestor) + 1 :] if ancestor else name
+                for local in inner.fallback_params:
+                    global_name = inner.global_name(local)
+                    outer.fallback_params.append(f"{prefix}.{local}")
+                    self.plan.paths[global_name] = (
+                        f"per-sample gradients of {_describe(ancestor, outer.module)}"
+                    )
+                inner.fallback_params = []
+                break
+
 
 def _common_prefix(names: list[str]) -> str:
     """The nearest common ancestor of dotted module names."""
@@ -211,5 +235,6 @@ def make_plan(
             first_name.setdefault(id(p), f"{module_name}.{local}" if module_name else local)
     for key, hs in holders.items():
         planner.handle(first_name[key], hs)
-    planner.plan.owners = list(planner.owners.values())
+    planner.merge_nested_fallbacks()
+    planner.plan.owners = [o for o in planner.owners.values() if o.rule_params or o.fallback_params]
     return planner.plan
