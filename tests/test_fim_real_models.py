@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from fim_reference import max_relative_error, reference_fim_batches
+from fim_reference import max_relative_error, reference_fim, reference_fim_batches, relative_error
 from torch import nn
 
 import fisher_fast
@@ -213,6 +213,23 @@ def test_matches_the_per_sample_loop(name: str, dtype: torch.dtype) -> None:
     assert errors[worst] <= bound, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
+def test_a_tied_embedding_and_head_in_every_kind(fisher: str) -> None:
+    """The cross term of the tied weight is added in every backward pass (one per class or
+    draw for "exact" and "mc"), and agrees with the loop on the same labels."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _TiedClassifier().double().eval()
+    x, y = _tokens(), _classes(VOCAB)
+    draws = fisher_fast.sample_labels(model(x), 3, torch.Generator().manual_seed(7))
+    fim = fisher_fast.diag_fim(
+        model, (x, y), fisher=fisher, mc_samples=3, generator=torch.Generator().manual_seed(7),
+        dtype=torch.float64, progress=False, batch_size=3,
+    )  # fmt: skip
+    assert fim.meta["paths"]["embed.weight"].endswith("tied (with their cross term)")
+    reference = reference_fim(model, x, y, fisher=fisher, labels=draws)
+    assert relative_error(fim.flat, reference) <= 1e-10
+
+
 def test_batches_of_different_sequence_lengths() -> None:
     """Position ids (1, T) change shape with T: each new length is planned anew, and exact."""
     torch.manual_seed(random.randrange(2**31))
@@ -230,8 +247,8 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
     assert paths["transformer.h.0.attn.c_attn.weight"] == "rule transposed_linear_rule"
     assert paths["transformer.h.0.ln_1.weight"] == "rule layer_norm_rule"
-    assert paths["transformer.wte.weight"].startswith("per-sample gradients of the model")
-    assert paths["transformer.wpe.weight"] == paths["transformer.wte.weight"]  # one re-run
+    assert paths["transformer.wte.weight"].startswith("rules embedding_rule and linear_rule, tied")
+    assert paths["transformer.wpe.weight"] == "per-sample gradients of 'transformer' (GPT2Model)"
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"

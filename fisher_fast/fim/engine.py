@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,9 +31,11 @@ from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_i
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
+from fisher_fast.fim.products import compute_dtype
 from fisher_fast.fim.result import DiagFIM
 from fisher_fast.fim.rules import Call, RuleContext, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
+from fisher_fast.fim.rules.tied import TiedCross
 
 
 def diag_fim(
@@ -290,9 +292,14 @@ class _Accumulation:
         if missing:
             raise AssertionError(f"the plan leaves out {sorted(missing)}")  # plan.py's contract
         self.paths = {n: plan.paths[n] for n in names}
+        work = compute_dtype(self.options.dtype)
+        ties: dict[nn.Module, Callable[[list[Call], int], None]] = {}
+        for tie in plan.ties:
+            cross = TiedCross(views[tie.name], work)
+            ties[tie.embedding], ties[tie.head] = cross.embedding_calls, cross.head_calls
         covered = True
         for o in plan.owners:
-            process = self._processor(o, views, skipped)
+            process = self._processor(o, views, skipped, ties.get(o.module))
             self.planned.append(o)
             instrument = o.rule.instrument if o.rule is not None else None
             covered &= self.capture.set_process(o.module, process, instrument)
@@ -300,8 +307,15 @@ class _Accumulation:
         self.sums = _Sums(names, acc, views)
         return covered
 
-    def _processor(self, plan: OwnerPlan, views: dict[str, torch.Tensor], skipped: set[str]) -> Any:
-        """The function that turns one module's calls into accumulator updates."""
+    def _processor(
+        self,
+        plan: OwnerPlan,
+        views: dict[str, torch.Tensor],
+        skipped: set[str],
+        tied: Callable[[list[Call], int], None] | None,
+    ) -> Any:
+        """The function that turns one module's calls into accumulator updates (``tied``: the
+        cross term's collector, for a module sharing its weight, see rules/tied.py)."""
         fallback_params = [p for p in plan.fallback_params if plan.global_name(p) not in skipped]
         fallback = (
             make_fallback_rule(plan.name, fallback_params, plan.layouts, self.capture.paused)
@@ -333,7 +347,10 @@ class _Accumulation:
         @torch.no_grad()
         def process(module: nn.Module, calls: list[Call]) -> None:
             if rule is not None:
-                rule.compute(module, rule_calls(rule, calls, plan.layouts, passes.n_samples), ctx)
+                as_rule = rule_calls(rule, calls, plan.layouts, passes.n_samples)
+                rule.compute(module, as_rule, ctx)
+                if tied is not None:
+                    tied(as_rule, passes.n_samples)
             if fallback is not None:
                 fallback(module, calls, ctx)
             self.processed.append(plan)

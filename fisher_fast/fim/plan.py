@@ -39,9 +39,22 @@ class OwnerPlan:
     rule: RuleSpec | None = None
     rule_params: list[str] = field(default_factory=list)  # local names, by the rule
     fallback_params: list[str] = field(default_factory=list)  # local dotted names, per sample
+    aliases: dict[str, str] = field(default_factory=dict)  # local -> global name (tied weights)
 
     def global_name(self, local: str) -> str:
+        if local in self.aliases:
+            return self.aliases[local]
         return f"{self.name}.{local}" if self.name else local
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A weight shared by an nn.Embedding and an nn.Linear head, both handled by their rules,
+    plus the cross term of rules/tied.py."""
+
+    name: str  # the parameter's name in the result
+    embedding: nn.Embedding
+    head: nn.Linear
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Plan:
     # global name -> why no rule handles it (it goes to per-sample gradients, or is refused)
     unsupported: dict[str, str]
     impossible: dict[str, str]  # global name -> why nothing can handle it exactly
+    ties: list[Tie] = field(default_factory=list)
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -158,6 +172,8 @@ class _Planner:
                         return
                     break
         else:
+            if self.tie(pname, holders):
+                return
             names = [h[0] for h in holders]
             start = _common_prefix(names)
             no_rule = "shared by " + ", ".join(f"{h[0]}.{h[2]}" if h[0] else h[2] for h in holders)
@@ -183,6 +199,35 @@ class _Planner:
             if reasons
             else "no module containing it runs in the forward pass"
         )
+
+    def tie(self, pname: str, holders: list[tuple[str, nn.Module, str]]) -> bool:
+        """Plan a weight shared by one nn.Embedding and one nn.Linear (both ``weight``) through
+        their rules and the cross term, when both rules fit; False to take the generic path."""
+        by_kind = {
+            kind: [h for h in holders if isinstance(h[1], kind) and h[2] == "weight"]
+            for kind in (nn.Embedding, nn.Linear)
+        }
+        if len(holders) != 2 or any(len(found) != 1 for found in by_kind.values()):
+            return False
+        (e_name, embedding, _), (h_name, head, _) = by_kind[nn.Embedding][0], by_kind[nn.Linear][0]
+        assert isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear)
+        if embedding.padding_idx is not None or embedding.max_norm is not None:
+            return False
+        if embedding.scale_grad_by_freq:
+            return False
+        parts = [(e_name, embedding, find_rule(embedding)), (h_name, head, find_rule(head))]
+        if not all(self.ran(m) and self.rule_fits(m, r) for _, m, r in parts):
+            return False
+        for name, _, rule in parts:
+            o = self.owner(name)
+            o.rule = rule
+            o.rule_params.append("weight")
+            o.aliases["weight"] = pname
+        self.plan.ties.append(Tie(pname, embedding, head))
+        self.plan.paths[pname] = (
+            "rules embedding_rule and linear_rule, tied (with their cross term)"
+        )
+        return True
 
     def merge_nested_fallbacks(self) -> None:
         """A module re-run per sample inside an ancestor that is re-run per sample anyway: its
