@@ -9,9 +9,10 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
 2. else by **per-sample gradients** (torch.func, fallback.py) of the nearest module, starting
    from its own and going up to the whole model, that contains every use of the parameter and
    whose calls are per-sample separable: each input and output is per sample along one axis or
-   the same for every sample. A parameter shared by several modules (a tied embedding and head)
-   starts from their nearest common ancestor, so its per-sample gradient is summed over every
-   use before it is squared;
+   the same for every sample. A parameter shared by several modules starts from their nearest
+   common ancestor, so its per-sample gradient is summed over every use before it is squared
+   (except an Embedding tied to one Linear head: both rules, plus their cross term). A module
+   re-run per sample inside an ancestor that is re-run anyway joins the ancestor's re-run;
 3. and when not even the whole model's call is separable, it is an error naming the parameter
    and why.
 
@@ -89,7 +90,6 @@ class _Planner:
         layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
     ) -> None:
         self.modules = dict(model.named_modules())
-        self.names = {m: n for n, m in self.modules.items()}
         self.recording = recording
         self.layouts = layouts
         self.owners: dict[str, OwnerPlan] = {}
