@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -104,6 +105,10 @@ def process_group(
     created = init_from_env(timeout, backend)
     try:
         yield
+        if created:
+            # Every rank reaches the teardown together: a rank that tears its connections down
+            # while another is still finishing a collective can abort that one (gloo).
+            dist.barrier()
     except Exception as exc:
         if world_size() == 1 or isinstance(exc, RankError):
             raise
@@ -120,6 +125,7 @@ def process_group(
     finally:
         if created:
             dist.destroy_process_group()
+            gc.collect()  # the group's worker threads stop now, not at interpreter shutdown
 
 
 def _record_failure(message: str) -> dict[int, str]:

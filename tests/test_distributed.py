@@ -247,7 +247,7 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
         str(tmp_path / "multi"),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert done.stdout.count("2 processes share the work (gloo backend)") == 1  # rank 0 only
     suite = load_task_config(config)
     single = distance_matrix(suite, "mlp", seeds=1, out=tmp_path / "single", progress=False)
