@@ -9,6 +9,7 @@ CUDA_VENV ?= $(HOME)/.cache/fisher_fast/cuda-venv
 CUDA_ARCHS ?= 8.0;9.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fisher_fast_deps
+REGISTERED := $(VENV)/.fisher_fast_registered
 
 .PHONY: venv build test demo lint format bench peers cuda-check cmake-check clean
 
@@ -21,8 +22,15 @@ $(STAMP): requirements-dev.txt
 
 venv: $(STAMP)
 
-build: $(STAMP)
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# The package is registered once (editable, without compiling); the library is then compiled in
+# place by ninja, incrementally: an unchanged tree rebuilds nothing, a changed file rebuilds only
+# what depends on it, and every compile step is printed as it runs.
+$(REGISTERED): $(STAMP) pyproject.toml
+	FISHER_FAST_EXTENSION=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(REGISTERED)
+
+build: $(REGISTERED)
+	$(PY) setup.py -q build_ext --inplace
 
 test: build
 	bash scripts/run_pytest.sh $(PY) tests

@@ -6,17 +6,60 @@ and nvcc is found, or when forced. Environment switches:
 * ``FISHER_FAST_CUDA=1`` forces the CUDA kernels (error if no CUDA toolkit), ``=0`` skips them.
 * ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) picks the GPU architectures, as in torch itself.
 * ``FISHER_FAST_DEBUG=1`` compiles with ``-O0 -g`` (and ``-G`` for CUDA) for debuggers.
+* ``FISHER_FAST_EXTENSION=0`` installs the Python package without compiling (see ``extensions``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import site
+import sys
+import sysconfig
 from pathlib import Path
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+NO_TORCH = """fisher_fast compiles against the torch of the environment it is installed into, and
+none was found. Install torch first, then build without pip's build isolation:
+    pip install torch
+    pip install --no-build-isolation ."""
+
+
+def import_target_torch():
+    """Import the torch of the environment being installed into.
+
+    Under pip's default build isolation the build runs with only the build requirements on
+    ``sys.path`` (torch is deliberately not one of them: pip would download a different torch,
+    often a multi-GB CUDA build, and compile against it). The interpreter is still the target
+    environment's, so its site-packages are found from ``sysconfig`` and searched for torch.
+    """
+    try:
+        import torch
+
+        return torch
+    except ImportError:
+        pass
+    paths = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+    if site.ENABLE_USER_SITE:
+        paths.append(site.getusersitepackages())
+    found = [p for p in dict.fromkeys(paths) if (Path(p) / "torch" / "__init__.py").is_file()]
+    if not found:
+        sys.exit(NO_TORCH)
+    sys.path.extend(found)  # after the build requirements, so that they keep precedence
+    import torch
+
+    print(f"fisher_fast: building against torch {torch.__version__} from {found[0]}")
+    return torch
+
+
+torch = import_target_torch()
+from torch.utils.cpp_extension import (  # noqa: E402 (needs the torch found above)
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fisher_fast/_version.py").read_text())[1]
@@ -84,8 +127,18 @@ def extension():
     return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 
+def extensions():
+    """The compiled library, unless ``FISHER_FAST_EXTENSION=0`` (``make build`` registers the
+    package that way, then compiles with ``setup.py build_ext --inplace``: incremental, so an
+    unchanged source tree rebuilds nothing)."""
+    switch = os.environ.get("FISHER_FAST_EXTENSION", "1").strip()
+    if switch not in ("0", "1"):
+        raise RuntimeError(f"FISHER_FAST_EXTENSION must be 0 or 1, got {switch!r}")
+    return [extension()] if switch == "1" else []
+
+
 setup(
     version=VERSION,
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

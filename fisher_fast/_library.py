@@ -11,13 +11,16 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+import torch
+
 _BUILD_HELP = (
-    "Build it from the repository root with `pip install --no-build-isolation .` "
+    "Build it against the torch you run, from the repository root: "
+    "`pip install --no-build-isolation --force-reinstall --no-deps .` "
     "(torch must already be installed; set FISHER_FAST_CUDA=1 to force the CUDA kernels), "
-    "or run `make test`, which does it in .venv."
+    "or run `make build`, which does it in .venv."
 )
 
-_module: ModuleType | None = None
+_module: ModuleType | None = None  # the compiled module, even when it is refused below
 _load_error: str | None = None
 
 try:
@@ -26,14 +29,31 @@ except Exception as exc:  # any failure to load is reported at first use
     _load_error = f"{type(exc).__name__}: {exc}"
 
 
+def torch_mismatch(built_with: str, running: str) -> str | None:
+    """Why a library compiled against torch ``built_with`` must not run under torch ``running``
+    (torch's C++ ABI changes between releases: the ops could crash or compute garbage), or
+    None when they are the same build."""
+    if built_with == running:
+        return None
+    return (
+        f"it was compiled against torch {built_with} but this process runs torch {running} "
+        "(a different torch, e.g. one that pip downloaded into an isolated build environment, "
+        "or a torch upgraded after the build)"
+    )
+
+
+if _module is not None:
+    _load_error = torch_mismatch(_module.build_info()["torch_version"], torch.__version__)
+
+
 def is_loaded() -> bool:
-    """True when the compiled library loaded and its ops are registered."""
-    return _module is not None
+    """True when the compiled library loaded, matches the running torch and its ops are registered."""
+    return _module is not None and _load_error is None
 
 
 def require() -> ModuleType:
     """Return the compiled module, or raise a RuntimeError saying why it is missing and what to do."""
-    if _module is None:
+    if _module is None or _load_error is not None:
         raise RuntimeError(
             f"fisher_fast's compiled library could not be loaded ({_load_error}). {_BUILD_HELP}"
         )
@@ -41,5 +61,11 @@ def require() -> ModuleType:
 
 
 def build_info() -> dict[str, Any]:
-    """Versions, compiled kernels (CPU; CUDA and its architectures) and OpenMP threads of this build."""
-    return dict(require().build_info())
+    """Versions, compiled kernels (CPU; CUDA and its architectures) and OpenMP threads of this
+    build, with ``running_torch_version``: the torch of this process, which must equal the
+    ``torch_version`` the library was compiled against (a library that does not match is
+    refused; its build_info still shows both)."""
+    if _module is None:
+        require()
+    assert _module is not None
+    return {**_module.build_info(), "running_torch_version": torch.__version__}

@@ -23,12 +23,14 @@ def test_build_info_keys_and_types() -> None:
         "cuda_arch_list": str,
         "debug": bool,
         "num_threads": int,
+        "running_torch_version": str,
     }
     assert set(info) == set(types)
     for key, expected in types.items():
         assert isinstance(info[key], expected), f"{key}: {info[key]!r} is not {expected.__name__}"
     assert info["version"] == fisher_fast.__version__
     assert info["torch_version"] == torch.__version__  # built against the torch it runs with
+    assert info["running_torch_version"] == torch.__version__
     assert info["cpu_kernels"] is True
     assert info["num_threads"] == torch.get_num_threads()
     if info["cuda_kernels"]:
@@ -96,4 +98,41 @@ def test_missing_library_fails_at_first_use_with_build_instructions() -> None:
         assert kind == "RuntimeError", f"{name}: {kind}: {message}"
         assert "compiled library could not be loaded" in message
         assert "simulated: no compiled library" in message  # the cause is passed on
-        assert "pip install --no-build-isolation ." in message  # and how to build
+        assert "pip install --no-build-isolation" in message  # and how to build
+
+
+# A fresh interpreter whose torch reports another version than the one the library was compiled
+# against, as after `pip install .` compiled against a torch downloaded into an isolated build
+# environment: the library is refused, and build_info shows both versions.
+OTHER_TORCH_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    built = torch.__version__
+    torch.__version__ = "9.9.9+other"
+    import fisher_fast
+    info = fisher_fast.build_info()
+    try:
+        fisher_fast.frechet_distance(torch.ones(3), torch.ones(3))
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    print(json.dumps({"is_loaded": fisher_fast.is_loaded(), "built": built, "info": info,
+                      "error": error}))
+    """
+)
+
+
+def test_library_built_against_another_torch_is_refused_with_both_versions() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", OTHER_TORCH_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["is_loaded"] is False
+    assert result["info"]["torch_version"] == result["built"]
+    assert result["info"]["running_torch_version"] == "9.9.9+other"
+    error = result["error"]
+    assert error is not None, "an op ran on a library built against another torch"
+    assert f"compiled against torch {result['built']}" in error and "9.9.9+other" in error
+    assert "--no-build-isolation" in error

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fisher_fast.distributed import is_main, on_main
+from fisher_fast.extras import require_module
 from fisher_fast.nas import (
     FuseConfig,
     SearchSpace,
@@ -79,6 +80,7 @@ def run_main_job(
     others = [i for i in range(len(suite.tasks)) if i != target] if baselines is None else baselines
     if target in others or not others:
         raise ValueError(f"the baselines {list(others)} must be non-empty and exclude the target")
+    require_module("matplotlib", "the figure main-job.png of the main job")
     root = Path(out)
     task = suite.tasks[target]
     settings = DictionarySettings(

@@ -169,7 +169,6 @@ def _run_distance(args: argparse.Namespace) -> int:
     say = print if is_main() else _silent
     suite = _suite(args)
     arch = args.arch or suite.default_arch
-    set_threads(args.threads, arch)
     overrides = {
         name: getattr(args, name)
         for name in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
@@ -197,6 +196,7 @@ def _run_distance(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.fim_batch_size,
         progress=not args.quiet,
+        threads=args.threads,
     )
     say(format_matrix(result))
     say(

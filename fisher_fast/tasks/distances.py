@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from fisher_fast.distance import frechet_distance, frechet_distances
 from fisher_fast.distributed import all_outcomes, is_main, my_share, world_size
+from fisher_fast.extras import require_module
 from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.task import Task, TaskSplits
+from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import Probe, TrainConfig, train_probe, warn_if_not_reached
 
 LABEL_CONVENTIONS = {
@@ -190,6 +192,7 @@ def distance_matrix(
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     progress: bool = True,
+    threads: int | None = None,
 ) -> DistanceResult:
     """The K x K task distance matrix d[a, b] over seeded trials (paper Figures 2-6).
 
@@ -208,6 +211,9 @@ def distance_matrix(
             file and recomputes nothing else), and results-<fisher>.json and
             distance-<fisher>.png are written there. None: nothing is written.
         batch_size: samples per FIM batch.
+        threads: torch's CPU threads during the run (restored afterwards); default 1 for the
+            small probes, which train several times faster on one thread, and torch's own
+            setting for the others (see :mod:`fisher_fast.tasks.threads`).
 
     Inside an initialised torch.distributed process group (e.g. under torchrun, see
     docs/distributed.md) every rank calls this with the same arguments and the work is dealt
@@ -219,7 +225,38 @@ def distance_matrix(
     same values as a single process would. An error on any rank is raised on every rank as a
     :class:`fisher_fast.distributed.RankError` naming it.
     """
+    with probe_threads(arch, threads):
+        return _distance_matrix(
+            suite_or_tasks,
+            arch,
+            seeds,
+            fisher,
+            mc_samples,
+            epsilon,
+            train,
+            out,
+            device,
+            batch_size,
+            progress,
+        )
+
+
+def _distance_matrix(
+    suite_or_tasks: Suite | Sequence[Task],
+    arch: str,
+    seeds: int | Sequence[int],
+    fisher: str,
+    mc_samples: int,
+    epsilon: float | None,
+    train: TrainConfig | None,
+    out: str | Path | None,
+    device: str | torch.device,
+    batch_size: int,
+    progress: bool,
+) -> DistanceResult:
     tasks, default_train, default_epsilon = _unpack(suite_or_tasks)
+    if out is not None:
+        require_module("matplotlib", f"the figure distance-{fisher}.png of the run directory")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("seeds is empty: pass a positive number of trials or a list of seeds")

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from fisher_fast.extras import require_module
 from fisher_fast.tasks.source import DataSource, Part, SourceData, names_from_list
 
 
 def digits_source() -> DataSource:
     """scikit-learn's digits as (N, 1, 8, 8) float32 in [0, 1] (pixel / 16), labels 0..9 named
     "0".."9". The data set has no official test part, so tasks split it themselves."""
-    try:
-        import sklearn
-    except ImportError as exc:
-        raise ImportError(
-            "the digits data ship with scikit-learn: pip install scikit-learn"
-        ) from exc
+    require_module("sklearn", "the digits data (they ship with scikit-learn)")
+    import sklearn
+
     return DataSource("digits", f"sklearn-digits:{sklearn.__version__}", _load)
 
 
