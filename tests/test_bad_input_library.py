@@ -4,6 +4,8 @@ problem and the fix, or, where the input is unambiguous, accepted."""
 from __future__ import annotations
 
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +68,83 @@ def test_name_check_keeps_the_distance_cheap(gen: torch.Generator) -> None:
     dot = best(lambda: torch.dot(a.flat, b.flat))
     ours = best(lambda: frechet_distance(a, b))
     assert ours < 1.1 * dot + 2e-3, (ours, dot)
+
+
+# -- DiagFIM files: checksum, metadata, device -------------------------------------------------
+
+
+def saved_fim(tmp_path: Path, gen: torch.Generator) -> Path:
+    path = tmp_path / "fim.safetensors"
+    diag(["w", "b"], [(40,), (8,)], random_fim(48, gen)).save(path)
+    return path
+
+
+def rewrite_metadata(path: Path, change: dict[str, str | None]) -> None:
+    """Rewrite a DiagFIM file with some metadata fields changed (None: removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, flat = dict(f.metadata()), f.get_tensor("flat")
+    for key, value in change.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    save_file({"flat": flat}, str(path), metadata=metadata)
+
+
+def test_flipped_data_bytes_are_detected(tmp_path: Path, gen: torch.Generator) -> None:
+    path = saved_fim(tmp_path, gen)
+    raw = bytearray(path.read_bytes())
+    for i in (-5, -37):  # two bytes of the data, which is at the end of the file
+        raw[i] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"fim.safetensors is corrupted: .*recompute .* copy"):
+        DiagFIM.load(path)
+
+
+def test_file_without_checksum_loads_with_a_warning(tmp_path: Path, gen: torch.Generator) -> None:
+    path = saved_fim(tmp_path, gen)
+    expected = DiagFIM.load(path).flat
+    rewrite_metadata(path, {"sha256": None})
+    with pytest.warns(UserWarning, match="has no checksum"):
+        assert torch.equal(DiagFIM.load(path).flat, expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"names": None}, r"fim.safetensors is incomplete: its metadata has no 'names' field"),
+        ({"shapes": "[[40], [8]"}, r"fim.safetensors is damaged: its metadata field 'shapes'"),
+        ({"meta": "{not json"}, r"fim.safetensors is damaged: its metadata field 'meta'"),
+        ({"names": '["w"]'}, r"fim.safetensors is damaged: 1 names and shapes"),
+    ],
+    ids=["no-names", "bad-shapes-json", "bad-meta-json", "names-do-not-fit"],
+)
+def test_bad_metadata_names_the_file_and_field(
+    tmp_path: Path, gen: torch.Generator, change: dict[str, str | None], message: str
+) -> None:
+    path = saved_fim(tmp_path, gen)
+    rewrite_metadata(path, change)
+    with pytest.raises(ValueError, match=message):
+        DiagFIM.load(path)
+
+
+def test_save_is_still_atomic(tmp_path: Path, gen: torch.Generator) -> None:
+    path = saved_fim(tmp_path, gen)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fresh file has its checksum: no warning
+        DiagFIM.load(path)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "bogus:0"])
+def test_load_to_a_missing_device(tmp_path: Path, gen: torch.Generator, device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    path = saved_fim(tmp_path, gen)
+    with pytest.raises(
+        ValueError, match=r"DiagFIM.load\(.*\): .*(not available|not a device).* use one of cpu"
+    ):
+        DiagFIM.load(path, device=device)
