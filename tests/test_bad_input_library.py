@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_fim, reference_frechet
+from torch import nn
 
-from fisher_fast import DiagFIM, frechet_distance, frechet_distances
+from fisher_fast import DiagFIM, check, diag_fim, frechet_distance, frechet_distances
 
 
 def diag(names: list[str], shapes: list[tuple[int, ...]], flat: torch.Tensor) -> DiagFIM:
@@ -148,3 +149,60 @@ def test_load_to_a_missing_device(tmp_path: Path, gen: torch.Generator, device: 
         ValueError, match=r"DiagFIM.load\(.*\): .*(not available|not a device).* use one of cpu"
     ):
         DiagFIM.load(path, device=device)
+
+
+# -- diag_fim and check: dtypes, batch sizes, forms of data ------------------------------------
+
+
+class TwoInputs(nn.Module):
+    """A model of two inputs, called as model(a, b) or model(a=..., b=...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fc(a + b)
+
+
+def problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return nn.Linear(4, 3), torch.randn(10, 4, generator=gen), torch.arange(10) % 3
+
+
+def test_float64_model_with_float32_inputs() -> None:
+    model, x, y = problem()
+    with pytest.raises(
+        TypeError,
+        match=r"model's parameters are float64 but the inputs are float32; convert one, "
+        r"e.g. model.float\(\) or x.double\(\)",
+    ):
+        diag_fim(model.double(), (x, y), progress=False)
+
+
+def test_batch_size_zero_in_check() -> None:
+    model, x, y = problem()
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        check(model, (x, y), batch_size=0, verbose=False)
+
+
+def test_list_of_inputs_and_targets_is_refused_with_the_accepted_forms() -> None:
+    model, x, y = problem()
+    with pytest.raises(ValueError, match=r"list of two tensors .* pass a tuple \(X, y\)"):
+        diag_fim(model, [x, y], progress=False)
+
+
+def test_unambiguous_pairs_are_accepted() -> None:
+    model, x, y = problem()
+    two = TwoInputs()
+    two.fc = model
+    expected = diag_fim(model, (2 * x, y), progress=False).flat
+    for data in [({"a": x, "b": x}, y), [{"a": x, "b": x}, y], ((x, x), y)]:
+        got = diag_fim(two, data, batch_size=4, progress=False).flat
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_dict_alone_is_refused_with_the_accepted_forms() -> None:
+    model, x, _ = problem()
+    with pytest.raises(TypeError, match=r"data is a dict; diag_fim takes a DataLoader"):
+        diag_fim(model, {"input": x}, fisher="exact", progress=False)
