@@ -3,6 +3,8 @@ problem and the fix, or, where the input is unambiguous, accepted."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import time
 import warnings
 from pathlib import Path
@@ -12,7 +14,16 @@ import torch
 from conftest import random_fim, reference_frechet
 from torch import nn
 
-from fisher_fast import DiagFIM, check, diag_fim, frechet_distance, frechet_distances
+from fisher_fast import (
+    DiagFIM,
+    TaskDictionary,
+    build_dictionary,
+    check,
+    diag_fim,
+    frechet_distance,
+    frechet_distances,
+)
+from fisher_fast.pipeline.dictionary import INDEX_FILE, DictionaryError
 
 
 def diag(names: list[str], shapes: list[tuple[int, ...]], flat: torch.Tensor) -> DiagFIM:
@@ -206,3 +217,39 @@ def test_a_dict_alone_is_refused_with_the_accepted_forms() -> None:
     model, x, _ = problem()
     with pytest.raises(TypeError, match=r"data is a dict; diag_fim takes a DataLoader"):
         diag_fim(model, {"input": x}, fisher="exact", progress=False)
+
+
+# -- task dictionary: concurrent builds, version field -----------------------------------------
+
+
+def build_some(root: str, indices: list[int]) -> list[str]:
+    """One process's build of some digits tasks into ``root`` (run in a subprocess)."""
+    from pipeline.pipeline_helpers import TINY_SETTINGS, digit_tasks
+
+    tasks = [digit_tasks()[i] for i in indices]
+    return build_dictionary(root, tasks, TINY_SETTINGS, progress=False).names()
+
+
+def test_two_processes_building_one_dictionary_keep_both_entries(tmp_path: Path) -> None:
+    from pipeline.pipeline_helpers import digit_tasks
+
+    root = str(tmp_path / "dictionary")
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = [pool.apply_async(build_some, (root, [i])) for i in (0, 1)]
+        for r in results:
+            r.get(timeout=300)
+    dictionary = TaskDictionary.open(root)  # verifies every probe
+    names = {digit_tasks()[i].name for i in (0, 1)}
+    assert set(dictionary.names()) == names
+    assert len(list((tmp_path / "dictionary" / "probes").iterdir())) == 2
+
+
+def test_a_version_written_as_a_string(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    from pipeline.pipeline_helpers import TINY_SETTINGS
+
+    TaskDictionary.create(root, TINY_SETTINGS)
+    index = root / INDEX_FILE
+    index.write_text(json.dumps({**json.loads(index.read_text()), "version": "1"}))
+    with pytest.raises(DictionaryError, match=r"format version '1', a str, where a whole number"):
+        TaskDictionary.open(root)
