@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,8 @@ DICTIONARY_VERSION = 1
 INDEX_FILE = "dictionary.json"
 LOCK_FILE = "dictionary.lock"
 REPLACE_HINT = (
-    "`fisher-fast dictionary build ... --replace {task}` (TaskDictionary.add(task, replace=True) "
-    "in Python)"
+    "`fisher-fast dictionary build ... --replace {task}` (the same command that built it), or "
+    "TaskDictionary.add(task, replace=True) in Python"
 )
 """How to replace one baseline, from the command line and from Python."""
 
@@ -278,7 +279,7 @@ class TaskDictionary:
         if name in self._entries:
             raise DictionaryError(
                 f"{self.root} already has a baseline {name!r}; to replace it use "
-                + REPLACE_HINT.format(task=name)
+                + REPLACE_HINT.format(task=shlex.quote(name))
                 + ", or add the task under another name"
             )
 
@@ -322,14 +323,14 @@ class TaskDictionary:
             raise DictionaryError(
                 f"the probe of baseline {entry.task!r} ({path}) cannot be read "
                 f"({type(exc).__name__}: {exc}); re-add it with "
-                + REPLACE_HINT.format(task=entry.task)
+                + REPLACE_HINT.format(task=shlex.quote(entry.task))
                 + ", or rebuild the dictionary"
             ) from exc
         if state_sha256(state) != entry.probe_sha256:
             raise DictionaryError(
                 f"the probe of baseline {entry.task!r} ({path}) does not match its checksum in "
                 f"{self.root / INDEX_FILE}: the file is damaged; re-add it with "
-                + REPLACE_HINT.format(task=entry.task)
+                + REPLACE_HINT.format(task=shlex.quote(entry.task))
                 + ", or rebuild the dictionary"
             )
         return state
