@@ -11,7 +11,9 @@ unit trace therefore happens inside, and the result does not change when either 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +22,11 @@ from fisher_fast import ops
 
 
 class HasFlatFIM(Protocol):
-    """Anything holding a diagonal FIM as one flat tensor (e.g. :class:`fisher_fast.DiagFIM`)."""
+    """Anything holding a diagonal FIM as one flat tensor (e.g. :class:`fisher_fast.DiagFIM`).
+
+    An object that also has ``names`` and ``shapes`` (as DiagFIM does) is matched with the
+    other FIM by parameter name, like a dict; one without them is matched by position.
+    """
 
     @property
     def flat(self) -> torch.Tensor: ...
@@ -29,12 +35,42 @@ class HasFlatFIM(Protocol):
 FIMLike = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | HasFlatFIM
 
 
-def _as_tensor_list(fim: Any, what: str) -> tuple[list[str] | None, list[torch.Tensor]]:
-    """Split a FIM given in any accepted form into (names or None, list of contiguous tensors)."""
+@dataclass(frozen=True)
+class _Parts:
+    """One FIM as the kernel reads it: contiguous tensors and, for a named FIM, its layout.
+
+    ``tensors`` is either one tensor per name, or one flat buffer holding all of them back to
+    back (a DiagFIM's ``flat``); ``shapes`` is the shape of each named parameter.
+    """
+
+    names: list[str] | None
+    tensors: list[torch.Tensor]
+    shapes: list[tuple[int, ...]] | None
+
+    @property
+    def is_flat_named(self) -> bool:
+        """A named FIM held as one buffer (its per-name views exist only on request)."""
+        return self.names is not None and len(self.tensors) != len(self.names)
+
+    def split(self) -> _Parts:
+        """The same FIM as one view per name (no copy)."""
+        if not self.is_flat_named:
+            return self
+        assert self.names is not None and self.shapes is not None
+        sizes = [math.prod(s) for s in self.shapes]
+        views = [v.view(s) for v, s in zip(self.tensors[0].split(sizes), self.shapes, strict=True)]
+        return _Parts(self.names, views, self.shapes)
+
+
+def _parts(fim: Any, what: str) -> _Parts:
+    """A FIM given in any accepted form, as :class:`_Parts`."""
     if isinstance(fim, torch.Tensor):
-        return None, [fim.contiguous()]
+        return _Parts(None, [fim.contiguous()], None)
     if hasattr(fim, "flat") and isinstance(fim.flat, torch.Tensor):
-        return None, [fim.flat.contiguous()]
+        names, shapes = getattr(fim, "names", None), getattr(fim, "shapes", None)
+        if names is None or shapes is None:
+            return _Parts(None, [fim.flat.contiguous()], None)
+        return _Parts(list(names), [fim.flat.contiguous()], [tuple(s) for s in shapes])
     if isinstance(fim, Mapping):
         names = list(fim.keys())
         tensors = list(fim.values())
@@ -50,53 +86,89 @@ def _as_tensor_list(fim: Any, what: str) -> tuple[list[str] | None, list[torch.T
         if not isinstance(t, torch.Tensor):
             label = names[i] if names else f"item {i}"
             raise TypeError(f"{what}[{label!r}] is a {type(t).__name__}, not a tensor")
-    return names, [t.contiguous() for t in tensors]
+    shapes = None if names is None else [tuple(t.shape) for t in tensors]
+    return _Parts(names, [t.contiguous() for t in tensors], shapes)
 
 
-def _align(
-    ref_names: list[str] | None,
-    ref: list[torch.Tensor],
-    names: list[str] | None,
-    tensors: list[torch.Tensor],
-    what: str,
-) -> list[torch.Tensor]:
-    """Order ``tensors`` like the reference and check that both describe the same parameters."""
+def _check_names(ref: _Parts, other: _Parts, what: str) -> None:
+    """Raise unless two named FIMs hold the same parameters with the same shapes, naming the
+    first that differ. O(number of parameters), and two lists compared at C speed when equal."""
+    assert ref.names is not None and other.names is not None
+    if ref.names == other.names and ref.shapes == other.shapes:
+        return
+    known = set(other.names)
+    missing = [n for n in ref.names if n not in known]
+    known = set(ref.names)
+    extra = [n for n in other.names if n not in known]
+    if missing or extra:
+        raise ValueError(
+            f"{what} and the reference FIM name different parameters: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    assert ref.shapes is not None and other.shapes is not None
+    theirs = dict(zip(other.names, other.shapes, strict=True))
+    for name, shape in zip(ref.names, ref.shapes, strict=True):
+        if theirs[name] == shape:
+            continue
+        if math.prod(theirs[name]) != math.prod(shape):
+            raise ValueError(
+                f"{what} {name!r} has {math.prod(theirs[name])} elements but the reference "
+                f"has {math.prod(shape)}"
+            )
+        raise ValueError(
+            f"{what} {name!r} has shape {theirs[name]} but the reference has {shape}; "
+            "both FIMs must be of the same model"
+        )
+
+
+def _align(ref: _Parts, other: _Parts, what: str) -> list[torch.Tensor]:
+    """``other``'s tensors cut and ordered like ``ref``'s, after checking that both describe
+    the same parameters (by name and shape when both are named, by size otherwise)."""
+    ref_names, names, tensors = ref.names, other.names, other.tensors
     if (ref_names is None) != (names is None):
         # One side is a flat tensor or list, the other a dict: compare flattened contents.
-        if len(ref) == 1 or len(tensors) == 1:
-            ref_total = sum(t.numel() for t in ref)
-            total = sum(t.numel() for t in tensors)
-            if ref_total != total:
-                raise ValueError(
-                    f"{what} has {total} elements but the reference FIM has {ref_total}; "
-                    "both must describe the same parameters"
-                )
-            return (
-                [torch.cat([t.reshape(-1) for t in tensors])]
-                if len(ref) == 1
-                else list(
-                    torch.cat([t.reshape(-1) for t in tensors]).split([t.numel() for t in ref])
-                )
-            )
+        if len(ref.tensors) == 1 or len(tensors) == 1:
+            return _flattened_like(ref.tensors, tensors, what)
         raise TypeError(
             f"{what} is a {'dict' if names else 'list'} but the reference is not; pass both alike"
         )
     if ref_names is not None and names is not None:
-        missing = [n for n in ref_names if n not in names]
-        extra = [n for n in names if n not in ref_names]
-        if missing or extra:
-            raise ValueError(
-                f"{what} and the reference FIM name different parameters: missing {missing[:5]}"
-                f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-            )
-        by_name = dict(zip(names, tensors, strict=True))
-        tensors = [by_name[n] for n in ref_names]
-    if len(tensors) != len(ref):
+        _check_names(ref, other, what)
+        if not (names == ref_names and len(tensors) == len(ref.tensors)):
+            by_name = dict(zip(names, other.split().tensors, strict=True))
+            tensors = [by_name[n] for n in ref_names]
+    _check_sizes(ref, tensors, what)
+    return tensors
+
+
+def _flattened_like(
+    ref: list[torch.Tensor], tensors: list[torch.Tensor], what: str
+) -> list[torch.Tensor]:
+    """``tensors`` concatenated, and cut like ``ref`` when ``ref`` has several tensors."""
+    ref_total = sum(t.numel() for t in ref)
+    total = sum(t.numel() for t in tensors)
+    if ref_total != total:
         raise ValueError(
-            f"{what} holds {len(tensors)} tensors but the reference FIM holds {len(ref)}"
+            f"{what} has {total} elements but the reference FIM has {ref_total}; "
+            "both must describe the same parameters"
         )
-    for i, (r, t) in enumerate(zip(ref, tensors, strict=True)):
-        label = repr(ref_names[i]) if ref_names else f"tensor {i}"
+    flat = (
+        tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+    )
+    return [flat] if len(ref) == 1 else list(flat.split([t.numel() for t in ref]))
+
+
+def _check_sizes(ref: _Parts, tensors: list[torch.Tensor], what: str) -> None:
+    if len(tensors) != len(ref.tensors):
+        raise ValueError(
+            f"{what} holds {len(tensors)} tensors but the reference FIM holds {len(ref.tensors)}"
+        )
+    for i, (r, t) in enumerate(zip(ref.tensors, tensors, strict=True)):
+        label = (
+            repr(ref.names[i])
+            if ref.names and len(ref.names) == len(ref.tensors)
+            else f"tensor {i}"
+        )
         if r.numel() != t.numel():
             raise ValueError(
                 f"{what} {label} has {t.numel()} elements but the reference has {r.numel()}"
@@ -106,7 +178,12 @@ def _align(
                 f"{what} {label} is on {t.device} but the reference is on {r.device}; "
                 "move both FIMs to one device"
             )
-    return tensors
+
+
+def _needs_views(ref: _Parts, other: _Parts) -> bool:
+    """Whether ``other`` can only be matched with ``ref`` parameter by parameter (not as one
+    buffer against one buffer): it is named, but held in pieces or in another order."""
+    return other.names is not None and (other.names != ref.names or not other.is_flat_named)
 
 
 def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -162,13 +239,16 @@ def frechet_distances(
         raise TypeError("others must be a list of FIMs; for a single pair use frechet_distance")
     if len(others) == 0:
         raise ValueError("others is empty: pass at least one FIM to compare with the reference")
-    ref_names, ref = _as_tensor_list(reference, "the reference FIM")
-    if any(t.numel() == 0 for t in ref) and sum(t.numel() for t in ref) == 0:
+    ref_parts = _parts(reference, "the reference FIM")
+    if sum(t.numel() for t in ref_parts.tensors) == 0:
         raise ValueError("the reference FIM is empty (0 elements)")
+    parts = [_parts(other, f"FIM {k}") for k, other in enumerate(others)]
+    if ref_parts.is_flat_named and any(_needs_views(ref_parts, p) for p in parts):
+        ref_parts = ref_parts.split()
     flat_others: list[torch.Tensor] = []
-    for k, other in enumerate(others):
-        names, tensors = _as_tensor_list(other, f"FIM {k}")
-        flat_others += _align(ref_names, ref, names, tensors, f"FIM {k}")
+    for k, p in enumerate(parts):
+        flat_others += _align(ref_parts, p, f"FIM {k}")
+    ref = ref_parts.tensors
     everything = _common_dtype(ref + flat_others)
     ref, flat_others = everything[: len(ref)], everything[len(ref) :]
     sums = ops.frechet_sums(ref, flat_others)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from fisher_fast import _library
@@ -393,7 +394,7 @@ class _Accumulation:
         capture.passes.n_samples = n
         with capture.batch():
             self.processed.clear()
-            with torch.enable_grad():
+            with torch.enable_grad(), _explained_dtype_errors(inputs, self.trainable):
                 planning = self.sums is None
                 if planning:
                     raw = self._planning_forward(inputs, n)
@@ -504,6 +505,35 @@ def _expected_samples(data: Any, max_samples: int | None) -> int | None:
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     return total
+
+
+@contextlib.contextmanager
+def _explained_dtype_errors(
+    inputs: Any, trainable: list[tuple[str, nn.Parameter]]
+) -> Iterator[None]:
+    """Turn torch's dtype mismatch error on a forward pass into one that names both dtypes and
+    the fix, when the inputs' floating dtype differs from the parameters' (any other error, or
+    a model that converts its inputs itself, passes through unchanged)."""
+    try:
+        yield
+    except RuntimeError as error:
+        params = sorted({str(p.dtype) for _, p in trainable if p.is_floating_point()})
+        found = sorted(
+            {
+                str(v.dtype)
+                for v in tree_leaves(inputs)
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            }
+        )
+        if "dtype" not in str(error) or not params or not found or found == params:
+            raise
+        names = " and ".join(p.removeprefix("torch.") for p in params)
+        given = " and ".join(f.removeprefix("torch.") for f in found)
+        raise TypeError(
+            f"the model's parameters are {names} but the inputs are {given}; convert one, e.g. "
+            "model.float() or x.double() (torch: "
+            f"{str(error).splitlines()[0]})"
+        ) from error
 
 
 @contextlib.contextmanager

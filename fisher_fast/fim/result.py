@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fisher_fast._version import __version__
+from fisher_fast.devices import resolve_device
 
 FORMAT_VERSION = 1
+"""Files of format 1 written before the checksum existed have no ``sha256`` field; they load
+with a :class:`UncheckedFileWarning`."""
+
+T = TypeVar("T")
+
+
+class DiagFIMFileError(ValueError):
+    """A DiagFIM file is unreadable, corrupted, or its metadata is incomplete."""
+
+
+class UncheckedFileWarning(UserWarning):
+    """A DiagFIM file carries no checksum (written by an older fisher_fast), so damage to its
+    data cannot be detected."""
 
 
 class DiagFIM:
@@ -134,12 +150,14 @@ class DiagFIM:
             "torch_version": torch.__version__,
             "meta": json.dumps(self.meta),
         }
+        flat = self.flat.detach().cpu().contiguous()
+        metadata["sha256"] = data_sha256(flat)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file({"flat": self.flat.detach().cpu().contiguous()}, tmp, metadata=metadata)
+            save_file({"flat": flat}, tmp, metadata=metadata)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
             os.replace(tmp, path)
         except BaseException:
@@ -148,28 +166,90 @@ class DiagFIM:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> DiagFIM:
-        """Read a file written by :meth:`save`; a damaged or foreign file is a clear error."""
+        """Read a file written by :meth:`save` onto ``device``, its data checked against the
+        checksum stored at save time; a damaged or foreign file is a :class:`DiagFIMFileError`
+        naming it. Files older than the checksum load with an :class:`UncheckedFileWarning`."""
         from safetensors import safe_open
 
+        target = resolve_device(device, f"DiagFIM.load({str(path)!r})")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
                 flat = f.get_tensor("flat")
+        except FileNotFoundError:
+            raise
         except Exception as exc:
-            raise ValueError(f"{path} is not a readable DiagFIM file ({exc})") from exc
+            raise DiagFIMFileError(
+                f"{path} is not a readable DiagFIM file ({exc}); recompute it or copy it again"
+            ) from exc
         if metadata.get("format_version") != str(FORMAT_VERSION):
-            raise ValueError(
+            raise DiagFIMFileError(
                 f"{path} has DiagFIM format {metadata.get('format_version')!r}; this version reads "
                 f"format {FORMAT_VERSION}"
             )
-        return cls(
-            flat,
-            json.loads(metadata["names"]),
-            [tuple(s) for s in json.loads(metadata["shapes"])],
-            n_samples=int(metadata["n_samples"]),
-            fisher=metadata["fisher"],
-            meta=json.loads(metadata.get("meta", "{}")),
+        _verify(path, flat, metadata.get("sha256"))
+        names = _field(path, metadata, "names", lambda t: [str(n) for n in json.loads(t)])
+        shapes = _field(path, metadata, "shapes", _parse_shapes)
+        n_samples = _field(path, metadata, "n_samples", int)
+        fisher = _field(path, metadata, "fisher", str)
+        meta = _field(path, metadata, "meta", lambda t: dict(json.loads(t)), default="{}")
+        try:
+            return cls(
+                flat.to(target), names, shapes, n_samples=n_samples, fisher=fisher, meta=meta
+            )
+        except ValueError as exc:
+            raise DiagFIMFileError(
+                f"{path} is damaged: {exc}; recompute the FIM or copy the file again"
+            ) from None
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in shape) for shape in json.loads(text)]
+
+
+def data_sha256(flat: torch.Tensor) -> str:
+    """SHA-256 of a contiguous CPU tensor's bytes (its dtype and length are in the metadata)."""
+    return hashlib.sha256(flat.reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+
+
+def _verify(path: str | os.PathLike[str], flat: torch.Tensor, stored: str | None) -> None:
+    """Raise if ``flat`` does not match the checksum written with it; warn if there is none."""
+    if stored is None:
+        warnings.warn(
+            f"{path} has no checksum (written by an older fisher_fast), so damage to its data "
+            "cannot be detected; save it again to add one",
+            UncheckedFileWarning,
+            stacklevel=3,
         )
+        return
+    if data_sha256(flat) != stored:
+        raise DiagFIMFileError(
+            f"{path} is corrupted: its data does not match the checksum written with it; "
+            "recompute the FIM or copy the file again"
+        )
+
+
+def _field(
+    path: str | os.PathLike[str],
+    metadata: dict[str, str],
+    key: str,
+    parse: Callable[[str], T],
+    default: str | None = None,
+) -> T:
+    """Metadata field ``key`` parsed by ``parse``; missing or malformed: a DiagFIMFileError."""
+    text = metadata.get(key, default)
+    if text is None:
+        raise DiagFIMFileError(
+            f"{path} is incomplete: its metadata has no {key!r} field; it was not written by "
+            "DiagFIM.save (or was damaged): recompute the FIM or copy the file again"
+        )
+    try:
+        return parse(text)
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise DiagFIMFileError(
+            f"{path} is damaged: its metadata field {key!r} is malformed ({exc}); recompute "
+            "the FIM or copy the file again"
+        ) from None
 
 
 def _umask() -> int:

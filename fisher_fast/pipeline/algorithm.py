@@ -89,9 +89,12 @@ class ArchitectureReport:
 def baseline_distances(
     target: Task, dictionary: TaskDictionary, *, seed: int = 0, split: str = "val"
 ) -> tuple[dict[str, float], float]:
-    """Steps 1-2: ({baseline: distance to ``target``}, seconds spent training the probe)."""
-    if len(dictionary) == 0:
-        raise DictionaryError(f"the task dictionary in {dictionary.root} has no baseline yet")
+    """Steps 1-2: ({baseline: distance to ``target``}, seconds spent training the probe).
+
+    A baseline of the target's own name is left out (it would be a* at distance 0 and the
+    search would only repeat its own); a dictionary holding nothing else is an error.
+    """
+    names = candidate_baselines(target, dictionary)
     s = dictionary.settings
     start = time.perf_counter()
     probe = s.train_probe(target, seed)
@@ -99,10 +102,24 @@ def baseline_distances(
     reference = task_fim(probe, target, fisher=s.fisher, seed=seed, split=split)
     others = [
         task_fim(dictionary.load_probe(name), target, fisher=s.fisher, seed=seed, split=split)
-        for name in dictionary.names()
+        for name in names
     ]
     values = frechet_distances(reference, others).tolist()
-    return dict(zip(dictionary.names(), values, strict=True)), probe_seconds
+    return dict(zip(names, values, strict=True)), probe_seconds
+
+
+def candidate_baselines(target: Task, dictionary: TaskDictionary) -> list[str]:
+    """The baselines a* is chosen from: all but one named like ``target``."""
+    names = [n for n in dictionary.names() if n != target.name]
+    if names:
+        return names
+    if len(dictionary) == 0:
+        raise DictionaryError(f"the task dictionary in {dictionary.root} has no baseline yet")
+    raise DictionaryError(
+        f"the task dictionary in {dictionary.root} holds only the target {target.name!r} "
+        "itself, so there is no other baseline to compare it with; build a dictionary without "
+        "it (`fisher-fast dictionary build --exclude TASK`) or add other baselines"
+    )
 
 
 def closest_baseline(distances: dict[str, float]) -> str:

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from fisher_fast.distributed import is_main, process_group
 from fisher_fast.nas import FuseConfig
-from fisher_fast.pipeline.algorithm import DEFAULT_FINAL_STEPS, search_architecture
+from fisher_fast.pipeline.algorithm import (
+    DEFAULT_FINAL_STEPS,
+    candidate_baselines,
+    search_architecture,
+)
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
 from fisher_fast.pipeline.table import format_table
@@ -51,8 +55,16 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--epochs", type=int, metavar="N", help="probe training epochs (default: the suite's)"
     )
+    build.add_argument(
+        "--replace",
+        action="append",
+        default=[],
+        metavar="TASK",
+        help="task index or name whose baseline is trained and searched again and replaced "
+        "(e.g. one whose probe file is damaged); repeatable",
+    )
     _search_arguments(build)
-    build.set_defaults(run=_in_process_group(_build))
+    build.set_defaults(run=_in_process_group(_build), resumable=True)
     listing = actions.add_parser("list", help="print the baselines of a dictionary")
     listing.add_argument("dictionary", type=Path, metavar="DIR")
     listing.set_defaults(run=_list)
@@ -79,7 +91,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
         help=f"training steps of the found cell (default {DEFAULT_FINAL_STEPS})",
     )
     _search_arguments(search, defaults_from_dictionary=True)
-    search.set_defaults(run=_in_process_group(_search))
+    search.set_defaults(run=_in_process_group(_search), resumable=True)
 
     demo = sub.add_parser(
         "demo",
@@ -92,7 +104,7 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR")
     demo.add_argument("--target", default="2", metavar="TASK", help="target task (default 2)")
     _common_arguments(demo)
-    demo.set_defaults(run=_in_process_group(_demo))
+    demo.set_defaults(run=_in_process_group(_demo), resumable=True)
 
 
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +181,7 @@ def _pick(suite: Suite, ref: str) -> int:
     if ref.isdigit() and int(ref) < len(names):
         return int(ref)
     listing = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
-    raise SystemExit(f"error: no task {ref!r} in suite {suite.name} ({listing})")
+    raise ValueError(f"no task {ref!r} in suite {suite.name} ({listing})")
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -187,8 +199,14 @@ def _build(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         epsilon=suite.epsilon,
     )
+    replace_names = [suite.tasks[_pick(suite, ref)].name for ref in args.replace]
     dictionary = build_dictionary(
-        args.out, tasks, settings, seed=args.seed, progress=not args.quiet
+        args.out,
+        tasks,
+        settings,
+        seed=args.seed,
+        progress=not args.quiet,
+        replace=replace_names,
     )
     _print_baselines(dictionary)
     print(f"dictionary {args.out} ready in {time.perf_counter() - start:.1f} s")
@@ -212,7 +230,13 @@ def _search(args: argparse.Namespace) -> int:
     set_threads(args.threads, suite.default_arch)
     target: Task = suite.tasks[_pick(suite, args.target)]
     dictionary = TaskDictionary.open(args.dictionary)
-    out = args.out or Path("runs") / f"search-{suite.name}-{args.target}"
+    if target.name in dictionary:
+        candidate_baselines(target, dictionary)  # refuses when nothing else is left
+        print(
+            f"note: the target {target.name!r} is itself a baseline of {args.dictionary}; it is "
+            "left out of the candidates for a*"
+        )
+    out = args.out = args.out or Path("runs") / f"search-{suite.name}-{args.target}"
     report = search_architecture(
         target,
         dictionary,

@@ -14,15 +14,23 @@ the JSON only after its probe file is complete, so an interrupted build leaves a
 dictionary of the tasks finished so far. Opening verifies the format, the version and every
 probe's checksum: a damaged or foreign dictionary is an error that names the file, and nothing
 is overwritten (adding a task that is already there is an error too).
+
+Several processes may build into one dictionary at once (e.g. one per task): every update holds
+an exclusive lock on ``dictionary.lock`` (``fcntl.flock``) while it re-reads ``dictionary.json``,
+merges its entry into what other processes have written meanwhile, and writes both files. The
+long work (a probe's training, a search) runs outside the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+import shlex
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +51,12 @@ DICTIONARY_FORMAT = "fisher_fast.task_dictionary"
 DICTIONARY_VERSION = 1
 """Bumped when the layout or the meaning of a field changes; older readers refuse newer files."""
 INDEX_FILE = "dictionary.json"
+LOCK_FILE = "dictionary.lock"
+REPLACE_HINT = (
+    "`fisher-fast dictionary build ... --replace {task}` (the same command that built it), or "
+    "TaskDictionary.add(task, replace=True) in Python"
+)
+"""How to replace one baseline, from the command line and from Python."""
 
 
 class DictionaryError(ValueError):
@@ -169,52 +183,28 @@ class TaskDictionary:
     def create(cls, root: str | os.PathLike[str], settings: DictionarySettings) -> TaskDictionary:
         """A new, empty dictionary in ``root`` (created; it must not hold a dictionary yet)."""
         path = Path(root)
-        if (path / INDEX_FILE).exists():
-            raise DictionaryError(
-                f"{path} already holds a task dictionary; open it with TaskDictionary.open, or "
-                "choose another directory"
-            )
-        dictionary = cls(path, settings, {})
-        dictionary._write_index()
+        with locked(path):
+            if (path / INDEX_FILE).exists():
+                raise DictionaryError(
+                    f"{path} already holds a task dictionary; open it with TaskDictionary.open, "
+                    "or choose another directory"
+                )
+            dictionary = cls(path, settings, {})
+            dictionary._write_index()
         return dictionary
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str]) -> TaskDictionary:
-        """The dictionary in ``root``, verified: format, version and every probe's checksum."""
+    def open(
+        cls, root: str | os.PathLike[str], *, unverified: Collection[str] = ()
+    ) -> TaskDictionary:
+        """The dictionary in ``root``, verified: format, version and every probe's checksum
+        but those of the tasks in ``unverified`` (about to be replaced)."""
         path = Path(root)
-        index = path / INDEX_FILE
-        if not index.exists():
-            raise DictionaryError(
-                f"no task dictionary in {path} ({INDEX_FILE} is missing); build one with "
-                "`fisher-fast dictionary build`"
-            )
-        try:
-            data = json.loads(index.read_text())
-            fmt, version = data["format"], data["version"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DictionaryError(
-                f"{index} is not a readable task dictionary ({type(exc).__name__}: {exc}); it is "
-                "damaged: restore it from a copy or build the dictionary again in a new directory"
-            ) from exc
-        if fmt != DICTIONARY_FORMAT:
-            raise DictionaryError(f"{index} is not a task dictionary (format {fmt!r})")
-        if version != DICTIONARY_VERSION:
-            raise DictionaryError(
-                f"{index} has format version {version}; this fisher_fast "
-                f"({__version__}) reads version {DICTIONARY_VERSION}: use the "
-                "fisher_fast version that wrote it, or build the dictionary again"
-            )
-        try:
-            settings = DictionarySettings.from_dict(data["settings"])
-            entries = {e["task"]: Baseline.from_dict(e) for e in data["tasks"]}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DictionaryError(
-                f"{index} has a malformed field ({type(exc).__name__}: {exc}); it is damaged: "
-                "restore it from a copy or build the dictionary again in a new directory"
-            ) from exc
+        settings, entries = _read_index(path)
         dictionary = cls(path, settings, entries)
         for entry in entries.values():
-            dictionary._read_probe_state(entry)
+            if entry.task not in unverified:
+                dictionary._read_probe_state(entry)
         return dictionary
 
     def __len__(self) -> int:
@@ -253,11 +243,8 @@ class TaskDictionary:
         is given.
         """
         s = self.settings
-        if task.name in self._entries and not replace:
-            raise DictionaryError(
-                f"{self.root} already has a baseline {task.name!r}; pass replace=True to replace "
-                "it, or add the task under another name"
-            )
+        if not replace:
+            self._refuse_existing(task.name)
         probe = on_main(f"training the probe of {task.name!r}", lambda: s.train_probe(task, seed))
         slug = file_slug(task.name)
         result = fuse_search(
@@ -270,18 +257,44 @@ class TaskDictionary:
             progress=progress,
         )
         probe_file = f"probes/{slug}.safetensors"
-        digest = self._write_probe(probe_file, probe.model.state_dict())
+        state = {n: t.detach().cpu().contiguous() for n, t in probe.model.state_dict().items()}
         entry = Baseline(
             task=task.name,
             genotype=result.genotype,
             probe_file=probe_file,
-            probe_sha256=digest,
+            probe_sha256=state_sha256(state),
             probe=probe.metadata(),
             search=result.to_dict(),
         )
-        self._entries[task.name] = entry
-        self._write_index()
+        with locked(self.root):
+            self._merge_from_disk()
+            if not replace:
+                self._refuse_existing(task.name)  # another process may have added it meanwhile
+            self._write_probe(probe_file, state)
+            self._entries[task.name] = entry
+            self._write_index()
         return entry
+
+    def _refuse_existing(self, name: str) -> None:
+        if name in self._entries:
+            raise DictionaryError(
+                f"{self.root} already has a baseline {name!r}; to replace it use "
+                + REPLACE_HINT.format(task=shlex.quote(name))
+                + ", or add the task under another name"
+            )
+
+    def _merge_from_disk(self) -> None:
+        """Take in the entries other processes wrote since this dictionary was read (call
+        inside :func:`locked`); the settings on disk must still be this dictionary's."""
+        if not is_main() or not (self.root / INDEX_FILE).exists():
+            return
+        settings, entries = _read_index(self.root)
+        if settings != self.settings:
+            raise DictionaryError(
+                f"{self.root / INDEX_FILE} was rewritten with other settings while this "
+                "process worked; build into another directory"
+            )
+        self._entries = {**self._entries, **entries}
 
     def check_compatible(self, settings: DictionarySettings) -> None:
         """Raise unless this dictionary was built with ``settings`` (to extend it safely)."""
@@ -294,13 +307,11 @@ class TaskDictionary:
                 "build into another directory, or use the same settings"
             )
 
-    def _write_probe(self, relative: str, state: dict[str, torch.Tensor]) -> str:
+    def _write_probe(self, relative: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        tensors = {n: t.detach().cpu().contiguous() for n, t in state.items()}
         if is_main():
             atomic_write(self.root / relative, lambda tmp: save_file(tensors, str(tmp)))
-        return state_sha256(tensors)
 
     def _read_probe_state(self, entry: Baseline) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -311,13 +322,16 @@ class TaskDictionary:
         except Exception as exc:
             raise DictionaryError(
                 f"the probe of baseline {entry.task!r} ({path}) cannot be read "
-                f"({type(exc).__name__}: {exc}); re-add the task with replace=True or rebuild"
+                f"({type(exc).__name__}: {exc}); re-add it with "
+                + REPLACE_HINT.format(task=shlex.quote(entry.task))
+                + ", or rebuild the dictionary"
             ) from exc
         if state_sha256(state) != entry.probe_sha256:
             raise DictionaryError(
                 f"the probe of baseline {entry.task!r} ({path}) does not match its checksum in "
-                f"{self.root / INDEX_FILE}: the file is damaged; re-add the task with "
-                "replace=True or rebuild the dictionary"
+                f"{self.root / INDEX_FILE}: the file is damaged; re-add it with "
+                + REPLACE_HINT.format(task=shlex.quote(entry.task))
+                + ", or rebuild the dictionary"
             )
         return state
 
@@ -344,29 +358,117 @@ def build_dictionary(
     *,
     seed: int = 0,
     progress: bool = True,
+    replace: Collection[str] = (),
 ) -> TaskDictionary:
     """Create the dictionary in ``root``, or open it (its settings must be ``settings``), and
     add every task of ``tasks`` it does not hold yet: running it again after an interruption
-    finishes the job, and running it on a complete dictionary only verifies it.
+    finishes the job, and running it on a complete dictionary only verifies it. The tasks
+    named in ``replace`` are trained and searched again and their entries replaced (their
+    old probes are not verified, so a damaged one can be replaced this way).
 
     Under torch.distributed, rank 0 opens or creates the dictionary, trains the probes and
     writes the files; every rank takes part in the data-parallel FUSE searches.
     """
     path = Path(root)
 
+    unknown = sorted(set(replace) - {t.name for t in tasks})
+    if unknown:
+        raise DictionaryError(
+            f"cannot replace {unknown}: not among the tasks being built ({[t.name for t in tasks]})"
+        )
+
     def open_or_create() -> TaskDictionary:
-        if not (path / INDEX_FILE).exists():
-            return TaskDictionary.create(path, settings)
-        dictionary = TaskDictionary.open(path)
+        with locked(path):
+            if not (path / INDEX_FILE).exists():
+                dictionary = TaskDictionary(path, settings, {})
+                dictionary._write_index()
+                return dictionary
+        dictionary = TaskDictionary.open(path, unverified=replace)
         dictionary.check_compatible(settings)
         return dictionary
 
     dictionary = on_main(f"opening the task dictionary {path}", open_or_create)
-    missing = [t for t in tasks if t.name not in dictionary]
-    quiet = not progress or not missing or not is_main()
-    for task in tqdm(missing, desc="baseline tasks", disable=quiet):
-        dictionary.add(task, seed=seed, progress=progress)
+    todo = [t for t in tasks if t.name not in dictionary or t.name in replace]
+    quiet = not progress or not todo or not is_main()
+    for task in tqdm(todo, desc="baseline tasks", disable=quiet):
+        present = on_main("reading the task dictionary", lambda: _refreshed(dictionary))
+        if task.name in present and task.name not in replace:
+            continue  # another process building into this directory has added it
+        try:
+            dictionary.add(task, seed=seed, progress=progress, replace=task.name in replace)
+        except DictionaryError:
+            if task.name not in dictionary:  # not another process adding it meanwhile
+                raise
     return dictionary
+
+
+def _refreshed(dictionary: TaskDictionary) -> list[str]:
+    """The baselines of ``dictionary`` after taking in what other processes have written."""
+    with locked(dictionary.root):
+        dictionary._merge_from_disk()
+    return dictionary.names()
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the dictionary in ``root`` (``root/dictionary.lock``, created
+    if needed) for the duration; other processes wait. Only rank 0 writes, so only it locks."""
+    if not is_main():
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _read_index(path: Path) -> tuple[DictionarySettings, dict[str, Baseline]]:
+    """The settings and entries of ``path/dictionary.json``, its format and version checked."""
+    index = path / INDEX_FILE
+    if not index.exists():
+        raise DictionaryError(
+            f"no task dictionary in {path} ({INDEX_FILE} is missing); build one with "
+            "`fisher-fast dictionary build`"
+        )
+    try:
+        data = json.loads(index.read_text())
+        fmt, version = data["format"], data["version"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DictionaryError(
+            f"{index} is not a readable task dictionary ({type(exc).__name__}: {exc}); it is "
+            "damaged: restore it from a copy or build the dictionary again in a new directory"
+        ) from exc
+    if fmt != DICTIONARY_FORMAT:
+        raise DictionaryError(f"{index} is not a task dictionary (format {fmt!r})")
+    _check_version(index, version)
+    try:
+        settings = DictionarySettings.from_dict(data["settings"])
+        entries = {e["task"]: Baseline.from_dict(e) for e in data["tasks"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DictionaryError(
+            f"{index} has a malformed field ({type(exc).__name__}: {exc}); it is damaged: "
+            "restore it from a copy or build the dictionary again in a new directory"
+        ) from exc
+    return settings, entries
+
+
+def _check_version(index: Path, version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DictionaryError(
+            f"{index} has format version {version!r}, a {type(version).__name__}, where a whole "
+            f'number is written (this fisher_fast writes "version": {DICTIONARY_VERSION}); '
+            "the file was edited or written by another tool: restore it from a copy, or set "
+            "the number"
+        )
+    if version != DICTIONARY_VERSION:
+        raise DictionaryError(
+            f"{index} has format version {version}; this fisher_fast "
+            f"({__version__}) reads version {DICTIONARY_VERSION}: use the "
+            "fisher_fast version that wrote it, or build the dictionary again"
+        )
 
 
 def task_seed(seed: int, name: str) -> int:

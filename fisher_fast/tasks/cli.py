@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group, world_size
 from fisher_fast.tasks.distances import LABEL_CONVENTIONS, distance_matrix
 from fisher_fast.tasks.loaders.config import load_task_config
@@ -153,7 +154,7 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_timeout_argument(run, "one trial's probe trainings on one process must fit in it")
-    p.set_defaults(run=run_distance)
+    p.set_defaults(run=run_distance, resumable=True)
 
 
 def run_distance(args: argparse.Namespace) -> int:
@@ -174,7 +175,8 @@ def _run_distance(args: argparse.Namespace) -> int:
         for name in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
         if getattr(args, name) is not None
     }
-    out = args.out or Path("runs") / f"{suite.name}-{arch}"
+    out = args.out = args.out or Path("runs") / f"{suite.name}-{arch}"
+    resolve_device(args.device, "--device")
     say(
         f"suite {suite.name}: "
         + "; ".join(f"{i}: {t.name} ({t.num_classes} classes)" for i, t in enumerate(suite.tasks))
