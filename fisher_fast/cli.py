@@ -18,6 +18,7 @@ import torch
 
 from fisher_fast._version import __version__
 from fisher_fast.distributed import RankError
+from fisher_fast.extras import MissingDependencyError
 from fisher_fast.pipeline.cli import add_pipeline_parsers
 from fisher_fast.tasks.cli import add_distance_parser
 
@@ -28,6 +29,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     NotADirectoryError,
     PermissionError,
     RankError,  # an expected error on another rank of a torchrun job, already named there
+    MissingDependencyError,  # an optional package the command needs, with its install command
 )
 """What the command line reports in one line; every other exception is a bug."""
 EXIT_ERROR = 2

@@ -136,3 +136,22 @@ def test_search_refuses_a_dictionary_of_only_the_target(
     assert main(["search", "--target", "0", "--dictionary", str(root), *QUIET]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "holds only the target 'detect 0'" in err
+
+
+def test_missing_optional_package_is_one_line_before_any_work(tmp_path: Path) -> None:
+    """Without matplotlib, ``distance`` stops at once (no run directory content) and says how
+    to install it; before, it did all the work and crashed drawing the figure."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    root = str(Path(fisher_fast.__file__).parent.parent)
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "fisher_fast.cli", "distance", "--seeds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{root}"},
+        timeout=300,
+    )
+    assert_one_error_line(result, "needs matplotlib, which is not installed: pip install")
+    assert not out.exists() or not any(out.iterdir())
