@@ -152,6 +152,12 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
         help="CPU threads for torch (default: 1 for the small probes, which run faster "
         "single-threaded; torch's default otherwise)",
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results of other settings in --out (without it such a rerun is refused "
+        "before any work; a rerun with the same settings reuses every cached probe and FIM)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_timeout_argument(run, "one trial's probe trainings on one process must fit in it")
     p.set_defaults(run=run_distance, resumable=True)
@@ -199,6 +205,7 @@ def _run_distance(args: argparse.Namespace) -> int:
         batch_size=args.fim_batch_size,
         progress=not args.quiet,
         threads=args.threads,
+        overwrite=args.overwrite,
     )
     say(format_matrix(result))
     say(

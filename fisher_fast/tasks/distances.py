@@ -33,6 +33,7 @@ from fisher_fast.extras import require_module
 from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.probes import make_probe
+from fisher_fast.tasks.report import refuse_other_settings
 from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.task import Task, TaskSplits
 from fisher_fast.tasks.threads import probe_threads
@@ -193,6 +194,7 @@ def distance_matrix(
     batch_size: int = 256,
     progress: bool = True,
     threads: int | None = None,
+    overwrite: bool = False,
 ) -> DistanceResult:
     """The K x K task distance matrix d[a, b] over seeded trials (paper Figures 2-6).
 
@@ -209,7 +211,9 @@ def distance_matrix(
         epsilon, train: override the suite's ε and training settings.
         out: run directory: trained probes and FIMs are cached there (a rerun reuses every valid
             file and recomputes nothing else), and results-<fisher>.json and
-            distance-<fisher>.png are written there. None: nothing is written.
+            distance-<fisher>.png are written there. None: nothing is written. A
+            results-<fisher>.json of other settings (probe, ε, training, Monte Carlo samples
+            or tasks) already there is an error before any work, unless ``overwrite``.
         batch_size: samples per FIM batch.
         threads: torch's CPU threads during the run (restored afterwards); default 1 for the
             small probes, which train several times faster on one thread, and torch's own
@@ -238,6 +242,7 @@ def distance_matrix(
             device,
             batch_size,
             progress,
+            overwrite,
         )
 
 
@@ -253,6 +258,7 @@ def _distance_matrix(
     device: str | torch.device,
     batch_size: int,
     progress: bool,
+    overwrite: bool,
 ) -> DistanceResult:
     tasks, default_train, default_epsilon = _unpack(suite_or_tasks)
     if out is not None:
@@ -271,6 +277,10 @@ def _distance_matrix(
         batch_size=batch_size,
         cache=RunCache(out) if out is not None else None,
     )
+    if out is not None and not overwrite:
+        refuse_other_settings(
+            Path(out) / f"results-{fisher}.json", settings_of(run, arch, mc_samples, tasks)
+        )
     start = time.perf_counter()
     k = len(tasks)
     values = torch.zeros(len(seed_list), k, k, dtype=torch.float64)
@@ -299,9 +309,7 @@ def _distance_matrix(
         run.epsilon,
         run.head_width,
         config={
-            "train": run.train.as_dict(),
-            "mc_samples": mc_samples,
-            "tasks": [t.fingerprint() for t in tasks],
+            **settings_of(run, arch, mc_samples, tasks),
             "seconds": round(time.perf_counter() - start, 2),
             "processes": world_size(),
         },
@@ -319,6 +327,18 @@ def _distance_matrix(
         # before the files exist) and reports a failure to write on every rank.
         all_outcomes("writing the results", write)
     return result
+
+
+def settings_of(run: _Run, arch: str, mc_samples: int, tasks: Sequence[Task]) -> dict[str, Any]:
+    """What a matrix's values depend on besides the seeds, as plain JSON: recorded with the
+    results and compared with them before a rerun in the same directory replaces them."""
+    return {
+        "arch": arch,
+        "epsilon": run.epsilon,
+        "train": run.train.as_dict(),
+        "mc_samples": mc_samples,
+        "tasks": [t.fingerprint() for t in tasks],
+    }
 
 
 class _Run:

@@ -73,8 +73,9 @@ def test_second_run_trains_and_computes_nothing(
     assert (
         saved["values"] == first.values.tolist() and (tmp_path / "distance-empirical.png").is_file()
     )
-    # A changed configuration is a different key: trained anew, old files left alone.
-    _run(tmp_path, seeds=[0], train=TrainConfig(epochs=2, batch_size=16, lr=1e-2))
+    # A changed configuration is a different key: trained anew, old cache files left alone
+    # (its results replace the old ones only when asked to).
+    _run(tmp_path, seeds=[0], train=TrainConfig(epochs=2, batch_size=16, lr=1e-2), overwrite=True)
     assert trained.calls == 9
 
 

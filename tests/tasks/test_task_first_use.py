@@ -89,3 +89,27 @@ def test_a_missing_optional_package_stops_the_run_before_any_work(
     kind, message = result["error"]
     assert kind == "MissingDependencyError"
     assert package in message and "'experiments' extra" in message
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_work_unless_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = distance_matrix(tasks(), "mlp", seeds=1, train=TINY, out=tmp_path, progress=False)
+    saved = (tmp_path / "results-exact.json").read_text()
+    trained: list[int] = []
+    train = distances.train_probe
+    monkeypatch.setattr(
+        distances, "train_probe", lambda *a, **k: trained.append(1) or train(*a, **k)
+    )
+    other = TrainConfig(epochs=2, batch_size=16, lr=1e-2)
+    with pytest.raises(ValueError, match=r"other settings \(train differ\).*--overwrite"):
+        distance_matrix(tasks(), "mlp", seeds=1, train=other, out=tmp_path, progress=False)
+    assert trained == [] and (tmp_path / "results-exact.json").read_text() == saved
+    again = distance_matrix(tasks(), "mlp", seeds=1, train=TINY, out=tmp_path, progress=False)
+    assert trained == [] and torch.equal(again.values, first.values)  # same settings: cached
+    distance_matrix(
+        tasks(), "mlp", seeds=1, train=other, out=tmp_path, progress=False, overwrite=True
+    )
+    assert trained and json.loads((tmp_path / "results-exact.json").read_text())["config"][
+        "train"
+    ] == json.loads(json.dumps(other.as_dict()))
