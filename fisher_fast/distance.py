@@ -196,13 +196,16 @@ def _common_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def distances_from_sums(sums: torch.Tensor, squared: bool = False) -> torch.Tensor:
-    """Distances (K,) float64 from the (K, 5) result of :func:`fisher_fast.ops.frechet_sums`."""
-    return _distances_from_rows(sums.tolist(), squared)
+    """Distances (K,) from the (K, 5) result of :func:`fisher_fast.ops.frechet_sums`, as tensor
+    ops: traceable by ``torch.compile(fullgraph=True)``, and the sums stay on their device."""
+    sum_ref, sum_other, cross = sums[:, 0], sums[:, 1], sums[:, 2]
+    d2 = (1.0 - cross / torch.sqrt(sum_ref * sum_other)).clamp_min(0.0)
+    return d2 if squared else torch.sqrt(d2)
 
 
 def _distances_from_rows(rows: list[list[float]], squared: bool) -> torch.Tensor:
-    """d_k = sqrt(max(0, 1 - cross_k / sqrt(sum_ref * sum_k))) from the sums as Python floats
-    (float64 arithmetic): a few microseconds, where tensor ops on K values take tens."""
+    """:func:`distances_from_sums` on sums already on the host as Python floats (the same
+    float64 formula): a few microseconds, where tensor ops on K values take tens."""
     d2 = [max(0.0, 1.0 - cross / math.sqrt(ref * other)) for ref, other, cross, _, _ in rows]
     return torch.tensor(d2 if squared else [math.sqrt(v) for v in d2], dtype=torch.float64)
 
