@@ -34,7 +34,7 @@ from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.report import refuse_other_settings
-from fisher_fast.tasks.suites import Suite
+from fisher_fast.tasks.suites import Suite, check_shared_splits
 from fisher_fast.tasks.task import Task, TaskSplits
 from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import Probe, TrainConfig, train_probe, warn_if_not_reached
@@ -528,6 +528,7 @@ def _unpack(suite_or_tasks: Suite | Sequence[Task]) -> tuple[list[Task], TrainCo
         raise ValueError(
             f"task names must be unique (they label rows, columns and cache files); repeated: {duplicates}"
         )
+    check_shared_splits(tasks)
     return tasks, train, epsilon
 
 

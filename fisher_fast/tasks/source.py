@@ -6,6 +6,10 @@ are tensors ``(N, C, H, W)`` (or ``(N, D)``), either uint8 images (0..255, scale
 a task's splits are built, which keeps large image sets at a quarter of the memory) or floating
 point values used as they are; labels are integers ``(N,)``.
 
+:meth:`DataSource.split` splits the source once into training / validation / test parts (seeded,
+stratified by original label, kept for every task of the source), so that no sample is in the
+training split of one task and the validation or test split of another task on the same source.
+
 ``key`` identifies the content for the run cache, so that a changed data set never reuses
 probes trained on the old one: names, sizes and modification times for files on disk, a SHA-256
 of the tensors for data given in memory.
@@ -18,10 +22,12 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from fisher_fast.tasks.balance import stratified_split
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,37 @@ class SourceData:
     names: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Subset:
+    """The samples ``index`` (M,) int64 of ``part``, not copied until :meth:`take`."""
+
+    part: Part
+    index: torch.Tensor
+
+    @property
+    def y(self) -> torch.Tensor:
+        """Original labels of the subset, (M,)."""
+        return self.part.y[self.index]
+
+    def take(self, keep: torch.Tensor) -> Part:
+        """The samples ``keep`` (positions 0..M-1 within the subset) as a new part."""
+        index = self.index[keep]
+        return Part(self.part.x[index], self.part.y[index])
+
+
+class SourceSplit(NamedTuple):
+    """A source's samples split once for all its tasks: disjoint training, validation and test
+    subsets (the test subset is the whole official test part when the data set has one)."""
+
+    train: Subset
+    val: Subset
+    test: Subset
+
+
+SPLIT_SCHEME = "per-source-stratified-v1"
+"""Names how :meth:`DataSource.split` works, for cache keys: a change of scheme changes them."""
+
+
 class DataSource:
     """A named, lazily loaded data set shared by the tasks defined on it."""
 
@@ -62,12 +99,27 @@ class DataSource:
         self.key = key
         self._load = load
         self._data: SourceData | None = None
+        self._splits: dict[tuple[float, float, int], SourceSplit] = {}
 
     def data(self) -> SourceData:
         """Load on first use (the result is kept: several tasks share one source)."""
         if self._data is None:
             self._data = self._load()
         return self._data
+
+    def split(self, val_fraction: float, test_fraction: float, seed: int) -> SourceSplit:
+        """The source's training / validation / test subsets, the same for every task that
+        asks with the same settings (computed once, then kept).
+
+        Without an official test part, ``test_fraction`` of each original label's samples
+        (seeded by ``seed``) form the test subset; then ``val_fraction`` of each label's
+        remaining training samples form the validation subset. With an official test part,
+        that part is the test subset and ``test_fraction`` is not used.
+        """
+        settings = (val_fraction, test_fraction, seed)
+        if settings not in self._splits:
+            self._splits[settings] = split_data(self.data(), *settings)
+        return self._splits[settings]
 
     def __repr__(self) -> str:
         return f"DataSource({self.name!r}, key={self.key[:40]!r})"
@@ -108,6 +160,21 @@ class DataSource:
         x, y = _stack(train)
         x_test, y_test = _stack(test) if test is not None else (None, None)
         return cls.from_tensors(name, x, y, x_test=x_test, y_test=y_test, label_names=label_names)
+
+
+def split_data(
+    data: SourceData, val_fraction: float, test_fraction: float, seed: int
+) -> SourceSplit:
+    """:meth:`DataSource.split` of loaded data (stratified by original label, seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.arange(len(data.train))
+    if data.test is None:
+        held, kept = stratified_split(data.train.y, test_fraction, generator)
+        test, pool = Subset(data.train, held), kept
+    else:
+        test = Subset(data.test, torch.arange(len(data.test)))
+    held, kept = stratified_split(data.train.y[pool], val_fraction, generator)
+    return SourceSplit(Subset(data.train, pool[kept]), Subset(data.train, pool[held]), test)
 
 
 def names_from_list(label_names: Sequence[str] | None) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ default probe and ε.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +87,28 @@ class Suite:
     default_arch: str
     epsilon: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_shared_splits(self.tasks)
+
     @property
     def head_width(self) -> int:
         """Output units of every probe of the suite: the largest task's class count."""
         return max(t.num_classes for t in self.tasks)
+
+
+def check_shared_splits(tasks: Sequence[Task]) -> None:
+    """Refuse tasks that split one source (same ``key``) with different settings: their splits
+    would overlap, a test sample of one task being a training sample of another."""
+    first: dict[str, Task] = {}
+    for task in tasks:
+        seen = first.setdefault(task.source.key, task)
+        if seen.split_settings() != task.split_settings():
+            raise ValueError(
+                f"tasks {seen.name!r} and {task.name!r} split the source {task.source.name!r} "
+                f"differently ((val_fraction, test_fraction, data_seed) = {seen.split_settings()} "
+                f"and {task.split_settings()}), so the test split of one would overlap the "
+                "training split of the other; give them the same three settings"
+            )
 
 
 def digit_tasks(source: DataSource, **task_options: Any) -> tuple[Task, ...]:

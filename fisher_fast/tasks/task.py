@@ -7,8 +7,12 @@ Task label k is what the probe's head unit k is trained to predict.
 
 Splits are seeded by ``data_seed`` and do not depend on the probe's seed, so every probe of
 every trial sees the same train / validation / test samples (Definition 4 compares two networks
-on the same test data X_b^(2)). Sources with an official test part keep it as the test split and
-carve the validation split out of the training part; sources without one are split here.
+on the same test data X_b^(2)). The source is split first, once for all its tasks
+(:meth:`DataSource.split`: an official test part is kept as the test part, the validation part
+is carved out of the training part), and each task then takes its classes from each part and
+balances each part on its own. So no sample is in the training split of one task and the
+validation or test split of another task on the same source with the same split settings (a
+:class:`~fisher_fast.tasks.suites.Suite` refuses tasks that split one source differently).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fisher_fast.tasks.balance import DROPPED, balanced_indices, stratified_split, task_labels
-from fisher_fast.tasks.source import DataSource, Part
+from fisher_fast.tasks.balance import DROPPED, balanced_indices, task_labels
+from fisher_fast.tasks.source import SPLIT_SCHEME, DataSource, Part, Subset
 
 LabelRef = int | str
 """An original label: its integer value or a name the source knows."""
@@ -48,9 +52,11 @@ class Task:
         class_names: display names of the task classes (derived from ``classes`` by default).
         balance: apply the paper's balancing rule (see :mod:`fisher_fast.tasks.balance`) to the
             training and test data.
-        val_fraction: fraction of the training data held out for validation (model selection).
-        test_fraction: fraction held out for testing when the source has no official test part.
-        data_seed: seed of the balancing subsample and of the splits.
+        val_fraction: fraction of the source's training data held out for validation (model
+            selection), per original label.
+        test_fraction: fraction of each original label held out for testing when the source
+            has no official test part.
+        data_seed: seed of the source's split and of the balancing subsample.
     """
 
     name: str
@@ -122,6 +128,7 @@ class Task:
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "data_seed": self.data_seed,
+            "split": SPLIT_SCHEME,
         }
 
     def splits(self) -> TaskSplits:
@@ -130,36 +137,38 @@ class Task:
             self._splits = self._make_splits()
         return self._splits
 
+    def split_settings(self) -> tuple[float, float, int]:
+        """``(val_fraction, test_fraction, data_seed)``: tasks on one source with equal settings
+        share the source's split."""
+        return (self.val_fraction, self.test_fraction, self.data_seed)
+
     def _make_splits(self) -> TaskSplits:
-        data = self.source.data()
-        groups = self._resolve(data.names)
+        groups = self._resolve(self.source.data().names)
+        parts = self.source.split(*self.split_settings())
         generator = torch.Generator().manual_seed(self.data_seed)
-        pool = self._select(data.train, groups, generator, "training")
-        if data.test is None:
-            held, kept = stratified_split(pool.y, self.test_fraction, generator)
-            test, pool = _take(pool, held), _take(pool, kept)
-        else:
-            test = self._select(data.test, groups, generator, "test")
-        held, kept = stratified_split(pool.y, self.val_fraction, generator)
-        return TaskSplits(train=_take(pool, kept), val=_take(pool, held), test=test)
+        return TaskSplits(
+            train=self._select(parts.train, groups, generator, "training"),
+            val=self._select(parts.val, groups, generator, "validation"),
+            test=self._select(parts.test, groups, generator, "test"),
+        )
 
     def _select(
-        self, part: Part, groups: list[tuple[int, ...]], generator: torch.Generator, what: str
+        self, subset: Subset, groups: list[tuple[int, ...]], generator: torch.Generator, what: str
     ) -> Part:
-        """The samples of ``part`` this task uses, with task labels, balanced if asked."""
-        labels = task_labels(part.y, groups, self.other)
+        """The samples of ``subset`` this task uses, with task labels, balanced if asked."""
+        labels = task_labels(subset.y, groups, self.other)
         for k in range(self.num_classes):
             if not bool((labels == k).any()):
                 raise ValueError(
                     f"task {self.name!r}: class {k} ({self.labels[k]}) has no samples in the {what} "
-                    f"data of {self.source.name!r}; check the class mapping"
+                    f"part of {self.source.name!r}; check the class mapping"
                 )
         if self.balance:
             keep = balanced_indices(labels, len(groups), self.other, generator)
         else:
             keep = (labels != DROPPED).nonzero().squeeze(1)
-        x = part.x[keep]
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        part = subset.take(keep)
+        x = part.x.float().div_(255.0) if part.x.dtype == torch.uint8 else part.x.float()
         return Part(x, labels[keep])
 
     def _resolve(self, names: Mapping[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -189,7 +198,3 @@ def _as_group(entry: LabelRef | Sequence[LabelRef]) -> tuple[LabelRef, ...]:
     if isinstance(entry, (int, str)):
         return (entry,)
     return tuple(entry)
-
-
-def _take(part: Part, index: torch.Tensor) -> Part:
-    return Part(part.x[index], part.y[index])

@@ -6,12 +6,13 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fisher_fast.tasks import DataSource
+from fisher_fast.tasks import DataSource, Task
 
 IDX_CODES = {
     np.dtype(np.uint8): 0x08,
@@ -135,3 +136,22 @@ def blob_source(
     y = torch.arange(classes).repeat_interleave(n_per_class)
     x = centres[y] + 0.3 * torch.randn(len(y), 1, 4, 4, generator=g)
     return DataSource.from_tensors(name, x, y, label_names=[f"c{i}" for i in range(classes)])
+
+
+def leaks(tasks: Sequence[Task]) -> dict[tuple[str, str, str], int]:
+    """For each ordered pair of tasks (a, b) and each of b's held-out splits: how many of its
+    images are also in a's training split, found by hashing the image rows
+    (``{(a, b, "test" or "val"): count}``, only nonzero counts). Within a task too (a == b)."""
+    splits = {t.name: t.splits() for t in tasks}
+    rows = {
+        (name, what): {r.numpy().tobytes() for r in getattr(s, what).x.flatten(1)}
+        for name, s in splits.items()
+        for what in ("train", "val", "test")
+    }
+    counts = {
+        (a, b, what): len(rows[a, "train"] & rows[b, what])
+        for a in splits
+        for b in splits
+        for what in ("val", "test")
+    }
+    return {k: n for k, n in counts.items() if n}

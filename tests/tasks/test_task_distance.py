@@ -35,7 +35,7 @@ def test_digits_matrix_end_to_end(tmp_path: Path) -> None:
         suite,
         "mlp",
         seeds=2,
-        train=TrainConfig(epochs=6, batch_size=64, lr=3e-3),
+        train=TrainConfig(epochs=8, batch_size=64, lr=3e-3),
         out=tmp_path,
         progress=False,
     )

@@ -8,12 +8,13 @@ import pytest
 import torch
 from task_files import (
     blob_source,
+    leaks,
     write_cifar10,
     write_cifar100,
     write_mnist,
 )
 
-from fisher_fast.tasks import DataSource, Task, get_suite
+from fisher_fast.tasks import DataSource, Suite, Task, TrainConfig, get_suite
 from fisher_fast.tasks.balance import DROPPED, balanced_indices, stratified_split, task_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
@@ -84,6 +85,42 @@ def test_digits_suite_tasks_are_balanced_disjoint_and_seeded() -> None:
     ).splits()
     assert not torch.equal(reseeded.test.x, suite.tasks[2].splits().test.x)
     assert torch.equal(suite.tasks[3].splits().test.y, get_suite("digits").tasks[3].splits().test.y)
+
+
+def test_digits_tasks_do_not_share_images_across_splits() -> None:
+    # On the old per-task splits, 155 of the 225 test images of "0-3 + other" were training
+    # images of "all digits" (and every other pair leaked too).
+    assert leaks(get_suite("digits").tasks) == {}
+
+
+def test_tasks_on_a_synthetic_source_do_not_share_samples_across_splits() -> None:
+    source = blob_source(n_per_class=40, classes=4)
+    tasks = [
+        Task.detector("detect c0", source, ["c0"]),
+        Task.detector("detect c1", source, ["c1"]),
+        Task("c0, c1 + other", source, ["c0", "c1"], other=True),
+        Task("all", source, [0, 1, 2, 3]),
+        Task("c2, c3 unbalanced", source, [2, 3], balance=False),
+    ]
+    assert leaks(tasks) == {}
+    whole = tasks[3].splits()  # no official test part: 25% of each label, then 10% of the rest
+    assert [len(whole.test), len(whole.val), len(whole.train)] == [40, 12, 108]
+
+
+def test_tasks_on_an_official_test_part_do_not_share_samples(tmp_path: Path) -> None:
+    write_mnist(tmp_path, n_train=300, n_test=100)
+    tasks = get_suite("mnist", tmp_path).tasks
+    assert leaks(tasks) == {}
+    assert len(tasks[3].splits().test) == 100  # the official test part, whole
+
+
+def test_tasks_that_split_one_source_differently_are_refused() -> None:
+    source = blob_source()
+    tasks = (Task("a", source, [0, 1]), Task("b", source, [0, 1, 2], data_seed=1))
+    with pytest.raises(ValueError, match="split the source 'blobs' differently"):
+        Suite("s", tasks, TrainConfig(), "mlp")
+    fingerprints = [t.fingerprint() for t in tasks]
+    assert fingerprints[0]["split"] == fingerprints[1]["split"] and "split" in fingerprints[0]
 
 
 def test_official_test_part_is_the_test_split_and_uint8_is_scaled() -> None:
