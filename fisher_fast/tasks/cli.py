@@ -26,7 +26,7 @@ diagonal Fisher information on every task's test split with diag_fim, and prints
 distance matrix d[source, target] (Definition 4) as mean ± standard deviation over the seeds.
 Results go to OUT/results-<fisher>.json and OUT/distance-<fisher>.png; trained probes and FIMs are
 cached in OUT, so a rerun (or a resumed, interrupted run) recomputes nothing already done.
-Suites: digits (embedded, no download), mnist (IDX files), cifar10 and cifar100 (python pickle
+Suites: digits and mnist5k (embedded, no download), mnist (IDX files), cifar10 and cifar100 (python pickle
 batches), imagenet-folder (class-per-folder image tree); or --config FILE for tasks of your own.
 Nothing is downloaded: the other suites read the files under --data."""
 
@@ -56,7 +56,7 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
         "--data",
         type=Path,
         metavar="PATH",
-        help="folder holding the suite's files (all suites but digits)",
+        help="folder holding the suite's files (all suites but digits and mnist5k)",
     )
     what.add_argument(
         "--class-map",

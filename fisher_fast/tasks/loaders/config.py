@@ -17,7 +17,7 @@ Example (paths are relative to the JSON file)::
 
 ``classes`` lists the task's classes in task-label order: each entry is an original label
 (integer), a label name the source knows, or a list of them forming one class. A task may name
-its own ``source``. Source formats: ``digits`` (no path), ``mnist`` (IDX files), ``cifar10``,
+its own ``source``. Source formats: ``digits`` and ``mnist5k`` (no path), ``mnist`` (IDX files), ``cifar10``,
 ``cifar100``, ``npz`` and ``folder`` (with optional ``classes`` {name: folder},
 ``images_per_class``, ``train_per_class``, ``image_size``, ``seed``).
 """
@@ -33,6 +33,7 @@ from fisher_fast.tasks.loaders.cifar import cifar10_source, cifar100_source
 from fisher_fast.tasks.loaders.digits import digits_source
 from fisher_fast.tasks.loaders.folder import folder_source
 from fisher_fast.tasks.loaders.idx import mnist_source
+from fisher_fast.tasks.loaders.mnist5k import mnist5k_source
 from fisher_fast.tasks.loaders.npz import npz_source
 from fisher_fast.tasks.source import DataSource
 from fisher_fast.tasks.suites import Suite
@@ -41,6 +42,7 @@ from fisher_fast.tasks.train import TrainConfig
 
 FORMATS: dict[str, Callable[..., DataSource]] = {
     "digits": digits_source,
+    "mnist5k": mnist5k_source,
     "mnist": mnist_source,
     "cifar10": cifar10_source,
     "cifar100": cifar100_source,
@@ -124,9 +126,9 @@ def _make_source(entry: Any, base: Path, where: str) -> DataSource:
             f"{where}: 'source' must be an object with 'format' one of {', '.join(FORMATS)}; got {entry!r}"
         )
     options = {k: v for k, v in entry.items() if k != "format"}
-    if entry["format"] == "digits":
-        _check_keys(options, set(), f"{where}: digits source")
-        return digits_source()
+    if entry["format"] in ("digits", "mnist5k"):
+        _check_keys(options, set(), f"{where}: {entry['format']} source")
+        return FORMATS[entry["format"]]()
     if "path" not in options:
         raise ValueError(f"{where}: a {entry['format']!r} source needs a 'path'")
     options["path"] = base / options["path"]
