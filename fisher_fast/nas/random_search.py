@@ -39,7 +39,9 @@ def random_search(
 
     Each trial trains one freshly initialised network for ``steps_per_candidate`` weight steps
     (default ``config.max_steps``, a FUSE round's cap; the last trial gets what is left of the
-    budget), then scores it on a validation split carved from ``train_data`` exactly as FUSE
+    budget). A small space may hold fewer distinct cells than the ``ceil(budget / steps)``
+    trials: then every cell is tried once and the budget is spread evenly over them (a trial
+    trains longer, the total stays ``budget``). Each trained network is then scored on a validation split carved from ``train_data`` exactly as FUSE
     carves it (same ``config.val_fraction``, first draw of ``generator``); the best validation
     accuracy wins (ties: lower validation loss, then the earlier trial). Training uses
     ``config``'s ``batch_size``, ``weight_lr`` (Adam) and ``skeleton`` (or ``build``), so the
@@ -56,12 +58,13 @@ def random_search(
     start = time.perf_counter()
     weights_part, val_part = carve_validation(train_data, config.val_fraction, generator)
     train_batches = batches(weights_part, config.batch_size, generator)
-    cells = space.sample(math.ceil(budget / per_trial), generator)
+    cells = space.sample_up_to(math.ceil(budget / per_trial), generator)
     history: list[Round] = []
     best: tuple[float, float] | None = None
     winner = 0
-    for trial, cell in enumerate(cells):
-        steps = min(per_trial, budget - trial * per_trial)
+    for trial, (cell, steps) in enumerate(
+        zip(cells, trial_steps(budget, per_trial, len(cells)), strict=True)
+    ):
         network = build_seeded(build, cell, draw_seed(generator))
         optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
         train_steps(network, train_batches, steps, optimizer)
@@ -85,3 +88,13 @@ def random_search(
         steps=sum(r.steps for r in history),
         seconds=time.perf_counter() - start,
     )
+
+
+def trial_steps(budget: int, per_trial: int, trials: int) -> list[int]:
+    """Weight steps of each of ``trials`` trials, summing to ``budget``: ``per_trial`` each and
+    the rest for the last when ``trials`` of them cover the budget, else the budget split evenly
+    (the first ``budget % trials`` trials one step more)."""
+    if trials * per_trial >= budget:
+        return [min(per_trial, budget - i * per_trial) for i in range(trials)]
+    base, extra = divmod(budget, trials)
+    return [base + int(i < extra) for i in range(trials)]

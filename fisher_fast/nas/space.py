@@ -12,6 +12,9 @@ import torch
 from fisher_fast.nas.genotype import Genotype, edge_list, live_edges
 from fisher_fast.nas.operations import OPERATIONS, ZERO, check_operation
 
+LIST_LIMIT = 4096
+"""Spaces up to this many genotypes are listed (milliseconds) when their classes must be counted."""
+
 
 class SearchSpace:
     """Cells with ``nodes`` nodes whose ``structure`` edges each carry one of ``operations``;
@@ -147,6 +150,23 @@ class SearchSpace:
             f"fewer non-equivalent cells than requested (count_distinct() gives the number); "
             "ask for fewer or raise max_draws"
         )
+
+    def sample_up_to(self, k: int, generator: torch.Generator) -> list[Genotype]:
+        """``min(k, count_distinct())`` pairwise non-equivalent genotypes: :meth:`sample` when
+        the space holds ``k`` of them, else one genotype of every equivalence class, in a
+        random order drawn from ``generator``. A small space (at most ``max(k, LIST_LIMIT)``
+        genotypes) is listed to count its classes; a larger one is sampled directly."""
+        if k < 0:
+            raise ValueError(f"k must be non-negative, got {k}")
+        if self.size > max(k, LIST_LIMIT):
+            return self.sample(k, generator)
+        classes: dict[str, Genotype] = {}
+        for genotype in self:
+            classes.setdefault(genotype.canonical(), genotype)
+        if k < len(classes):
+            return self.sample(k, generator)
+        every = list(classes.values())
+        return [every[i] for i in torch.randperm(len(every), generator=generator).tolist()]
 
     def __repr__(self) -> str:
         return (

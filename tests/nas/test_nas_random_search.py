@@ -7,7 +7,15 @@ import pytest
 import torch
 from nas_search_helpers import SHAPE, THREE_OPS, TINY, TWO_CELLS, only_good, toy_part
 
-from fisher_fast.nas import Genotype, Network, fuse_search, random_search, train_and_evaluate
+from fisher_fast.nas import (
+    Genotype,
+    Network,
+    SearchSpace,
+    fuse_search,
+    random_search,
+    train_and_evaluate,
+)
+from fisher_fast.nas.random_search import trial_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
@@ -54,6 +62,41 @@ def test_random_search_is_deterministic_and_picks_the_better_cell() -> None:
     first = run()
     assert run() == first
     assert first[0] == good
+
+
+CHAIN_OF_TWO = SearchSpace(3, ["identity", "conv_3x3"], structure=[(0, 1), (1, 2)])
+"""4 cells, 4 distinct: node 1 = op(input), node 2 = op(node 1)."""
+FORK_OF_TWO = SearchSpace(3, ["identity", "conv_3x3"], structure=[(0, 2), (1, 2)])
+"""4 cells but 2 distinct: node 1 is zero, so the edge from it does not count."""
+
+
+@pytest.mark.parametrize(("space", "distinct"), [(CHAIN_OF_TWO, 4), (FORK_OF_TWO, 2)])
+def test_random_search_in_a_space_of_four_spreads_the_budget_over_every_cell(
+    space: SearchSpace, distinct: int
+) -> None:
+    assert space.size == 4
+    budget = 16 * TINY.max_steps + 2  # asks for 17 trials; the space holds `distinct` cells
+    result = random_search(
+        space,
+        toy_part(48, seed=0),
+        num_classes=2,
+        budget=budget,
+        generator=torch.Generator().manual_seed(0),
+        config=TINY,
+    )
+    cells = [r.candidates[0] for r in result.history]
+    assert len(cells) == distinct and {c.canonical() for c in cells} == {
+        g.canonical() for g in space
+    }
+    share, extra = divmod(budget, distinct)
+    assert [r.steps for r in result.history] == [share + 1] * extra + [share] * (distinct - extra)
+    assert result.steps == budget
+
+
+def test_trial_steps_keep_the_budget() -> None:
+    assert trial_steps(45, 20, 3) == [20, 20, 5]  # enough trials: the last one is shorter
+    assert trial_steps(45, 20, 2) == [23, 22]  # too few cells: spread evenly
+    assert trial_steps(7, 20, 1) == [7]
 
 
 def test_random_search_rejects_an_empty_budget() -> None:
