@@ -160,7 +160,7 @@ class SearchSpace:
             raise ValueError(f"k must be non-negative, got {k}")
         if self.size > max(k, LIST_LIMIT):
             return self.sample(k, generator)
-        classes: dict[str, Genotype] = {}
+        classes: dict[Genotype, Genotype] = {}
         for genotype in self:
             classes.setdefault(genotype.canonical(), genotype)
         if k < len(classes):
