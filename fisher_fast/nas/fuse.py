@@ -2,7 +2,8 @@
 
 Each round mixes ``K`` candidate networks by softmax(α) (:class:`~fisher_fast.nas.mixture.Mixture`)
 and alternates one weight step (Adam, cross-entropy of the mixed logits on a batch of the
-training part) with one α step (Adam, the same loss on a batch of the validation part). Both
+training part) with one α step (Adam, the same loss on a batch of the validation part, with the candidates'
+BatchNorm running statistics left untouched: :func:`batch_statistics_only`). Both
 parts are carved from the training split given to :func:`fuse_search`; the test split is not
 an argument, so the search cannot see it.
 
@@ -19,11 +20,13 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from fisher_fast.distributed import is_main
@@ -202,6 +205,30 @@ def _out_of_time(config: FuseConfig, elapsed: float) -> bool:
     return budget is not None and elapsed >= budget
 
 
+@contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """Inside, every BatchNorm of ``model`` in training mode normalises with the statistics of
+    the batch, as in a weight step, but leaves its running mean, variance and batch count as
+    they are.
+
+    FUSE's α step minimises the validation loss of the mixture as a function of α at fixed
+    candidate weights w: it evaluates the very function the weight steps train (training mode,
+    batch statistics), and must not change any part of the candidates' state. The running
+    statistics are such state: they are what the chosen network normalises with at test time,
+    and they must be estimated from the training split only, so validation batches must not
+    leak into them (``torch.no_grad`` alone does not stop a BatchNorm's buffer updates).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False  # training mode then passes no running buffers
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, tracked, strict=True):
+            m.track_running_stats = flag
+
+
 def _optimise(
     mixture: Mixture,
     train_batches: Iterator[Part],
@@ -217,7 +244,7 @@ def _optimise(
     mixture.train()
 
     def mix_frozen(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), batch_statistics_only(mixture):
             outputs = mixture.outputs(x)
         return mixture.mix(outputs)
 

@@ -3,12 +3,13 @@ test split kept out of the search."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import replace
 
 import pytest
 import torch
-from nas_search_helpers import THREE_OPS, TINY, TWO_CELLS, only_good, toy_part
+from nas_search_helpers import SHAPE, THREE_OPS, TINY, TWO_CELLS, only_good, toy_part
 from torch import nn
 
 from fisher_fast.nas import (
@@ -19,7 +20,8 @@ from fisher_fast.nas import (
     random_search,
     train_and_evaluate,
 )
-from fisher_fast.nas.training import carve_validation
+from fisher_fast.nas.fuse import _optimise
+from fisher_fast.nas.training import build_seeded, carve_validation, train_steps
 from fisher_fast.tasks import Part
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
@@ -161,3 +163,27 @@ def test_final_training_tests_the_best_validation_state() -> None:
         train_and_evaluate(
             cell, train, test, num_classes=2, steps=5, generator=torch.Generator(), check_every=0
         )
+
+
+def test_the_alpha_step_leaves_the_batchnorm_running_statistics_alone() -> None:
+    """One weight step then one α step on a validation batch unlike the training data: the
+    running statistics must be those of the weight step alone (before, they absorbed the
+    validation batch); α moved, so the α step did run."""
+    build = TINY.skeleton.builder(SHAPE, 2)
+    cells = [
+        Genotype(3, ("conv_3x3", "identity", "zero")),
+        Genotype(3, ("zero", "conv_3x3", "zero")),
+    ]
+    mixture = Mixture([build_seeded(build, g, seed) for seed, g in enumerate(cells)])
+    twin = copy.deepcopy(mixture)
+    train = toy_part(16, seed=0)
+    val = Part(toy_part(16, seed=1).x * 10 + 5, toy_part(16, seed=1).y)
+    config = replace(TINY, max_steps=1, check_every=100)
+    assert _optimise(mixture, iter([train]), iter([val]), config) == (1, False)
+    train_steps(twin, iter([train]), 1, torch.optim.Adam(twin.weights(), lr=config.weight_lr))
+    buffers = dict(twin.named_buffers())
+    assert buffers and any("running_mean" in name for name in buffers)
+    for name, value in mixture.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+    assert not torch.equal(mixture.alpha, twin.alpha)
+    assert all(m.track_running_stats for m in mixture.modules() if isinstance(m, nn.BatchNorm2d))
