@@ -6,6 +6,13 @@ and nvcc is found, or when forced. Environment switches:
 * ``FISHER_FAST_CUDA=1`` forces the CUDA kernels (error if no CUDA toolkit), ``=0`` skips them.
 * ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) picks the GPU architectures, as in torch itself.
 * ``FISHER_FAST_DEBUG=1`` compiles with ``-O0 -g`` (and ``-G`` for CUDA) for debuggers.
+* ``CXX`` picks the C++ compiler (as in torch's build helpers); nvcc is given the same one as its
+  host compiler (``-ccbin``), so that one C++ runtime serves the whole library.
+
+Flags kept equal to CMakeLists.txt's: ``-fopenmp -fno-math-errno -fvisibility=hidden`` for C++
+(plus ``-fwrapv``, which Python's own compile flags bring here and CMake adds; the code does its
+size arithmetic checked and does not rely on it), and for nvcc no fast math, so float32 and
+bfloat16 subnormals are kept as on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +23,13 @@ from pathlib import Path
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+    get_cxx_compiler,
+)
 
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fisher_fast/_version.py").read_text())[1]
@@ -66,7 +79,9 @@ def extension():
         macros.append(("FISHER_FAST_DEBUG", "1"))
     # -fopenmp at compile time only: at::parallel_for is an inline OpenMP loop (serial without
     # it), and its GOMP_* calls bind at load time to the OpenMP runtime torch itself loads.
-    cxx = [*opt, "-fopenmp", "-fno-math-errno"]
+    # Hidden visibility: the library exports only the Python module's init (and the names marked
+    # FISHER_FAST_API), so its inline and template code never binds to another library's copy.
+    cxx = [*opt, "-fopenmp", "-fno-math-errno", "-fvisibility=hidden"]
     kwargs = dict(
         name="fisher_fast._C",
         include_dirs=[str(ROOT / "csrc/include"), str(ROOT / "csrc")],
@@ -80,7 +95,14 @@ def extension():
         ("FISHER_FAST_CUDA_VERSION", f'"{torch.version.cuda}"'),
         ("FISHER_FAST_CUDA_ARCHS", f'"{cuda_arch_list()}"'),
     ]
-    nvcc = [*(["-O0", "-g", "-G"] if debug else ["-O3"]), "--use_fast_math"]
+    # No --use_fast_math: it flushes float32 subnormals to zero (a negative subnormal FIM entry
+    # would count as valid on the GPU but not on the CPU) and loosens division and square roots.
+    nvcc = [
+        *(["-O0", "-g", "-G"] if debug else ["-O3"]),
+        "-ccbin",
+        get_cxx_compiler(),
+        "-Xcompiler=-fvisibility=hidden",
+    ]
     return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 

@@ -41,5 +41,7 @@ def require() -> ModuleType:
 
 
 def build_info() -> dict[str, Any]:
-    """Versions, compiled kernels (CPU; CUDA and its architectures) and OpenMP threads of this build."""
+    """Versions, compilers, compiled kernels (CPU; CUDA and its architectures) and OpenMP threads
+    of this build: ``cxx_compiler`` is the C++ compiler, ``cuda_compiler`` nvcc's version and
+    ``cuda_host_compiler`` the host compiler nvcc ran (both empty without CUDA)."""
     return dict(require().build_info())
