@@ -53,8 +53,11 @@ def conv2d_sq_sum(
     """Sum over samples of a 2-D convolution's squared per-sample weight gradients (CPU only).
 
     x: (N, C, H, W) layer input, g: (N, O, Ho, Wo) gradient at the layer output. ``padding``
-    counts the zero rows and columns before the input; entries past its end read as zero.
-    Returns (groups, O/groups, C/groups * kh * kw) in ``acc_dtype``; no im2col tensor is built.
+    counts the zero rows and columns before the input; entries past its end read as zero, and
+    g's size must be the output size with as many zeros after the input, or one more (``'same'``
+    padding of an even kernel reach). Every argument is checked (a RuntimeError names the wrong
+    one). Returns (groups, O/groups, C/groups * kh * kw) in ``acc_dtype``, zeros when a dimension
+    is empty; no im2col tensor is built.
     """
     return _op("conv2d_sq_sum")(
         x, g, list(kernel_size), list(stride), list(padding), list(dilation), groups, acc_dtype
