@@ -7,6 +7,13 @@ and nvcc is found, or when forced. Environment switches:
 * ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) picks the GPU architectures, as in torch itself.
 * ``FISHER_FAST_DEBUG=1`` compiles with ``-O0 -g`` (and ``-G`` for CUDA) for debuggers.
 * ``FISHER_FAST_EXTENSION=0`` installs the Python package without compiling (see ``extensions``).
+* ``CXX`` picks the C++ compiler (as in torch's build helpers); nvcc is given the same one as its
+  host compiler (``-ccbin``), so that one C++ runtime serves the whole library.
+
+Flags kept equal to CMakeLists.txt's: ``-fopenmp -fno-math-errno -fvisibility=hidden`` for C++
+(plus ``-fwrapv``, which Python's own compile flags bring here and CMake adds; the code does its
+size arithmetic checked and does not rely on it), and for nvcc no fast math, so float32 and
+bfloat16 subnormals are kept as on the CPU.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from torch.utils.cpp_extension import (  # noqa: E402 (needs the torch found abo
     BuildExtension,
     CppExtension,
     CUDAExtension,
+    get_cxx_compiler,
 )
 
 ROOT = Path(__file__).parent
@@ -109,7 +117,9 @@ def extension():
         macros.append(("FISHER_FAST_DEBUG", "1"))
     # -fopenmp at compile time only: at::parallel_for is an inline OpenMP loop (serial without
     # it), and its GOMP_* calls bind at load time to the OpenMP runtime torch itself loads.
-    cxx = [*opt, "-fopenmp", "-fno-math-errno"]
+    # Hidden visibility: the library exports only the Python module's init (and the names marked
+    # FISHER_FAST_API), so its inline and template code never binds to another library's copy.
+    cxx = [*opt, "-fopenmp", "-fno-math-errno", "-fvisibility=hidden"]
     kwargs = dict(
         name="fisher_fast._C",
         include_dirs=[str(ROOT / "csrc/include"), str(ROOT / "csrc")],
@@ -123,7 +133,14 @@ def extension():
         ("FISHER_FAST_CUDA_VERSION", f'"{torch.version.cuda}"'),
         ("FISHER_FAST_CUDA_ARCHS", f'"{cuda_arch_list()}"'),
     ]
-    nvcc = [*(["-O0", "-g", "-G"] if debug else ["-O3"]), "--use_fast_math"]
+    # No --use_fast_math: it flushes float32 subnormals to zero (a negative subnormal FIM entry
+    # would count as valid on the GPU but not on the CPU) and loosens division and square roots.
+    nvcc = [
+        *(["-O0", "-g", "-G"] if debug else ["-O3"]),
+        "-ccbin",
+        get_cxx_compiler(),
+        "-Xcompiler=-fvisibility=hidden",
+    ]
     return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 

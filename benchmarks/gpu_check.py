@@ -31,6 +31,7 @@ plain PyTorch on the GPU (TF32 off, so both sides do float32 arithmetic).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import math
 import statistics
 import subprocess
@@ -383,8 +384,13 @@ def run_bad_input(name: str, device: str) -> int:
 def check_bad_inputs(device: str) -> None:
     print("\n[bad input] every op refuses it with a RuntimeError (one child process per case)")
     for name in _bad_inputs(device):
-        cmd = [sys.executable, __file__, "--bad-input", name, "--device", device]
+        # -X faulthandler: a crash in the child prints its Python trace (also during imports).
+        cmd = [sys.executable, "-X", "faulthandler", __file__, "--bad-input", name]
+        cmd += ["--device", device]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        for stream, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            if text.strip():
+                print(f"  [{name}: child {stream}]\n    " + text.strip().replace("\n", "\n    "))
         last = (proc.stdout.strip().splitlines() or [""])[-1][:100]
         if proc.returncode < 0:
             note = f"crashed with signal {-proc.returncode} instead of raising"
@@ -563,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="CUDA device to test (default: cuda)")
     parser.add_argument("--bad-input", metavar="CASE", help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash (SIGSEGV, SIGFPE, abort) prints the Python trace first
     if args.bad_input:
         return run_bad_input(args.bad_input, args.device)
 

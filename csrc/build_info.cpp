@@ -3,6 +3,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "compiler_id.h"
+
 #ifndef FISHER_FAST_VERSION
 #define FISHER_FAST_VERSION "unknown"
 #endif
@@ -36,6 +38,11 @@ BuildInfo build_info() {
   info.debug = false;
 #endif
   info.num_threads = at::get_num_threads();
+  info.cxx_compiler = compiler_id();
+#ifdef FISHER_FAST_WITH_CUDA
+  info.cuda_compiler = cuda_compiler();
+  info.cuda_host_compiler = cuda_host_compiler();
+#endif
   return info;
 }
 

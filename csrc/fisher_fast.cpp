@@ -18,7 +18,8 @@ TORCH_LIBRARY(fisher_fast, m) {
   // Sum over samples of the squared per-sample weight gradients of a 2-D convolution (CPU only):
   // out[b] = sum_n (G[n,b] U[n,b]^T)^2 with U the im2col patches of x, never materialised.
   // x: (N, C, H, W) layer input, g: (N, O, Ho, Wo) output gradient, same dtype; padding: zero
-  // rows/columns before the input (entries past its end read as zero, so Ho, Wo fix the rest).
+  // rows/columns before the input (entries past its end read as zero, so Ho, Wo fix the rest:
+  // as many zeros after the input as before it, or one more, as 'same' padding may have).
   // Returns (groups, O/groups, C/groups * kernel_h * kernel_w) in acc_dtype (float32 or float64).
   m.def(
       "conv2d_sq_sum(Tensor x, Tensor g, int[2] kernel_size, int[2] stride, int[2] padding, "

@@ -19,7 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["cuda_arch_list"] = info.cuda_arch_list;
         d["debug"] = info.debug;
         d["num_threads"] = info.num_threads;
+        d["cxx_compiler"] = info.cxx_compiler;
+        d["cuda_compiler"] = info.cuda_compiler;
+        d["cuda_host_compiler"] = info.cuda_host_compiler;
         return d;
       },
-      "Facts about this build: versions, which kernels were compiled, architectures, threads.");
+      "Facts about this build: versions, compilers, which kernels were compiled, architectures, "
+      "threads.");
 }

@@ -61,8 +61,10 @@ def require() -> ModuleType:
 
 
 def build_info() -> dict[str, Any]:
-    """Versions, compiled kernels (CPU; CUDA and its architectures) and OpenMP threads of this
-    build, with ``running_torch_version``: the torch of this process, which must equal the
+    """Versions, compilers, compiled kernels (CPU; CUDA and its architectures) and OpenMP threads
+    of this build: ``cxx_compiler`` is the C++ compiler, ``cuda_compiler`` nvcc's version and
+    ``cuda_host_compiler`` the host compiler nvcc ran (both empty without CUDA);
+    ``running_torch_version`` is the torch of this process, which must equal the
     ``torch_version`` the library was compiled against (a library that does not match is
     refused; its build_info still shows both)."""
     if _module is None:

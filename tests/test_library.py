@@ -24,6 +24,9 @@ def test_build_info_keys_and_types() -> None:
         "debug": bool,
         "num_threads": int,
         "running_torch_version": str,
+        "cxx_compiler": str,
+        "cuda_compiler": str,
+        "cuda_host_compiler": str,
     }
     assert set(info) == set(types)
     for key, expected in types.items():
@@ -36,8 +39,12 @@ def test_build_info_keys_and_types() -> None:
     if info["cuda_kernels"]:
         assert info["cuda_version"] == torch.version.cuda
         assert info["cuda_arch_list"]
+        assert info["cuda_compiler"].startswith("nvcc ")
+        assert info["cuda_host_compiler"] == info["cxx_compiler"]  # nvcc ran with -ccbin
     else:
         assert info["cuda_version"] == "" and info["cuda_arch_list"] == ""
+        assert info["cuda_compiler"] == "" and info["cuda_host_compiler"] == ""
+    assert info["cxx_compiler"].split()[0] in ("gcc", "clang", "icx", "msvc")
 
 
 def test_library_is_loaded_and_ops_are_registered() -> None:

@@ -8,12 +8,16 @@
 namespace fisher_fast {
 namespace {
 
-// Output indices o in [0, out) whose input index o * stride - offset lies in [0, size).
+// ceil(a / b) for a >= 0, b >= 1, without forming a + b - 1 (which may pass int64).
+int64_t ceil_div_nonneg(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// Output indices o in [0, out) whose input index o * stride - offset lies in [0, size). The
+// caller checked that size + padding and the kernel's reach fit int64, so size + offset does.
 void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t* lo,
                  int64_t* hi) {
-  *lo = offset <= 0 ? 0 : std::min(out, (offset + stride - 1) / stride);
+  *lo = offset <= 0 ? 0 : std::min(out, ceil_div_nonneg(offset, stride));
   const int64_t end = size + offset;  // o * stride < end
-  *hi = end <= 0 ? 0 : std::min(out, (end + stride - 1) / stride);
+  *hi = end <= 0 ? 0 : std::min(out, ceil_div_nonneg(end, stride));
   *hi = std::max(*hi, *lo);
 }
 

@@ -37,7 +37,13 @@ constexpr int64_t kSplitAccBytes = 512 << 10;  // results up to this: split samp
 constexpr int64_t kMinRows = 16;               // fewer patch rows per tile than this: split samples
 constexpr int64_t kBlock = 16;                 // transpose block
 
+// Per-ISA clones (resolved at load time) where the compiler supports them for x86-64; a plain
+// function on other architectures, where these target names do not exist.
+#if defined(__x86_64__) && defined(__GNUC__)
 #define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FF_CLONES
+#endif
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -125,6 +131,44 @@ Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t p
   return {rows, tiles, std::max<int64_t>(1, splits), chunk};
 }
 
+// Output size along one axis of a convolution with `pad` zeros before an input of `size` and
+// `after` zeros past its end, 0 when the kernel's reach exceeds the padded input. The caller
+// checks that size + pad + after fits int64.
+int64_t conv_out_size(int64_t size, int64_t pad, int64_t after, int64_t reach, int64_t stride) {
+  const int64_t span = size + pad + after;
+  return span < reach ? 0 : (span - reach) / stride + 1;
+}
+
+// Checks one spatial axis (0: height, 1: width) of the geometry against g's size along it.
+void check_axis(int d, int64_t size, int64_t out, int64_t kernel, int64_t stride, int64_t pad,
+                int64_t dilation) {
+  const char* axis = d == 0 ? "height" : "width";
+  FF_CHECK(kernel >= 1, "kernel_size[", d, "] is ", kernel,
+           "; kernel_size, stride and dilation must be positive and padding nonnegative");
+  FF_CHECK(stride >= 1, "stride[", d, "] is ", stride,
+           "; kernel_size, stride and dilation must be positive and padding nonnegative");
+  FF_CHECK(dilation >= 1, "dilation[", d, "] is ", dilation,
+           "; kernel_size, stride and dilation must be positive and padding nonnegative");
+  FF_CHECK(pad >= 0, "padding[", d, "] is ", pad,
+           "; kernel_size, stride and dilation must be positive and padding nonnegative");
+  // The kernel's reach dilation * (kernel - 1) + 1. The zeros after the input are implied by g:
+  // as many as before it (symmetric padding), or one more ('same' padding of an odd reach - 1).
+  const int64_t reach =
+      checked_add(checked_mul(dilation, kernel - 1, "dilation * (kernel_size - 1)"), 1,
+                  "the kernel's reach dilation * (kernel_size - 1) + 1");
+  checked_add(checked_add(checked_add(size, pad, "input size + padding"), pad,
+                          "input size + padding on both sides"),
+              1, "input size + padding on both sides + 1");
+  const int64_t lo = conv_out_size(size, pad, pad, reach, stride);
+  const int64_t hi = conv_out_size(size, pad, pad + 1, reach, stride);
+  FF_CHECK(out >= lo && out <= hi, "g has output ", axis, " ", out, ", but x's ", axis, " ", size,
+           " with kernel_size[", d, "] = ", kernel, ", stride[", d, "] = ", stride, ", padding[", d,
+           "] = ", pad, " and dilation[", d, "] = ", dilation, " gives an output ", axis, " from ",
+           lo, " to ", hi, " (padding[", d,
+           "] zeros before the input, and as many or one more after it); pass the gradient of "
+           "this convolution's output, or fix kernel_size, stride, padding and dilation");
+}
+
 ConvGeometry geometry(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   return {x.size(2), x.size(3), g.size(2),  g.size(3),  kernel[0],   kernel[1],
@@ -141,18 +185,24 @@ void check_inputs(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kern
            " must have the same number of samples");
   FF_CHECK_FLOATING(x, "x");
   FF_CHECK(x.scalar_type() == g.scalar_type(), "x and g must share one dtype");
-  FF_CHECK(x.device().is_cpu() && g.device().is_cpu(), "conv2d_sq_sum runs on CPU tensors only");
+  FF_CHECK_SAME_DEVICE(x, g, "x", "g");
+  FF_CHECK(x.device().is_cpu(), "conv2d_sq_sum runs on CPU tensors only");
   FF_CHECK(acc_dtype == at::kFloat || acc_dtype == at::kDouble,
            "acc_dtype must be float32 or float64, got ", acc_dtype);
   FF_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
            "kernel_size, stride, padding and dilation must have two entries each");
-  for (int d = 0; d < 2; ++d) {
-    FF_CHECK(kernel[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
-             "kernel_size, stride and dilation must be positive and padding nonnegative");
-  }
   FF_CHECK(groups >= 1 && x.size(1) % groups == 0 && g.size(1) % groups == 0, "groups (", groups,
            ") must divide the input channels (", x.size(1), ") and output channels (", g.size(1),
            ")");
+  for (int d = 0; d < 2; ++d) {
+    check_axis(d, x.size(2 + d), g.size(2 + d), kernel[d], stride[d], padding[d], dilation[d]);
+  }
+  // The result (groups, O/groups, C/groups * kh * kw) and its bytes, per split accumulator.
+  const int64_t columns = checked_mul(
+      x.size(1) / groups, checked_mul(kernel[0], kernel[1], "kernel_size[0] * kernel_size[1]"),
+      "the weight columns C/groups * kernel_size[0] * kernel_size[1]");
+  checked_mul(checked_mul(g.size(1), columns, "the result's size"), at::elementSize(at::kDouble),
+              "the result's size in bytes");
 }
 
 at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
@@ -163,14 +213,19 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
   const int64_t n = x.size(0), channels = x.size(1), out_ch = g.size(1);
   const int64_t out_g = out_ch / groups, in_g = channels / groups * geo.kernel_size();
   const int64_t positions = geo.positions(), image = geo.height * geo.width;
+  // Empty dimensions: the sums are zeros (or empty), and the planning below needs at least one
+  // weight column, one output channel, one sample and one position.
+  if (n == 0 || positions == 0 || in_g == 0 || out_g == 0) {
+    return at::zeros({groups, out_g, in_g}, x.options().dtype(acc_dtype));
+  }
   // Products run in float32 for reduced-precision inputs and in float64 for float64 inputs.
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto xc = x.to(compute).contiguous();
   const auto gc = g.to(compute).contiguous();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const Plan plan = make_plan(n, groups, out_g, in_g, positions, at::elementSize(compute), threads);
+  checked_mul(plan.splits, groups * in_g * out_g, "the per-thread accumulators' size");
   auto acc = at::zeros({plan.splits, groups, in_g, out_g}, x.options().dtype(acc_dtype));
-  if (n == 0 || positions == 0) return acc.sum(0).transpose(1, 2).contiguous();
   const bool direct = geo.patches_are_input();
   const int64_t items = plan.splits * groups * plan.tiles;
   const int64_t per_split = ceil_div(n, plan.splits);

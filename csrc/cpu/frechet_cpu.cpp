@@ -56,12 +56,14 @@ template <typename T>
 using BlockFn = BlockSums (*)(const T*, const T*, int64_t);
 
 // A float64 sum that keeps the rounding error of every addition (Neumaier's variant of Kahan
-// summation), for the long chains of block sums.
+// summation), for the long chains of block sums. Once the sum is infinite or NaN (an infinite
+// entry, or a sum past the float64 range) it is the answer as it stands, as in plain float64
+// summation: its error term would be inf - inf = NaN, so it is no longer updated.
 class CompensatedSum {
  public:
   void add(double x) {
     const double t = sum_ + x;
-    comp_ += std::abs(sum_) >= std::abs(x) ? (sum_ - t) + x : (x - t) + sum_;
+    if (std::isfinite(t)) comp_ += std::abs(sum_) >= std::abs(x) ? (sum_ - t) + x : (x - t) + sum_;
     sum_ = t;
   }
   double value() const { return sum_ + comp_; }
@@ -121,17 +123,19 @@ constexpr int kInvalidClasses = 0x01 | 0x08 | 0x10 | 0x40 | 0x80;
 
 // sqrt(p) for p >= 0 in float64 from the 14-bit estimate y ~ 1/sqrt(p): with s = p*y and
 // r = 1 - s*y, sqrt(p) = s (1 - r)^(-1/2) = s (1 + r/2 + 3r^2/8 + 5r^3/16 + O(r^4)). |r| < 2^-13,
-// so the dropped term is below 2^-53 relative; s's own rounding cancels through r. Zero lanes
-// (+0 and -0: any bit but the sign's) get y = 0 and give 0; the estimate of 0 would be infinite.
+// so the dropped term is below 2^-53 relative; s's own rounding cancels through r. Lanes of +0,
+// -0 and +inf are their own roots and are passed through (the estimate would give 0 * inf = NaN
+// there); NaN and negative lanes give NaN, as vsqrtpd does.
+constexpr int kOwnRootClasses = 0x02 | 0x04 | 0x08;  // vfpclasspd: +0, -0, +inf
+
 FF_AVX512 inline __m512d sqrt_fma(__m512d p) {
-  const __mmask8 nonzero =
-      _mm512_test_epi64_mask(_mm512_castpd_si512(p), _mm512_set1_epi64(0x7FFFFFFFFFFFFFFF));
-  const __m512d y = _mm512_maskz_rsqrt14_pd(nonzero, p);
+  const __mmask8 own_root = _mm512_fpclass_pd_mask(p, kOwnRootClasses);
+  const __m512d y = _mm512_maskz_rsqrt14_pd(static_cast<__mmask8>(~own_root), p);
   const __m512d s = _mm512_mul_pd(p, y);
   const __m512d r = _mm512_fnmadd_pd(s, y, _mm512_set1_pd(1.0));
   __m512d q = _mm512_fmadd_pd(r, _mm512_set1_pd(5.0 / 16.0), _mm512_set1_pd(3.0 / 8.0));
   q = _mm512_fmadd_pd(r, q, _mm512_set1_pd(0.5));
-  return _mm512_fmadd_pd(_mm512_mul_pd(s, r), q, s);
+  return _mm512_mask_mov_pd(_mm512_fmadd_pd(_mm512_mul_pd(s, r), q, s), own_root, p);
 }
 
 // Eight float64 lanes of each input, of their root products, and invalid-entry counts: what
