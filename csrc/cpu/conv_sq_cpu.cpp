@@ -12,9 +12,10 @@
 // transposed once; otherwise threads own disjoint tiles and share no accumulator. Memory: the
 // result plus, per thread, one chunk of transposed gradients, one patch tile and one product tile,
 // whatever N.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

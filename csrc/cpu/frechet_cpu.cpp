@@ -17,6 +17,7 @@
 // the compiler vectorises for AVX-512, AVX2 and the baseline (target_clones).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

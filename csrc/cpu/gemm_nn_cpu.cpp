@@ -1,8 +1,10 @@
 // gemm_nn: oneDNN's brgemm micro-kernel for float32 (AVX-512 code on CPUs where MKL's sgemm
 // picks a narrower path), the Fortran BLAS symbols torch exports otherwise. The BLAS symbols are
 // weak references: where torch exports none, the products go through at::mm_out.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 
 #include <limits>
 

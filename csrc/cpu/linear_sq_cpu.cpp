@@ -8,9 +8,10 @@
 // size of the batch: freshly allocated pages fault on first write, and on a 784-512-512-10 MLP
 // the squares and product of a plain PyTorch formulation took ~1500 page faults per pass, ~10% of
 // the floor. The workspace holds at most kWorkspaceBytes; larger batches go in chunks of samples.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>

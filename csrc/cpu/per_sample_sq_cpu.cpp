@@ -6,6 +6,8 @@
 // bounded by threads x (accumulator + scratch), independent of the number of samples.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>

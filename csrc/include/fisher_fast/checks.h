@@ -1,8 +1,9 @@
 // Small input-check macros shared by every op implementation.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
-#include <torch/types.h>
 
 #include <cstdint>
 

@@ -1,7 +1,8 @@
 // Input checks of the frechet_sums op, shared by its CPU and CUDA implementations.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include "fisher_fast/checks.h"
 
