@@ -16,6 +16,7 @@
 // reference (a pass per 8 others, so the reference traffic grows by at most 1/8 per other).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
