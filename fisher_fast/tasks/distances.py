@@ -216,7 +216,7 @@ def distance_matrix(
             or tasks) already there is an error before any work, unless ``overwrite``.
         batch_size: samples per FIM batch.
         threads: torch's CPU threads during the run (restored afterwards); default 1 for the
-            small probes, which train several times faster on one thread, and torch's own
+            small probes, which gain nothing from threads and lose much when the cores are shared, and torch's own
             setting for the others (see :mod:`fisher_fast.tasks.threads`).
 
     Inside an initialised torch.distributed process group (e.g. under torchrun, see

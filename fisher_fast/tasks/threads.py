@@ -1,8 +1,9 @@
 """torch's intra-op thread count for work on a probe family.
 
 The small probes (``SMALL_PROBES``: MLP, small CNN and ResNet on 8x8 or 28x28 images) have
-tensors too small to gain from threads: with torch's default of one thread per core the threads
-mostly contend, and training a digits probe takes several times longer than on one thread. The
+tensors too small to gain from threads: on a quiet 2-core machine one thread is as fast as two,
+and while other processes use the cores, torch's default of one thread per core made a digits
+distance matrix 4-8 times slower than one thread. The
 library's entry points therefore run such work on one thread unless told otherwise, and restore
 the caller's setting when they return.
 """
