@@ -276,9 +276,10 @@ class _Accumulation:
         layouts = Layouts(real, variant, n, index)
         expanded: set[nn.Module] | None = set()
         if expansion.modules:
-            expanded = validated(real_seen, expansion.take_seen(), layouts.__getitem__)
-            if not expanded:
+            expanded = validated(real_seen, expansion.take_seen(), layouts.__getitem__, n)
+            if expanded is None:
                 return None
+            expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
         plan = make_plan(self.model, real, layouts, frozenset(expanded))
         if expanded:
             why = verify(
@@ -293,7 +294,6 @@ class _Accumulation:
             )
             if why is not None:
                 return None
-            expansion.keep_only(expanded)
         return output, plan
 
     def _adopt(self, plan: Plan) -> bool:

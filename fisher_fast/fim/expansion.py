@@ -133,12 +133,15 @@ def validated(
     real: dict[nn.Module, list[bool]],
     variant: dict[nn.Module, list[bool]],
     layouts: Callable[[nn.Module], list[CallLayout | Unknown]],
+    n: int,
 ) -> set[nn.Module] | None:
     """The expanded modules when every call of each was expanded in both batches, with ids the
-    same for all samples and the output one slice per sample on axis 0; None otherwise."""
+    same for all samples and the output one slice per sample on axis 0; None otherwise. With
+    one sample (n = 1) every (1, ...) is expanded, to itself: modules the variant batch does not
+    expand are per-sample ones, left alone."""
     chosen = set()
     for module, flags in real.items():
-        if not any(flags):
+        if not any(flags) or (n == 1 and not any(variant.get(module, []))):
             continue
         if not all(flags) or variant.get(module) != flags:
             return None
