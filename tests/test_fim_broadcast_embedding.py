@@ -72,7 +72,11 @@ class _Logits(nn.Module):
 HF_MODELS: dict[str, tuple[Callable[[], nn.Module], str, int]] = {
     "gpt2_tied": (lambda: _Logits(_gpt2(True), True), "inner.transformer.wpe.weight", VOCAB),
     "gpt2_untied": (lambda: _Logits(_gpt2(False), True), "inner.transformer.wpe.weight", VOCAB),
-    "bert": (lambda: _Logits(_bert(), False), "inner.bert.embeddings.position_embeddings.weight", 3),
+    "bert": (
+        lambda: _Logits(_bert(), False),
+        "inner.bert.embeddings.position_embeddings.weight",
+        3,
+    ),
 }
 
 

@@ -274,11 +274,12 @@ class _Accumulation:
                 "all samples another first axis (e.g. 1)"
             ) from error
         layouts = Layouts(real, variant, n, index)
-        expanded: set[nn.Module] | None = set()
+        expanded: set[nn.Module] = set()
         if expansion.modules:
-            expanded = validated(real_seen, expansion.take_seen(), layouts.__getitem__, n)
-            if expanded is None:
+            chosen = validated(real_seen, expansion.take_seen(), layouts.__getitem__, n)
+            if chosen is None:
                 return None
+            expanded = chosen
             expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
         plan = make_plan(self.model, real, layouts, frozenset(expanded))
         if expanded:
