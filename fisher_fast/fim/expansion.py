@@ -201,7 +201,8 @@ def verify(
         return "no output of the model has a sample axis"
     generator = torch.Generator().manual_seed(0)
     cotangents = [
-        torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t, _ in sampled_out
+        torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+        for t, _ in sampled_out
     ]
     targets: list[tuple[nn.Module, int, int, Sampled]] = []
     for module in owners:
@@ -247,7 +248,7 @@ def verify(
             for t, lay in zip(alone_root[0].outputs, root_layouts[0].outputs, strict=True)
             if isinstance(lay, Sampled)
         ]
-        objective = torch.zeros((), dtype=torch.float64)
+        objective = torch.zeros((), dtype=cotangents[0].dtype, device=cotangents[0].device)
         for v, (t, lay), a in zip(cotangents, sampled_out, alone_out, strict=True):
             if not _agree(_block(t, lay, row), a, t):
                 return f"the model's output for sample {j} alone differs"
