@@ -248,7 +248,9 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     assert paths["transformer.h.0.attn.c_attn.weight"] == "rule transposed_linear_rule"
     assert paths["transformer.h.0.ln_1.weight"] == "rule layer_norm_rule"
     assert paths["transformer.wte.weight"].startswith("rules embedding_rule and linear_rule, tied")
-    assert paths["transformer.wpe.weight"] == "per-sample gradients of 'transformer' (GPT2Model)"
+    assert paths["transformer.wpe.weight"] == (
+        "rule embedding_rule on its broadcast output expanded to the samples"
+    )
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"
@@ -261,7 +263,7 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["encoder.layers.0.linear1.weight"] == "rule linear_rule"  # (T, N, D) calls
     assert paths["encoder.layers.0.self_attn.in_proj_weight"] == "rule attention_rule"
-    assert paths["positions.weight"].startswith("per-sample gradients of the model")
+    assert paths["positions.weight"].startswith("rule embedding_rule on its broadcast output")
 
 
 def test_check_reports_every_parameter_with_its_path(capsys: pytest.CaptureFixture[str]) -> None:

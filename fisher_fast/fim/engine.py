@@ -27,6 +27,7 @@ from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
+from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.losses import LossSpec, objectives
@@ -188,7 +189,9 @@ class _Accumulation:
     * **plan** (first batch, and any batch whose calls leave the planned layouts): the batch
       runs recording every module call, then once more as a small variant batch (no taps); the
       layouts of the calls decide which module handles which parameter (plan.py), and the
-      accumulator is laid out (once); a plan that taps new modules runs the batch again;
+      accumulator is laid out (once); a plan that taps new modules runs the batch again. Both
+      runs first give broadcast Embedding outputs the sample axis (expansion.py); when that is
+      not verified exact, the batch is planned again without;
     * **step** (every batch): one forward pass with taps, checked against the plan's layouts
       (conform.py), one backward pass per objective; the tapped modules' rules add their sums
       of squares as gradients arrive;
@@ -211,22 +214,58 @@ class _Accumulation:
         self.sums: _Sums | None = None
         self.planned: list[OwnerPlan] = []  # the owners of the plan in use
         self.paths: dict[str, str] = {}
+        self.expansion = Expansion()
 
     # -- plan ----------------------------------------------------------------------------------
     def _planning_forward(self, inputs: Any, n: int) -> Any:
         """The first batch's forward pass, which also decides the plan. Every module is tapped
         for it, so that the plan's owners already have their calls; it runs again only when an
-        instrumented forward turns out not to be used (see ``Capture.set_process``)."""
+        instrumented forward turns out not to be used (see ``Capture.set_process``), or when
+        the expansion of broadcast embeddings is not verified (then without it)."""
         index = variant_indices(n)
         for name, module in self.model.named_modules():  # any may be the plan's: tap them all
             if not self.capture.owns(module):
                 self.capture.add_owner(Owner(name, module))
-        with recording(self.model) as real:
-            output = call_model(self.model, inputs)
+        self.expansion.arm(expandable(self.model))
         try:
-            with self.capture.paused(), recording(self.model) as variant:
+            planned = self._plan_batch(inputs, n, index)
+        except Exception:
+            if not self.expansion.modules:
+                raise
+            planned = None  # the model fails with an expanded output: plan without
+        if planned is None:
+            self.capture.forget_calls()
+            self.expansion.disarm()
+            planned = self._plan_batch(inputs, n, index)
+            assert planned is not None
+        output, plan = planned
+        if self._adopt(plan):
+            return output
+        del output
+        self.capture.forget_calls()
+        with self.expansion.samples(n):
+            return call_model(self.model, inputs)
+
+    def _plan_batch(self, inputs: Any, n: int, index: list[int]) -> tuple[Any, Plan] | None:
+        """The batch's forward pass and its plan; None when an Embedding output was expanded
+        (expansion.py) and that is not verified exact (the caller plans again without)."""
+        expansion = self.expansion
+        expansion.take_seen()
+        with recording(self.model) as real, expansion.samples(n):
+            output = call_model(self.model, inputs)
+        real_seen = expansion.take_seen()
+        if not expansion.used(real_seen):
+            expansion.disarm()
+        try:
+            with (
+                self.capture.paused(),
+                recording(self.model) as variant,
+                expansion.samples(len(index)),
+            ):
                 call_model(self.model, select_samples(inputs, n, index))
         except Exception as error:
+            if expansion.modules:
+                raise
             raise RuntimeError(
                 f"diag_fim runs {len(index)} of the first batch's samples as a batch of their "
                 "own to find where each module call holds its samples, and the model failed on "
@@ -234,13 +273,29 @@ class _Accumulation:
                 "the batch's number of samples is split per sample, so give inputs shared by "
                 "all samples another first axis (e.g. 1)"
             ) from error
-        plan = make_plan(self.model, real, Layouts(real, variant, n, index))
-        del real, variant
-        if self._adopt(plan):
-            return output
-        del output
-        self.capture.forget_calls()
-        return call_model(self.model, inputs)
+        layouts = Layouts(real, variant, n, index)
+        expanded: set[nn.Module] = set()
+        if expansion.modules:
+            chosen = validated(real_seen, expansion.take_seen(), layouts.__getitem__, n)
+            if chosen is None:
+                return None
+            expanded = chosen
+            expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
+        plan = make_plan(self.model, real, layouts, frozenset(expanded))
+        if expanded:
+            why = verify(
+                self.model,
+                inputs,
+                n,
+                index,
+                variant,
+                layouts.__getitem__,
+                [o.module for o in plan.owners],
+                self.capture.paused,
+            )
+            if why is not None:
+                return None
+        return output, plan
 
     def _adopt(self, plan: Plan) -> bool:
         """Lay out the accumulator for ``plan`` and give each planned owner its process.
@@ -348,7 +403,8 @@ class _Accumulation:
         @torch.no_grad()
         def process(module: nn.Module, calls: list[Call]) -> None:
             if rule is not None:
-                as_rule = rule_calls(rule, calls, plan.layouts, passes.n_samples)
+                given = with_expanded_ids(calls, passes.n_samples) if plan.expanded else calls
+                as_rule = rule_calls(rule, given, plan.layouts, passes.n_samples)
                 rule.compute(module, as_rule, ctx)
                 if tied is not None:
                     tied(as_rule, passes.n_samples)
@@ -366,6 +422,7 @@ class _Accumulation:
         total = _expected_samples(data, o.max_samples)
         with (
             self.capture.installed(),
+            self.expansion.installed(),
             tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
         ):
             for inputs, targets in batches(data, o.batch_size):
@@ -399,7 +456,8 @@ class _Accumulation:
                 if planning:
                     raw = self._planning_forward(inputs, n)
                 else:
-                    raw = call_model(self.model, inputs)
+                    with self.expansion.samples(n):
+                        raw = call_model(self.model, inputs)
                     if not self._conforms(n):
                         del raw
                         capture.forget_calls()

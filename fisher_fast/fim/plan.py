@@ -16,7 +16,9 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
 3. and when not even the whole model's call is separable, it is an error naming the parameter
    and why.
 
-Step 1 may also be refused by ``on_unsupported`` (fisher_fast/fim/options.py).
+Step 1 may also be refused by ``on_unsupported`` (fisher_fast/fim/options.py). An Embedding
+whose broadcast output the engine gave the sample axis (expansion.py, ``expanded``) gets its
+rule on the ids expanded to the samples.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fisher_fast.fim.expansion import PATH_SUFFIX, as_expanded
 from fisher_fast.fim.layout import CallLayout, Recording, Unknown
 from fisher_fast.fim.rules import RuleSpec, find_rule
 
@@ -41,6 +44,7 @@ class OwnerPlan:
     rule_params: list[str] = field(default_factory=list)  # local names, by the rule
     fallback_params: list[str] = field(default_factory=list)  # local dotted names, per sample
     aliases: dict[str, str] = field(default_factory=dict)  # local -> global name (tied weights)
+    expanded: bool = False  # its calls' broadcast outputs were given the sample axis
 
     def global_name(self, local: str) -> str:
         if local in self.aliases:
@@ -88,8 +92,10 @@ class _Planner:
         model: nn.Module,
         recording: Recording,
         layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
+        expanded: frozenset[nn.Module],
     ) -> None:
         self.modules = dict(model.named_modules())
+        self.expanded = expanded
         self.recording = recording
         self.layouts = layouts
         self.owners: dict[str, OwnerPlan] = {}
@@ -100,14 +106,19 @@ class _Planner:
             module = self.modules[name]
             known = [c for c in self.layouts.get(module, []) if isinstance(c, CallLayout)]
             assert len(known) == len(self.layouts.get(module, [])), "owners have known layouts"
-            self.owners[name] = OwnerPlan(name, module, known)
+            self.owners[name] = OwnerPlan(name, module, known, expanded=module in self.expanded)
         return self.owners[name]
 
     def ran(self, module: nn.Module) -> bool:
         return bool(self.recording.calls.get(module))
 
     def rule_fits(self, module: nn.Module, rule: RuleSpec | None) -> bool:
-        return rule is not None and all(rule.accepts(module, c) for c in self.layouts[module])
+        if rule is None:
+            return False
+        calls = self.layouts[module]
+        if module in self.expanded:  # the rule sees the ids expanded (expansion.py)
+            calls = [as_expanded(c) if isinstance(c, CallLayout) else c for c in calls]
+        return all(rule.accepts(module, c) for c in calls)
 
     def separable(self, module: nn.Module) -> str | None:
         """None when every call of ``module`` is per-sample separable, else why not."""
@@ -145,6 +156,8 @@ class _Planner:
                 o.rule = rule
                 o.rule_params.append(local)
                 plan.paths[pname] = f"rule {rule.name}"
+                if module in self.expanded:
+                    plan.paths[pname] += f" {PATH_SUFFIX}"
                 return
             start = mname
             if rule is None:
@@ -227,6 +240,8 @@ class _Planner:
         self.plan.paths[pname] = (
             "rules embedding_rule and linear_rule, tied (with their cross term)"
         )
+        if embedding in self.expanded:
+            self.plan.paths[pname] += f", the embedding {PATH_SUFFIX}"
         return True
 
     def merge_nested_fallbacks(self) -> None:
@@ -266,10 +281,14 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def make_plan(
-    model: nn.Module, recording: Recording, layouts: Mapping[nn.Module, list[CallLayout | Unknown]]
+    model: nn.Module,
+    recording: Recording,
+    layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
+    expanded: frozenset[nn.Module] = frozenset(),
 ) -> Plan:
-    """The plan for ``model`` given its recorded calls and their layouts (module docstring)."""
-    planner = _Planner(model, recording, layouts)
+    """The plan for ``model`` given its recorded calls and their layouts (module docstring);
+    ``expanded``: the Embeddings whose broadcast outputs were given the sample axis."""
+    planner = _Planner(model, recording, layouts, expanded)
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     first_name: dict[int, str] = {}
     for module_name, module in planner.modules.items():
