@@ -3,10 +3,13 @@
 Models are built from small configs with random weights (no downloads): a BERT-style encoder
 classifier, a Llama-style decoder classifier and a GPT-2-style language model with its tied
 head (per-sample loss: cross-entropy summed over the positions). Every round calls each method
-once, in turn, on the same batch, after one warm-up call each; medians over rounds. The floor
-is one forward and one backward pass of the summed loss (the parameters' batch gradient).
+once, in turn, on the same batches, after one warm-up call each; medians over rounds. The floor
+is one forward and one backward pass of the summed loss per batch (the parameters' batch
+gradient). With ``--batches B`` every method covers B batches of N samples: diag_fim plans on its
+first batch (a second, small forward pass and the layout checks), so one batch shows that cost
+in full and more batches show how it spreads.
 
-    python benchmarks/real_models.py --rounds 10
+    python benchmarks/real_models.py --rounds 10 [--batches 6]
 """
 
 from __future__ import annotations
@@ -66,16 +69,20 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], bool]] = {
 }
 
 
-def methods(model: torch.nn.Module, ids: torch.Tensor, y: torch.Tensor, lm: bool) -> dict[str, Any]:
+def methods(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lm: bool
+) -> dict[str, Any]:
     loss = lm_loss if lm else class_loss
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def floor() -> None:
-        torch.autograd.grad(loss(model(input_ids=ids).logits, y).sum(), list(params.values()))
+        for ids, y in batches:
+            torch.autograd.grad(loss(model(input_ids=ids).logits, y).sum(), list(params.values()))
 
     def fisher() -> None:
         kwargs = {"loss": lm_loss} if lm else {}
-        fisher_fast.diag_fim(model, ({"input_ids": ids}, y), progress=False, **kwargs)
+        data = [({"input_ids": ids}, y) for ids, y in batches]
+        fisher_fast.diag_fim(model, data, progress=False, **kwargs)
 
     detached = {n: p.detach() for n, p in params.items()}
 
@@ -86,9 +93,10 @@ def methods(model: torch.nn.Module, ids: torch.Tensor, y: torch.Tensor, lm: bool
     per_sample = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
 
     def vmap_grad() -> None:
-        for x, t in zip(ids.split(4), y.split(4), strict=True):
-            for g in per_sample(detached, x, t).values():
-                g.square().sum(0)
+        for ids, y in batches:
+            for x, t in zip(ids.split(4), y.split(4), strict=True):
+                for g in per_sample(detached, x, t).values():
+                    g.square().sum(0)
 
     return {"floor": floor, "fisher_fast": fisher, "vmap_grad": vmap_grad}
 
@@ -98,15 +106,22 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=1, help="batches of N samples per call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models:
         build, lm = MODELS[name]
         torch.manual_seed(SEED)
         model = build().eval()
-        ids = torch.randint(1, VOCAB, (N, T))
-        y = torch.randint(0, VOCAB if lm else CLASSES, (N, T) if lm else (N,))
-        calls = methods(model, ids, y, lm)
+        batches = [
+            (
+                torch.randint(1, VOCAB, (N, T)),
+                torch.randint(0, VOCAB if lm else CLASSES, (N, T) if lm else (N,)),
+            )
+            for _ in range(args.batches)
+        ]
+        ids, y = batches[0]
+        calls = methods(model, batches, lm)
         times: dict[str, list[float]] = {m: [] for m in calls}
         failed: dict[str, str] = {}
         for m, fn in calls.items():  # warm-up
@@ -129,7 +144,10 @@ def main() -> None:
             **({"loss": lm_loss} if lm else {}),
         ).meta["paths"]
         slow = sorted({p for p in paths.values() if not p.startswith("rule")})
-        print(f"{name}: N={N}, T={T}, {args.threads} threads, {args.rounds} rounds, medians")
+        print(
+            f"{name}: {args.batches} batch(es) of N={N}, T={T}, {args.threads} threads, "
+            f"{args.rounds} rounds, medians"
+        )
         for m in calls:
             if m in failed:
                 print(f"  {m:<12} fails: {failed[m]}")
