@@ -1,7 +1,7 @@
 """Fréchet distance on the CPU: the kernel against a dot product and the plain PyTorch expression.
 
-Times, in one run and interleaved (every repeat times each method once, in turn, so that all of
-them see the same machine load), the median of many calls after a warm-up, for two diagonal FIMs
+Times, in one run and interleaved (every repeat times each method once, in a shuffled order, so
+that all of them see the same machine load), the median of many calls after a warm-up, for two diagonal FIMs
 of N float32 elements:
 
 * ``dot``: ``torch.dot(a, b)``, the memory floor: it reads the same bytes and does one FMA each;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -56,13 +57,19 @@ def expression(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def median_times(
     methods: dict[str, Callable[[], object]], repeats: int, warmup: int
 ) -> dict[str, float]:
-    """Median seconds per call of each method, timed round-robin after ``warmup`` calls each."""
+    """Median seconds per call of each method: every round calls each method once, in an order
+    shuffled per round (seeded), so that no method always follows the same one (the caches and
+    clock state a call leaves behind favour or hurt the next), after ``warmup`` calls each."""
     for fn in methods.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in methods}
+    order = random.Random(0)
+    names = list(methods)
     for _ in range(repeats):
-        for name, fn in methods.items():
+        order.shuffle(names)
+        for name in names:
+            fn = methods[name]
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
