@@ -39,6 +39,7 @@ from fisher_fast.pipeline.dictionary import DictionaryError, TaskDictionary
 from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.distances import task_fim
 from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.threads import probe_threads
 
 DEFAULT_FINAL_STEPS = 400
 """Adam steps of the final training of a found cell (batch size from the FUSE setting)."""
@@ -137,6 +138,7 @@ def search_architecture(
     distance_split: str = "val",
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> ArchitectureReport:
     """Run Algorithm 1 for ``target`` against ``dictionary`` (see module doc).
 
@@ -148,57 +150,62 @@ def search_architecture(
     Under torch.distributed, rank 0 trains the target probe and measures the distances; the
     search and the final training run data-parallel on every rank
     (:mod:`fisher_fast.nas.parallel`); rank 0 writes the files.
+    ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
+    :mod:`fisher_fast.tasks.threads`).
     """
-    config = config or dictionary.settings.fuse
-    start = time.perf_counter()
-    distances, probe_seconds = on_main(
-        "the task distances",
-        lambda: baseline_distances(target, dictionary, seed=seed, split=distance_split),
-    )
-    distance_seconds = time.perf_counter() - start - probe_seconds
-    closest = closest_baseline(distances)
-    best = dictionary[closest].genotype
-    space = SearchSpace.restricted_to(best)
-    splits = target.splits()
-    generator = torch.Generator().manual_seed(seed)
-    folder = None if out is None else Path(out)
-    if space.size == 1:  # nothing to choose: the baseline's structure admits one cell
-        result = SearchResult(next(iter(space)), history=(), alphas=(1.0,), steps=0, seconds=0.0)
-    else:
-        result = fuse_search(
-            space,
-            splits.train,
-            num_classes=target.num_classes,
-            generator=generator,
-            config=fit_candidates(config, space),
-            checkpoint=None if folder is None else folder / "fuse.json",
-            progress=progress,
+    with probe_threads(dictionary.settings.arch, threads):
+        config = config or dictionary.settings.fuse
+        start = time.perf_counter()
+        distances, probe_seconds = on_main(
+            "the task distances",
+            lambda: baseline_distances(target, dictionary, seed=seed, split=distance_split),
         )
-    evaluation = train_and_evaluate(
-        result.genotype,
-        splits.train,
-        splits.test,
-        num_classes=target.num_classes,
-        steps=final_steps,
-        val_data=splits.val,
-        generator=generator,
-        config=config,
-    )
-    report = ArchitectureReport(
-        target=target.name,
-        distances=distances,
-        closest=closest,
-        baseline_genotype=best.to_string(),
-        space_size=space.size,
-        full_space_size=SearchSpace.full(best.nodes).size,
-        search=result,
-        evaluation=evaluation,
-        probe_seconds=probe_seconds,
-        distance_seconds=distance_seconds,
-    )
-    if folder is not None and is_main():
-        write_json(folder / "report.json", report.to_dict())
-    return report
+        distance_seconds = time.perf_counter() - start - probe_seconds
+        closest = closest_baseline(distances)
+        best = dictionary[closest].genotype
+        space = SearchSpace.restricted_to(best)
+        splits = target.splits()
+        generator = torch.Generator().manual_seed(seed)
+        folder = None if out is None else Path(out)
+        if space.size == 1:  # nothing to choose: the baseline's structure admits one cell
+            result = SearchResult(
+                next(iter(space)), history=(), alphas=(1.0,), steps=0, seconds=0.0
+            )
+        else:
+            result = fuse_search(
+                space,
+                splits.train,
+                num_classes=target.num_classes,
+                generator=generator,
+                config=fit_candidates(config, space),
+                checkpoint=None if folder is None else folder / "fuse.json",
+                progress=progress,
+            )
+        evaluation = train_and_evaluate(
+            result.genotype,
+            splits.train,
+            splits.test,
+            num_classes=target.num_classes,
+            steps=final_steps,
+            val_data=splits.val,
+            generator=generator,
+            config=config,
+        )
+        report = ArchitectureReport(
+            target=target.name,
+            distances=distances,
+            closest=closest,
+            baseline_genotype=best.to_string(),
+            space_size=space.size,
+            full_space_size=SearchSpace.full(best.nodes).size,
+            search=result,
+            evaluation=evaluation,
+            probe_seconds=probe_seconds,
+            distance_seconds=distance_seconds,
+        )
+        if folder is not None and is_main():
+            write_json(folder / "report.json", report.to_dict())
+        return report
 
 
 def fit_candidates(config: FuseConfig, space: SearchSpace) -> FuseConfig:

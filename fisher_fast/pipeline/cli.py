@@ -23,7 +23,7 @@ from fisher_fast.pipeline.algorithm import (
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
 from fisher_fast.pipeline.table import format_table
-from fisher_fast.tasks.cli import add_timeout_argument, set_threads
+from fisher_fast.tasks.cli import add_timeout_argument
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite
 from fisher_fast.tasks.task import Task
 
@@ -190,7 +190,6 @@ def _pick(suite: Suite, ref: str) -> int:
 def _build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     suite = get_suite(args.suite, args.data)
-    set_threads(args.threads, suite.default_arch)
     excluded = {_pick(suite, ref) for ref in args.exclude}
     tasks = [t for i, t in enumerate(suite.tasks) if i not in excluded]
     settings = DictionarySettings(
@@ -210,6 +209,7 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         replace=replace_names,
+        threads=args.threads,
     )
     _print_baselines(dictionary)
     print(f"dictionary {args.out} ready in {time.perf_counter() - start:.1f} s")
@@ -230,7 +230,6 @@ def _print_baselines(dictionary: TaskDictionary) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     suite = get_suite(args.suite, args.data)
-    set_threads(args.threads, suite.default_arch)
     target: Task = suite.tasks[_pick(suite, args.target)]
     dictionary = TaskDictionary.open(args.dictionary)
     if target.name in dictionary:
@@ -248,6 +247,7 @@ def _search(args: argparse.Namespace) -> int:
         final_steps=args.final_steps,
         out=out,
         progress=not args.quiet,
+        threads=args.threads,
     )
     for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
         print(f"d({name} -> {target.name}) = {d:.4f}{'  <- a*' if name == report.closest else ''}")
@@ -267,13 +267,14 @@ def _search(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     suite = get_suite("digits")
-    set_threads(args.threads, suite.default_arch)
     target = _pick(suite, args.target)
     print(
         f"Algorithm 1 on the embedded digits: target task {target} ({suite.tasks[target].name}); "
         "baselines: the other tasks"
     )
-    result = run_main_job(suite, target, args.out, seed=args.seed, progress=not args.quiet)
+    result = run_main_job(
+        suite, target, args.out, seed=args.seed, progress=not args.quiet, threads=args.threads
+    )
     report = result.report
     for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
         print(f"  d({name} -> target) = {d:.4f}{'  <- a*' if name == report.closest else ''}")

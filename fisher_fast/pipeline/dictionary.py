@@ -45,6 +45,7 @@ from fisher_fast.nas import FuseConfig, Genotype, SearchSpace, fuse_search
 from fisher_fast.tasks.cache import atomic_write, state_sha256, write_json
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import Probe, TrainConfig, train_probe
 
 DICTIONARY_FORMAT = "fisher_fast.task_dictionary"
@@ -359,6 +360,7 @@ def build_dictionary(
     seed: int = 0,
     progress: bool = True,
     replace: Collection[str] = (),
+    threads: int | None = None,
 ) -> TaskDictionary:
     """Create the dictionary in ``root``, or open it (its settings must be ``settings``), and
     add every task of ``tasks`` it does not hold yet: running it again after an interruption
@@ -368,38 +370,41 @@ def build_dictionary(
 
     Under torch.distributed, rank 0 opens or creates the dictionary, trains the probes and
     writes the files; every rank takes part in the data-parallel FUSE searches.
+    ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
+    :mod:`fisher_fast.tasks.threads`).
     """
-    path = Path(root)
+    with probe_threads(settings.arch, threads):
+        path = Path(root)
 
-    unknown = sorted(set(replace) - {t.name for t in tasks})
-    if unknown:
-        raise DictionaryError(
-            f"cannot replace {unknown}: not among the tasks being built ({[t.name for t in tasks]})"
-        )
+        unknown = sorted(set(replace) - {t.name for t in tasks})
+        if unknown:
+            raise DictionaryError(
+                f"cannot replace {unknown}: not among the tasks being built ({[t.name for t in tasks]})"
+            )
 
-    def open_or_create() -> TaskDictionary:
-        with locked(path):
-            if not (path / INDEX_FILE).exists():
-                dictionary = TaskDictionary(path, settings, {})
-                dictionary._write_index()
-                return dictionary
-        dictionary = TaskDictionary.open(path, unverified=replace)
-        dictionary.check_compatible(settings)
+        def open_or_create() -> TaskDictionary:
+            with locked(path):
+                if not (path / INDEX_FILE).exists():
+                    dictionary = TaskDictionary(path, settings, {})
+                    dictionary._write_index()
+                    return dictionary
+            dictionary = TaskDictionary.open(path, unverified=replace)
+            dictionary.check_compatible(settings)
+            return dictionary
+
+        dictionary = on_main(f"opening the task dictionary {path}", open_or_create)
+        todo = [t for t in tasks if t.name not in dictionary or t.name in replace]
+        quiet = not progress or not todo or not is_main()
+        for task in tqdm(todo, desc="baseline tasks", disable=quiet):
+            present = on_main("reading the task dictionary", lambda: _refreshed(dictionary))
+            if task.name in present and task.name not in replace:
+                continue  # another process building into this directory has added it
+            try:
+                dictionary.add(task, seed=seed, progress=progress, replace=task.name in replace)
+            except DictionaryError:
+                if task.name not in dictionary:  # not another process adding it meanwhile
+                    raise
         return dictionary
-
-    dictionary = on_main(f"opening the task dictionary {path}", open_or_create)
-    todo = [t for t in tasks if t.name not in dictionary or t.name in replace]
-    quiet = not progress or not todo or not is_main()
-    for task in tqdm(todo, desc="baseline tasks", disable=quiet):
-        present = on_main("reading the task dictionary", lambda: _refreshed(dictionary))
-        if task.name in present and task.name not in replace:
-            continue  # another process building into this directory has added it
-        try:
-            dictionary.add(task, seed=seed, progress=progress, replace=task.name in replace)
-        except DictionaryError:
-            if task.name not in dictionary:  # not another process adding it meanwhile
-                raise
-    return dictionary
 
 
 def _refreshed(dictionary: TaskDictionary) -> list[str]:

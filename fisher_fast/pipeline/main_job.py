@@ -45,6 +45,7 @@ from fisher_fast.pipeline.table import Row, plot_report
 from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.probes import SMALL_PROBES
 from fisher_fast.tasks.suites import Suite
+from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import train_probe
 
 MAIN_JOB_FUSE = FuseConfig(candidates=3, rounds=4, max_steps=60)
@@ -72,73 +73,90 @@ def run_main_job(
     nodes: int = 4,
     final_steps: int = DEFAULT_FINAL_STEPS,
     progress: bool = True,
+    threads: int | None = None,
 ) -> MainJobResult:
     """Run the pipeline for ``suite.tasks[target]`` with the tasks ``baselines`` (default: all
-    others) as the dictionary, in the run directory ``out`` (see module doc)."""
-    if not 0 <= target < len(suite.tasks):
-        raise ValueError(f"target must be a task index 0..{len(suite.tasks) - 1}, got {target}")
-    others = [i for i in range(len(suite.tasks)) if i != target] if baselines is None else baselines
-    if target in others or not others:
-        raise ValueError(f"the baselines {list(others)} must be non-empty and exclude the target")
-    require_module("matplotlib", "the figure main-job.png of the main job")
-    root = Path(out)
-    task = suite.tasks[target]
-    settings = DictionarySettings(
-        arch=suite.default_arch,
-        input_shape=tuple(task.splits().train.x.shape[1:]),
-        head_width=suite.head_width,
-        train=suite.train,
-        fuse=config,
-        nodes=nodes,
-        epsilon=suite.epsilon,
-    )
-    start = time.perf_counter()
-    dictionary = build_dictionary(
-        root / "dictionary",
-        [suite.tasks[i] for i in others],
-        settings,
-        seed=seed,
-        progress=progress,
-    )
-    dictionary_seconds = time.perf_counter() - start
-    report = search_architecture(
-        task, dictionary, seed=seed, final_steps=final_steps, out=root / "search", progress=progress
-    )
-    rows = [
-        Row(
-            f"FUSE in S_a* (closest baseline: {report.closest})",
-            report.evaluation.test_accuracy,
-            report.evaluation.parameters,
-            report.seconds,
-            report.search.genotype.to_string(),
-        ),
-        *_same_budget_rows(
-            suite,
-            target,
-            report,
-            SearchSpace.restricted_to(dictionary[report.closest].genotype),
-            root,
-            seed,
-            config,
-            final_steps,
-            progress,
-        ),
-        *on_main("training the hand-designed probes", lambda: _probe_rows(suite, target, seed)),
-    ]
-    summary: dict[str, Any] = {
-        "suite": suite.name,
-        "target": task.name,
-        "baselines": [suite.tasks[i].name for i in others],
-        "seed": seed,
-        "dictionary_seconds": dictionary_seconds,
-        "algorithm1": report.to_dict(),
-        "table": [r._asdict() for r in rows],
-    }
-    json_path, figure_path = root / "main-job.json", root / "main-job.png"
-    if is_main():
-        write_json(json_path, summary)
-        plot_report(rows, report.distances, report.closest, figure_path)
-    return MainJobResult(tuple(rows), report, json_path, figure_path)
+    others) as the dictionary, in the run directory ``out`` (see module doc).
+
+    ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
+    :mod:`fisher_fast.tasks.threads`).
+    """
+    with probe_threads(suite.default_arch, threads):
+        if not 0 <= target < len(suite.tasks):
+            raise ValueError(f"target must be a task index 0..{len(suite.tasks) - 1}, got {target}")
+        others = (
+            [i for i in range(len(suite.tasks)) if i != target] if baselines is None else baselines
+        )
+        if target in others or not others:
+            raise ValueError(
+                f"the baselines {list(others)} must be non-empty and exclude the target"
+            )
+        require_module("matplotlib", "the figure main-job.png of the main job")
+        root = Path(out)
+        task = suite.tasks[target]
+        settings = DictionarySettings(
+            arch=suite.default_arch,
+            input_shape=tuple(task.splits().train.x.shape[1:]),
+            head_width=suite.head_width,
+            train=suite.train,
+            fuse=config,
+            nodes=nodes,
+            epsilon=suite.epsilon,
+        )
+        start = time.perf_counter()
+        dictionary = build_dictionary(
+            root / "dictionary",
+            [suite.tasks[i] for i in others],
+            settings,
+            seed=seed,
+            progress=progress,
+            threads=threads,
+        )
+        dictionary_seconds = time.perf_counter() - start
+        report = search_architecture(
+            task,
+            dictionary,
+            seed=seed,
+            final_steps=final_steps,
+            out=root / "search",
+            progress=progress,
+            threads=threads,
+        )
+        rows = [
+            Row(
+                f"FUSE in S_a* (closest baseline: {report.closest})",
+                report.evaluation.test_accuracy,
+                report.evaluation.parameters,
+                report.seconds,
+                report.search.genotype.to_string(),
+            ),
+            *_same_budget_rows(
+                suite,
+                target,
+                report,
+                SearchSpace.restricted_to(dictionary[report.closest].genotype),
+                root,
+                seed,
+                config,
+                final_steps,
+                progress,
+            ),
+            *on_main("training the hand-designed probes", lambda: _probe_rows(suite, target, seed)),
+        ]
+        summary: dict[str, Any] = {
+            "suite": suite.name,
+            "target": task.name,
+            "baselines": [suite.tasks[i].name for i in others],
+            "seed": seed,
+            "dictionary_seconds": dictionary_seconds,
+            "algorithm1": report.to_dict(),
+            "table": [r._asdict() for r in rows],
+        }
+        json_path, figure_path = root / "main-job.json", root / "main-job.png"
+        if is_main():
+            write_json(json_path, summary)
+            plot_report(rows, report.distances, report.closest, figure_path)
+        return MainJobResult(tuple(rows), report, json_path, figure_path)
 
 
 def _same_budget_rows(

@@ -8,14 +8,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group, world_size
 from fisher_fast.tasks.distances import LABEL_CONVENTIONS, distance_matrix
 from fisher_fast.tasks.loaders.config import load_task_config
-from fisher_fast.tasks.probes import PROBES, SMALL_PROBES
+from fisher_fast.tasks.probes import PROBES
 from fisher_fast.tasks.report import format_matrix
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite
 from fisher_fast.tasks.train import OPTIMIZERS
@@ -231,15 +230,6 @@ def add_timeout_argument(parser: argparse._ActionsContainer, fits: str) -> None:
         help="under torchrun: minutes a process waits for the others at a synchronisation point "
         f"before giving up (default {default:.0f}); {fits}",
     )
-
-
-def set_threads(threads: int | None, arch: str) -> None:
-    """torch's intra-op threads: ``threads`` if given, else 1 for the small probes (their
-    tensors are too small to gain from threads, and spare threads only contend)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif arch in SMALL_PROBES:
-        torch.set_num_threads(1)
 
 
 def _suite(args: argparse.Namespace) -> Suite:

@@ -1,0 +1,41 @@
+"""The pipeline's Python API runs small probes on one CPU thread by default, as the CLI does,
+and gives the caller's setting back afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import TINY_SETTINGS, digit_tasks
+
+import fisher_fast.pipeline.dictionary as dictionary_module
+from fisher_fast.pipeline import build_dictionary
+
+
+class Stop(Exception):
+    """Ends the build at its first probe training: only the thread count there matters."""
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(None, 1), (2, 2)])
+def test_build_dictionary_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int | None, expected: int
+) -> None:
+    seen: list[int] = []
+
+    def first_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(dictionary_module, "train_probe", first_training)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(Stop):
+            build_dictionary(
+                tmp_path, digit_tasks()[:1], TINY_SETTINGS, progress=False, threads=threads
+            )
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [expected]
