@@ -3,6 +3,9 @@
 1. Train the target's probe (the dictionary's architecture and schedule).
 2. Fréchet distance from every baseline to the target: each baseline probe's FIM and the
    target probe's FIM on the same target inputs (Definition 4, the dictionary's Fisher kind).
+   The same trained target probe also gives the distances under the other kinds of
+   :data:`REPORTED_KINDS` (the paper's empirical Fisher among them), reported for comparison:
+   they can name another closest baseline, but only the dictionary's kind decides a*.
 3. ``a* = argmin`` distance; the search space ``S_{a*}`` restricted to a*'s best cell.
 4. FUSE in ``S_{a*}`` on the target's training split (its validation part carved from it).
 5. Train the found cell once more from scratch and evaluate it once on the test split.
@@ -41,6 +44,19 @@ from fisher_fast.tasks.distances import task_fim
 from fisher_fast.tasks.task import Task
 from fisher_fast.tasks.threads import probe_threads
 
+REPORTED_KINDS: tuple[str, ...] = ("exact", "empirical")
+"""Fisher kinds whose distances and a* every report holds: the exact true Fisher (the
+dictionary's default) and the empirical Fisher of the paper's eq. 2."""
+
+DECIDING_KIND_REASON = {
+    "exact": "the exact true Fisher takes labels from the probe's own predictions, so it needs "
+    "no target labels and has no Monte Carlo noise",
+    "empirical": "the empirical Fisher (paper eq. 2) uses the target's labels, as the paper does",
+    "mc": "the Monte Carlo true Fisher samples labels from the probe's own predictions, as the "
+    "exact one computes them, at a cost independent of the number of classes",
+}
+"""Why a dictionary's Fisher kind is a fair choice for a*, one clause per kind."""
+
 DEFAULT_FINAL_STEPS = 400
 """Adam steps of the final training of a found cell (batch size from the FUSE setting)."""
 
@@ -49,8 +65,11 @@ DEFAULT_FINAL_STEPS = 400
 class ArchitectureReport:
     """What :func:`search_architecture` found and what it cost.
 
-    ``distances`` maps each baseline to its Fréchet distance to the target (in [0, 1]);
-    ``closest`` is a*; ``space_size`` the number of cells of ``S_{a*}`` (``full_space_size``
+    ``distances`` maps each baseline to its Fréchet distance to the target (in [0, 1]) under
+    the dictionary's Fisher kind ``fisher``, the one that decides; ``closest`` is a*;
+    ``distances_by_kind`` holds the distances under every kind of :data:`REPORTED_KINDS` and
+    ``fisher`` (from the same target probe), ``closest_by_kind`` the a* each would choose;
+    ``space_size`` the number of cells of ``S_{a*}`` (``full_space_size``
     that of the full space of the same node count); ``search`` the FUSE result; ``evaluation``
     the final training's test accuracy, parameter count and seconds; ``*_seconds`` wall times.
     """
@@ -65,6 +84,13 @@ class ArchitectureReport:
     evaluation: Evaluation
     probe_seconds: float
     distance_seconds: float
+    fisher: str = "exact"
+    distances_by_kind: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def closest_by_kind(self) -> dict[str, str]:
+        """The a* each Fisher kind of ``distances_by_kind`` would choose."""
+        return {kind: closest_baseline(d) for kind, d in self.distances_by_kind.items()}
 
     @property
     def seconds(self) -> float:
@@ -74,8 +100,11 @@ class ArchitectureReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
+            "fisher": self.fisher,
             "distances": self.distances,
             "closest": self.closest,
+            "distances_by_kind": self.distances_by_kind,
+            "closest_by_kind": self.closest_by_kind,
             "baseline_genotype": self.baseline_genotype,
             "space_size": self.space_size,
             "full_space_size": self.full_space_size,
@@ -87,26 +116,58 @@ class ArchitectureReport:
         }
 
 
-def baseline_distances(
-    target: Task, dictionary: TaskDictionary, *, seed: int = 0, split: str = "val"
-) -> tuple[dict[str, float], float]:
-    """Steps 1-2: ({baseline: distance to ``target``}, seconds spent training the probe).
+@dataclass(frozen=True)
+class TargetDistances:
+    """Steps 1-2 under several Fisher kinds: ``distances[kind]`` maps each baseline to its
+    distance to the target; ``probe_seconds`` trained the target probe (once, for all kinds);
+    ``seconds[kind]`` measured that kind's distances."""
+
+    distances: dict[str, dict[str, float]]
+    probe_seconds: float
+    seconds: dict[str, float]
+
+
+def distances_by_kind(
+    target: Task,
+    dictionary: TaskDictionary,
+    *,
+    kinds: tuple[str, ...] | None = None,
+    seed: int = 0,
+    split: str = "val",
+) -> TargetDistances:
+    """Steps 1-2 for every Fisher kind of ``kinds`` (default: the dictionary's, then the other
+    kinds of :data:`REPORTED_KINDS`), from one trained target probe.
 
     A baseline of the target's own name is left out (it would be a* at distance 0 and the
     search would only repeat its own); a dictionary holding nothing else is an error.
     """
-    names = candidate_baselines(target, dictionary)
     s = dictionary.settings
+    kinds = tuple(dict.fromkeys((s.fisher, *REPORTED_KINDS) if kinds is None else kinds))
+    names = candidate_baselines(target, dictionary)
     start = time.perf_counter()
     probe = s.train_probe(target, seed)
     probe_seconds = time.perf_counter() - start
-    reference = task_fim(probe, target, fisher=s.fisher, seed=seed, split=split)
-    others = [
-        task_fim(dictionary.load_probe(name), target, fisher=s.fisher, seed=seed, split=split)
-        for name in names
-    ]
-    values = frechet_distances(reference, others).tolist()
-    return dict(zip(names, values, strict=True)), probe_seconds
+    probes: list[torch.nn.Module] = []
+    distances, seconds = {}, {}
+    for kind in kinds:
+        start = time.perf_counter()  # the first kind's seconds include loading the probes
+        probes = probes or [dictionary.load_probe(name) for name in names]
+        reference = task_fim(probe, target, fisher=kind, seed=seed, split=split)
+        others = [task_fim(p, target, fisher=kind, seed=seed, split=split) for p in probes]
+        values = frechet_distances(reference, others).tolist()
+        distances[kind] = dict(zip(names, values, strict=True))
+        seconds[kind] = time.perf_counter() - start
+    return TargetDistances(distances, probe_seconds, seconds)
+
+
+def baseline_distances(
+    target: Task, dictionary: TaskDictionary, *, seed: int = 0, split: str = "val"
+) -> tuple[dict[str, float], float]:
+    """Steps 1-2 under the dictionary's Fisher kind: ({baseline: distance to ``target``},
+    seconds spent training the probe). See :func:`distances_by_kind` for several kinds."""
+    kind = dictionary.settings.fisher
+    result = distances_by_kind(target, dictionary, kinds=(kind,), seed=seed, split=split)
+    return result.distances[kind], result.probe_seconds
 
 
 def candidate_baselines(target: Task, dictionary: TaskDictionary) -> list[str]:
@@ -155,12 +216,13 @@ def search_architecture(
     """
     with probe_threads(dictionary.settings.arch, threads):
         config = config or dictionary.settings.fuse
-        start = time.perf_counter()
-        distances, probe_seconds = on_main(
+        kind = dictionary.settings.fisher
+        measured = on_main(
             "the task distances",
-            lambda: baseline_distances(target, dictionary, seed=seed, split=distance_split),
+            lambda: distances_by_kind(target, dictionary, seed=seed, split=distance_split),
         )
-        distance_seconds = time.perf_counter() - start - probe_seconds
+        distances, probe_seconds = measured.distances[kind], measured.probe_seconds
+        distance_seconds = measured.seconds[kind]  # the other kinds are a comparison, not cost
         closest = closest_baseline(distances)
         best = dictionary[closest].genotype
         space = SearchSpace.restricted_to(best)
@@ -202,6 +264,8 @@ def search_architecture(
             evaluation=evaluation,
             probe_seconds=probe_seconds,
             distance_seconds=distance_seconds,
+            fisher=kind,
+            distances_by_kind=measured.distances,
         )
         if folder is not None and is_main():
             write_json(folder / "report.json", report.to_dict())

@@ -16,13 +16,13 @@ from pathlib import Path
 from fisher_fast.distributed import is_main, process_group
 from fisher_fast.nas import FuseConfig
 from fisher_fast.pipeline.algorithm import (
+    DECIDING_KIND_REASON,
     DEFAULT_FINAL_STEPS,
     candidate_baselines,
     search_architecture,
 )
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
-from fisher_fast.pipeline.table import format_table
 from fisher_fast.tasks.cli import add_timeout_argument
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite
 from fisher_fast.tasks.task import Task
@@ -251,6 +251,14 @@ def _search(args: argparse.Namespace) -> int:
     )
     for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
         print(f"d({name} -> {target.name}) = {d:.4f}{'  <- a*' if name == report.closest else ''}")
+    for kind, d_kind in report.distances_by_kind.items():
+        if kind != report.fisher:
+            name = report.closest_by_kind[kind]
+            print(f"under the {kind} Fisher (for comparison): a* = {name}, d = {d_kind[name]:.4f}")
+    print(
+        f"the {report.fisher} Fisher decides (the dictionary's setting): "
+        f"{DECIDING_KIND_REASON[report.fisher]}"
+    )
     print(
         f"restricted space: {report.space_size} cells of {report.full_space_size} "
         f"(best cell of {report.closest!r}: {report.baseline_genotype})"
@@ -275,17 +283,7 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_main_job(
         suite, target, args.out, seed=args.seed, progress=not args.quiet, threads=args.threads
     )
-    report = result.report
-    for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
-        print(f"  d({name} -> target) = {d:.4f}{'  <- a*' if name == report.closest else ''}")
-    print(
-        f"restricted space S_a*: {report.space_size} cells (the full space has "
-        f"{report.full_space_size}); search time includes the target probe and the distances"
-    )
-    print(format_table(result.rows))
-    for row in result.rows:
-        if row.genotype:
-            print(f"  {row.method}: {row.genotype}")
+    print(result.format())
     print(f"report: {result.json_path}, figure: {result.figure_path}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
