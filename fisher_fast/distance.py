@@ -203,11 +203,15 @@ def distances_from_sums(sums: torch.Tensor, squared: bool = False) -> torch.Tens
     return d2 if squared else torch.sqrt(d2)
 
 
-def _distances_from_rows(rows: list[list[float]], squared: bool) -> torch.Tensor:
+def _distances_from_rows(
+    rows: list[list[float]], squared: bool, device: torch.device
+) -> torch.Tensor:
     """:func:`distances_from_sums` on sums already on the host as Python floats (the same
-    float64 formula): a few microseconds, where tensor ops on K values take tens."""
+    float64 formula): a few microseconds, where tensor ops on K values take tens. The result
+    is put on ``device``, the device of the FIMs, like the tensor form's."""
     d2 = [max(0.0, 1.0 - cross / math.sqrt(ref * other)) for ref, other, cross, _, _ in rows]
-    return torch.tensor(d2 if squared else [math.sqrt(v) for v in d2], dtype=torch.float64)
+    values = d2 if squared else [math.sqrt(v) for v in d2]
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _check_sums(rows: list[list[float]], labels: list[str]) -> None:
@@ -252,9 +256,10 @@ def frechet_distances(
     ref = ref_parts.tensors
     everything = _common_dtype(ref + flat_others)
     ref, flat_others = everything[: len(ref)], everything[len(ref) :]
-    rows = ops.frechet_sums(ref, flat_others).tolist()  # (K, 5), one copy to the host
+    sums = ops.frechet_sums(ref, flat_others)
+    rows = sums.tolist()  # (K, 5), one copy to the host
     _check_sums(rows, ["the reference FIM"] + [f"FIM {k}" for k in range(len(others))])
-    return _distances_from_rows(rows, squared)
+    return _distances_from_rows(rows, squared, sums.device)
 
 
 def frechet_distance(F_a: FIMLike, F_b: FIMLike, *, squared: bool = False) -> torch.Tensor:

@@ -46,6 +46,12 @@ def test_random_inputs_match_reference(n: int, gen: torch.Generator, device: str
     assert_distance(frechet_distance(a, b), reference_frechet(a, b))
 
 
+def test_result_is_float64_on_the_inputs_device(gen: torch.Generator, device: str) -> None:
+    a, b = random_fim(1000, gen, device=device), random_fim(1000, gen, device=device)
+    for d in (frechet_distance(a, b), frechet_distances(a, [b, a])):
+        assert d.dtype == torch.float64 and d.device == a.device
+
+
 def test_ten_million_elements(gen: torch.Generator) -> None:
     a = random_fim(10**7, gen)
     b = random_fim(10**7, gen, zeros=0.1)
