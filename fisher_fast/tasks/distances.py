@@ -230,103 +230,72 @@ def distance_matrix(
     :class:`fisher_fast.distributed.RankError` naming it.
     """
     with probe_threads(arch, threads):
-        return _distance_matrix(
-            suite_or_tasks,
+        tasks, default_train, default_epsilon = _unpack(suite_or_tasks)
+        if out is not None:
+            require_module("matplotlib", f"the figure distance-{fisher}.png of the run directory")
+        seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+        if not seed_list:
+            raise ValueError("seeds is empty: pass a positive number of trials or a list of seeds")
+        run = _Run(
+            tasks,
             arch,
-            seeds,
+            fisher=fisher,
+            mc_samples=mc_samples,
+            train=train or default_train,
+            epsilon=default_epsilon if epsilon is None else epsilon,
+            device=device,
+            batch_size=batch_size,
+            cache=RunCache(out) if out is not None else None,
+        )
+        settings = settings_of(run, arch, mc_samples, tasks)
+        if out is not None and not overwrite:
+            refuse_other_settings(Path(out) / f"results-{fisher}.json", settings)
+        start = time.perf_counter()
+        k = len(tasks)
+        values = torch.zeros(len(seed_list), k, k, dtype=torch.float64)
+        accuracy = torch.zeros(len(seed_list), k, dtype=torch.float64)
+        mine = set(my_share(range(len(seed_list) * k)))  # job i*k + a: probe a, then column a
+        with tqdm(
+            total=len(mine) * (1 + k),
+            desc=f"{arch} {fisher}",
+            unit="step",
+            disable=not (progress and is_main()),
+        ) as bar:
+            for i, seed in enumerate(seed_list):
+                ours = [a for a in range(k) if i * k + a in mine]
+                probes = run.probes(tasks, seed, ours, bar)
+                for a, (probe, _) in enumerate(probes):
+                    accuracy[i, a] = probe.test_accuracy
+                for b, column in run.columns(tasks, seed, probes, ours, bar).items():
+                    values[i, :, b] = column
+        result = DistanceResult(
+            [t.name for t in tasks],
+            arch,
             fisher,
-            mc_samples,
-            epsilon,
-            train,
-            out,
-            device,
-            batch_size,
-            progress,
-            overwrite,
+            seed_list,
+            values,
+            accuracy,
+            run.epsilon,
+            run.head_width,
+            config={
+                **settings,
+                "seconds": round(time.perf_counter() - start, 2),
+                "processes": world_size(),
+            },
         )
+        if out is not None:
+            from fisher_fast.tasks.report import save_result
 
+            directory = Path(out)
 
-def _distance_matrix(
-    suite_or_tasks: Suite | Sequence[Task],
-    arch: str,
-    seeds: int | Sequence[int],
-    fisher: str,
-    mc_samples: int,
-    epsilon: float | None,
-    train: TrainConfig | None,
-    out: str | Path | None,
-    device: str | torch.device,
-    batch_size: int,
-    progress: bool,
-    overwrite: bool,
-) -> DistanceResult:
-    tasks, default_train, default_epsilon = _unpack(suite_or_tasks)
-    if out is not None:
-        require_module("matplotlib", f"the figure distance-{fisher}.png of the run directory")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list:
-        raise ValueError("seeds is empty: pass a positive number of trials or a list of seeds")
-    run = _Run(
-        tasks,
-        arch,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        train=train or default_train,
-        epsilon=default_epsilon if epsilon is None else epsilon,
-        device=device,
-        batch_size=batch_size,
-        cache=RunCache(out) if out is not None else None,
-    )
-    if out is not None and not overwrite:
-        refuse_other_settings(
-            Path(out) / f"results-{fisher}.json", settings_of(run, arch, mc_samples, tasks)
-        )
-    start = time.perf_counter()
-    k = len(tasks)
-    values = torch.zeros(len(seed_list), k, k, dtype=torch.float64)
-    accuracy = torch.zeros(len(seed_list), k, dtype=torch.float64)
-    mine = set(my_share(range(len(seed_list) * k)))  # job i*k + a: probe a, then column a
-    with tqdm(
-        total=len(mine) * (1 + k),
-        desc=f"{arch} {fisher}",
-        unit="step",
-        disable=not (progress and is_main()),
-    ) as bar:
-        for i, seed in enumerate(seed_list):
-            ours = [a for a in range(k) if i * k + a in mine]
-            probes = run.probes(tasks, seed, ours, bar)
-            for a, (probe, _) in enumerate(probes):
-                accuracy[i, a] = probe.test_accuracy
-            for b, column in run.columns(tasks, seed, probes, ours, bar).items():
-                values[i, :, b] = column
-    result = DistanceResult(
-        [t.name for t in tasks],
-        arch,
-        fisher,
-        seed_list,
-        values,
-        accuracy,
-        run.epsilon,
-        run.head_width,
-        config={
-            **settings_of(run, arch, mc_samples, tasks),
-            "seconds": round(time.perf_counter() - start, 2),
-            "processes": world_size(),
-        },
-    )
-    if out is not None:
-        from fisher_fast.tasks.report import save_result
+            def write() -> None:
+                if is_main():
+                    save_result(result, directory)
 
-        directory = Path(out)
-
-        def write() -> None:
-            if is_main():
-                save_result(result, directory)
-
-        # Written once, by rank 0; the exchange is also the final barrier (no rank returns
-        # before the files exist) and reports a failure to write on every rank.
-        all_outcomes("writing the results", write)
-    return result
+            # Written once, by rank 0; the exchange is also the final barrier (no rank returns
+            # before the files exist) and reports a failure to write on every rank.
+            all_outcomes("writing the results", write)
+        return result
 
 
 def settings_of(run: _Run, arch: str, mc_samples: int, tasks: Sequence[Task]) -> dict[str, Any]:
