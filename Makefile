@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fisher_fast_deps
 REGISTERED := $(VENV)/.fisher_fast_registered
 
-.PHONY: venv build test demo lint format bench peers cuda-check cmake-check clean
+.PHONY: venv build test demo lint format bench peers cuda-check timm-check cmake-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: peers
 # Compiles the CUDA kernels against a CUDA build of torch in its own cached venv outside the repo.
 cuda-check:
 	bash scripts/cuda_compile_check.sh "$(CUDA_VENV)" "$(CUDA_TORCH_SPEC)" "$(CUDA_ARCHS)"
+
+# The timm real-model tests, in the same second environment (timm's torchvision does not import
+# beside the main environment's CPU torch); on the CPU.
+timm-check:
+	bash scripts/timm_check.sh "$(CUDA_VENV)" "$(CUDA_TORCH_SPEC)"
 
 # Configures and builds the C++ library and its example with CMake, then runs the example.
 cmake-check: build

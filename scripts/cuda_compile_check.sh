@@ -3,7 +3,7 @@
 #
 # Usage: cuda_compile_check.sh VENV TORCH_SPEC ARCHS
 #   VENV        virtual environment for a CUDA build of torch, outside the repository; created,
-#               or reused when it already holds TORCH_SPEC (e.g. ~/.cache/fisher_fast/cuda-venv)
+#               or reused when it already holds TORCH_SPEC (cuda_torch_venv.sh)
 #   TORCH_SPEC  pip requirement of a CUDA build of torch (e.g. torch==2.14.1)
 #   ARCHS       TORCH_CUDA_ARCH_LIST to compile for (e.g. "8.0;9.0")
 #
@@ -39,26 +39,8 @@ if [ -z "${CUDA_HOME:-}" ]; then
 fi
 export PATH="$CUDA_HOME/bin:$PATH"
 
-# The virtual environment: reused when its stamp names the same torch spec and torch imports as a
-# CUDA build; otherwise (re)installed.
-stamp="$venv/.fisher_fast_torch_spec"
+bash "$(dirname "$0")/cuda_torch_venv.sh" "$venv" "$torch_spec"
 py="$venv/bin/python"
-if [ -x "$py" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$torch_spec" ] &&
-  "$py" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
-  echo "cuda-check: reusing $venv ($torch_spec)"
-else
-  echo "cuda-check: installing $torch_spec into $venv (first run takes a few minutes)"
-  mkdir -p "$(dirname "$venv")"
-  test -x "$py" || "${PYTHON:-python3}" -m venv "$venv"
-  "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q "$torch_spec" pybind11 ninja numpy setuptools wheel
-  "$py" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" || {
-    echo "error: $torch_spec installed a CPU build of torch; give a CUDA build" >&2
-    exit 1
-  }
-  echo "$torch_spec" >"$stamp"
-fi
-"$py" -c "import torch; print(f'cuda-check: torch {torch.__version__}, CUDA {torch.version.cuda}')"
 nvcc --version | tail -n 2
 
 # Build in a copy of the sources, outside the repository.
@@ -68,8 +50,7 @@ if [ "${KEEP_BUILD:-0}" = "1" ]; then
 else
   trap 'rm -rf "$work"' EXIT
 fi
-tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
-  --exclude='*.so' --exclude=__pycache__ -cf - . | tar -C "$work" -xf -
+bash "$repo/scripts/copy_sources.sh" "$work"
 mkdir -p "$work/_build/temp" "$work/_build/lib"
 
 cd "$work"

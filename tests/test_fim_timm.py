@@ -1,0 +1,88 @@
+"""diag_fim on timm's vision models, against a float64 per-sample autograd loop.
+
+Models built from small configs (random weights, no downloads), BatchNorm with non-trivial
+running statistics, data in two batches, in float64 (error ≤ 1e-10) and float32 (≤ 1e-5).
+
+timm needs torchvision, which does not import beside the CPU build of torch this project's
+main environment uses, so these tests run in a second environment (``make timm-check``: torch
+2.14.1 with torchvision 0.29.1, on the CPU). Elsewhere they are skipped, unless
+``FISHER_FAST_REQUIRE_TIMM=1`` (set by ``make timm-check``) turns the missing import into a
+failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from fim_reference import batchnorm_stats_randomised, max_relative_error, reference_fim_batches
+from torch import nn
+
+import fisher_fast
+
+N, CLASSES = 4, 3
+
+
+def _timm() -> Any:
+    if os.environ.get("FISHER_FAST_REQUIRE_TIMM") == "1":
+        import timm  # a failure here is the point: the second environment must have timm
+
+        return timm
+    return pytest.importorskip("timm")
+
+
+def _model(name: str, **config: Any) -> nn.Module:
+    return _timm().create_model(name, pretrained=False, num_classes=CLASSES, **config)
+
+
+def _vit_config(**extra: Any) -> dict[str, Any]:
+    return dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, **extra)
+
+
+# name -> (model factory, input side in pixels)
+MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "resnet18": (lambda: _model("resnet18"), 32),
+    "efficientnet_b0": (lambda: _model("efficientnet_b0"), 32),
+    "vit": (lambda: _model("vit_tiny_patch16_224", **_vit_config()), 16),
+    "deit_distilled": (
+        lambda: _model("deit_tiny_distilled_patch16_224", **_vit_config()),
+        16,
+    ),
+    "convnext": (lambda: _model("convnext_atto"), 32),
+    "swin": (
+        lambda: _model(
+            "swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
+            embed_dim=8, depths=(1, 1), num_heads=(1, 2),
+        ),  # fmt: skip
+        32,
+    ),
+    "mobilenetv3": (lambda: _model("mobilenetv3_small_050"), 32),
+    "regnet": (lambda: _model("regnetx_002"), 32),
+}
+
+
+def _problem(name: str, dtype: torch.dtype, gen: torch.Generator) -> tuple[nn.Module, list]:
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    factory, side = MODELS[name]
+    model = batchnorm_stats_randomised(factory().to(dtype).eval(), gen)
+    data = [
+        (torch.randn(N, 3, side, side, generator=gen, dtype=dtype), torch.randint(CLASSES, (N,)))
+        for _ in range(2)
+    ]
+    return model, data
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_the_per_sample_loop(name: str, dtype: torch.dtype, gen: torch.Generator) -> None:
+    model, data = _problem(name, dtype, gen)
+    reference = reference_fim_batches(model, data)  # before diag_fim: some models cache in eval
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    assert set(fim.names) == set(reference), "every trainable parameter gets an entry"
+    errors = max_relative_error(fim, reference)
+    worst = max(errors, key=errors.__getitem__)
+    bound = 1e-10 if dtype == torch.float64 else 1e-5
+    assert errors[worst] <= bound, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
