@@ -1,28 +1,32 @@
-"""diag_fim on Hugging Face models, over the floor and torch.func vmap(grad), interleaved.
+"""diag_fim on third-party models, over the floor and torch.func vmap(grad), interleaved.
 
-Models are built from small configs with random weights (no downloads): a BERT-style encoder
-classifier, a Llama-style decoder classifier and a GPT-2-style language model with its tied
-head (per-sample loss: cross-entropy summed over the positions). Every round calls each method
-once, in turn, on the same batches, after one warm-up call each; medians over rounds. The floor
-is one forward and one backward pass of the summed loss per batch (the parameters' batch
-gradient). With ``--batches B`` every method covers B batches of N samples: diag_fim plans on its
-first batch (a second, small forward pass and the layout checks), so one batch shows that cost
-in full and more batches show how it spreads.
+Models are built from small configs with random weights (no downloads): from Hugging Face
+transformers a BERT-style encoder classifier, a Llama-style decoder classifier and a GPT-2-style
+language model with its tied head (per-sample loss: cross-entropy summed over the positions);
+from timm ResNet-18, EfficientNet-B0 and a ViT (timm needs torchvision, which imports only in
+the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
+calls each method once, in turn, on the same batches, after one warm-up call each; medians over
+rounds. The floor is one forward and one backward pass of the summed loss per batch (the
+parameters' batch gradient). With ``--batches B`` every method covers B batches of N samples:
+diag_fim plans on its first batch (a second, small forward pass and the layout checks), so one
+batch shows that cost in full and more batches show how it spreads. Models whose library does
+not import are listed as skipped.
 
-    python benchmarks/real_models.py --rounds 10 [--batches 6]
+    python benchmarks/real_models.py --rounds 10 [--batches 6] [--models bert vit]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers as tf
 
 import fisher_fast
 
@@ -30,9 +34,11 @@ import fisher_fast
 SEED = 0
 N, T, VOCAB, CLASSES = 16, 128, 2000, 4
 WIDTH, LAYERS, HEADS = 128, 2, 4
+PIXELS = 64  # side of the timm models' input images
 
 
 def bert() -> torch.nn.Module:
+    tf = importlib.import_module("transformers")
     cfg = tf.BertConfig(
         vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=4 * WIDTH, max_position_embeddings=T, num_labels=CLASSES,
@@ -41,6 +47,7 @@ def bert() -> torch.nn.Module:
 
 
 def llama() -> torch.nn.Module:
+    tf = importlib.import_module("transformers")
     cfg = tf.LlamaConfig(
         vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         num_key_value_heads=HEADS // 2, intermediate_size=4 * WIDTH, max_position_embeddings=T,
@@ -50,8 +57,17 @@ def llama() -> torch.nn.Module:
 
 
 def gpt2() -> torch.nn.Module:
+    tf = importlib.import_module("transformers")
     cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=T)
     return tf.GPT2LMHeadModel(cfg)
+
+
+def timm_model(name: str, **config: Any) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        timm = importlib.import_module("timm")
+        return timm.create_model(name, pretrained=False, num_classes=CLASSES, **config)
+
+    return build
 
 
 def lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,43 +78,85 @@ def class_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y, reduction="none")
 
 
-MODELS: dict[str, tuple[Callable[[], torch.nn.Module], bool]] = {
-    "bert": (bert, False),
-    "llama": (llama, False),
-    "gpt2-tied": (gpt2, True),
+@dataclass(frozen=True)
+class Spec:
+    """A benchmark model: its builder, whether it is a language model (a token per position)
+    and whether it takes images (else token ids, passed as ``input_ids``)."""
+
+    build: Callable[[], torch.nn.Module]
+    lm: bool = False
+    images: bool = False
+
+
+MODELS: dict[str, Spec] = {
+    "bert": Spec(bert),
+    "llama": Spec(llama),
+    "gpt2-tied": Spec(gpt2, lm=True),
+    "resnet18": Spec(timm_model("resnet18"), images=True),
+    "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
+    "vit": Spec(timm_model("vit_tiny_patch16_224", img_size=PIXELS, patch_size=8), images=True),
 }
 
 
-def methods(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lm: bool
-) -> dict[str, Any]:
+def logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def call(model: torch.nn.Module, x: Any) -> torch.Tensor:
+    return logits(model(**x) if isinstance(x, dict) else model(x))
+
+
+def methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]], lm: bool) -> dict:
     loss = lm_loss if lm else class_loss
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def floor() -> None:
-        for ids, y in batches:
-            torch.autograd.grad(loss(model(input_ids=ids).logits, y).sum(), list(params.values()))
+        for x, y in batches:
+            torch.autograd.grad(loss(call(model, x), y).sum(), list(params.values()))
 
     def fisher() -> None:
         kwargs = {"loss": lm_loss} if lm else {}
-        data = [({"input_ids": ids}, y) for ids, y in batches]
-        fisher_fast.diag_fim(model, data, progress=False, **kwargs)
+        fisher_fast.diag_fim(model, batches, progress=False, **kwargs)
 
     detached = {n: p.detach() for n, p in params.items()}
 
-    def one(values: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(model, values, (), {"input_ids": x[None]}).logits
-        return loss(out, t[None]).sum()
+    def one(values: dict[str, torch.Tensor], x: Any, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, dict):
+            out = torch.func.functional_call(model, values, (), {k: v[None] for k, v in x.items()})
+        else:
+            out = torch.func.functional_call(model, values, (x[None],))
+        return loss(logits(out), t[None]).sum()
 
     per_sample = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
 
+    def chunks(x: Any) -> list[Any]:
+        if isinstance(x, dict):
+            parts = {k: v.split(4) for k, v in x.items()}
+            return [dict(zip(parts, vs, strict=True)) for vs in zip(*parts.values(), strict=True)]
+        return list(x.split(4))
+
     def vmap_grad() -> None:
-        for ids, y in batches:
-            for x, t in zip(ids.split(4), y.split(4), strict=True):
-                for g in per_sample(detached, x, t).values():
+        for x, y in batches:
+            for xc, t in zip(chunks(x), y.split(4), strict=True):
+                for g in per_sample(detached, xc, t).values():
                     g.square().sum(0)
 
     return {"floor": floor, "fisher_fast": fisher, "vmap_grad": vmap_grad}
+
+
+def make_batches(spec: Spec, count: int) -> list[tuple[Any, torch.Tensor]]:
+    if spec.images:
+        return [
+            (torch.randn(N, 3, PIXELS, PIXELS), torch.randint(0, CLASSES, (N,)))
+            for _ in range(count)
+        ]
+    return [
+        (
+            {"input_ids": torch.randint(1, VOCAB, (N, T))},
+            torch.randint(0, VOCAB if spec.lm else CLASSES, (N, T) if spec.lm else (N,)),
+        )
+        for _ in range(count)
+    ]
 
 
 def main() -> None:
@@ -110,17 +168,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models:
-        build, lm = MODELS[name]
+        spec = MODELS[name]
         torch.manual_seed(SEED)
-        model = build().eval()
-        batches = [
-            (
-                torch.randint(1, VOCAB, (N, T)),
-                torch.randint(0, VOCAB if lm else CLASSES, (N, T) if lm else (N,)),
-            )
-            for _ in range(args.batches)
-        ]
-        ids, y = batches[0]
+        try:
+            model = spec.build().eval()
+        except ImportError as error:
+            print(f"{name}: skipped ({error})")
+            continue
+        batches = make_batches(spec, args.batches)
+        lm = spec.lm
         calls = methods(model, batches, lm)
         times: dict[str, list[float]] = {m: [] for m in calls}
         failed: dict[str, str] = {}
@@ -137,15 +193,15 @@ def main() -> None:
                 fn()
                 times[m].append(time.perf_counter() - start)
         floor = statistics.median(times["floor"])
-        paths = fisher_fast.diag_fim(
-            model,
-            ({"input_ids": ids[:4]}, y[:4]),
-            progress=False,
-            **({"loss": lm_loss} if lm else {}),
-        ).meta["paths"]
+        x, y = batches[0]
+        small = ({k: v[:4] for k, v in x.items()} if isinstance(x, dict) else x[:4], y[:4])
+        kwargs = {"loss": lm_loss} if lm else {}
+        paths = fisher_fast.diag_fim(model, small, progress=False, **kwargs).meta["paths"]
         slow = sorted({p for p in paths.values() if not p.startswith("rule")})
         print(
-            f"{name}: {args.batches} batch(es) of N={N}, T={T}, {args.threads} threads, "
+            f"{name}: {args.batches} batch(es) of N={N}, "
+            + (f"{PIXELS}x{PIXELS} px" if spec.images else f"T={T}")
+            + f", {args.threads} threads, "
             f"{args.rounds} rounds, medians"
         )
         for m in calls:

@@ -86,3 +86,28 @@ def test_matches_the_per_sample_loop(name: str, dtype: torch.dtype, gen: torch.G
     worst = max(errors, key=errors.__getitem__)
     bound = 1e-10 if dtype == torch.float64 else 1e-5
     assert errors[worst] <= bound, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
+
+
+# parameter -> the path that must handle it (the fast path where a rule applies)
+FAST_PATHS: dict[str, dict[str, str]] = {
+    "efficientnet_b0": {  # BatchNormAct2d (SiLU, in place) and the depthwise/SE convolutions
+        "bn1.weight": "rule norm_act_rule",
+        "blocks.1.0.bn2.bias": "rule norm_act_rule",
+        "blocks.1.0.conv_dw.weight": "rule conv_rule",
+    },
+    "vit": {"blocks.0.norm1.weight": "rule layer_norm_rule"},  # timm's LayerNorm subclass
+    "convnext": {  # LayerNorm2d on (N, C, H, W), in the stem and the blocks
+        "stem.1.weight": "rule channels_first_layer_norm_rule",
+        "stages.0.blocks.0.norm.weight": "rule channels_first_layer_norm_rule",
+    },
+    "mobilenetv3": {"classifier.weight": "rule linear_rule"},  # timm's Linear subclass
+    "regnet": {"stem.bn.weight": "rule norm_act_rule"},
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_PATHS))
+def test_timm_layers_take_the_fast_paths(name: str, gen: torch.Generator) -> None:
+    model, data = _problem(name, torch.float32, gen)
+    paths = fisher_fast.diag_fim(model, data[:1], progress=False).meta["paths"]
+    for parameter, path in FAST_PATHS[name].items():
+        assert paths[parameter] == path, f"{parameter}: {paths[parameter]}"

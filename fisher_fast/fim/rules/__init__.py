@@ -22,6 +22,7 @@ from torch import nn
 
 from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled, Unknown
 from fisher_fast.fim.products import compute_dtype, square_sum
+from fisher_fast.fim.rules.lookalike import random_input, reproduces
 
 
 @dataclass
@@ -130,7 +131,10 @@ class RuleSpec:
     ``supports(module)``: configurations it handles (others get the generic path);
     ``extra_params``: dotted names of descendants' parameters the module uses without calling
     their owner (nn.MultiheadAttention's ``out_proj``), which the rule also fills;
-    ``instrument``: an optional instrumented forward (see ``Instrument``).
+    ``instrument``: an optional instrumented forward (see ``Instrument``);
+    ``example(module)``: the shape of an input on which a subclass with a forward of its own is
+    checked against the registered class's forward (lookalike.py); without it such subclasses
+    get the generic path.
     """
 
     compute: Rule
@@ -138,6 +142,7 @@ class RuleSpec:
     supports: Callable[[Any], bool] | None = None
     extra_params: tuple[str, ...] = ()
     instrument: Instrument | None = None
+    example: Callable[[Any], tuple[int, ...]] | None = None
 
     @property
     def name(self) -> str:
@@ -178,17 +183,19 @@ def register_rule(
     supports: Callable[[Any], bool] | None = None,
     extra_params: tuple[str, ...] = (),
     instrument: Instrument | None = None,
+    example: Callable[[Any], tuple[int, ...]] | None = None,
 ) -> Callable[[Rule], Rule]:
     """Decorator registering a rule for exact module classes (subclasses with their own forward
-    must register too). The keyword arguments are those of :class:`RuleSpec`; the default
-    ``layout="sample_first"`` means the rule is only used on calls whose samples are on axis 0."""
+    must register too, unless ``example`` lets them be verified). The keyword arguments are
+    those of :class:`RuleSpec`; the default ``layout="sample_first"`` means the rule is only
+    used on calls whose samples are on axis 0."""
     if layout not in ("sample_first", "positionwise") and not callable(layout):
         raise ValueError(
             f"layout must be 'sample_first', 'positionwise' or a callable, got {layout!r}"
         )
 
     def decorate(rule: Rule) -> Rule:
-        spec = RuleSpec(rule, layout, supports, tuple(extra_params), instrument)
+        spec = RuleSpec(rule, layout, supports, tuple(extra_params), instrument, example)
         for cls in module_types:
             _RULES[cls] = spec
         return rule
@@ -207,20 +214,31 @@ def register_matched_rule(matches: Callable[[nn.Module], bool], spec: RuleSpec) 
 
 
 def find_rule(module: nn.Module) -> RuleSpec | None:
-    """The rule for this module's class (subclasses inherit it only if they keep forward()),
-    else the first matched rule that recognises the module."""
+    """The rule for this module's class; a subclass inherits it if it keeps forward(), or if its
+    own forward is verified to compute the same (``RuleSpec.example``, eval mode only: a check
+    in training mode could change running statistics); else the first matched rule that
+    recognises the module."""
     cls = type(module)
     spec = _RULES.get(cls)
     if spec is None:
         for base in cls.__mro__[1:]:
-            if base in _RULES and cls.forward is base.forward:
-                spec = _RULES[base]
+            if base in _RULES:
+                if cls.forward is base.forward or _same_as(module, base, _RULES[base]):
+                    spec = _RULES[base]
                 break
     if spec is None:
         spec = next((s for matches, s in _MATCHED if matches(module)), None)
     if spec is not None and spec.supports is not None and not spec.supports(module):
         return None
     return spec
+
+
+def _same_as(module: nn.Module, base: type[nn.Module], spec: RuleSpec) -> bool:
+    """Whether ``module`` (a subclass of ``base`` with its own forward) computes base.forward."""
+    if spec.example is None or module.training:
+        return False
+    example = random_input(module, spec.example(module))
+    return reproduces(module, f"as {base.__name__}", lambda x: base.forward(module, x), example)
 
 
 def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) -> torch.Tensor:
@@ -238,6 +256,7 @@ from fisher_fast.fim.rules import (  # noqa: E402, F401
     embedding,
     linear,
     norm,
+    norm_variants,
     rms_norm,
     transposed_linear,
 )

@@ -21,7 +21,12 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-@register_rule(nn.Linear, layout="positionwise")
+def _example(module: nn.Linear) -> tuple[int, ...]:
+    """2 samples of 3 positions (a check input for subclasses, lookalike.py)."""
+    return (2, 3, module.in_features)
+
+
+@register_rule(nn.Linear, layout="positionwise", example=_example)
 def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
     xs = [_positions(c.input) for c in calls]
     gs = [_positions(c.grad()) for c in calls]

@@ -17,6 +17,8 @@ from torch import nn
 
 from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
 
+BatchNorm = nn.modules.batchnorm._BatchNorm
+
 BATCHNORM_TRAINING_ERROR = (
     "{name} is a BatchNorm layer in training mode (or without running statistics), so its output "
     "for one sample depends on the other samples in the batch and per-sample gradients are not "
@@ -25,22 +27,41 @@ BATCHNORM_TRAINING_ERROR = (
 )
 
 
+# (module, call, x̂ in the work dtype, work dtype) -> the gradient at weight ∘ x̂ + bias
+AffineGrad = Callable[[nn.Module, Call, torch.Tensor, torch.dtype], torch.Tensor]
+
+
+def _output_grad(
+    module: nn.Module, c: Call, x_hat: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    return c.grad().to(dtype)
+
+
 def affine_rule(
     normalise: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     reduce_dims: Callable[[torch.Tensor], tuple[int, ...]],
     cast_input: bool = True,
+    affine_grad: AffineGrad = _output_grad,
 ) -> Callable[[nn.Module, list[Call], RuleContext], None]:
     """A rule for y = normalise(x) * weight + bias; reduce_dims(x) are the position axes.
-    ``normalise`` gets x in the work dtype, or as the module got it (``cast_input=False``)."""
+    ``normalise`` gets x in the work dtype, or as the module got it (``cast_input=False``);
+    ``affine_grad`` gives the gradient at the affine output (by default the module's output
+    gradient; a layer with an activation after it maps its output gradient back)."""
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
-        def weight_grad(c: Call) -> torch.Tensor:
+        def grads(c: Call) -> tuple[torch.Tensor, torch.Tensor]:
             x = c.input.to(ctx.work_dtype) if cast_input else c.input
             x_hat = normalise(module, x).to(ctx.work_dtype)
-            return _sum_positions(c.grad().to(ctx.work_dtype) * x_hat, reduce_dims(c.input))
+            return x_hat, affine_grad(module, c, x_hat, ctx.work_dtype)
+
+        def weight_grad(c: Call) -> torch.Tensor:
+            x_hat, g = grads(c)
+            return _sum_positions(g * x_hat, reduce_dims(c.input))
 
         def bias_grad(c: Call) -> torch.Tensor:
-            return _sum_positions(c.grad().to(ctx.work_dtype), reduce_dims(c.input))
+            if affine_grad is _output_grad:  # no x̂ needed
+                return _sum_positions(c.grad().to(ctx.work_dtype), reduce_dims(c.input))
+            return _sum_positions(grads(c)[1], reduce_dims(c.input))
 
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
@@ -49,6 +70,8 @@ def affine_rule(
         if bias is not None and bias.requires_grad:
             ctx.add_bias("bias", sum_over_calls(calls, bias_grad))
 
+    # Named after the normalisation, as the handling paths show it ("rule batch_norm_rule").
+    rule.__name__ = normalise.__name__.removesuffix("_without_affine").strip("_") + "_rule"
     return rule
 
 
@@ -58,13 +81,13 @@ def _sum_positions(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
-def _channel_positions(x: torch.Tensor) -> tuple[int, ...]:
+def channel_positions(x: torch.Tensor) -> tuple[int, ...]:
     """Every axis but samples (0) and channels (1)."""
     return tuple(range(2, x.dim()))
 
 
-def _batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+def batch_norm_without_affine(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(module, BatchNorm)
     mean, var = module.running_mean, module.running_var
     if module.training or mean is None or var is None:
         raise RuntimeError(BATCHNORM_TRAINING_ERROR.format(name=type(module).__name__))
@@ -79,7 +102,7 @@ def _instance_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(x, mean, var, None, None, not use_running, 0.0, module.eps)
 
 
-def _group_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def group_norm_without_affine(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     assert isinstance(module, nn.GroupNorm)
     return F.group_norm(x, module.num_groups, None, None, module.eps)
 
@@ -98,11 +121,32 @@ def _layer_norm_rule(module: nn.LayerNorm, calls: list[Call], ctx: RuleContext) 
     affine_rule(_layer_norm, lambda x: layer_positions(x, dims))(module, calls, ctx)
 
 
-register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(
-    affine_rule(_batch_norm, _channel_positions)
+def channels_example(spatial: int) -> Callable[[nn.Module], tuple[int, ...]]:
+    """The shape of a check input (lookalike.py): 2 samples, the channels, ``spatial`` axes."""
+
+    def example(module: nn.Module) -> tuple[int, ...]:
+        channels = getattr(module, "num_features", 0) or getattr(module, "num_channels", 1)
+        return (2, int(channels), *(3,) * spatial)
+
+    return example
+
+
+def layer_example(module: nn.Module) -> tuple[int, ...]:
+    """2 samples of 3 positions of the normalised shape."""
+    assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+    return (2, 3, *module.normalized_shape)
+
+
+_SPATIAL: list[tuple[type[nn.Module], int]] = [
+    (nn.BatchNorm1d, 0), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3),
+    (nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNorm3d, 3),
+]  # fmt: skip
+for _cls, _spatial in _SPATIAL:
+    _normalise = batch_norm_without_affine if issubclass(_cls, BatchNorm) else _instance_norm
+    register_rule(_cls, example=channels_example(_spatial))(
+        affine_rule(_normalise, channel_positions)
+    )
+register_rule(nn.GroupNorm, example=channels_example(2))(
+    affine_rule(group_norm_without_affine, channel_positions)
 )
-register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)(
-    affine_rule(_instance_norm, _channel_positions)
-)
-register_rule(nn.GroupNorm)(affine_rule(_group_norm, _channel_positions))
-register_rule(nn.LayerNorm, layout="positionwise")(_layer_norm_rule)
+register_rule(nn.LayerNorm, layout="positionwise", example=layer_example)(_layer_norm_rule)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule, register_rule
-from fisher_fast.fim.rules.norm import affine_rule, layer_positions
+from fisher_fast.fim.rules.norm import affine_rule, layer_example, layer_positions
 
 
 def _eps(module: nn.Module) -> float | None:
@@ -43,7 +43,12 @@ def _rms_rule(module: nn.RMSNorm, calls: list[Call], ctx: RuleContext) -> None:
     )(module, calls, ctx)
 
 
-register_rule(nn.RMSNorm, layout="positionwise", supports=lambda m: m.weight is not None)(_rms_rule)
+register_rule(
+    nn.RMSNorm,
+    layout="positionwise",
+    supports=lambda m: m.weight is not None,
+    example=layer_example,
+)(_rms_rule)
 
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
