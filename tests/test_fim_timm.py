@@ -42,6 +42,10 @@ def _vit_config(**extra: Any) -> dict[str, Any]:
     return dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, **extra)
 
 
+SWIN_CONFIG: dict[str, Any] = dict(
+    img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2)
+)
+
 # name -> (model factory, input side in pixels)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet18": (lambda: _model("resnet18"), 32),
@@ -52,13 +56,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         16,
     ),
     "convnext": (lambda: _model("convnext_atto"), 32),
-    "swin": (
-        lambda: _model(
-            "swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
-            embed_dim=8, depths=(1, 1), num_heads=(1, 2),
-        ),  # fmt: skip
-        32,
-    ),
+    "swin": (lambda: _model("swin_tiny_patch4_window7_224", **SWIN_CONFIG), 32),
     "mobilenetv3": (lambda: _model("mobilenetv3_small_050"), 32),
     "regnet": (lambda: _model("regnetx_002"), 32),
 }
