@@ -77,9 +77,7 @@ class PlainLinear(nn.Linear):
 
 
 def _image_model(norm: nn.Module) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, C, 3, padding=1), norm, nn.Flatten(), nn.Linear(C * 5 * 5, 3)
-    )
+    return nn.Sequential(nn.Conv2d(3, C, 3, padding=1), norm, nn.Flatten(), nn.Linear(C * 5 * 5, 3))
 
 
 def _token_model(norm: nn.Module, head: nn.Module | None = None) -> nn.Module:
