@@ -93,7 +93,12 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "blocks.1.0.bn2.bias": "rule norm_act_rule",
         "blocks.1.0.conv_dw.weight": "rule conv_rule",
     },
-    "vit": {"blocks.0.norm1.weight": "rule layer_norm_rule"},  # timm's LayerNorm subclass
+    "vit": {  # timm's LayerNorm subclass; the class token and position embedding
+        "blocks.0.norm1.weight": "rule layer_norm_rule",
+        "cls_token": "broadcast use expanded to the samples",
+        "pos_embed": "broadcast use expanded to the samples",
+    },
+    "deit_distilled": {"dist_token": "broadcast use expanded to the samples"},
     "convnext": {  # LayerNorm2d on (N, C, H, W), in the stem and the blocks
         "stem.1.weight": "rule channels_first_layer_norm_rule",
         "stages.0.blocks.0.norm.weight": "rule channels_first_layer_norm_rule",

@@ -236,6 +236,15 @@ class Capture:
 
         return forward
 
+    def tap_tensor(
+        self, tensor: torch.Tensor, hook: Callable[[torch.Tensor], None]
+    ) -> torch.Tensor:
+        """An alias of ``tensor`` whose gradient reaches ``hook`` in the batch's backward passes
+        (through the zero leaf, as a module output's does)."""
+        tapped = _Tap.apply(self._zero(tensor.device), tensor)
+        tapped.register_hook(hook)
+        return tapped
+
     def _tap(self, module: nn.Module, call: Call, tensor: torch.Tensor) -> torch.Tensor:
         """Route tensor's gradient to ``call.grads[k]`` (k: order of taps); return its tap copy."""
         tapped = _Tap.apply(self._zero(tensor.device), tensor)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
+from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidates
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
@@ -215,6 +216,7 @@ class _Accumulation:
         self.planned: list[OwnerPlan] = []  # the owners of the plan in use
         self.paths: dict[str, str] = {}
         self.expansion = Expansion()
+        self.broadcast = BroadcastParams(self.capture.tap_tensor)
 
     # -- plan ----------------------------------------------------------------------------------
     def _planning_forward(self, inputs: Any, n: int) -> Any:
@@ -227,15 +229,17 @@ class _Accumulation:
             if not self.capture.owns(module):
                 self.capture.add_owner(Owner(name, module))
         self.expansion.arm(expandable(self.model))
+        self.broadcast.arm(broadcast_candidates(self.model))
         try:
             planned = self._plan_batch(inputs, n, index)
         except Exception:
-            if not self.expansion.modules:
+            if not (self.expansion.modules or self.broadcast.names):
                 raise
-            planned = None  # the model fails with an expanded output: plan without
+            planned = None  # the model fails with an expanded output or parameter: plan without
         if planned is None:
             self.capture.forget_calls()
             self.expansion.disarm()
+            self.broadcast.disarm()
             planned = self._plan_batch(inputs, n, index)
             assert planned is not None
         output, plan = planned
@@ -243,28 +247,39 @@ class _Accumulation:
             return output
         del output
         self.capture.forget_calls()
-        with self.expansion.samples(n):
+        self.broadcast.forget()
+        with self._samples(n):
             return call_model(self.model, inputs)
+
+    @contextlib.contextmanager
+    def _samples(self, n: int) -> Iterator[None]:
+        """The engine's own forward passes of a batch of n samples: broadcast Embedding outputs
+        and broadcast parameters get the sample axis (when planned so)."""
+        with self.expansion.samples(n), self.broadcast.samples(n):
+            yield
 
     def _plan_batch(self, inputs: Any, n: int, index: list[int]) -> tuple[Any, Plan] | None:
         """The batch's forward pass and its plan; None when an Embedding output was expanded
         (expansion.py) and that is not verified exact (the caller plans again without)."""
-        expansion = self.expansion
+        expansion, broadcast = self.expansion, self.broadcast
         expansion.take_seen()
-        with recording(self.model) as real, expansion.samples(n):
+        broadcast.forget()
+        with recording(self.model) as real, self._samples(n):
             output = call_model(self.model, inputs)
         real_seen = expansion.take_seen()
+        real_params = set(broadcast.views)
         if not expansion.used(real_seen):
             expansion.disarm()
+        broadcast.forget()
         try:
             with (
                 self.capture.paused(),
                 recording(self.model) as variant,
-                expansion.samples(len(index)),
+                self._samples(len(index)),
             ):
                 call_model(self.model, select_samples(inputs, n, index))
         except Exception as error:
-            if expansion.modules:
+            if expansion.modules or broadcast.names:
                 raise
             raise RuntimeError(
                 f"diag_fim runs {len(index)} of the first batch's samples as a batch of their "
@@ -281,8 +296,13 @@ class _Accumulation:
                 return None
             expanded = chosen
             expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
-        plan = make_plan(self.model, real, layouts, frozenset(expanded))
-        if expanded:
+        variant_views = broadcast.views
+        seen_params = frozenset(real_params & set(variant_views))
+        plan = make_plan(self.model, real, layouts, frozenset(expanded), seen_params)
+        if expanded or plan.broadcast:
+            params = [
+                (variant_views[name], self.model.get_parameter(name)) for name in plan.broadcast
+            ]
             why = verify(
                 self.model,
                 inputs,
@@ -292,7 +312,9 @@ class _Accumulation:
                 layouts.__getitem__,
                 [o.module for o in plan.owners],
                 self.capture.paused,
+                params,
             )
+            broadcast.forget()  # the check's gradients reached the collectors too
             if why is not None:
                 return None
         return output, plan
@@ -360,6 +382,13 @@ class _Accumulation:
             instrument = o.rule.instrument if o.rule is not None else None
             covered &= self.capture.set_process(o.module, process, instrument)
         covered &= self.capture.ignore_unplanned()
+        acc_dtype = self.options.dtype
+
+        def add_squares(name: str, grad: torch.Tensor) -> None:
+            """A broadcast parameter's per-sample gradients (N, ...): their squares' sum."""
+            views[name] += grad.to(work).square().sum(0, dtype=acc_dtype).reshape(views[name].shape)
+
+        self.broadcast.keep_only(set(plan.broadcast) & set(names), add_squares)
         self.sums = _Sums(names, acc, views)
         return covered
 
@@ -423,6 +452,7 @@ class _Accumulation:
         with (
             self.capture.installed(),
             self.expansion.installed(),
+            self.broadcast.installed(),
             tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
         ):
             for inputs, targets in batches(data, o.batch_size):
@@ -456,7 +486,8 @@ class _Accumulation:
                 if planning:
                     raw = self._planning_forward(inputs, n)
                 else:
-                    with self.expansion.samples(n):
+                    self.broadcast.forget()
+                    with self._samples(n):
                         raw = call_model(self.model, inputs)
                     if not self._conforms(n):
                         del raw
@@ -479,6 +510,7 @@ class _Accumulation:
                         objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
                     )
                     capture.end_pass()
+                    self.broadcast.end_pass()
             del raw, output, objs
         if planning:
             capture.keep_only({o.module for o in self.planned})

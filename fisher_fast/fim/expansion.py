@@ -29,7 +29,7 @@ never computed with a gradient that may be wrong.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -183,10 +183,14 @@ def verify(
     layouts: Callable[[nn.Module], list[CallLayout | Unknown]],
     owners: list[nn.Module],
     paused: Callable[[], Any],
+    params: Sequence[tuple[list[torch.Tensor], torch.Tensor]] = (),
 ) -> str | None:
     """None when the variant batch (expanded, samples ``index`` of the n) gives at every sampled
     output of ``owners`` the gradients its samples give alone, for a random cotangent on the
     model's sampled outputs, and the same model outputs; else why not (see the module docstring).
+    ``params``: (the variant's expanded views of a parameter, the parameter) of each broadcast
+    parameter given the sample axis (broadcast_params.py): the views' summed gradient must
+    equal, sample by sample, the parameter's gradient with the sample alone.
     """
     root_layouts = layouts(model)
     root = variant.calls.get(model, [])
@@ -235,7 +239,13 @@ def verify(
     assert batched_at is not None
     objective = sum((v * t).sum() for v, (t, _) in zip(cotangents, sampled_out, strict=True))
     assert isinstance(objective, torch.Tensor)
-    batched = grads(objective, batched_at)
+    views = [v for vs, _ in params for v in vs]
+    found = grads(objective, batched_at + views)
+    batched = found[: len(batched_at)]
+    batched_params, start = [], len(batched_at)
+    for vs, _ in params:
+        batched_params.append(sum(found[start : start + len(vs)], torch.zeros_like(vs[0])))
+        start += len(vs)
     for row, j in enumerate(index):
         with paused(), recording(model) as single:
             call_model(model, select_samples(inputs, n, [j]))
@@ -253,10 +263,13 @@ def verify(
             if not _agree(_block(t, lay, row), a, t):
                 return f"the model's output for sample {j} alone differs"
             objective = objective + (_block(v, lay, row) * a).sum()
-        alone = grads(objective, alone_at)
-        for (module, _, _, lay), g, a in zip(targets, batched, alone, strict=True):
+        alone = grads(objective, alone_at + [p for _, p in params])
+        for (module, _, _, lay), g, a in zip(targets, batched, alone[: len(targets)], strict=True):
             if not _agree(_block(g, lay, row), a, g):
                 return f"the gradient at a {type(module).__name__} output differs for sample {j}"
+        for g, a in zip(batched_params, alone[len(targets) :], strict=True):
+            if not _agree(g[row : row + 1], a, g):
+                return f"the gradient of a broadcast parameter differs for sample {j}"
     return None
 
 

@@ -5,7 +5,9 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
 
 1. by its module's **rule**, when the module holds it alone, runs, and every one of its calls
    has a layout the rule is exact on (or by an ancestor's rule that lists it in
-   ``extra_params``, as nn.MultiheadAttention does for ``out_proj``);
+   ``extra_params``, as nn.MultiheadAttention does for ``out_proj``); or, for a parameter
+   broadcast over the samples by its module's own forward (a ViT's class token), by its
+   gradient at its use given the sample axis, once verified (broadcast_params.py);
 2. else by **per-sample gradients** (torch.func, fallback.py) of the nearest module, starting
    from its own and going up to the whole model, that contains every use of the parameter and
    whose calls are per-sample separable: each input and output is per sample along one axis or
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fisher_fast.fim.broadcast_params import PATH as BROADCAST_PATH
 from fisher_fast.fim.expansion import PATH_SUFFIX, as_expanded
 from fisher_fast.fim.layout import CallLayout, Recording, Unknown
 from fisher_fast.fim.rules import RuleSpec, find_rule
@@ -71,6 +74,7 @@ class Plan:
     unsupported: dict[str, str]
     impossible: dict[str, str]  # global name -> why nothing can handle it exactly
     ties: list[Tie] = field(default_factory=list)
+    broadcast: list[str] = field(default_factory=list)  # given the sample axis (broadcast_params)
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -93,9 +97,11 @@ class _Planner:
         recording: Recording,
         layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
         expanded: frozenset[nn.Module],
+        broadcast: frozenset[str],
     ) -> None:
         self.modules = dict(model.named_modules())
         self.expanded = expanded
+        self.broadcast = broadcast
         self.recording = recording
         self.layouts = layouts
         self.owners: dict[str, OwnerPlan] = {}
@@ -158,6 +164,10 @@ class _Planner:
                 plan.paths[pname] = f"rule {rule.name}"
                 if module in self.expanded:
                     plan.paths[pname] += f" {PATH_SUFFIX}"
+                return
+            if pname in self.broadcast:
+                plan.paths[pname] = BROADCAST_PATH
+                plan.broadcast.append(pname)
                 return
             start = mname
             if rule is None:
@@ -285,10 +295,12 @@ def make_plan(
     recording: Recording,
     layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
     expanded: frozenset[nn.Module] = frozenset(),
+    broadcast: frozenset[str] = frozenset(),
 ) -> Plan:
     """The plan for ``model`` given its recorded calls and their layouts (module docstring);
-    ``expanded``: the Embeddings whose broadcast outputs were given the sample axis."""
-    planner = _Planner(model, recording, layouts, expanded)
+    ``expanded``: the Embeddings whose broadcast outputs were given the sample axis;
+    ``broadcast``: the parameters given the sample axis at their use (broadcast_params.py)."""
+    planner = _Planner(model, recording, layouts, expanded, broadcast)
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     first_name: dict[int, str] = {}
     for module_name, module in planner.modules.items():

@@ -1,0 +1,149 @@
+"""Parameters broadcast over the samples by their module's own forward, given the sample axis.
+
+A ViT's class token (1, 1, D) and position embedding (1, L, D) are used in the model's own
+forward (``cls_token.expand(N, -1, -1)``, ``x + pos_embed``), not through a submodule, so no rule
+sees them, and their per-sample gradients used to need the whole model re-run per sample. Their
+gradient is a sum over the samples only because of the broadcast: while the module runs, the
+parameter is replaced by ``p.expand(N, *p.shape[1:])`` (a view, no copy), tapped, and the
+gradient arriving at that view is (N, *p.shape[1:]), one slice per sample (summed over the
+module's calls when it runs more than once); its squares summed over the samples are the
+parameter's entry.
+
+This is exact only if the module treats the expanded view as it treats the broadcast parameter,
+sample by sample (``x + p`` and ``p.expand(N, ...)`` do; ``p[0]``, ``p.sum()`` or
+``p.squeeze(0)`` may not), so it is never assumed: the planning batch runs with the expansion
+and the engine keeps it only when, for a random cotangent on the model's output, the gradient at
+each expanded view of the variant batch equals, sample by sample, the parameter's gradient with
+that sample run alone (expansion.verify). Otherwise the batch is planned again without.
+
+Candidates: trainable parameters with a leading axis of 1 and at least two axes, held by a
+module without a rule (a rule handles its own parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisher_fast.fim.rules import find_rule
+
+PATH = "broadcast use expanded to the samples"
+
+# (tensor, hook on its gradient) -> the tapped alias the module uses instead (capture.py)
+Tap = Callable[[torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
+
+
+def broadcast_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """{global name: (holder module, local name)} of the parameters that may be expanded: a
+    leading axis of 1, at least two axes, one holder (not tied), and no rule for the holder."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules():
+        for local, p in module._parameters.items():
+            if p is not None and p.requires_grad and p.dim() >= 2 and p.shape[0] == 1:
+                holders.setdefault(id(p), []).append((module_name, module, local))
+    return {
+        (f"{name}.{local}" if name else local): (module, local)
+        for ((name, module, local),) in (h for h in holders.values() if len(h) == 1)
+        if find_rule(module) is None
+    }
+
+
+class BroadcastParams:
+    """Hooks that give some parameters the sample axis while their module runs.
+
+    Active only inside ``samples(n)`` (the engine's own forward passes, not a fallback's
+    per-sample re-run) with grad enabled. Each backward pass, the gradients at the expanded
+    views collect in ``pending`` (summed over the module's calls); ``end_pass`` hands each
+    parameter's sum over samples of squares to ``sink``. ``views`` keeps the last forward's
+    tapped views, and ``seen`` how often each parameter was expanded, for verification.
+    """
+
+    def __init__(self, tap: Tap) -> None:
+        self.tap = tap
+        self.n: int | None = None
+        self.armed: dict[str, tuple[nn.Module, str]] = {}
+        self.views: dict[str, list[torch.Tensor]] = {}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.sink: Callable[[str, torch.Tensor], None] | None = None
+        self._handles: list[Any] = []
+        self._swapped: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.armed)
+
+    def arm(self, params: dict[str, tuple[nn.Module, str]]) -> None:
+        """Hook exactly the holders of ``params``."""
+        self.disarm()
+        self.armed = dict(params)
+        for holder in {id(m): m for m, _ in params.values()}.values():
+            self._handles.append(holder.register_forward_pre_hook(self._swap, prepend=True))
+            self._handles.append(holder.register_forward_hook(self._restore, always_call=True))
+
+    def keep_only(self, names: set[str], sink: Callable[[str, torch.Tensor], None]) -> None:
+        """Keep the expansion of ``names`` only, their squares going to ``sink``."""
+        self.arm({n: hm for n, hm in self.armed.items() if n in names} if names else {})
+        self.sink = sink
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.armed, self.sink = [], {}, None
+        self.forget()
+
+    def forget(self) -> None:
+        self.views, self.pending = {}, {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.disarm()
+
+    @contextlib.contextmanager
+    def samples(self, n: int | None) -> Iterator[None]:
+        """Expand to ``n`` samples during the block (None: expand nothing)."""
+        before, self.n = self.n, n
+        try:
+            yield
+        finally:
+            self.n = before
+
+    def end_pass(self) -> None:
+        """Hand this backward pass's per-sample gradients to the sink, squared and summed."""
+        pending, self.pending = self.pending, {}
+        if self.sink is not None:
+            for name, grad in pending.items():
+                if name in self.armed:  # views of a planning pass may have others
+                    self.sink(name, grad)
+
+    def _swap(self, module: nn.Module, args: Any) -> None:
+        if self.n is None or not torch.is_grad_enabled():
+            return
+        swapped = []
+        for name, (holder, local) in self.armed.items():
+            if holder is not module:
+                continue
+            p = module._parameters[local]
+            assert p is not None
+            view = self.tap(p.expand(self.n, *p.shape[1:]), self._collector(name))
+            self.views.setdefault(name, []).append(view)
+            module._parameters[local] = view  # type: ignore[assignment]
+            swapped.append((local, p))
+        self._swapped.setdefault(module, []).extend(swapped)
+
+    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
+        for local, p in self._swapped.pop(module, []):
+            module._parameters[local] = p  # type: ignore[assignment]
+
+    def _collector(self, name: str) -> Callable[[torch.Tensor], None]:
+        def collect(grad: torch.Tensor) -> None:
+            before = self.pending.get(name)
+            self.pending[name] = grad if before is None else before + grad
+
+        return collect
