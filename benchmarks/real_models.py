@@ -197,7 +197,7 @@ def main() -> None:
         small = ({k: v[:4] for k, v in x.items()} if isinstance(x, dict) else x[:4], y[:4])
         kwargs = {"loss": lm_loss} if lm else {}
         paths = fisher_fast.diag_fim(model, small, progress=False, **kwargs).meta["paths"]
-        slow = sorted({p for p in paths.values() if not p.startswith("rule")})
+        slow = sorted({p for p in paths.values() if p.startswith("per-sample")})
         print(
             f"{name}: {args.batches} batch(es) of N={N}, "
             + (f"{PIXELS}x{PIXELS} px" if spec.images else f"T={T}")
