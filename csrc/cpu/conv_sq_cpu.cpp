@@ -12,6 +12,12 @@
 // transposed once; otherwise threads own disjoint tiles and share no accumulator. Memory: the
 // result plus, per thread, one chunk of transposed gradients, one patch tile and one product tile,
 // whatever N.
+//
+// Depthwise convolutions (one input and one output channel per group) take a direct path
+// instead: per channel and sample, the input is copied once into a zero-padded buffer and each
+// of the k² weight entries' gradients is one strided dot product with the output gradient, so
+// no patch row is built and no micro-kernel is called for a product of k² × L × 1 (both cost
+// more than the product itself at the small spatial sizes of late layers).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -206,6 +212,64 @@ void check_inputs(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kern
               "the result's size in bytes");
 }
 
+// Zero-padded input size along one axis that every window of the `out` outputs fits in.
+int64_t padded_size(int64_t out, int64_t stride, int64_t kernel, int64_t dilation) {
+  return (out - 1) * stride + (kernel - 1) * dilation + 1;
+}
+
+// The direct path applies when every group has one input and one output channel and the padded
+// buffer stays near the input's size (padding far past the input goes the general way).
+bool use_depthwise(const ConvGeometry& geo, int64_t channels, int64_t out_ch, int64_t groups) {
+  if (channels != groups || out_ch != groups) return false;
+  const int64_t hp = padded_size(geo.out_height, geo.stride_h, geo.kernel_h, geo.dilation_h);
+  const int64_t wp = padded_size(geo.out_width, geo.stride_w, geo.kernel_w, geo.dilation_w);
+  const int64_t limit = 4 * (geo.height + 2) * (geo.width + 2) + 4096;
+  return hp <= limit && wp <= limit && hp * wp <= limit;
+}
+
+// out[c, i * kw + j] = sum_n (sum_{oh, ow} g[n, c, oh, ow] x[n, c, oh sh - ph + i dh,
+// ow sw - pw + j dw])², channels split across threads (each owns its rows of the result).
+template <typename compute_t, typename acc_t>
+void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry& geo, int64_t n,
+                      int64_t channels, acc_t* out) {
+  const int64_t hp = padded_size(geo.out_height, geo.stride_h, geo.kernel_h, geo.dilation_h);
+  const int64_t wp = padded_size(geo.out_width, geo.stride_w, geo.kernel_w, geo.dilation_w);
+  const int64_t image = geo.height * geo.width, positions = geo.positions();
+  const int64_t taps = geo.kernel_size();
+  // Input rows and columns inside the buffer: [pad, pad + size) clipped to it.
+  const int64_t rows = std::max<int64_t>(0, std::min(geo.height, hp - geo.pad_h));
+  const int64_t cols = std::max<int64_t>(0, std::min(geo.width, wp - geo.pad_w));
+  at::parallel_for(0, channels, 1, [&](int64_t first, int64_t last) {
+    std::vector<compute_t> padded(hp * wp, compute_t(0));
+    for (int64_t c = first; c < last; ++c) {
+      acc_t* acc = out + c * taps;
+      for (int64_t s = 0; s < n; ++s) {
+        const compute_t* xs = x + (s * channels + c) * image;
+        const compute_t* gs = g + (s * channels + c) * positions;
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(xs + r * geo.width, xs + r * geo.width + cols,
+                    padded.data() + (r + geo.pad_h) * wp + geo.pad_w);
+        }
+        for (int64_t i = 0; i < geo.kernel_h; ++i) {
+          for (int64_t j = 0; j < geo.kernel_w; ++j) {
+            const compute_t* base = padded.data() + i * geo.dilation_h * wp + j * geo.dilation_w;
+            compute_t sum = 0;
+            for (int64_t oh = 0; oh < geo.out_height; ++oh) {
+              const compute_t* row = base + oh * geo.stride_h * wp;
+              const compute_t* grow = gs + oh * geo.out_width;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t ow = 0; ow < geo.out_width; ++ow)
+                sum += grow[ow] * row[ow * geo.stride_w];
+            }
+            const acc_t v = static_cast<acc_t>(sum);
+            acc[i * geo.kernel_w + j] += v * v;
+          }
+        }
+      }
+    }
+  });
+}
+
 at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, at::ScalarType acc_dtype) {
@@ -223,6 +287,17 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto xc = x.to(compute).contiguous();
   const auto gc = g.to(compute).contiguous();
+  if (use_depthwise(geo, channels, out_ch, groups)) {
+    auto out = at::zeros({groups, 1, in_g}, x.options().dtype(acc_dtype));
+    AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_depthwise", [&] {
+      using compute_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_depthwise_acc", [&] {
+        depthwise_sq_sum(xc.data_ptr<compute_t>(), gc.data_ptr<compute_t>(), geo, n, channels,
+                         out.data_ptr<scalar_t>());
+      });
+    });
+    return out;
+  }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const Plan plan = make_plan(n, groups, out_g, in_g, positions, at::elementSize(compute), threads);
   checked_mul(plan.splits, groups * in_g * out_g, "the per-thread accumulators' size");
