@@ -35,14 +35,14 @@ def reproduces(
     module: nn.Module,
     check: str,
     reference: Callable[[torch.Tensor], torch.Tensor],
-    example: torch.Tensor,
+    shape: tuple[int, ...],
 ) -> bool:
-    """Whether ``type(module).forward(module, example)`` equals ``reference(example)`` to
-    rounding (cached per module under the name ``check``). Any exception, a non-tensor or a
-    wrongly shaped output is a failed check."""
+    """Whether ``type(module).forward(module, x)`` equals ``reference(x)`` to rounding, for
+    ``x = random_input(module, shape)`` (cached per module under the name ``check``). Any
+    exception, a non-tensor or a wrongly shaped output is a failed check."""
     results = _RESULTS.setdefault(module, {})
     if check not in results:
-        results[check] = _agrees(module, reference, example)
+        results[check] = _agrees(module, reference, random_input(module, shape))
     return results[check]
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule
-from fisher_fast.fim.rules.lookalike import random_input, reproduces
+from fisher_fast.fim.rules.lookalike import reproduces
 from fisher_fast.fim.rules.norm import (
     BatchNorm,
     affine_rule,
@@ -88,12 +88,12 @@ def _is_norm_act(module: nn.Module) -> bool:
     else:
         assert isinstance(module, nn.GroupNorm)
         channels, spatial = module.num_channels, 2
-    example = random_input(module, (2, channels, *(3,) * spatial))
+    shape = (2, channels, *(3,) * spatial)
 
     def reference(x: torch.Tensor) -> torch.Tensor:
         return act(_affine(module, _normalise(module, x)))
 
-    return reproduces(module, "norm then activation", reference, example)
+    return reproduces(module, "norm then activation", reference, shape)
 
 
 def _pre_activation_grad(
@@ -125,12 +125,12 @@ def _is_channels_first_layer_norm(module: nn.Module) -> bool:
         return False
     if len(module.normalized_shape) != 1 or module.weight is None:
         return False
-    example = random_input(module, (2, module.normalized_shape[0], 3, 4))
+    shape = (2, module.normalized_shape[0], 3, 4)
 
     def reference(x: torch.Tensor) -> torch.Tensor:
         return _affine(module, _layer_norm_channels_first(module, x))
 
-    return reproduces(module, "channels-first layer norm", reference, example)
+    return reproduces(module, "channels-first layer norm", reference, shape)
 
 
 def _channels_first_layer_norm_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
