@@ -12,14 +12,23 @@ diag_fim plans on its first batch (a second, small forward pass and the layout c
 batch shows that cost in full and more batches show how it spreads. Models whose library does
 not import are listed as skipped.
 
-    python benchmarks/real_models.py --rounds 10 [--batches 6] [--models bert vit]
+    python benchmarks/real_models.py --rounds 10 [--batches 6] [--models bert vit] [--peers]
+    python benchmarks/real_models.py --memory [--batches 6] [--peers]
+
+``--peers`` adds BackPACK, Opacus and nngeometry on the image models (``make peers``; in the
+second environment ``pip install --no-deps -r benchmarks/requirements-peers.txt``). ``--memory``
+reports each method's peak resident memory above its start instead, each in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import importlib
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,14 +168,101 @@ def make_batches(spec: Spec, count: int) -> list[tuple[Any, torch.Tensor]]:
     ]
 
 
+PEERS = ("backpack_sum_grad_squared", "opacus_grad_sample", "nngeometry_diag_empirical")
+
+
+def peer_methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]]) -> dict:
+    """The peer libraries' empirical diagonal Fisher (fim_baselines.py) over the same batches;
+    image models only (the peers take a tensor input and a tensor output). Each peer works on a
+    copy of the model: one that fails may leave hooks behind."""
+    import fim_baselines  # beside this file
+
+    def run(method: Callable) -> Callable[[], None]:
+        own = copy.deepcopy(model)
+
+        def call() -> None:
+            for x, y in batches:
+                method(own, x, y)
+
+        return call
+
+    return {name: run(fim_baselines.METHODS[name].fn) for name in PEERS}
+
+
+def all_methods(spec: Spec, model: torch.nn.Module, batches: list, peers: bool) -> dict:
+    calls = methods(model, batches, spec.lm)
+    if peers and spec.images:
+        calls.update(peer_methods(model, batches))
+    return calls
+
+
+def _rss_kib(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (peak memory needs Linux)")
+
+
+def peak_memory_mib(fn: Callable[[], None]) -> float:
+    """Peak resident memory above the level before ``fn()``, in MiB (the peak is reset first
+    through /proc/self/clear_refs, so model and data building do not count)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def measure_memory(args: argparse.Namespace) -> None:
+    """Each method's peak memory in a fresh process of its own (its first call)."""
+    for name in args.models:
+        print(f"{name}: {args.batches} batch(es) of N={N}, peak resident memory above the start")
+        results: dict[str, str] = {}
+        for method in ("floor", "fisher_fast", "vmap_grad", *(PEERS if args.peers else ())):
+            command = [sys.executable, __file__, "--models", name, "--batches", str(args.batches)]
+            command += ["--threads", str(args.threads), "--memory-of", method]
+            command += ["--peers"] if args.peers else []
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines()
+            results[method] = lines[-1] if done.returncode == 0 and lines else "fails"
+        floor = float(results["floor"]) if results["floor"] != "fails" else float("nan")
+        for method, value in results.items():
+            if value in ("fails", "skipped"):
+                print(f"  {method:<26} {value}")
+            else:
+                print(f"  {method:<26} {float(value):8.1f} MiB  {float(value) / floor:6.2f}x floor")
+
+
+def memory_of(args: argparse.Namespace) -> None:
+    (name,) = args.models
+    spec = MODELS[name]
+    torch.manual_seed(SEED)
+    model = spec.build().eval()
+    calls = all_methods(spec, model, make_batches(spec, args.batches), args.peers)
+    if args.memory_of not in calls:
+        print("skipped")
+        return
+    gc.collect()  # no warm-up: memory it freed would stay resident and hide the first call's
+    print(f"{peak_memory_mib(calls[args.memory_of]):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=1, help="batches of N samples per call")
+    parser.add_argument("--peers", action="store_true", help="also BackPACK, Opacus, nngeometry")
+    parser.add_argument("--memory", action="store_true", help="peak memory instead of time")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # one method, in a child process
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_of:
+        return memory_of(args)
+    if args.memory:
+        return measure_memory(args)
     for name in args.models:
         spec = MODELS[name]
         torch.manual_seed(SEED)
@@ -177,7 +273,7 @@ def main() -> None:
             continue
         batches = make_batches(spec, args.batches)
         lm = spec.lm
-        calls = methods(model, batches, lm)
+        calls = all_methods(spec, model, batches, args.peers)
         times: dict[str, list[float]] = {m: [] for m in calls}
         failed: dict[str, str] = {}
         for m, fn in calls.items():  # warm-up
@@ -206,10 +302,10 @@ def main() -> None:
         )
         for m in calls:
             if m in failed:
-                print(f"  {m:<12} fails: {failed[m]}")
+                print(f"  {m:<26} fails: {failed[m]}")
             else:
                 median = statistics.median(times[m])
-                print(f"  {m:<12} {median * 1e3:9.1f} ms  {median / floor:6.2f}x floor")
+                print(f"  {m:<26} {median * 1e3:9.1f} ms  {median / floor:6.2f}x floor")
         print(f"  per-sample paths: {slow}")
 
 
