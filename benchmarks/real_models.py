@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import importlib
 import statistics
@@ -216,7 +217,8 @@ def peak_memory_mib(fn: Callable[[], None]) -> float:
 
 
 def measure_memory(args: argparse.Namespace) -> None:
-    """Each method's peak memory in a fresh process of its own (its first call)."""
+    """Each method's peak memory in a fresh process of its own: its second call, after the
+    memory the first one freed is given back to the system (malloc_trim)."""
     for name in args.models:
         print(f"{name}: {args.batches} batch(es) of N={N}, peak resident memory above the start")
         results: dict[str, str] = {}
@@ -244,7 +246,11 @@ def memory_of(args: argparse.Namespace) -> None:
     if args.memory_of not in calls:
         print("skipped")
         return
-    gc.collect()  # no warm-up: memory it freed would stay resident and hide the first call's
+    calls[args.memory_of]()  # warm-up: one-time allocations (thread pools, kernel code)
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: return freed memory to the
+    if trim is not None:  # system, or it would stay resident and hide the measured call's peak
+        trim(0)
     print(f"{peak_memory_mib(calls[args.memory_of]):.1f}")
 
 

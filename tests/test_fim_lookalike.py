@@ -178,3 +178,26 @@ def test_the_check_runs_once_per_module_and_not_through_hooks() -> None:
     assert fim.meta["paths"]["1.weight"] == "rule layer_norm_rule"
     assert len(hooked) >= 3, "one call per batch at least"
     assert Counted.forwards == len(hooked) + 1, "one check, outside the hooks"
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        nn.Identity(), nn.ReLU(inplace=True), nn.GELU(approximate="tanh"), nn.GELU(),
+        nn.Hardswish(), nn.SiLU(), nn.Mish(), nn.LeakyReLU(0.2),
+    ],
+    ids=lambda a: repr(a),
+)  # fmt: skip
+def test_norm_then_activation_for_each_activation(act: nn.Module, gen: torch.Generator) -> None:
+    """The activation's backward by its own op (ReLU, SiLU, GELU, Hardswish, Identity) or by
+    autograd (the others) gives the same exact result."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = batchnorm_stats_randomised(_image_model(BatchNormAct(C, act)).double().eval(), gen)
+    x = torch.randn(N, 3, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(3, (N,), generator=gen)
+    fim = fisher_fast.diag_fim(model, (x, y), progress=False, dtype=torch.float64)
+    # With Identity the module computes BatchNorm2d's forward: the plain rule, as verified.
+    expected = "rule batch_norm_rule" if isinstance(act, nn.Identity) else "rule norm_act_rule"
+    assert fim.meta["paths"]["1.weight"] == expected
+    reference = reference_fim(model, x, y)
+    assert (fim.flat - reference).abs().max() <= 1e-10 * reference.abs().max()

@@ -12,7 +12,10 @@ inside a custom Function). The zero leaf's own gradient is a constant, so no red
 output is spent on it.
 
 A module called once with one output is processed as soon as its gradient arrives, so that
-gradient is freed early; anything else (weight sharing, several outputs) is processed after the
+gradient is freed early, and in the batch's last backward pass it then lets go of its inputs, so
+that autograd frees them once the module's own backward has run, as in a plain backward pass
+(held to the end of the batch, every layer input would stay alive through the whole backward
+pass); anything else (weight sharing, several outputs) is processed after the
 backward pass, when all of its calls' gradients are known.
 """
 
@@ -109,11 +112,15 @@ class Capture:
 
     def ignore_unplanned(self) -> bool:
         """Owners still without a process add nothing (their parameters are handled elsewhere);
-        False when one of them loses its instrumented forward (see ``set_process``)."""
+        False when one of them loses its instrumented forward (see ``set_process``). Their calls
+        of this batch let go of their inputs now, so that the planning batch's backward pass
+        frees activations as a plain one does (the taps still deliver, and drop, gradients)."""
         covered = True
         for module, owner in self._owner_of.items():
             if owner.process is None:
                 covered &= self.set_process(module, _ignore, None)
+                for call in self.calls.get(module, []):
+                    call.args, call.kwargs, call.saved = (), {}, {}
         return covered
 
     @contextlib.contextmanager
@@ -277,5 +284,7 @@ class Capture:
                 self._process(module, calls)
                 self._done.add(id(module))
                 call.grads[k] = None
+                if self.passes.last:  # no pass needs its inputs again: let autograd free them
+                    call.args, call.kwargs, call.saved = (), {}, {}
 
         return hook

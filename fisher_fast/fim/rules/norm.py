@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
+from fisher_fast.fim.rules import Call, RuleContext, register_rule
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -49,26 +49,33 @@ def affine_rule(
     gradient; a layer with an activation after it maps its output gradient back)."""
 
     def rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
-        def grads(c: Call) -> tuple[torch.Tensor, torch.Tensor]:
-            x = c.input.to(ctx.work_dtype) if cast_input else c.input
-            x_hat = normalise(module, x).to(ctx.work_dtype)
-            return x_hat, affine_grad(module, c, x_hat, ctx.work_dtype)
-
-        def weight_grad(c: Call) -> torch.Tensor:
-            x_hat, g = grads(c)
-            return _sum_positions(g * x_hat, reduce_dims(c.input))
-
-        def bias_grad(c: Call) -> torch.Tensor:
-            if affine_grad is _output_grad:  # no x̂ needed
-                return _sum_positions(c.grad().to(ctx.work_dtype), reduce_dims(c.input))
-            return _sum_positions(grads(c)[1], reduce_dims(c.input))
-
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
-        if weight is not None and weight.requires_grad:
-            ctx.add_bias("weight", sum_over_calls(calls, weight_grad))
-        if bias is not None and bias.requires_grad:
-            ctx.add_bias("bias", sum_over_calls(calls, bias_grad))
+        want_weight = weight is not None and weight.requires_grad
+        want_bias = bias is not None and bias.requires_grad
+        weight_sum: torch.Tensor | None = None  # per-sample gradients, summed over calls
+        bias_sum: torch.Tensor | None = None
+        for c in calls:  # x̂ and the affine gradient once per call, for both parameters
+            dims = reduce_dims(c.input)
+            if want_weight or affine_grad is not _output_grad:
+                x = c.input.to(ctx.work_dtype) if cast_input else c.input
+                x_hat = normalise(module, x).to(ctx.work_dtype)
+                g = affine_grad(module, c, x_hat, ctx.work_dtype)
+                del x
+            else:  # the bias alone needs no x̂
+                x_hat, g = None, c.grad().to(ctx.work_dtype)
+            if want_weight:
+                assert x_hat is not None
+                part = _sum_positions(g * x_hat, dims)
+                weight_sum = part if weight_sum is None else weight_sum + part
+            del x_hat
+            if want_bias:
+                part = _sum_positions(g, dims)
+                bias_sum = part if bias_sum is None else bias_sum + part
+        if weight_sum is not None:
+            ctx.add_bias("weight", weight_sum)
+        if bias_sum is not None:
+            ctx.add_bias("bias", bias_sum)
 
     # Named after the normalisation, as the handling paths show it ("rule batch_norm_rule").
     rule.__name__ = normalise.__name__.removesuffix("_without_affine").strip("_") + "_rule"

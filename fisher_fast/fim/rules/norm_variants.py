@@ -15,6 +15,9 @@ the formula on a random input, so a variant with other math takes the exact gene
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +57,8 @@ def _affine(module: nn.Module, x_hat: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, *(1,) * (x_hat.dim() - 2))
     weight: torch.Tensor | None = getattr(module, "weight", None)
     bias: torch.Tensor | None = getattr(module, "bias", None)
+    if weight is not None and bias is not None:  # one temporary, not two
+        return torch.addcmul(bias.to(x_hat).reshape(shape), x_hat, weight.to(x_hat).reshape(shape))
     out = x_hat
     if weight is not None:
         out = out * weight.to(x_hat).reshape(shape)
@@ -96,15 +101,31 @@ def _is_norm_act(module: nn.Module) -> bool:
     return reproduces(module, "norm then activation", reference, shape)
 
 
+# The activation's vector-Jacobian product (activation, input z, output gradient g) by its own
+# backward op, for the common ones: no autograd graph and no copy of z for in-place activations.
+_BACKWARD: dict[type[nn.Module], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Identity: lambda act, z, g: g,
+    nn.ReLU: lambda act, z, g: torch.ops.aten.threshold_backward(g, z, 0),
+    nn.SiLU: lambda act, z, g: torch.ops.aten.silu_backward(g, z),
+    nn.GELU: lambda act, z, g: torch.ops.aten.gelu_backward(g, z, approximate=act.approximate),
+    nn.Hardswish: lambda act, z, g: torch.ops.aten.hardswish_backward(g, z),
+}
+
+
 def _pre_activation_grad(
     module: nn.Module, c: Call, x_hat: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """The gradient at the affine output: the activation's VJP at the recomputed input."""
+    act = module.get_submodule("act")
+    z = _affine(module, x_hat)
+    g = c.grad().to(z.dtype)
+    backward = _BACKWARD.get(type(act))
+    if backward is not None:
+        return backward(act, z, g).to(dtype)
     with torch.enable_grad():
-        z = _affine(module, x_hat).detach().requires_grad_(True)
-        act = module.get_submodule("act")
+        z.requires_grad_(True)
         out = act(z.clone())  # a copy: the activation may work in place
-        (grad,) = torch.autograd.grad(out, z, c.grad().to(out.dtype))
+        (grad,) = torch.autograd.grad(out, z, g)
     return grad.to(dtype)
 
 
