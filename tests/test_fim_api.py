@@ -278,3 +278,22 @@ def test_no_trainable_parameters() -> None:
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         _fim(model, (torch.randn(2, 3), torch.tensor([0, 1])))
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_a_float32_model_accumulated_in_float64_over_several_passes(
+    fisher: str, backend: str, gen: torch.Generator
+) -> None:
+    """Several backward passes ("exact", "mc") sum the squared output gradients in the work
+    dtype (float64 here) while the Linear's input stays float32: both reach the product."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    x, y = torch.randn(9, 6, generator=gen), torch.randint(4, (9,), generator=gen)
+    draws = fisher_fast.sample_labels(model(x), 2, torch.Generator().manual_seed(1))
+    fim = fisher_fast.diag_fim(
+        model, (x, y), fisher=fisher, mc_samples=2, generator=torch.Generator().manual_seed(1),
+        dtype=torch.float64, backend=backend, progress=False,
+    )  # fmt: skip
+    reference = reference_fim(model, x, y, fisher=fisher, labels=draws)
+    assert relative_error(fim.flat, reference) <= 1e-5

@@ -72,7 +72,8 @@ def _factored(module: nn.Linear, g: torch.Tensor, x: torch.Tensor, ctx: RuleCont
     if weight is None and bias is None:
         return
     if ctx.backend == "kernels" and g.device.type == "cpu":
-        ops.linear_sq_sum_(weight, bias, g, x, g_squared=squared)
+        # Squares summed over passes are in the work dtype, the input in the model's.
+        ops.linear_sq_sum_(weight, bias, g, x.to(g.dtype), g_squared=squared)
         return
     g2 = g if squared else g.to(ctx.work_dtype).square()
     if weight is not None:
