@@ -46,6 +46,15 @@ def device(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def rule_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules a test registers live in a copy of the registry, dropped when the test ends."""
+    from fisher_fast.fim import rules
+
+    monkeypatch.setattr(rules, "_RULES", dict(rules._RULES))
+    monkeypatch.setattr(rules, "_MATCHED", list(rules._MATCHED))
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A CPU generator with a fresh seed, printed so that a failure can be replayed."""
     seed = int(os.environ.get("FISHER_FAST_TEST_SEED", secrets.randbits(62)))

@@ -72,6 +72,7 @@ def test_mc_converges_to_exact() -> None:
     assert relative_error(mc.flat, exact.flat.double()) < 0.1
 
 
+@pytest.mark.usefixtures("rule_registry")
 def test_custom_rule_is_used() -> None:
     class Gain(nn.Module):
         def __init__(self) -> None:
@@ -297,3 +298,10 @@ def test_a_float32_model_accumulated_in_float64_over_several_passes(
     )  # fmt: skip
     reference = reference_fim(model, x, y, fisher=fisher, labels=draws)
     assert relative_error(fim.flat, reference) <= 1e-5
+
+
+def test_a_test_rule_does_not_outlive_its_test() -> None:
+    """The rule registered by test_custom_rule_is_used went with its registry copy."""
+    from fisher_fast.fim import rules
+
+    assert all(spec.name != "gain_rule" for spec in rules._RULES.values())

@@ -275,6 +275,7 @@ def test_check_reports_every_parameter_with_its_path(capsys: pytest.CaptureFixtu
     assert "positions.weight" in printed and "all parameters agree" in printed
 
 
+@pytest.mark.usefixtures("rule_registry")
 def test_check_flags_a_wrong_rule() -> None:
     class Scale(nn.Module):
         def __init__(self) -> None:

@@ -27,7 +27,6 @@ from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidat
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
-from fisher_fast.fim.distributed import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
@@ -35,6 +34,7 @@ from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
 from fisher_fast.fim.products import compute_dtype
+from fisher_fast.fim.reduce import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.result import DiagFIM
 from fisher_fast.fim.rules import Call, RuleContext, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR

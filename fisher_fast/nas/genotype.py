@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -126,31 +125,6 @@ class Genotype:
                 )
             ops.extend(entry.rpartition("~")[0] for entry in entries)
         return cls(len(groups) + 1, tuple(ops))
-
-    def to_json(self) -> str:
-        """A JSON object ``{"nodes": n, "edges": [[source, target, op], ...]}``."""
-        return json.dumps({"nodes": self.nodes, "edges": [list(e) for e in self.edges]})
-
-    @classmethod
-    def from_json(cls, text: str) -> Genotype:
-        """Inverse of :meth:`to_json`; the edges may come in any order but must all be present."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or set(data) != {"nodes", "edges"}:
-            raise ValueError(
-                f"a genotype JSON object has exactly the keys 'nodes' and 'edges', got {text!r}"
-            )
-        nodes, listed = data["nodes"], data["edges"]
-        if not isinstance(nodes, int) or not isinstance(listed, list):
-            raise ValueError(f"'nodes' must be an integer and 'edges' a list, got {text!r}")
-        edges = edge_list(nodes)
-        if not all(isinstance(e, list) and len(e) == 3 for e in listed):
-            raise ValueError(f"each edge is a list [source, target, op], got {listed}")
-        given = {(i, j): op for i, j, op in listed}
-        if len(listed) != len(edges) or set(given) != set(edges):
-            raise ValueError(
-                f"a {nodes}-node genotype lists each of the edges {list(edges)} once, got {listed}"
-            )
-        return cls(nodes, tuple(given[e] for e in edges))
 
     def canonical(self) -> Genotype:
         """The representative of this cell's equivalence class: dead edges set to ``zero``, then

@@ -64,9 +64,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
 
 
 def test_a_search_can_be_extended_by_more_rounds(tmp_path: Path) -> None:
+    """Only the added rounds run (the two saved ones are reloaded), and the result equals an
+    uninterrupted search of all rounds."""
     path = tmp_path / "fuse.json"
     _search(checkpoint=path, config=replace(CONFIG, rounds=2))
-    _same(_search(checkpoint=path), _search())
+    extended_rounds: list[Round] = []
+    extended = _search(checkpoint=path, on_round=extended_rounds.append)
+    assert len(extended_rounds) == CONFIG.rounds - 2
+    _same(extended, _search())
 
 
 def test_a_checkpoint_of_another_search_is_refused(tmp_path: Path) -> None:
