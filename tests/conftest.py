@@ -1,4 +1,5 @@
-"""Shared test helpers: fresh random generators, random FIMs, float64 references, the cuda marker.
+"""Shared test fixtures: fresh random generators, the rule registry copy, the cuda marker (helpers
+live in modules of their own: fim_reference.py, fim_values.py, layer_models.py).
 
 Every test draws fresh random data. The seed is printed (pytest shows it with a failure) and
 ``FISHER_FAST_TEST_SEED=<seed>`` replays it.
@@ -6,7 +7,6 @@ Every test draws fresh random data. The seed is printed (pytest shows it with a 
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 from collections.abc import Iterator
@@ -60,38 +60,6 @@ def gen() -> torch.Generator:
     seed = int(os.environ.get("FISHER_FAST_TEST_SEED", secrets.randbits(62)))
     print(f"random seed {seed}; replay with FISHER_FAST_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
-
-
-def random_fim(
-    n: int,
-    gen: torch.Generator,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    zeros: float = 0.0,
-) -> torch.Tensor:
-    """A positive diagonal with the heavy tail of real FIMs: log-normal, exp(2z) with z standard
-    normal, cut at |z| = 5 so that every value (5e-5..2e4) is finite in float16 too.
-
-    ``zeros`` is the fraction of entries set exactly to zero.
-    """
-    fim = torch.randn(n, generator=gen, dtype=torch.float64).clamp_(-5.0, 5.0).mul_(2.0).exp_()
-    if zeros:
-        fim[torch.rand(n, generator=gen) < zeros] = 0.0
-    return fim.to(dtype=dtype, device=device)
-
-
-def reference_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Paper eq. 4 computed plainly in float64: unit trace, then ||sqrt(a) - sqrt(b)|| / sqrt(2).
-
-    Free of the cancellation of the three-sum form, so it is accurate for tiny distances too. The
-    norm is taken as sqrt(sum of squares): torch.sum adds in a cascade (error ~1e-16 at 10^7
-    elements) where torch.linalg.norm has been measured 1e-14 off.
-    """
-    a = a.detach().cpu().reshape(-1).double()
-    b = b.detach().cpu().reshape(-1).double()
-    a = a / a.sum()
-    b = b / b.sum()
-    return math.sqrt((a.sqrt() - b.sqrt()).square().sum().item() / 2)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_fim
+from fim_values import random_fim
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fisher_fast

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_fim, reference_frechet
+from fim_values import random_fim, reference_frechet
 from torch import nn
 
 from fisher_fast import (

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import random_fim, reference_frechet
+from fim_values import random_fim, reference_frechet
 
 from fisher_fast import frechet_distance, frechet_distance_full, frechet_distances
 

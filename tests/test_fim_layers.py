@@ -20,6 +20,7 @@ from fim_reference import (
     reference_fim_batches,
     relative_error,
 )
+from layer_models import Scale
 from torch import nn
 
 import fisher_fast
@@ -55,18 +56,6 @@ class Twice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(torch.tanh(self.inner(x)))
-
-
-class Scale(nn.Module):
-    """A layer with no rule: goes through the torch.func fallback."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.randn(features))
-        self.shift = nn.Parameter(torch.randn(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(x * self.scale) + self.shift
 
 
 class UsesChildWeight(nn.Module):

@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 import torch
-from test_fim_layers import Scale
+from layer_models import Scale
 from torch import nn
 
 import fisher_fast

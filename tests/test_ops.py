@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_fim
+from fim_values import random_fim
 
 from fisher_fast import frechet_distance, ops
 from fisher_fast.distance import distances_from_sums
