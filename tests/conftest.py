@@ -8,6 +8,7 @@ Every test draws fresh random data. The seed is printed (pytest shows it with a 
 from __future__ import annotations
 
 import os
+import random
 import secrets
 from collections.abc import Iterator
 
@@ -54,12 +55,21 @@ def rule_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rules, "_MATCHED", list(rules._MATCHED))
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A CPU generator with a fresh seed, printed so that a failure can be replayed."""
+@pytest.fixture(autouse=True)
+def test_seed() -> int:
+    """One fresh seed per test, printed (pytest shows it with a failure) and replayed with
+    ``FISHER_FAST_TEST_SEED=<seed>``: it seeds Python's ``random`` (which tests draw torch
+    seeds from) and the ``gen`` generator, so every random test has one seed scheme."""
     seed = int(os.environ.get("FISHER_FAST_TEST_SEED", secrets.randbits(62)))
     print(f"random seed {seed}; replay with FISHER_FAST_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.fixture
+def gen(test_seed: int) -> torch.Generator:
+    """A CPU generator seeded with the test's seed."""
+    return torch.Generator().manual_seed(test_seed)
 
 
 @pytest.fixture
