@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import importlib
 import statistics
 import subprocess
@@ -197,28 +195,10 @@ def all_methods(spec: Spec, model: torch.nn.Module, batches: list, peers: bool) 
     return calls
 
 
-def _rss_kib(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status (peak memory needs Linux)")
-
-
-def peak_memory_mib(fn: Callable[[], None]) -> float:
-    """Peak resident memory above the level before ``fn()``, in MiB (the peak is reset first
-    through /proc/self/clear_refs, so model and data building do not count)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    before = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - before) / 1024
-
-
 def measure_memory(args: argparse.Namespace) -> None:
-    """Each method's peak memory in a fresh process of its own: its second call, after the
-    memory the first one freed is given back to the system (malloc_trim)."""
+    """Each method's peak memory in a fresh process of its own: its second call, measured as
+    compare_fim.py measures (garbage collected, malloc_trim, VmHWM reset, peak above the
+    resident memory before the call)."""
     for name in args.models:
         print(f"{name}: {args.batches} batch(es) of N={N}, peak resident memory above the start")
         results: dict[str, str] = {}
@@ -246,12 +226,11 @@ def memory_of(args: argparse.Namespace) -> None:
     if args.memory_of not in calls:
         print("skipped")
         return
+    from compare_fim import peak_memory_bytes  # beside this file
+
     calls[args.memory_of]()  # warm-up: one-time allocations (thread pools, kernel code)
-    gc.collect()
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc: return freed memory to the
-    if trim is not None:  # system, or it would stay resident and hide the measured call's peak
-        trim(0)
-    print(f"{peak_memory_mib(calls[args.memory_of]):.1f}")
+    peak = peak_memory_bytes(calls[args.memory_of])
+    print("skipped" if peak is None else f"{peak / 2**20:.1f}")
 
 
 def main() -> None:
