@@ -22,14 +22,14 @@ module without a rule (a rule handles its own parameters).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from fisher_fast.fim.rules import find_rule
+from fisher_fast.fim.sample_scope import SampleScoped
 
 PATH = "broadcast use expanded to the samples"
 
@@ -52,19 +52,19 @@ def broadcast_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     }
 
 
-class BroadcastParams:
+class BroadcastParams(SampleScoped):
     """Hooks that give some parameters the sample axis while their module runs.
 
     Active only inside ``samples(n)`` (the engine's own forward passes, not a fallback's
     per-sample re-run) with grad enabled. Each backward pass, the gradients at the expanded
     views collect in ``pending`` (summed over the module's calls); ``end_pass`` hands each
-    parameter's sum over samples of squares to ``sink``. ``views`` keeps the last forward's
-    tapped views, and ``seen`` how often each parameter was expanded, for verification.
+    parameter's sum over samples of squares to ``sink``. ``views`` keeps the tapped views of
+    the forward passes since ``forget``, for verification.
     """
 
     def __init__(self, tap: Tap) -> None:
+        super().__init__()
         self.tap = tap
-        self.n: int | None = None
         self.armed: dict[str, tuple[nn.Module, str]] = {}
         self.views: dict[str, list[torch.Tensor]] = {}
         self.pending: dict[str, torch.Tensor] = {}
@@ -97,22 +97,6 @@ class BroadcastParams:
 
     def forget(self) -> None:
         self.views, self.pending = {}, {}
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            self.disarm()
-
-    @contextlib.contextmanager
-    def samples(self, n: int | None) -> Iterator[None]:
-        """Expand to ``n`` samples during the block (None: expand nothing)."""
-        before, self.n = self.n, n
-        try:
-            yield
-        finally:
-            self.n = before
 
     def end_pass(self) -> None:
         """Hand this backward pass's per-sample gradients to the sink, squared and summed."""

@@ -28,8 +28,7 @@ never computed with a gradient that may be wrong.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ from fisher_fast.fim.layout import (
     select_samples,
 )
 from fisher_fast.fim.rules import Call, find_rule
+from fisher_fast.fim.sample_scope import SampleScoped
 
 PATH_SUFFIX = "on its broadcast output expanded to the samples"
 
@@ -59,7 +59,7 @@ def expandable(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-class Expansion:
+class Expansion(SampleScoped):
     """Forward hooks giving the broadcast outputs of some Embeddings the batch's sample axis.
 
     A hook expands a call only inside ``samples(n)`` (the engine's own forward passes of the
@@ -69,7 +69,7 @@ class Expansion:
     """
 
     def __init__(self) -> None:
-        self.n: int | None = None
+        super().__init__()
         self.seen: dict[nn.Module, list[bool]] = {}
         self._handles: dict[nn.Module, Any] = {}
 
@@ -90,22 +90,6 @@ class Expansion:
     def disarm(self) -> None:
         self.keep_only(set())
         self.seen = {}
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            self.disarm()
-
-    @contextlib.contextmanager
-    def samples(self, n: int | None) -> Iterator[None]:
-        """Expand to ``n`` samples during the block (None: expand nothing)."""
-        before, self.n = self.n, n
-        try:
-            yield
-        finally:
-            self.n = before
 
     def take_seen(self) -> dict[nn.Module, list[bool]]:
         seen, self.seen = self.seen, {}
