@@ -201,3 +201,40 @@ def test_norm_then_activation_for_each_activation(act: nn.Module, gen: torch.Gen
     assert fim.meta["paths"]["1.weight"] == expected
     reference = reference_fim(model, x, y)
     assert (fim.flat - reference).abs().max() <= 1e-10 * reference.abs().max()
+
+
+class PlainRMSNorm(nn.Module):
+    """An RMSNorm of another library (recognised by name): weight ∘ x / rms(x)."""
+
+    def __init__(self, features: int, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(features) + 0.5)
+        self.eps, self.offset = 1e-6, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        return (self.offset + self.weight) * x * rms
+
+
+class OffsetRMSNorm(PlainRMSNorm):
+    """Gemma's form, (1 + weight) ∘ x̂: named like an RMSNorm, other math."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__(features, offset=1.0)
+
+
+@pytest.mark.parametrize(
+    "norm, path",
+    [(PlainRMSNorm, "rule matched_rms_rule"), (OffsetRMSNorm, "per-sample gradients")],
+)
+def test_rms_norm_look_alikes_only_when_verified(
+    norm: type[nn.Module], path: str, gen: torch.Generator
+) -> None:
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = nn.Sequential(nn.Linear(5, 8), norm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(N, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(3, (N,), generator=gen)
+    fim = fisher_fast.diag_fim(model, (x, y), progress=False, dtype=torch.float64)
+    assert fim.meta["paths"]["1.weight"].startswith(path)
+    reference = reference_fim(model, x, y)
+    assert (fim.flat - reference).abs().max() <= 1e-10 * reference.abs().max()

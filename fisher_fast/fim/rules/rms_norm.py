@@ -3,14 +3,13 @@
 y = x̂ ∘ weight with x̂ = x / sqrt(mean(x², normalised axes) + eps), so the per-sample weight
 gradient is the sum over positions of g ∘ x̂, as for LayerNorm without a bias. Other libraries'
 RMSNorm classes (``LlamaRMSNorm``, ``T5LayerNorm`` and the like) are recognised by name and then
-*verified*: the module is run once on a random input and must reproduce that formula to
-rounding (x̂ is then the module's own output with a weight of ones, to keep its numerics), so a variant with other math (Gemma's ``1 + weight``, a bias, an offset) is not
+*verified* (lookalike.py): its forward is run once on a random input and must reproduce that
+formula to rounding (x̂ is then the module's own output with a weight of ones, to keep its
+numerics), so a variant with other math (Gemma's ``1 + weight``, a bias, an offset) is not
 mistaken for it and goes to the exact generic path instead.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule, register_rule
+from fisher_fast.fim.rules.lookalike import reproduces
 from fisher_fast.fim.rules.norm import affine_rule, layer_example, layer_positions
 
 
@@ -50,8 +50,6 @@ register_rule(
     example=layer_example,
 )(_rms_rule)
 
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
 
 def _looks_like_rms_norm(module: nn.Module) -> bool:
     """A module named like an RMSNorm, with one 1-d weight, that computes weight ∘ x̂."""
@@ -60,29 +58,14 @@ def _looks_like_rms_norm(module: nn.Module) -> bool:
         return False
     params = dict(module.named_parameters())
     weight = params.get("weight")
-    if set(params) != {"weight"} or weight is None or weight.dim() != 1 or _eps(module) is None:
-        return False
-    if module not in _VERIFIED:
-        _VERIFIED[module] = _reproduces_formula(module, weight)
-    return _VERIFIED[module]
-
-
-@torch.no_grad()
-def _reproduces_formula(module: nn.Module, weight: torch.Tensor) -> bool:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, weight.numel(), generator=generator, dtype=torch.float64) * 3 + 0.5
-    x = x.to(weight)
-    try:
-        out = module(x)
-    except Exception:  # a module that does not take a plain tensor is not this formula
-        return False
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        return False
     eps = _eps(module)
-    assert eps is not None  # checked by the caller
-    expected = weight.double() * _normalise(x.double(), eps)
-    tol = 1e-2 if x.element_size() <= 2 else 1e-5
-    return bool(torch.allclose(out.double(), expected, rtol=tol, atol=tol * 1e-2))
+    if set(params) != {"weight"} or weight is None or weight.dim() != 1 or eps is None:
+        return False
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return weight.double() * _normalise(x.double(), eps)
+
+    return reproduces(module, "rms norm", reference, (3, weight.numel()))
 
 
 def _matched_rms_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
