@@ -120,7 +120,7 @@ class Capture:
             if owner.process is None:
                 covered &= self.set_process(module, _ignore, None)
                 for call in self.calls.get(module, []):
-                    call.args, call.kwargs, call.saved = (), {}, {}
+                    call.release_inputs()
         return covered
 
     @contextlib.contextmanager
@@ -285,6 +285,6 @@ class Capture:
                 self._done.add(id(module))
                 call.grads[k] = None
                 if self.passes.last:  # no pass needs its inputs again: let autograd free them
-                    call.args, call.kwargs, call.saved = (), {}, {}
+                    call.release_inputs()
 
         return hook

@@ -191,8 +191,9 @@ class _Accumulation:
       runs recording every module call, then once more as a small variant batch (no taps); the
       layouts of the calls decide which module handles which parameter (plan.py), and the
       accumulator is laid out (once); a plan that taps new modules runs the batch again. Both
-      runs first give broadcast Embedding outputs the sample axis (expansion.py); when that is
-      not verified exact, the batch is planned again without;
+      runs first give broadcast Embedding outputs and broadcast parameters the sample axis
+      (expansion.py, broadcast_params.py); when that is not verified exact, the batch is
+      planned again without;
     * **step** (every batch): one forward pass with taps, checked against the plan's layouts
       (conform.py), one backward pass per objective; the tapped modules' rules add their sums
       of squares as gradients arrive;
@@ -223,7 +224,7 @@ class _Accumulation:
         """The first batch's forward pass, which also decides the plan. Every module is tapped
         for it, so that the plan's owners already have their calls; it runs again only when an
         instrumented forward turns out not to be used (see ``Capture.set_process``), or when
-        the expansion of broadcast embeddings is not verified (then without it)."""
+        the expansion of broadcast embeddings or parameters is not verified (then without)."""
         index = variant_indices(n)
         for name, module in self.model.named_modules():  # any may be the plan's: tap them all
             if not self.capture.owns(module):
@@ -259,8 +260,9 @@ class _Accumulation:
             yield
 
     def _plan_batch(self, inputs: Any, n: int, index: list[int]) -> tuple[Any, Plan] | None:
-        """The batch's forward pass and its plan; None when an Embedding output was expanded
-        (expansion.py) and that is not verified exact (the caller plans again without)."""
+        """The batch's forward pass and its plan; None when an Embedding output or a parameter
+        was expanded (expansion.py, broadcast_params.py) and that is not verified exact (the
+        caller plans again without)."""
         expansion, broadcast = self.expansion, self.broadcast
         expansion.take_seen()
         broadcast.forget()

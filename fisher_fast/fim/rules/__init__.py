@@ -49,9 +49,15 @@ class Call:
             return torch.zeros(shape, dtype=dtype, device=device)
         return g
 
+    def release_inputs(self) -> None:
+        """Drop the inputs and saved tensors (no rule needs them again in this batch); the
+        gradients still arrive."""
+        self.args, self.kwargs, self.saved = (), {}, {}
+
     def forget(self) -> None:
         """Drop every tensor this call holds (the batch's graph may still refer to the Call)."""
-        self.args, self.kwargs, self.grads, self.saved = (), {}, [], {}
+        self.release_inputs()
+        self.grads = []
 
     @property
     def input(self) -> torch.Tensor:
