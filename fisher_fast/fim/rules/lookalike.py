@@ -22,7 +22,7 @@ from torch import nn
 _RESULTS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
-def random_input(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+def _random_input(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     """A reproducible input of ``shape`` in the dtype and on the device of the module's
     parameters, with entries of both signs and a nonzero mean (so that centring matters)."""
     like = next(iter(module.parameters()), None)
@@ -38,11 +38,11 @@ def reproduces(
     shape: tuple[int, ...],
 ) -> bool:
     """Whether ``type(module).forward(module, x)`` equals ``reference(x)`` to rounding, for
-    ``x = random_input(module, shape)`` (cached per module under the name ``check``). Any
+    ``x = _random_input(module, shape)`` (cached per module under the name ``check``). Any
     exception, a non-tensor or a wrongly shaped output is a failed check."""
     results = _RESULTS.setdefault(module, {})
     if check not in results:
-        results[check] = _agrees(module, reference, random_input(module, shape))
+        results[check] = _agrees(module, reference, _random_input(module, shape))
     return results[check]
 
 
