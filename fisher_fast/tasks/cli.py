@@ -12,6 +12,9 @@ import torch.distributed as dist
 
 from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group, world_size
+from fisher_fast.tasks.dense.report import format_dense
+from fisher_fast.tasks.dense.study import dense_study
+from fisher_fast.tasks.dense.suite import DENSE_SUITES
 from fisher_fast.tasks.distances import LABEL_CONVENTIONS, distance_matrix
 from fisher_fast.tasks.loaders.config import load_task_config
 from fisher_fast.tasks.probes import PROBES
@@ -27,7 +30,13 @@ Results go to OUT/results-<fisher>.json and OUT/distance-<fisher>.png; trained p
 cached in OUT, so a rerun (or a resumed, interrupted run) recomputes nothing already done.
 Suites: digits and mnist5k (embedded, no download), mnist (IDX files), cifar10 and cifar100 (python pickle
 batches), imagenet-folder (class-per-folder image tree); or --config FILE for tasks of your own.
-Nothing is downloaded: the other suites read the files under --data."""
+Nothing is downloaded: the other suites read the files under --data.
+
+mnist5k-dense is the image-to-image study of §4.4 (embedded): eight tasks computed from each
+MNIST image (autoencoding, denoising, edges, keypoints, blur, deblur, inpainting, curvature),
+an autoencoder probe trained with the mean-square error, the regression Fisher, and a
+transfer-learning affinity (fine-tuning each task's probe on every other task) with the rank
+correlation between the two; results in OUT/dense-<fisher>.json and .png."""
 
 
 def add_distance_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +50,7 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
     what = p.add_argument_group("tasks")
     what.add_argument(
         "--suite",
-        choices=list(SUITES),
+        choices=[*SUITES, *DENSE_SUITES],
         default="digits",
         help="built-in task suite (default digits)",
     )
@@ -89,7 +98,8 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
     probe.add_argument(
         "--arch",
         choices=list(PROBES),
-        help="probe architecture (default: the suite's, mlp for digits)",
+        help="probe architecture (default: the suite's, mlp for digits; mnist5k-dense has "
+        "its own autoencoder probe)",
     )
     probe.add_argument(
         "--seeds",
@@ -121,8 +131,8 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
     fim.add_argument(
         "--fisher",
         choices=list(LABEL_CONVENTIONS),
-        default="exact",
-        help="Fisher kind (default exact). exact / mc: the source probe's own predictive "
+        help="Fisher kind (default exact; empirical for mnist5k-dense, where exact costs one "
+        "backward pass per pixel). exact / mc: the source probe's own predictive "
         "distribution; empirical: the source probe scored on the target task's labels",
     )
     fim.add_argument(
@@ -171,6 +181,9 @@ def run_distance(args: argparse.Namespace) -> int:
 
 
 def _run_distance(args: argparse.Namespace) -> int:
+    if args.config is None and args.suite in DENSE_SUITES:
+        return _run_dense(args)
+    args.fisher = args.fisher or "exact"
     start = time.perf_counter()
     say = print if is_main() else _silent
     suite = _suite(args)
@@ -211,6 +224,52 @@ def _run_distance(args: argparse.Namespace) -> int:
         f"results: {out / f'results-{args.fisher}.json'}, figure: {out / f'distance-{args.fisher}.png'}"
     )
     say(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_dense(args: argparse.Namespace) -> int:
+    """The §4.4 study of an image-to-image suite (one process: it is small enough)."""
+    start = time.perf_counter()
+    if world_size() > 1:
+        raise ValueError(f"--suite {args.suite} runs in one process; start it without torchrun")
+    unused = [f"--{name.replace('_', '-')}" for name in ("arch", "data") if getattr(args, name)]
+    if unused:
+        raise ValueError(
+            f"--suite {args.suite} takes no {' or '.join(unused)} (it is embedded, with its own probe)"
+        )
+    suite = DENSE_SUITES[args.suite]()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
+        if getattr(args, name) is not None
+    }
+    suite.train = replace(suite.train, **overrides)
+    if args.epsilon is not None:
+        suite.epsilon = args.epsilon
+    fisher = args.fisher or "empirical"
+    out = args.out = args.out or Path("runs") / suite.name
+    resolve_device(args.device, "--device")
+    print(
+        f"suite {suite.name}: "
+        + "; ".join(f"{i}: {t.name} ({t.description})" for i, t in enumerate(suite.tasks))
+    )
+    result = dense_study(
+        suite,
+        seeds=args.seeds,
+        fisher=fisher,
+        mc_samples=args.mc_samples,
+        out=out,
+        device=args.device,
+        batch_size=args.fim_batch_size,
+        progress=not args.quiet,
+        threads=args.threads or 1,
+        overwrite=args.overwrite,
+    )
+    print(format_dense(result))
+    print(
+        f"results: {out / f'dense-{fisher}.json'}, figures: {out / f'dense-{fisher}.png'}, {out / f'dense-{fisher}-ranks.png'}"
+    )
+    print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fisher_fast.tasks.cache import atomic_write, write_json
 
 if TYPE_CHECKING:
@@ -45,18 +47,34 @@ def save_result(result: DistanceResult, out: Path) -> tuple[Path, Path]:
 def plot_heatmaps(result: DistanceResult, path: Path, title: str | None = None) -> Path:
     """Two annotated heatmaps, mean (left) and standard deviation (right) over trials; rows are
     source tasks, columns target tasks. Written atomically as PNG."""
+    legend = ", ".join(f"{i}: {name}" for i, name in enumerate(result.tasks))
+    return draw_heatmaps(
+        [
+            ("mean", result.mean.numpy(), "viridis"),
+            ("standard deviation", result.std.numpy(), "magma"),
+        ],
+        title or f"{result.arch}, {result.fisher} Fisher, {len(result.seeds)} seeds\n{legend}",
+        path,
+    )
+
+
+def draw_heatmaps(panels: list[tuple[str, np.ndarray, str]], title: str, path: Path) -> Path:
+    """Side-by-side annotated heatmaps of (K, K) matrices, one per ``(label, matrix,
+    colormap)``, rows labelled "source task" and columns "target task", under ``title``; the
+    colour scale of each runs from min(0, its minimum) to its maximum. Written atomically as
+    PNG (matplotlib's Agg canvas: no display needed)."""
     from matplotlib.figure import Figure
 
-    k = len(result.tasks)
-    fig = Figure(figsize=(4.2 * 2 + 0.8, 0.55 * k + 2.4), layout="constrained")
-    axes = fig.subplots(1, 2)
-    panels = (("mean", result.mean, "viridis"), ("standard deviation", result.std, "magma"))
-    for ax, (label, matrix, cmap) in zip(axes, panels, strict=True):
-        values = matrix.numpy()
-        image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=max(float(values.max()), 1e-12))
+    k = panels[0][1].shape[0]
+    fig = Figure(figsize=(4.2 * len(panels) + 0.8, 0.55 * k + 2.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, values, cmap) in zip(axes, panels, strict=True):
+        low = min(0.0, float(values.min()))
+        high = max(float(values.max()), low + 1e-12)
+        image = ax.imshow(values, cmap=cmap, vmin=low, vmax=high)
         for a in range(k):
             for b in range(k):
-                dark = values[a, b] < 0.6 * values.max()
+                dark = values[a, b] < low + 0.6 * (high - low)
                 ax.text(
                     b,
                     a,
@@ -72,11 +90,7 @@ def plot_heatmaps(result: DistanceResult, path: Path, title: str | None = None) 
         ax.set_ylabel("source task")
         ax.set_title(label, fontsize=10)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    legend = ", ".join(f"{i}: {name}" for i, name in enumerate(result.tasks))
-    fig.suptitle(
-        title or f"{result.arch}, {result.fisher} Fisher, {len(result.seeds)} seeds\n{legend}",
-        fontsize=9,
-    )
+    fig.suptitle(title, fontsize=9)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     return path
 

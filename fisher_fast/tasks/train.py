@@ -13,6 +13,7 @@ import copy
 import functools
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -130,29 +131,21 @@ def train_probe(
     start = time.perf_counter()
     input_shape = tuple(splits.train.x.shape[1:])
     model = make_probe(arch, input_shape, head_width, seed=seed).to(device)
-    optimizer = OPTIMIZERS[config.optimizer](
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+
+    def validation_score() -> tuple[float, float]:
+        accuracy, loss = evaluate(model, splits.val, device)
+        return accuracy, -loss  # ties in accuracy go to the lower loss
+
+    best_epoch = fit(
+        model,
+        config,
+        splits.train.x,
+        splits.train.y,
+        F.cross_entropy,
+        seed=seed,
+        device=device,
+        score=validation_score if config.keep_best else None,
     )
-    x, y = splits.train.x.to(device), splits.train.y.to(device)
-    order = torch.Generator().manual_seed(seed)
-    best: tuple[float, float] = (-1.0, 0.0)
-    best_state, best_epoch = None, config.epochs
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        for idx in torch.randperm(len(y), generator=order).split(config.batch_size):
-            if len(idx) < 2:  # batch norm cannot normalise a single sample
-                continue
-            idx = idx.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
-        if config.keep_best:
-            accuracy, loss = evaluate(model, splits.val, device)
-            if (accuracy, -loss) > best:
-                best, best_epoch = (accuracy, -loss), epoch
-                best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
     model.eval()
     probe = Probe(
         model,
@@ -169,6 +162,49 @@ def train_probe(
     )
     warn_if_not_reached(probe)
     return probe
+
+
+def fit(
+    model: nn.Module,
+    config: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    seed: int,
+    device: str | torch.device,
+    score: Callable[[], tuple[float, ...]] | None = None,
+) -> int:
+    """Train ``model`` in place for ``config.epochs`` epochs of minibatches of (x, y) drawn in
+    an order seeded by ``seed``, minimising the mean ``loss(model(x_batch), y_batch)`` with the
+    configured optimizer. With ``score`` (larger is better, called after every epoch, e.g. on
+    the validation split), the weights of the best-scoring epoch are restored at the end.
+    Returns that epoch (``config.epochs`` without ``score``). A final batch of one sample is
+    skipped (batch norm cannot normalise it)."""
+    optimizer = OPTIMIZERS[config.optimizer](
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    x, y = x.to(device), y.to(device)
+    order = torch.Generator().manual_seed(seed)
+    best: tuple[float, ...] | None = None
+    best_state, best_epoch = None, config.epochs
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        for idx in torch.randperm(len(y), generator=order).split(config.batch_size):
+            if len(idx) < 2:
+                continue
+            idx = idx.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+        if score is not None:
+            value = score()
+            if best is None or value > best:
+                best, best_epoch = value, epoch
+                best_state = copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best_epoch
 
 
 def warn_if_not_reached(probe: Probe) -> None:
