@@ -24,7 +24,8 @@ from fisher_fast.pipeline.algorithm import (
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
 from fisher_fast.tasks.cli import add_timeout_argument
-from fisher_fast.tasks.suites import SUITES, Suite, get_suite
+from fisher_fast.tasks.probes import CIFAR_PROBES, PROBES, SMALL_PROBES
+from fisher_fast.tasks.suites import EMBEDDED, SUITES, Suite, get_suite
 from fisher_fast.tasks.task import Task
 
 
@@ -101,8 +102,29 @@ def add_pipeline_parsers(sub: argparse._SubParsersAction) -> None:
         "cell with random search (same space, same budget), FUSE in the full space and the "
         "hand-designed probes. Writes main-job.json and main-job.png into --out.",
     )
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), metavar="DIR")
+    demo.add_argument(
+        "--suite",
+        choices=EMBEDDED,
+        default="digits",
+        help="embedded suite: digits (8x8, default) or mnist5k (5,000 real 28x28 MNIST images)",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="run directory (default runs/demo for digits, runs/demo-<suite> otherwise)",
+    )
     demo.add_argument("--target", default="2", metavar="TASK", help="target task (default 2)")
+    demo.add_argument(
+        "--hand-designed",
+        nargs="+",
+        choices=list(PROBES),
+        default=list(SMALL_PROBES),
+        metavar="ARCH",
+        help="hand-designed networks trained on the target for the table (default: "
+        f"{' '.join(SMALL_PROBES)}; the paper's {' '.join(CIFAR_PROBES)} are also accepted, "
+        "and cost hours per network on a CPU)",
+    )
     _common_arguments(demo)
     demo.set_defaults(run=_in_process_group(_demo), resumable=True)
 
@@ -274,14 +296,21 @@ def _search(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    suite = get_suite("digits")
+    suite = get_suite(args.suite)
     target = _pick(suite, args.target)
+    args.out = args.out or Path("runs", "demo" if args.suite == "digits" else f"demo-{args.suite}")
     print(
-        f"Algorithm 1 on the embedded digits: target task {target} ({suite.tasks[target].name}); "
-        "baselines: the other tasks"
+        f"Algorithm 1 on the embedded {args.suite}: target task {target} "
+        f"({suite.tasks[target].name}); baselines: the other tasks"
     )
     result = run_main_job(
-        suite, target, args.out, seed=args.seed, progress=not args.quiet, threads=args.threads
+        suite,
+        target,
+        args.out,
+        seed=args.seed,
+        progress=not args.quiet,
+        threads=args.threads,
+        hand_designed=args.hand_designed,
     )
     print(result.format())
     print(f"report: {result.json_path}, figure: {result.figure_path}")

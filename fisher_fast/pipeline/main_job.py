@@ -52,7 +52,7 @@ from fisher_fast.pipeline.table import (
     plot_report,
 )
 from fisher_fast.tasks.cache import write_json
-from fisher_fast.tasks.probes import SMALL_PROBES
+from fisher_fast.tasks.probes import PROBES, SMALL_PROBES
 from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import train_probe
@@ -100,14 +100,25 @@ def run_main_job(
     final_steps: int = DEFAULT_FINAL_STEPS,
     progress: bool = True,
     threads: int | None = None,
+    hand_designed: Sequence[str] = tuple(SMALL_PROBES),
 ) -> MainJobResult:
     """Run the pipeline for ``suite.tasks[target]`` with the tasks ``baselines`` (default: all
     others) as the dictionary, in the run directory ``out`` (see module doc).
+
+    ``hand_designed``: the probe architectures (names of
+    :data:`~fisher_fast.tasks.probes.PROBES`) trained directly on the target for the table's
+    hand-designed rows; default the small probes, the paper's VGG-16 / ResNet-18 /
+    DenseNet-121 are accepted too.
 
     ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
     :mod:`fisher_fast.tasks.threads`).
     """
     with probe_threads(suite.default_arch, threads):
+        unknown = [arch for arch in hand_designed if arch not in PROBES]
+        if unknown:
+            raise ValueError(
+                f"unknown hand-designed architectures {unknown}; choose from {', '.join(PROBES)}"
+            )
         if not 0 <= target < len(suite.tasks):
             raise ValueError(f"target must be a task index 0..{len(suite.tasks) - 1}, got {target}")
         others = (
@@ -167,7 +178,10 @@ def run_main_job(
                 final_steps,
                 progress,
             ),
-            *on_main("training the hand-designed probes", lambda: _probe_rows(suite, target, seed)),
+            *on_main(
+                "training the hand-designed probes",
+                lambda: _probe_rows(suite, target, seed, hand_designed),
+            ),
         ]
         test_images = len(task.splits().test.y)
         summary: dict[str, Any] = {
@@ -261,11 +275,11 @@ def _same_budget_rows(
     return rows
 
 
-def _probe_rows(suite: Suite, target: int, seed: int) -> list[Row]:
-    """The hand-designed small probes trained on the target (no search: search seconds 0)."""
+def _probe_rows(suite: Suite, target: int, seed: int, archs: Sequence[str]) -> list[Row]:
+    """The hand-designed probes ``archs`` trained on the target (no search: search seconds 0)."""
     task = suite.tasks[target]
     rows = []
-    for arch in SMALL_PROBES:
+    for arch in archs:
         probe = train_probe(task, arch, epsilon=suite.epsilon, seed=seed, config=suite.train)
         parameters = sum(p.numel() for p in probe.model.parameters())
         rows.append(Row(f"hand-designed {arch}", probe.test_accuracy, parameters, 0.0, ""))

@@ -184,6 +184,40 @@ def test_demo_prints_the_report(
     assert "the exact Fisher decides" in printed and "d (empirical Fisher)" in printed
 
 
+def test_demo_takes_the_embedded_suite_and_the_hand_designed_networks(
+    main_job: MainJobResult, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fisher_fast.cli import main
+    from fisher_fast.pipeline import cli
+
+    calls: list[tuple[tuple, dict]] = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return main_job
+
+    monkeypatch.setattr(cli, "run_main_job", record)
+    monkeypatch.setattr(cli, "get_suite", lambda name: digits_suite_named(name))
+    argv = ["demo", "--suite", "mnist5k", "--hand-designed", "mlp", "vgg16", "--quiet"]
+    assert main(argv) == 0
+    (suite, target, out), options = calls[0]
+    assert suite.name == "mnist5k" and target == 2 and out == Path("runs", "demo-mnist5k")
+    assert options["hand_designed"] == ["mlp", "vgg16"]
+    assert "Algorithm 1 on the embedded mnist5k" in capsys.readouterr().out
+    assert main(["demo", "--quiet"]) == 0 and calls[1][0][2] == Path("runs", "demo")
+    assert calls[1][1]["hand_designed"] == ["mlp", "cnn", "resnet"]
+
+
+def digits_suite_named(name: str):
+    """The digits suite under another name (the demo's choice of suite, without its data)."""
+    return replace(digits_suite(), name=name)
+
+
+def test_main_job_refuses_an_unknown_hand_designed_network(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown hand-designed architectures \\['vgg19'\\]"):
+        run_main_job(digits_suite(), 2, tmp_path, hand_designed=["mlp", "vgg19"])
+
+
 def test_table_header_and_legend_format() -> None:
     from fisher_fast.pipeline.table import GENOTYPE_LEGEND, format_genotypes, format_test_size
 

@@ -1,2 +1,36 @@
-"""Image-to-image tasks (paper §4.4): tasks, the autoencoder probe, the distance study with its
-transfer-affinity baseline."""
+"""Image-to-image tasks (paper §4.4): tasks computed from real embedded images, the appendix-A
+autoencoder probe, and the study that compares the Fréchet task distance with a transfer
+affinity.
+
+* :class:`ImageTask` / :class:`DenseSuite` (:mod:`.suite`), built-in suites in
+  :data:`DENSE_SUITES`; image filters in :mod:`.filters`;
+* :func:`make_autoencoder` (:mod:`.probe`), :func:`train_autoencoder` (:mod:`.training`);
+* :func:`dense_study` / :class:`DenseStudyResult` / :func:`rank_agreement` (:mod:`.study`),
+  reported by :mod:`.report`.
+"""
+
+from fisher_fast.tasks.dense.probe import AutoencoderProbe, make_autoencoder
+from fisher_fast.tasks.dense.study import DenseStudyResult, dense_study, rank_agreement
+from fisher_fast.tasks.dense.suite import (
+    DENSE_SUITES,
+    DenseSuite,
+    ImageTask,
+    image_tasks,
+    mnist5k_dense_suite,
+)
+from fisher_fast.tasks.dense.training import DenseProbe, train_autoencoder
+
+__all__ = [
+    "DENSE_SUITES",
+    "AutoencoderProbe",
+    "DenseProbe",
+    "DenseStudyResult",
+    "DenseSuite",
+    "ImageTask",
+    "dense_study",
+    "image_tasks",
+    "make_autoencoder",
+    "mnist5k_dense_suite",
+    "rank_agreement",
+    "train_autoencoder",
+]
