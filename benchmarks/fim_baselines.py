@@ -5,7 +5,7 @@ as one flat float32 tensor over the trainable parameters in ``model.named_parame
 the outputs of all methods can be compared element by element. The loss is cross-entropy on
 logits; N is the number of samples. ``METHODS`` records which quantity each method computes:
 
-* ``empirical``: ``(1/N) Σ_i (∇θ L_i)²`` with the given targets (DESIGN.md §2, paper eq. 2).
+* ``empirical``: ``(1/N) Σ_i (∇θ L_i)²`` with the given targets (paper eq. 2).
 * ``exact``: the exact true Fisher ``(1/N) Σ_i Σ_c p_ic (∇θ log p_ic)²`` (labels from the model).
 * ``batch-grad²``: the square of the mean mini-batch gradient; ``floor`` only, a timing reference
   (one forward and one backward pass), not a Fisher.

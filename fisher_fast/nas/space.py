@@ -1,5 +1,5 @@
 """Search spaces of cells: the full space of appendix A and the space restricted to a baseline
-task's best cell (the paper's ``S = S_{a*}``, DESIGN.md §4)."""
+task's best cell (the paper's ``S = S_{a*}``, Algorithm 1)."""
 
 from __future__ import annotations
 

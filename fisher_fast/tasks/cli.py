@@ -15,8 +15,9 @@ from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group, wor
 from fisher_fast.tasks.dense.report import format_dense
 from fisher_fast.tasks.dense.study import dense_study
 from fisher_fast.tasks.dense.suite import DENSE_SUITES
-from fisher_fast.tasks.distances import LABEL_CONVENTIONS, distance_matrix
+from fisher_fast.tasks.distances import distance_matrix
 from fisher_fast.tasks.loaders.config import load_task_config
+from fisher_fast.tasks.matrix import LABEL_CONVENTIONS
 from fisher_fast.tasks.probes import PROBES
 from fisher_fast.tasks.report import format_matrix
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite

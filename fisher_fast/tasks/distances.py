@@ -4,22 +4,13 @@ d[a, b] compares F_{a,b}, the diagonal FIM of the probe trained on task a evalua
 test split, with F_{b,b}, that of the probe trained on b on the same data: the Fréchet distance
 of the unit-trace diagonals (eq. 4), in [0, 1]; it is asymmetric because the data are b's.
 
-Which labels a FIM uses depends on the Fisher kind, and this matters for the distance:
-
-* ``"exact"`` (default) and ``"mc"``: only the source network's own predictive distribution
-  (all head units; exact sums over them, mc draws ``mc_samples`` labels per sample). Task b
-  contributes its test *inputs* only, so the meaning of labels never has to agree across tasks.
-* ``"empirical"`` (paper eq. 2): task b's test *labels* are fed to the source network a: label
-  k is scored on a's head unit k, although k may mean something else in task a (for the digits
-  suite, label 0 is "digit 0" in tasks 0, 2, 3 but "digit 6" in task 1).
+Which labels each Fisher kind uses is set out in :mod:`fisher_fast.tasks.matrix`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +23,13 @@ from fisher_fast.distributed import all_outcomes, is_main, my_share, world_size
 from fisher_fast.extras import require_module
 from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.tasks.cache import RunCache, config_key
+from fisher_fast.tasks.matrix import LABEL_CONVENTIONS, DistanceResult
 from fisher_fast.tasks.probes import make_probe
-from fisher_fast.tasks.report import refuse_other_settings
+from fisher_fast.tasks.report import refuse_other_settings, save_result
 from fisher_fast.tasks.suites import Suite, check_shared_splits
 from fisher_fast.tasks.task import Task, TaskSplits
 from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import Probe, TrainConfig, train_probe, warn_if_not_reached
-
-LABEL_CONVENTIONS = {
-    "exact": "F[a,b] uses no labels: the expectation over the source network a's own predictive distribution "
-    "(all head units) on task b's test inputs",
-    "mc": "F[a,b] uses labels drawn from the source network a's own predictive distribution on task b's test inputs",
-    "empirical": "F[a,b] scores the source network a on task b's test labels (task label k -> head unit k), "
-    "whose meaning can differ between tasks a and b",
-}
 
 
 def task_fim(
@@ -115,69 +99,6 @@ def task_distance(
     )
     _check_same_structure(source, target)
     return float(frechet_distance(target, source))
-
-
-@dataclass
-class DistanceResult:
-    """Task distances of every trial: ``values[s, a, b]`` = d[a, b] with seed ``seeds[s]``
-    (rows: source task a, columns: target task b, as in the paper's figures)."""
-
-    tasks: list[str]
-    arch: str
-    fisher: str
-    seeds: list[int]
-    values: torch.Tensor
-    """(S, K, K) float64 distances."""
-    test_accuracy: torch.Tensor
-    """(S, K) float64 test accuracy of each probe."""
-    epsilon: float
-    head_width: int
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """(K, K) mean over trials."""
-        return self.values.mean(0)
-
-    @property
-    def std(self) -> torch.Tensor:
-        """(K, K) sample standard deviation over trials (n - 1 in the denominator; 0 for one trial)."""
-        return self.values.std(0) if len(self.seeds) > 1 else torch.zeros_like(self.values[0])
-
-    @property
-    def reached(self) -> torch.Tensor:
-        """(S, K) bool: whether each probe is an ε-approximation network."""
-        return self.test_accuracy >= 1.0 - self.epsilon
-
-    def closest_sources(self) -> list[int]:
-        """For each target task b, the other task a with the smallest mean d[a, b] (Algorithm 1,
-        line 14)."""
-        mean = self.mean.clone()
-        mean.fill_diagonal_(math.inf)
-        return [int(i) for i in mean.argmin(0)]
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON: means, standard deviations, every raw value and every probe's accuracy."""
-        return {
-            "tasks": self.tasks,
-            "arch": self.arch,
-            "fisher": self.fisher,
-            "seeds": self.seeds,
-            "label_convention": LABEL_CONVENTIONS[self.fisher],
-            "rows": "source task",
-            "columns": "target task",
-            "mean": self.mean.tolist(),
-            "std": self.std.tolist(),
-            "values": self.values.tolist(),
-            "closest_source": {
-                t: self.tasks[a] for t, a in zip(self.tasks, self.closest_sources(), strict=True)
-            },
-            "test_accuracy": self.test_accuracy.tolist(),
-            "epsilon": self.epsilon,
-            "reached": self.reached.tolist(),
-            "head_width": self.head_width,
-            "config": self.config,
-        }
 
 
 def distance_matrix(
@@ -284,8 +205,6 @@ def distance_matrix(
             },
         )
         if out is not None:
-            from fisher_fast.tasks.report import save_result
-
             directory = Path(out)
 
             def write() -> None:

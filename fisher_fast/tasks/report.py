@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fisher_fast.tasks.cache import atomic_write, write_json
-
-if TYPE_CHECKING:
-    from fisher_fast.tasks.distances import DistanceResult
+from fisher_fast.tasks.matrix import DistanceResult
 
 
 def refuse_other_settings(path: Path, settings: dict[str, Any]) -> None:
