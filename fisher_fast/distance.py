@@ -203,22 +203,19 @@ def distances_from_sums(sums: torch.Tensor, squared: bool = False) -> torch.Tens
     return d2 if squared else torch.sqrt(d2)
 
 
-def _distances_from_rows(
-    rows: list[list[float]], squared: bool, device: torch.device
-) -> torch.Tensor:
+def _distance_values(rows: list[list[float]], squared: bool) -> list[float]:
     """:func:`distances_from_sums` on sums already on the host as Python floats (the same
-    float64 formula): a few microseconds, where tensor ops on K values take tens. The result
-    is put on ``device``, the device of the FIMs, like the tensor form's."""
+    float64 formula): a few microseconds, where tensor ops on K values take tens."""
     d2 = [max(0.0, 1.0 - cross / math.sqrt(ref * other)) for ref, other, cross, _, _ in rows]
-    values = d2 if squared else [math.sqrt(v) for v in d2]
-    return torch.tensor(values, dtype=torch.float64, device=device)
+    return d2 if squared else [math.sqrt(v) for v in d2]
 
 
-def _check_sums(rows: list[list[float]], labels: list[str]) -> None:
+def _check_sums(rows: list[list[float]], names: tuple[str, str]) -> None:
     """Raise a clear error for empty, all-zero or invalid inputs, from the kernel's own counts
-    (``rows``: the (K, 5) sums as Python floats)."""
-    checks = [(rows[0][0], rows[0][3], labels[0])]
-    checks += [(row[1], row[4], label) for row, label in zip(rows, labels[1:], strict=True)]
+    (``rows``: the (K, 5) sums as Python floats). ``names`` = (the reference's name, the
+    others' name with ``{k}`` for the index); labels are only formatted for an error."""
+    checks = [(rows[0][0], rows[0][3], names[0])]
+    checks += [(row[1], row[4], names[1].format(k=k)) for k, row in enumerate(rows)]
     for total, invalid, label in checks:
         if invalid > 0:
             raise ValueError(
@@ -240,26 +237,38 @@ def frechet_distances(
     Inputs are normalised to unit trace internally; each may be a tensor, a dict of named
     per-parameter tensors, a list of tensors or a :class:`fisher_fast.DiagFIM`.
     """
+    values, device = _distances(reference, others, squared, ("the reference FIM", "FIM {k}"))
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _distances(
+    reference: FIMLike, others: Sequence[FIMLike], squared: bool, names: tuple[str, str]
+) -> tuple[list[float], torch.device]:
+    """The distances of :func:`frechet_distances` as Python floats, and the FIMs' device.
+
+    Every check of the inputs runs before the kernel; after it, only the sums' own checks and
+    the final formula on K floats. ``names`` = (the reference's name in errors, the others'
+    with ``{k}`` for the index).
+    """
     if isinstance(others, (torch.Tensor, Mapping)) or not isinstance(others, Sequence):
         raise TypeError("others must be a list of FIMs; for a single pair use frechet_distance")
     if len(others) == 0:
         raise ValueError("others is empty: pass at least one FIM to compare with the reference")
-    ref_parts = _parts(reference, "the reference FIM")
+    ref_parts = _parts(reference, names[0])
     if sum(t.numel() for t in ref_parts.tensors) == 0:
-        raise ValueError("the reference FIM is empty (0 elements)")
-    parts = [_parts(other, f"FIM {k}") for k, other in enumerate(others)]
+        raise ValueError(f"{names[0]} is empty (0 elements)")
+    parts = [_parts(other, names[1].format(k=k)) for k, other in enumerate(others)]
     if ref_parts.is_flat_named and any(_needs_views(ref_parts, p) for p in parts):
         ref_parts = ref_parts.split()
     flat_others: list[torch.Tensor] = []
     for k, p in enumerate(parts):
-        flat_others += _align(ref_parts, p, f"FIM {k}")
+        flat_others += _align(ref_parts, p, names[1].format(k=k))
     ref = ref_parts.tensors
     everything = _common_dtype(ref + flat_others)
-    ref, flat_others = everything[: len(ref)], everything[len(ref) :]
-    sums = ops.frechet_sums(ref, flat_others)
+    sums = ops.frechet_sums(everything[: len(ref)], everything[len(ref) :])
     rows = sums.tolist()  # (K, 5), one copy to the host
-    _check_sums(rows, ["the reference FIM"] + [f"FIM {k}" for k in range(len(others))])
-    return _distances_from_rows(rows, squared, sums.device)
+    _check_sums(rows, names)
+    return _distance_values(rows, squared), sums.device
 
 
 def frechet_distance(F_a: FIMLike, F_b: FIMLike, *, squared: bool = False) -> torch.Tensor:
@@ -270,13 +279,13 @@ def frechet_distance(F_a: FIMLike, F_b: FIMLike, *, squared: bool = False) -> to
     made. They are normalised to unit trace inside, so scaling either leaves d unchanged.
     ``squared=True`` returns d^2 (no square root), which keeps more relative precision near 0.
 
-    Names in errors: ``F_a`` is the reference, ``F_b`` is "FIM 0".
+    Names in errors: ``F_a`` is the reference, ``F_b`` the other.
     """
     try:
-        return frechet_distances(F_a, [F_b], squared=squared)[0]
-    except (ValueError, TypeError) as exc:
-        message = str(exc).replace("the reference FIM", "F_a").replace("FIM 0", "F_b")
-        raise type(exc)(message) from None
+        values, device = _distances(F_a, [F_b], squared, ("F_a", "F_b"))
+    except (ValueError, TypeError) as exc:  # the alignment's messages say "the reference FIM"
+        raise type(exc)(str(exc).replace("the reference FIM", "F_a")) from None
+    return torch.tensor(values[0], dtype=torch.float64, device=device)
 
 
 def frechet_distance_full(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
