@@ -7,6 +7,7 @@ import datetime
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -21,7 +22,7 @@ from fisher_fast.tasks.matrix import LABEL_CONVENTIONS
 from fisher_fast.tasks.probes import PROBES
 from fisher_fast.tasks.report import format_matrix
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite
-from fisher_fast.tasks.train import OPTIMIZERS
+from fisher_fast.tasks.train import OPTIMIZERS, TrainConfig
 
 DESCRIPTION = """\
 Trains one ε-approximation probe per task and seed (paper Definition 2), computes every probe's
@@ -189,11 +190,6 @@ def _run_distance(args: argparse.Namespace) -> int:
     say = print if is_main() else _silent
     suite = _suite(args)
     arch = args.arch or suite.default_arch
-    overrides = {
-        name: getattr(args, name)
-        for name in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
-        if getattr(args, name) is not None
-    }
     out = args.out = args.out or Path("runs") / f"{suite.name}-{arch}"
     resolve_device(args.device, "--device")
     say(
@@ -212,7 +208,7 @@ def _run_distance(args: argparse.Namespace) -> int:
         fisher=args.fisher,
         mc_samples=args.mc_samples,
         epsilon=args.epsilon,
-        train=replace(suite.train, **overrides),
+        train=_training(args, suite.train),
         out=out,
         device=args.device,
         batch_size=args.fim_batch_size,
@@ -239,12 +235,7 @@ def _run_dense(args: argparse.Namespace) -> int:
             f"--suite {args.suite} takes no {' or '.join(unused)} (it is embedded, with its own probe)"
         )
     suite = DENSE_SUITES[args.suite]()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
-        if getattr(args, name) is not None
-    }
-    suite.train = replace(suite.train, **overrides)
+    suite.train = _training(args, suite.train)
     if args.epsilon is not None:
         suite.epsilon = args.epsilon
     fisher = args.fisher or "empirical"
@@ -272,6 +263,13 @@ def _run_dense(args: argparse.Namespace) -> int:
     )
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _training(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
+    """``defaults`` with the training settings given on the command line."""
+    names = ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
+    given: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return replace(defaults, **given)
 
 
 def _silent(*_: object) -> None:
