@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from fisher_fast.io import write_json
 from fisher_fast.nas import SearchSpace, fuse_search, random_search, train_and_evaluate
 from fisher_fast.pipeline import TaskDictionary, baseline_distances, closest_baseline
 from fisher_fast.pipeline.algorithm import DEFAULT_FINAL_STEPS, fit_candidates
-from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.suites import digits_suite
 
 

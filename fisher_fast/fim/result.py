@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from fisher_fast._version import __version__
 from fisher_fast.devices import resolve_device
+from fisher_fast.io import atomic_write
 
 FORMAT_VERSION = 1
 """Files of format 1 written before the checksum existed have no ``sha256`` field; they load
@@ -137,7 +137,7 @@ class DiagFIM:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write to a safetensors file atomically (a temporary file renamed into place)."""
+        """Write to a safetensors file atomically (:func:`fisher_fast.io.atomic_write`)."""
         from safetensors.torch import save_file
 
         metadata = {
@@ -152,17 +152,7 @@ class DiagFIM:
         }
         flat = self.flat.detach().cpu().contiguous()
         metadata["sha256"] = data_sha256(flat)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"flat": flat}, tmp, metadata=metadata)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(Path(path), lambda tmp: save_file({"flat": flat}, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> DiagFIM:
@@ -250,12 +240,6 @@ def _field(
             f"{path} is damaged: its metadata field {key!r} is malformed ({exc}); recompute "
             "the FIM or copy the file again"
         ) from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _offsets(sizes: list[int]) -> list[tuple[int, int]]:

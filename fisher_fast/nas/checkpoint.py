@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from fisher_fast.io import write_json
 from fisher_fast.nas.result import Round
 from fisher_fast.nas.space import SearchSpace
-from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.source import Part, tensors_sha256
 
 CHECKPOINT_FORMAT = "fisher_fast.fuse_checkpoint/1"

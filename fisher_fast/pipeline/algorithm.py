@@ -30,6 +30,7 @@ import torch
 
 from fisher_fast.distance import frechet_distances
 from fisher_fast.distributed import is_main, on_main
+from fisher_fast.io import write_json
 from fisher_fast.nas import (
     Evaluation,
     FuseConfig,
@@ -39,7 +40,6 @@ from fisher_fast.nas import (
     train_and_evaluate,
 )
 from fisher_fast.pipeline.dictionary import DictionaryError, TaskDictionary
-from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.distances import task_fim
 from fisher_fast.tasks.task import Task
 from fisher_fast.tasks.threads import probe_threads

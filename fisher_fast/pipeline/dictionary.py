@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from fisher_fast._version import __version__
 from fisher_fast.distributed import is_main, on_main
+from fisher_fast.io import atomic_write, write_json
 from fisher_fast.nas import FuseConfig, Genotype, SearchSpace, fuse_search
-from fisher_fast.tasks.cache import atomic_write, state_sha256, write_json
+from fisher_fast.tasks.cache import state_sha256
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.task import Task
 from fisher_fast.tasks.threads import probe_threads

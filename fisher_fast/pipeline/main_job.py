@@ -30,6 +30,7 @@ import torch
 
 from fisher_fast.distributed import is_main, on_main
 from fisher_fast.extras import require_module
+from fisher_fast.io import write_json
 from fisher_fast.nas import (
     FuseConfig,
     SearchSpace,
@@ -51,7 +52,6 @@ from fisher_fast.pipeline.table import (
     format_table,
     plot_report,
 )
-from fisher_fast.tasks.cache import write_json
 from fisher_fast.tasks.probes import PROBES, SMALL_PROBES
 from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.threads import probe_threads

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from fisher_fast.tasks.cache import atomic_write
+from fisher_fast.io import atomic_write
 
 
 class Row(NamedTuple):

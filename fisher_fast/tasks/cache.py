@@ -21,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fisher_fast.fim.result import DiagFIM
+from fisher_fast.io import atomic_write
 from fisher_fast.tasks.source import tensors_sha256
 
 CACHE_VERSION = 1
@@ -53,40 +53,6 @@ def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return hashlib.sha256(
         "".join(f"{name}:{tensors_sha256([state[name]])};" for name in sorted(state)).encode()
     ).hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk, rename it to
-    ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Atomically write ``value`` as indented JSON."""
-    text = json.dumps(value, indent=2) + "\n"
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text)
-
-    atomic_write(path, write)
 
 
 class RunCache:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fisher_fast.tasks.cache import atomic_write, write_json
+from fisher_fast.io import atomic_write, write_json
 from fisher_fast.tasks.matrix import DistanceResult
 
 

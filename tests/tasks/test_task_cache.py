@@ -12,8 +12,9 @@ import torch
 from task_files import blob_source
 
 import fisher_fast.tasks.distances as dm
+from fisher_fast.io import atomic_write
 from fisher_fast.tasks import CacheWarning, Task, TrainConfig, distance_matrix
-from fisher_fast.tasks.cache import RunCache, atomic_write, config_key
+from fisher_fast.tasks.cache import RunCache, config_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fisher_fast.tasks.cache import atomic_write, write_json
+from fisher_fast.io import atomic_write, write_json
 from fisher_fast.tasks.dense.study import DenseStudyResult
 from fisher_fast.tasks.report import draw_heatmaps
 

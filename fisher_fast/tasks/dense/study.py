@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from fisher_fast.distance import frechet_distances
 from fisher_fast.extras import require_module
 from fisher_fast.fim import DiagFIM, diag_fim
-from fisher_fast.tasks.cache import RunCache, config_key, write_json
+from fisher_fast.io import write_json
+from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.dense.probe import make_autoencoder
 from fisher_fast.tasks.dense.suite import DenseSuite, ImageTask
 from fisher_fast.tasks.dense.training import DenseProbe, train_autoencoder, transfer_mse
