@@ -235,9 +235,11 @@ def _run_dense(args: argparse.Namespace) -> int:
             f"--suite {args.suite} takes no {' or '.join(unused)} (it is embedded, with its own probe)"
         )
     suite = DENSE_SUITES[args.suite]()
-    suite.train = _training(args, suite.train)
-    if args.epsilon is not None:
-        suite.epsilon = args.epsilon
+    suite = replace(  # replace re-runs the suite's checks on the command line's values
+        suite,
+        train=_training(args, suite.train),
+        epsilon=suite.epsilon if args.epsilon is None else args.epsilon,
+    )
     fisher = args.fisher or "empirical"
     out = args.out = args.out or Path("runs") / suite.name
     resolve_device(args.device, "--device")
@@ -254,7 +256,7 @@ def _run_dense(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.fim_batch_size,
         progress=not args.quiet,
-        threads=args.threads or 1,
+        threads=1 if args.threads is None else args.threads,
         overwrite=args.overwrite,
     )
     print(format_dense(result))

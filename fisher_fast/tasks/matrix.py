@@ -53,7 +53,7 @@ class DistanceResult:
     @property
     def std(self) -> torch.Tensor:
         """(K, K) sample standard deviation over trials (n - 1 in the denominator; 0 for one trial)."""
-        return self.values.std(0) if len(self.seeds) > 1 else torch.zeros_like(self.values[0])
+        return trial_std(self.values)
 
     @property
     def reached(self) -> torch.Tensor:
@@ -89,3 +89,9 @@ class DistanceResult:
             "head_width": self.head_width,
             "config": self.config,
         }
+
+
+def trial_std(values: torch.Tensor) -> torch.Tensor:
+    """Sample standard deviation over axis 0, the trials (n - 1 in the denominator), and zeros
+    for a single trial (where torch's would be NaN)."""
+    return values.std(0) if values.shape[0] > 1 else torch.zeros_like(values[0])

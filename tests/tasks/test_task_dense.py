@@ -295,3 +295,8 @@ def test_cli_runs_a_dense_suite_and_refuses_what_it_does_not_take(
     assert json.loads((out / "dense-empirical.json").read_text())["config"]["train"]["epochs"] == 1
     code = main(["distance", "--suite", "mnist5k-dense", "--arch", "mlp", "--out", str(out)])
     assert code == 2 and "takes no --arch" in capsys.readouterr().err
+    code = main(["distance", "--suite", "mnist5k-dense", "--epsilon", "2", "--out", str(out)])
+    assert code == 2 and "epsilon must lie in (0, 1), got 2.0" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    code = main(["distance", "--suite", "mnist5k-dense", "--threads", "0", "--out", str(fresh)])
+    assert code == 2 and "threads must be a positive number" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.dense.probe import make_autoencoder
 from fisher_fast.tasks.dense.suite import DenseSuite, ImageTask
 from fisher_fast.tasks.dense.training import DenseProbe, train_autoencoder, transfer_mse
+from fisher_fast.tasks.matrix import trial_std
 from fisher_fast.tasks.report import refuse_other_settings
 from fisher_fast.tasks.threads import probe_threads
 
@@ -139,7 +140,7 @@ class DenseStudyResult:
     @property
     def distance_std(self) -> torch.Tensor:
         """(K, K) sample standard deviation of the distance over trials (0 for one trial)."""
-        return _std(self.distance)
+        return trial_std(self.distance)
 
     @property
     def gain_mean(self) -> torch.Tensor:
@@ -163,7 +164,7 @@ class DenseStudyResult:
             "distance_std": self.distance_std.tolist(),
             "distance": self.distance.tolist(),
             "transfer_gain_mean": self.gain_mean.tolist(),
-            "transfer_gain_std": _std(self.gain).tolist(),
+            "transfer_gain_std": trial_std(self.gain).tolist(),
             "transfer_test_mse": self.transfer.tolist(),
             "scratch_test_mse": self.scratch.tolist(),
             "test_r2": self.test_r2.tolist(),
@@ -171,10 +172,6 @@ class DenseStudyResult:
             "agreement": self.agreement(),
             "config": self.config,
         }
-
-
-def _std(values: torch.Tensor) -> torch.Tensor:
-    return values.std(0) if values.shape[0] > 1 else torch.zeros_like(values[0])
 
 
 def dense_study(

@@ -10,6 +10,7 @@ clipped at 0, so that it lies in [0, 1] as the definition requires.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -143,9 +144,11 @@ def transfer_mse(
     every weight on its training pairs (no model selection: a fixed budget), starting from a
     copy of ``start_from`` (a source task's probe) or, with None, from a fresh initialisation
     seeded by ``seed`` (training from scratch)."""
-    model = make_autoencoder(suite.image_shape(), seed=seed).to(device)
-    if start_from is not None:
-        model.load_state_dict(start_from.state_dict())
+    model: nn.Module
+    if start_from is None:
+        model = make_autoencoder(suite.image_shape(), seed=seed).to(device)
+    else:
+        model = copy.deepcopy(start_from).to(device)
     splits = suite.splits(target)
     budget = replace(suite.train, epochs=suite.transfer_epochs, keep_best=False)
     fit(model, budget, splits.train.x, splits.train.y, F.mse_loss, seed=seed, device=device)
