@@ -247,6 +247,13 @@ def _same_as(module: nn.Module, base: type[nn.Module], spec: RuleSpec) -> bool:
     return reproduces(module, f"as {base.__name__}", lambda x: base.forward(module, x), shape)
 
 
+def joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(parts, dim)``, except that a single part (a module called once, the common
+    case) is returned as it is instead of copied: a language model's head gradient is
+    N × T × vocabulary, and copying it costs more than the rule's own products."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def sum_over_calls(calls: list[Call], per_call: Callable[[Call], torch.Tensor]) -> torch.Tensor:
     """Sum of a per-sample quantity over all calls of a module (weight sharing)."""
     total = per_call(calls[0])

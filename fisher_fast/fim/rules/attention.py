@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled
-from fisher_fast.fim.rules import Call, RuleContext, register_rule
+from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -177,20 +177,17 @@ def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleCo
         for c in calls
     ]
 
-    def along_positions(parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
     weight_rows, bias_rows = [], []
     for j in range(3):  # query, key, value blocks of the packed projection
-        x = along_positions([pc[0][j] for pc in per_call])
-        g = along_positions([pc[1][j] for pc in per_call])
+        x = joined([pc[0][j] for pc in per_call], dim=1)
+        g = joined([pc[1][j] for pc in per_call], dim=1)
         weight_rows.append(ctx.square_sum(g.unsqueeze(1), x.unsqueeze(1))[0])
         bias_rows.append(g.sum(1))
     ctx.add("in_proj_weight", torch.cat(weight_rows))
     if module.in_proj_bias is not None:
         ctx.add_bias("in_proj_bias", torch.cat(bias_rows, dim=1))
-    a = along_positions([pc[2] for pc in per_call])
-    g_out = along_positions([pc[3] for pc in per_call])
+    a = joined([pc[2] for pc in per_call], dim=1)
+    g_out = joined([pc[3] for pc in per_call], dim=1)
     ctx.add("out_proj.weight", ctx.square_sum(g_out.unsqueeze(1), a.unsqueeze(1))[0])
     if module.out_proj.bias is not None:
         ctx.add_bias("out_proj.bias", g_out.sum(1))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast import ops
-from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
+from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule, sum_over_calls
 
 # Patches of a few samples at a time: small enough to stay in the allocator's reused heap (large
 # fresh allocations are page-faulted in on every call), large enough to amortise the call cost.
@@ -143,8 +143,8 @@ def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleConte
             part = slice(start, start + step)
             xs = [unfold(module, c.input[part]) for c in calls]
             gs = [_grad_blocks(module, c.grad()[part]) for c in calls]
-            x = torch.cat(xs, dim=2) if len(xs) > 1 else xs[0]
-            g = torch.cat(gs, dim=2) if len(gs) > 1 else gs[0]
+            x = joined(xs, dim=2)
+            g = joined(gs, dim=2)
             total += ctx.square_sum(g, x).reshape(module.weight.shape)
         ctx.add("weight", total)
     if module.bias is not None and module.bias.requires_grad:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fisher_fast.fim.rules import Call, RuleContext, register_rule
+from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule
 
 
 @register_rule(nn.Embedding, layout="positionwise")
@@ -21,8 +21,8 @@ def embedding_rule(module: nn.Embedding, calls: list[Call], ctx: RuleContext) ->
         return
     vocab, dim = module.weight.shape
     n = calls[0].input.shape[0]
-    idx = torch.cat([c.input.reshape(n, -1) for c in calls], dim=1)  # (N, T)
-    g = torch.cat([c.grad().reshape(n, -1, dim) for c in calls], dim=1).to(ctx.work_dtype)
+    idx = joined([c.input.reshape(n, -1) for c in calls], dim=1)  # (N, T)
+    g = joined([c.grad().reshape(n, -1, dim) for c in calls], dim=1).to(ctx.work_dtype)
     sample = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
     keys = (sample * vocab + idx).reshape(-1)
     grads = g.reshape(-1, dim)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fisher_fast import ops
-from fisher_fast.fim.rules import Call, RuleContext, register_rule, sum_over_calls
+from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule, sum_over_calls
 
 
 def _positions(t: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,8 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
     xs = [_positions(c.input) for c in calls]
     gs = [_positions(c.grad()) for c in calls]
     # Calls are positions of one per-sample sum, so weight sharing is a concatenation along T.
-    x = torch.cat(xs, dim=1) if len(xs) > 1 else xs[0]
-    g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+    x = joined(xs, dim=1)
+    g = joined(gs, dim=1)
     if g.shape[1] == 1:
         g2 = _squares_over_passes(calls[0], g[:, 0], ctx)
         if g2 is not None:

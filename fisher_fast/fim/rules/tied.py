@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fisher_fast.fim.rules import Call
+from fisher_fast.fim.rules import Call, joined
 
 
 class TiedCross:
@@ -33,15 +33,15 @@ class TiedCross:
 
     def embedding_calls(self, calls: list[Call], n: int) -> None:
         dim = self.target.shape[1]
-        ids = torch.cat([c.input.reshape(n, -1) for c in calls], dim=1)
-        g = torch.cat([c.grad().reshape(n, -1, dim) for c in calls], dim=1).to(self.work)
+        ids = joined([c.input.reshape(n, -1) for c in calls], dim=1)
+        g = joined([c.grad().reshape(n, -1, dim) for c in calls], dim=1).to(self.work)
         self._embedding = (ids, g)
         self._add_if_complete()
 
     def head_calls(self, calls: list[Call], n: int) -> None:
         vocab, dim = self.target.shape
-        x = torch.cat([c.input.reshape(n, -1, dim) for c in calls], dim=1).to(self.work)
-        g = torch.cat([c.grad().reshape(n, -1, vocab) for c in calls], dim=1).to(self.work)
+        x = joined([c.input.reshape(n, -1, dim) for c in calls], dim=1).to(self.work)
+        g = joined([c.grad().reshape(n, -1, vocab) for c in calls], dim=1).to(self.work)
         self._head = (x, g)
         self._add_if_complete()
 

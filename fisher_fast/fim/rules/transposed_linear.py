@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule
+from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, joined, register_matched_rule
 
 
 def _is_transposed_linear(module: nn.Module) -> bool:
@@ -32,8 +32,8 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
 
 def transposed_linear_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
     work = ctx.work_dtype
-    x = torch.cat([_positions(c.input) for c in calls], dim=1).to(work)
-    g = torch.cat([_positions(c.grad()) for c in calls], dim=1).to(work)
+    x = joined([_positions(c.input) for c in calls], dim=1).to(work)
+    g = joined([_positions(c.grad()) for c in calls], dim=1).to(work)
     weight, bias = module.weight, getattr(module, "bias", None)
     if weight.requires_grad:
         if g.shape[1] == 1:
