@@ -100,17 +100,17 @@ def test_custom_rule_is_used() -> None:
 
 
 def test_unsupported_parameters_error_lists_them_and_skip_leaves_them_out() -> None:
-    class Shift(nn.Module):
+    class Mix(nn.Module):  # a matrix product: not an elementwise use that can be traced
         def __init__(self) -> None:
             super().__init__()
-            self.shift = nn.Parameter(torch.zeros(4))
+            self.mix = nn.Parameter(torch.eye(4))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.shift
+            return x @ self.mix
 
-    model = nn.Sequential(Shift(), nn.Linear(4, 3))
+    model = nn.Sequential(Mix(), nn.Linear(4, 3))
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    with pytest.raises(ValueError, match=r"0\.shift: no rule for Shift"):
+    with pytest.raises(ValueError, match=r"0\.mix: no rule for Mix"):
         _fim(model, (x, y), on_unsupported="error")
     skipped = _fim(model, (x, y), on_unsupported="skip")
     assert skipped.names == ["1.weight", "1.bias"]

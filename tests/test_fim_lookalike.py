@@ -225,7 +225,7 @@ class OffsetRMSNorm(PlainRMSNorm):
 
 @pytest.mark.parametrize(
     "norm, path",
-    [(PlainRMSNorm, "rule matched_rms_rule"), (OffsetRMSNorm, "per-sample gradients")],
+    [(PlainRMSNorm, "rule matched_rms_rule"), (OffsetRMSNorm, "broadcast use expanded")],
 )
 def test_rms_norm_look_alikes_only_when_verified(
     norm: type[nn.Module], path: str, gen: torch.Generator

@@ -56,6 +56,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         16,
     ),
     "convnext": (lambda: _model("convnext_atto"), 32),
+    "beit": (lambda: _model("beit_base_patch16_224", **_vit_config()), 16),
+    "cait": (lambda: _model("cait_xxs24_224", **_vit_config()), 16),
     "swin": (lambda: _model("swin_tiny_patch4_window7_224", **SWIN_CONFIG), 32),
     "mobilenetv3": (lambda: _model("mobilenetv3_small_050"), 32),
     "regnet": (lambda: _model("regnetx_002"), 32),
@@ -99,9 +101,15 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "pos_embed": "broadcast use expanded to the samples",
     },
     "deit_distilled": {"dist_token": "broadcast use expanded to the samples"},
-    "convnext": {  # LayerNorm2d on (N, C, H, W), in the stem and the blocks
+    "convnext": {  # LayerNorm2d on (N, C, H, W); the layer-scale gain used in the block
         "stem.1.weight": "rule channels_first_layer_norm_rule",
         "stages.0.blocks.0.norm.weight": "rule channels_first_layer_norm_rule",
+        "stages.0.blocks.0.gamma": "broadcast use expanded to the samples",
+    },
+    "beit": {"blocks.0.gamma_1": "broadcast use expanded to the samples"},  # layer scale
+    "cait": {  # layer scale, in the patch blocks and the class-token blocks
+        "blocks.1.gamma_2": "broadcast use expanded to the samples",
+        "blocks_token_only.0.gamma_1": "broadcast use expanded to the samples",
     },
     "mobilenetv3": {"classifier.weight": "rule linear_rule"},  # timm's Linear subclass
     "regnet": {"stem.bn.weight": "rule norm_act_rule"},

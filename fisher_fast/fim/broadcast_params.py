@@ -16,12 +16,16 @@ and the engine keeps it only when, for a random cotangent on the model's output,
 each expanded view of the variant batch equals, sample by sample, the parameter's gradient with
 that sample run alone (expansion.verify). Otherwise the batch is planned again without.
 
-Candidates: trainable parameters with a leading axis of 1 and at least two axes, held by a
-module without a rule (a rule handles its own parameters).
+Candidates: trainable parameters held by one module without a rule (a rule handles its own
+parameters). Those with a leading axis of 1 and at least two axes are expanded as above; any
+other (a layer-scale gain of shape (C,)) is traced through its module's forward instead and
+given the sample axis where it meets the samples (traced_use.py). ``without_traced`` drops the
+second kind, for a model that fails with them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from fisher_fast.fim.rules import find_rule
 from fisher_fast.fim.sample_scope import SampleScoped
+from fisher_fast.fim.traced_use import Trace
 
 PATH = "broadcast use expanded to the samples"
 
@@ -38,12 +43,12 @@ Tap = Callable[[torch.Tensor, Callable[[torch.Tensor], None]], torch.Tensor]
 
 
 def broadcast_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """{global name: (holder module, local name)} of the parameters that may be expanded: a
-    leading axis of 1, at least two axes, one holder (not tied), and no rule for the holder."""
+    """{global name: (holder module, local name)} of the parameters that may be given the
+    sample axis at their use: trainable, one holder (not tied), and no rule for the holder."""
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for module_name, module in model.named_modules():
         for local, p in module._parameters.items():
-            if p is not None and p.requires_grad and p.dim() >= 2 and p.shape[0] == 1:
+            if p is not None and p.requires_grad and p.dim() >= 1:
                 holders.setdefault(id(p), []).append((module_name, module, local))
     return {
         (f"{name}.{local}" if name else local): (module, local)
@@ -52,29 +57,65 @@ def broadcast_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     }
 
 
+def without_traced(
+    candidates: dict[str, tuple[nn.Module, str]],
+) -> dict[str, tuple[nn.Module, str]]:
+    """The candidates expanded whole (a leading axis of 1), without those that are traced."""
+    return {k: (m, local) for k, (m, local) in candidates.items() if _expanded_whole(m, local)}
+
+
+def _expanded_whole(module: nn.Module, local: str) -> bool:
+    p = module._parameters[local]
+    return p is not None and p.dim() >= 2 and p.shape[0] == 1
+
+
+# A tapped tensor given the sample axis, and the map from its gradient to the parameter's
+# per-sample gradients (n, ...): one per use of a parameter in a forward pass.
+Use = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _as_is(grad: torch.Tensor) -> torch.Tensor:
+    return grad
+
+
 class BroadcastParams(SampleScoped):
     """Hooks that give some parameters the sample axis while their module runs.
 
     Active only inside ``samples(n)`` (the engine's own forward passes, not a fallback's
-    per-sample re-run) with grad enabled. Each backward pass, the gradients at the expanded
-    views collect in ``pending`` (summed over the module's calls); ``end_pass`` hands each
-    parameter's sum over samples of squares to ``sink``. ``views`` keeps the tapped views of
-    the forward passes since ``forget``, for verification.
+    per-sample re-run) with grad enabled. Each backward pass, the per-sample gradients from the
+    uses collect in ``pending`` (summed over uses and calls); ``end_pass`` hands each
+    parameter's to ``sink``. ``uses`` keeps the uses of the forward passes since ``forget``,
+    for verification; a traced parameter whose tracing failed is in ``failed`` instead.
     """
 
     def __init__(self, tap: Tap) -> None:
         super().__init__()
         self.tap = tap
         self.armed: dict[str, tuple[nn.Module, str]] = {}
-        self.views: dict[str, list[torch.Tensor]] = {}
+        self.uses: dict[str, list[Use]] = {}
+        self.failed: dict[str, str] = {}
         self.pending: dict[str, torch.Tensor] = {}
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self._handles: list[Any] = []
-        self._swapped: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
+        self._swapped: dict[nn.Module, list[tuple[str, str, torch.Tensor, Trace | None]]] = {}
 
     @property
     def names(self) -> set[str]:
         return set(self.armed)
+
+    def seen(self) -> set[str]:
+        """The parameters given the sample axis at every use since ``forget``."""
+        return set(self.uses) - set(self.failed)
+
+    def checks(self, name: str) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+        """The tensors of ``name``'s uses, and the map from their gradients to the
+        parameter's per-sample gradients (n, ...), for expansion.verify."""
+        uses = self.uses[name]
+
+        def per_sample(grads: list[torch.Tensor]) -> torch.Tensor:
+            return sum((to(g) for (_, to), g in zip(uses, grads, strict=True)), torch.tensor(0))
+
+        return [t for t, _ in uses], per_sample
 
     def arm(self, params: dict[str, tuple[nn.Module, str]]) -> None:
         """Hook exactly the holders of ``params``."""
@@ -96,14 +137,14 @@ class BroadcastParams(SampleScoped):
         self.forget()
 
     def forget(self) -> None:
-        self.views, self.pending = {}, {}
+        self.uses, self.failed, self.pending = {}, {}, {}
 
     def end_pass(self) -> None:
-        """Hand this backward pass's per-sample gradients to the sink, squared and summed."""
+        """Hand this backward pass's per-sample gradients to the sink."""
         pending, self.pending = self.pending, {}
         if self.sink is not None:
             for name, grad in pending.items():
-                if name in self.armed:  # views of a planning pass may have others
+                if name in self.armed:  # uses of a planning pass may have others
                     self.sink(name, grad)
 
     def _swap(self, module: nn.Module, args: Any) -> None:
@@ -115,19 +156,36 @@ class BroadcastParams(SampleScoped):
                 continue
             p = module._parameters[local]
             assert p is not None
-            view = self.tap(p.expand(self.n, *p.shape[1:]), self._collector(name))
-            self.views.setdefault(name, []).append(view)
-            module._parameters[local] = view  # type: ignore[assignment]
-            swapped.append((local, p))
+            trace = None
+            if _expanded_whole(module, local):
+                alias = self._use(name, p.expand(self.n, *p.shape[1:]), _as_is)
+            else:
+                trace = Trace(self.n, p, functools.partial(self._use, name))
+                alias = trace.alias()
+            module._parameters[local] = alias  # type: ignore[assignment]
+            swapped.append((name, local, p, trace))
         self._swapped.setdefault(module, []).extend(swapped)
 
     def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        for local, p in self._swapped.pop(module, []):
+        for name, local, p, trace in self._swapped.pop(module, []):
             module._parameters[local] = p  # type: ignore[assignment]
+            if trace is not None:
+                trace.close(output)
+                if trace.failed is not None:
+                    self.failed.setdefault(name, trace.failed)
+                elif name not in self.uses:
+                    self.failed.setdefault(name, "no use of it meets the samples")
 
-    def _collector(self, name: str) -> Callable[[torch.Tensor], None]:
+    def _use(
+        self, name: str, tensor: torch.Tensor, to: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The tapped alias of one use; its per-sample gradients (``to``) go to ``pending``."""
+
         def collect(grad: torch.Tensor) -> None:
+            per_sample = to(grad)
             before = self.pending.get(name)
-            self.pending[name] = grad if before is None else before + grad
+            self.pending[name] = per_sample if before is None else before + per_sample
 
-        return collect
+        view = self.tap(tensor, collect)
+        self.uses.setdefault(name, []).append((view, to))
+        return view

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
-from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidates
+from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidates, without_traced
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
@@ -224,25 +224,28 @@ class _Accumulation:
         """The first batch's forward pass, which also decides the plan. Every module is tapped
         for it, so that the plan's owners already have their calls; it runs again only when an
         instrumented forward turns out not to be used (see ``Capture.set_process``), or when
-        the expansion of broadcast embeddings or parameters is not verified (then without)."""
+        the sample axis given to broadcast embeddings and parameters is not verified exact or
+        makes the model fail: then without the traced parameters, then without any."""
         index = variant_indices(n)
         for name, module in self.model.named_modules():  # any may be the plan's: tap them all
             if not self.capture.owns(module):
                 self.capture.add_owner(Owner(name, module))
-        self.expansion.arm(expandable(self.model))
-        self.broadcast.arm(broadcast_candidates(self.model))
-        try:
-            planned = self._plan_batch(inputs, n, index)
-        except Exception:
-            if not (self.expansion.modules or self.broadcast.names):
-                raise
-            planned = None  # the model fails with an expanded output or parameter: plan without
-        if planned is None:
+        embeddings, params = expandable(self.model), broadcast_candidates(self.model)
+        attempts = [(embeddings, params), (embeddings, without_traced(params)), ([], {})]
+        attempts = [a for k, a in enumerate(attempts) if a not in attempts[:k]]
+        planned = None
+        for k, (modules, candidates) in enumerate(attempts):
             self.capture.forget_calls()
-            self.expansion.disarm()
-            self.broadcast.disarm()
-            planned = self._plan_batch(inputs, n, index)
-            assert planned is not None
+            self.expansion.arm(modules)
+            self.broadcast.arm(candidates)
+            try:
+                planned = self._plan_batch(inputs, n, index)
+            except Exception:
+                if k == len(attempts) - 1:
+                    raise
+            if planned is not None:
+                break
+        assert planned is not None  # the last attempt expands nothing, so it is not refused
         output, plan = planned
         if self._adopt(plan):
             return output
@@ -269,7 +272,7 @@ class _Accumulation:
         with recording(self.model) as real, self._samples(n):
             output = call_model(self.model, inputs)
         real_seen = expansion.take_seen()
-        real_params = set(broadcast.views)
+        real_params = broadcast.seen()
         if not expansion.used(real_seen):
             expansion.disarm()
         broadcast.forget()
@@ -298,12 +301,11 @@ class _Accumulation:
                 return None
             expanded = chosen
             expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
-        variant_views = broadcast.views
-        seen_params = frozenset(real_params & set(variant_views))
+        seen_params = frozenset(real_params & broadcast.seen())
         plan = make_plan(self.model, real, layouts, frozenset(expanded), seen_params)
         if expanded or plan.broadcast:
             params = [
-                (variant_views[name], self.model.get_parameter(name)) for name in plan.broadcast
+                (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
             ]
             why = verify(
                 self.model,

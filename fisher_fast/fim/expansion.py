@@ -49,6 +49,9 @@ from fisher_fast.fim.sample_scope import SampleScoped
 
 PATH_SUFFIX = "on its broadcast output expanded to the samples"
 
+# gradients at a parameter's uses -> its per-sample gradients (n, ...) (broadcast_params.py)
+PerSample = Callable[[list[torch.Tensor]], torch.Tensor]
+
 
 def expandable(model: nn.Module) -> list[nn.Module]:
     """The Embeddings that may be expanded: a trainable weight and a rule for the module."""
@@ -167,14 +170,15 @@ def verify(
     layouts: Callable[[nn.Module], list[CallLayout | Unknown]],
     owners: list[nn.Module],
     paused: Callable[[], Any],
-    params: Sequence[tuple[list[torch.Tensor], torch.Tensor]] = (),
+    params: Sequence[tuple[list[torch.Tensor], PerSample, torch.Tensor]] = (),
 ) -> str | None:
     """None when the variant batch (expanded, samples ``index`` of the n) gives at every sampled
     output of ``owners`` the gradients its samples give alone, for a random cotangent on the
     model's sampled outputs, and the same model outputs; else why not (see the module docstring).
-    ``params``: (the variant's expanded views of a parameter, the parameter) of each broadcast
-    parameter given the sample axis (broadcast_params.py): the views' summed gradient must
-    equal, sample by sample, the parameter's gradient with the sample alone.
+    ``params``: (the variant's tensors given the sample axis at a parameter's uses, the map
+    from their gradients to the parameter's per-sample gradients, the parameter) of each
+    parameter given the sample axis (broadcast_params.py): those must equal, sample by sample,
+    the parameter's gradient with the sample alone.
     """
     root_layouts = layouts(model)
     root = variant.calls.get(model, [])
@@ -223,12 +227,12 @@ def verify(
     assert batched_at is not None
     objective = sum((v * t).sum() for v, (t, _) in zip(cotangents, sampled_out, strict=True))
     assert isinstance(objective, torch.Tensor)
-    views = [v for vs, _ in params for v in vs]
-    found = grads(objective, batched_at + views)
+    uses = [v for vs, _, _ in params for v in vs]
+    found = grads(objective, batched_at + uses)
     batched = found[: len(batched_at)]
     batched_params, start = [], len(batched_at)
-    for vs, _ in params:
-        batched_params.append(sum(found[start : start + len(vs)], torch.zeros_like(vs[0])))
+    for vs, per_sample, _ in params:
+        batched_params.append(per_sample(found[start : start + len(vs)]))
         start += len(vs)
     for row, j in enumerate(index):
         with paused(), recording(model) as single:
@@ -247,12 +251,12 @@ def verify(
             if not _agree(_block(t, lay, row), a, t):
                 return f"the model's output for sample {j} alone differs"
             objective = objective + (_block(v, lay, row) * a).sum()
-        alone = grads(objective, alone_at + [p for _, p in params])
+        alone = grads(objective, alone_at + [p for _, _, p in params])
         for (module, _, _, lay), g, a in zip(targets, batched, alone[: len(targets)], strict=True):
             if not _agree(_block(g, lay, row), a, g):
                 return f"the gradient at a {type(module).__name__} output differs for sample {j}"
         for g, a in zip(batched_params, alone[len(targets) :], strict=True):
-            if not _agree(g[row : row + 1], a, g):
+            if g[row].numel() != a.numel() or not _agree(g[row].reshape(a.shape), a, g):
                 return f"the gradient of a broadcast parameter differs for sample {j}"
     return None
 

@@ -6,8 +6,9 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
 1. by its module's **rule**, when the module holds it alone, runs, and every one of its calls
    has a layout the rule is exact on (or by an ancestor's rule that lists it in
    ``extra_params``, as nn.MultiheadAttention does for ``out_proj``); or, for a parameter
-   broadcast over the samples by its module's own forward (a ViT's class token), by its
-   gradient at its use given the sample axis, once verified (broadcast_params.py);
+   broadcast over the samples by its module's own forward (a ViT's class token, a layer-scale
+   gain), by its gradient at its use given the sample axis, once verified
+   (broadcast_params.py, traced_use.py);
 2. else by **per-sample gradients** (torch.func, fallback.py) of the nearest module, starting
    from its own and going up to the whole model, that contains every use of the parameter and
    whose calls are per-sample separable: each input and output is per sample along one axis or

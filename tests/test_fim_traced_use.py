@@ -1,0 +1,217 @@
+"""Parameters used elementwise in their module's own forward (layer-scale gains): traced to
+their use and given the sample axis there when verified exact, else the generic path.
+
+Every case is checked against a float64 per-sample loop, in batches of 4 and 3 samples; the
+uses that cannot be traced (a matrix product, a value leaving the module, a reduction over the
+samples) must be detected and take the per-sample path, still exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from fim_reference import reference_fim
+from torch import nn
+
+import fisher_fast
+from fisher_fast.fim.broadcast_params import PATH
+
+N, C = 7, 6
+
+
+class ConvScaleBlock(nn.Module):
+    """ConvNeXt's block: depthwise conv, channels-last norm and MLP, then the layer-scale gain
+    applied as ``x.mul(gamma.reshape(1, -1, 1, 1))`` before the residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(C, C, 3, padding=1, groups=C)
+        self.norm = nn.LayerNorm(C)
+        self.fc = nn.Linear(C, C)
+        self.gamma = nn.Parameter(torch.rand(C) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return x + h.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class TokenScaleBlock(nn.Module):
+    """BEiT's block: ``x + gamma_1 * mix(norm(x))``, the gain (C,) broadcast over (N, T, C);
+    ``use`` picks another way of using a gain (see the tests)."""
+
+    def __init__(self, use: str = "mul") -> None:
+        super().__init__()
+        self.use = use
+        self.norm, self.mix = nn.LayerNorm(C), nn.Linear(C, C)
+        self.gamma_1 = nn.Parameter(torch.rand(C) + 0.5)
+        self.gamma_2 = nn.Parameter(torch.rand(C) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.norm(x)))
+        uses: dict[str, Callable[[], torch.Tensor]] = {
+            "mul": lambda: x + self.gamma_1 * h + h / (1 + self.gamma_2.square()),
+            "in_place": lambda: x + h.clone().mul_(self.gamma_1) - self.gamma_2,
+            "matmul": lambda: x + h @ torch.diag(self.gamma_1) + self.gamma_2 * h,
+        }
+        return uses[self.use]()
+
+
+class Escaping(nn.Module):
+    """A gain whose scaled copy is the module's output, added to the samples by the parent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.rand(C) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.gain
+
+
+class TokenModel(nn.Module):
+    """Token blocks on (N, T, C), or on (T, N, C) with ``sequence_first``."""
+
+    def __init__(self, use: str = "mul", blocks: int = 2, sequence_first: bool = False) -> None:
+        super().__init__()
+        self.sequence_first = sequence_first
+        self.embed = nn.Linear(4, C)
+        self.blocks = nn.ModuleList(TokenScaleBlock(use) for _ in range(blocks))
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h.transpose(0, 1) if self.sequence_first else h
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(0 if self.sequence_first else 1))
+
+
+class ConvModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, C, 3, padding=1)
+        self.block = ConvScaleBlock()
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+class InputScale(nn.Module):
+    """A gain on the model's input itself, which does not require grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class EscapeModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.bias, self.head = nn.Linear(4, C), Escaping(), nn.Linear(C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.embed(x) + self.bias(x)).mean(1))
+
+
+def _check(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 4,
+    labels: torch.Tensor | None = None,
+    **kwargs: object,
+) -> fisher_fast.DiagFIM:
+    """diag_fim (in two batches by default), asserted exact against the per-sample loop
+    (``labels``: the "mc" draws the reference uses)."""
+    fim = fisher_fast.diag_fim(
+        model, (x, y), progress=False, dtype=torch.float64, batch_size=batch_size, **kwargs
+    )
+    fisher = str(kwargs.get("fisher", "empirical"))
+    reference = reference_fim(model, x, y, fisher=fisher, labels=labels)
+    worst = float((fim.flat - reference).abs().max())
+    assert worst <= 1e-10 * float(reference.abs().max()), (worst, fim.meta["paths"])
+    return fim
+
+
+def _tokens(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(N, 5, 4, generator=gen, dtype=torch.float64)
+    return x, torch.randint(3, (N,), generator=gen)
+
+
+def _seeded(gen: torch.Generator) -> None:
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+
+
+@pytest.mark.parametrize("use", ["mul", "in_place"])
+def test_gains_on_tokens_are_traced_and_exact(use: str, gen: torch.Generator) -> None:
+    """Two blocks, each with two gains, used through a division and a square too."""
+    _seeded(gen)
+    model = TokenModel(use).double()
+    paths = _check(model, *_tokens(gen)).meta["paths"]
+    for i in range(2):
+        assert paths[f"blocks.{i}.gamma_1"] == PATH, paths
+        assert paths[f"blocks.{i}.gamma_2"] == PATH, paths
+    assert paths["blocks.0.mix.weight"] == "rule linear_rule"
+
+
+def test_convnext_gain_reshaped_to_channels_is_traced(gen: torch.Generator) -> None:
+    _seeded(gen)
+    model = ConvModel().double()
+    x = torch.randn(N, 2, 5, 5, generator=gen, dtype=torch.float64)
+    paths = _check(model, x, torch.randint(3, (N,), generator=gen)).meta["paths"]
+    assert paths["block.gamma"] == PATH
+    assert paths["block.conv_dw.weight"] == "rule conv_rule"
+
+
+def test_gain_on_the_input_is_traced(gen: torch.Generator) -> None:
+    _seeded(gen)
+    model = nn.Sequential(InputScale(), nn.Linear(4, 3)).double()
+    x = torch.randn(N, 4, generator=gen, dtype=torch.float64)
+    paths = _check(model, x, torch.randint(3, (N,), generator=gen)).meta["paths"]
+    assert paths["0.gain"] == PATH
+
+
+def test_a_matrix_product_is_not_traced(gen: torch.Generator) -> None:
+    _seeded(gen)
+    model = TokenModel("matmul", blocks=1).double()
+    paths = _check(model, *_tokens(gen)).meta["paths"]
+    assert paths["blocks.0.gamma_1"] == "per-sample gradients of 'blocks.0' (TokenScaleBlock)"
+    assert paths["blocks.0.gamma_2"] == PATH, "each parameter is traced on its own"
+
+
+def test_an_axis_that_merely_equals_the_batch_is_not_taken_for_the_samples(
+    gen: torch.Generator,
+) -> None:
+    """Sequence-first blocks with as many positions (4) as the first batch has samples: the
+    gains meet (T, N, C), whose axis 0 has the batch's size but is not the sample axis."""
+    _seeded(gen)
+    model = TokenModel(blocks=1, sequence_first=True).double()
+    x = torch.randn(N, 4, 4, generator=gen, dtype=torch.float64)
+    paths = _check(model, x, torch.randint(3, (N,), generator=gen)).meta["paths"]
+    assert paths["blocks.0.gamma_1"].startswith("per-sample gradients of 'blocks.0'"), paths
+
+
+def test_a_gain_leaving_its_module_takes_the_per_sample_path(gen: torch.Generator) -> None:
+    _seeded(gen)
+    model = EscapeModel().double()
+    paths = _check(model, *_tokens(gen)).meta["paths"]
+    assert paths["bias.gain"].startswith("per-sample gradients of"), paths
+
+
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
+def test_every_backward_pass_adds_its_squares(fisher: str, gen: torch.Generator) -> None:
+    """One backward pass per class ("exact") or draw ("mc"): each adds its own squares."""
+    _seeded(gen)
+    model = TokenModel().double()
+    x, y = _tokens(gen)
+    draws = fisher_fast.sample_labels(model(x), 2, torch.Generator().manual_seed(3))
+    fim = _check(
+        model, x, y, batch_size=N, labels=draws, fisher=fisher, mc_samples=2,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    assert fim.meta["paths"]["blocks.1.gamma_1"] == PATH
