@@ -62,8 +62,9 @@ bench: peers
 cuda-check:
 	bash scripts/cuda_compile_check.sh "$(CUDA_VENV)" "$(CUDA_TORCH_SPEC)" "$(CUDA_ARCHS)"
 
-# The timm real-model tests, in the same second environment (timm's torchvision does not import
-# beside the main environment's CPU torch); on the CPU.
+# The timm real-model tests and the Triton kernel's tests, in the same second environment (timm's
+# torchvision does not import beside the main environment's CPU torch, and the CPU torch ships
+# no Triton); on the CPU, the Triton kernel through Triton's interpreter.
 timm-check:
 	bash scripts/timm_check.sh "$(CUDA_VENV)" "$(CUDA_TORCH_SPEC)"
 

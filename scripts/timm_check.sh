@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The timm real-model tests (tests/test_fim_timm.py) in the second environment: `make timm-check`.
+# The timm real-model tests (tests/test_fim_timm.py) and the Triton kernel's tests
+# (tests/test_triton_products.py) in the second environment: `make timm-check`.
 #
 # Usage: timm_check.sh VENV TORCH_SPEC
 #   VENV        the second environment (cuda_torch_venv.sh), shared with `make cuda-check`
@@ -8,8 +9,10 @@
 # timm needs torchvision, and PyPI's torchvision does not import beside the CPU torch of the
 # main environment; torch 2.14.1 with torchvision 0.29.1 does. The sources are copied to a
 # temporary folder, the library is compiled there against that torch (CPU kernels only) and the
-# tests run on the CPU, with FISHER_FAST_REQUIRE_TIMM=1 so that a missing timm fails instead of
-# skipping. Extra pytest arguments come from PYTEST_ARGS.
+# tests run on the CPU, with FISHER_FAST_REQUIRE_TIMM=1 and FISHER_FAST_REQUIRE_TRITON=1 so that
+# a missing timm or Triton fails instead of skipping; the Triton kernel runs through Triton's
+# interpreter (TRITON_INTERPRET=1), as there is no GPU. Extra pytest arguments come from
+# PYTEST_ARGS.
 set -euo pipefail
 
 if [ "$#" -ne 2 ]; then
@@ -35,5 +38,6 @@ FISHER_FAST_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" setup.py -q build_ext 
   exit 1
 }
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-FISHER_FAST_REQUIRE_TIMM=1 PYTHONPATH="$work" bash scripts/run_pytest.sh "$py" \
-  -p no:cacheprovider tests/test_fim_timm.py ${PYTEST_ARGS:-}
+FISHER_FAST_REQUIRE_TIMM=1 FISHER_FAST_REQUIRE_TRITON=1 TRITON_INTERPRET=1 PYTHONPATH="$work" \
+  bash scripts/run_pytest.sh "$py" -p no:cacheprovider tests/test_fim_timm.py \
+  tests/test_triton_products.py ${PYTEST_ARGS:-}

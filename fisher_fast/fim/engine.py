@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
+from fisher_fast.fim import triton_products
 from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidates, without_traced
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
@@ -73,8 +74,10 @@ def diag_fim(
             device) or ``"exact"`` (expectation over all classes; cost proportional to C).
         max_samples: stop after this many samples.
         dtype: accumulator dtype, float32 or float64 (products use float64 for float64).
-        backend: ``"kernels"`` (compiled ops), ``"torch"`` (the same math in PyTorch) or
-            ``"auto"`` (kernels when the compiled library is loaded, else torch).
+        backend: ``"kernels"`` (compiled ops), ``"torch"`` (the same math in PyTorch),
+            ``"triton"`` (per-sample products in a Triton kernel on tensor cores: CUDA and
+            float32 only, TF32 when torch allows it for matrix products) or ``"auto"``
+            (kernels when the compiled library is loaded, else torch).
         on_unsupported: for parameters without a per-layer rule: ``"fallback"`` (torch.func
             per-sample gradients of that module), ``"error"`` (list them) or ``"skip"`` (leave
             them out of the result).
@@ -122,6 +125,9 @@ def diag_fim(
         )
     elif options.backend == "kernels":
         _library.require()
+    elif options.backend == "triton":
+        first = next(model.parameters(), None)
+        triton_products.require(first.device if first is not None else torch.device("cpu"), dtype)
     return _diag_fim(model, data, options, distributed)
 
 

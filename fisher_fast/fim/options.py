@@ -10,7 +10,7 @@ import torch
 
 from fisher_fast.fim.losses import FISHER_KINDS, LossSpec
 
-BACKENDS = ("auto", "kernels", "torch")
+BACKENDS = ("auto", "kernels", "torch", "triton")
 ON_UNSUPPORTED = ("fallback", "error", "skip")
 OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
 

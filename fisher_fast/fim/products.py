@@ -5,8 +5,9 @@ gradients and x: (N, B, T, I) inputs (B independent blocks, e.g. convolution gro
 
 * T == 1 factors exactly: ``(g∘g)^T (x∘x)``, one matrix product, no per-sample tensor at all.
 * Otherwise the ``kernels`` backend calls the compiled op (per-thread accumulators on CPU, a
-  fused product-square-reduce on CUDA) and the ``torch`` backend runs the same math as chunked
-  batched products in PyTorch, never holding more than ``chunk_bytes`` of per-sample products.
+  fused product-square-reduce on CUDA), the ``triton`` backend a Triton kernel on tensor cores
+  (triton_products.py), and the ``torch`` backend runs the same math as chunked batched
+  products in PyTorch, never holding more than ``chunk_bytes`` of per-sample products.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fisher_fast import ops
+from fisher_fast.fim import triton_products
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 
@@ -40,6 +42,8 @@ def square_sum(
         return torch.bmm(g2.transpose(1, 2), x2).to(acc_dtype)
     if backend == "kernels":
         return ops.per_sample_sq_sum(g, x, acc_dtype)
+    if backend == "triton":
+        return triton_products.square_sum(g, x, acc_dtype)
     out = torch.zeros(blocks, out_f, in_f, dtype=acc_dtype, device=g.device)
     step = max(1, chunk_bytes // max(1, blocks * out_f * in_f * torch.finfo(work).bits // 8))
     for start in range(0, n, step):

@@ -1,0 +1,112 @@
+"""The Triton per-sample square-accumulate kernel (backend='triton'), against float64 references.
+
+Triton ships with CUDA builds of torch only, so these run in the second environment (``make
+timm-check``: torch 2.14.1, on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1`` set
+before fisher_fast is imported); there ``FISHER_FAST_REQUIRE_TRITON=1`` turns a missing Triton
+into a failure. The refusals at the end run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fim_reference import reference_fim
+from torch import nn
+
+import fisher_fast
+from fisher_fast.fim import triton_products
+
+needs_triton = pytest.mark.skipif(
+    os.environ.get("FISHER_FAST_REQUIRE_TRITON") != "1"
+    and not (triton_products.runs_on(torch.device("cpu")) or torch.cuda.is_available()),
+    reason="needs Triton, with TRITON_INTERPRET=1 set before import or a CUDA GPU",
+)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _reference(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("nbto,nbti->nboi", g.double(), x.double()).square().sum(0)
+
+
+@needs_triton
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["acc32", "acc64"])
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 1, 5, 7, 9), (2, 2, 33, 70, 40), (5, 3, 16, 32, 64), (4, 1, 1, 3, 5)],
+    ids=["tiny", "ragged-tiles", "whole-tiles", "one-position"],
+)
+def test_matches_the_float64_products(
+    shape: tuple[int, ...], acc: torch.dtype, gen: torch.Generator
+) -> None:
+    n, b, t, o, i = shape
+    g = torch.randn(n, b, t, o, generator=gen).to(DEVICE)
+    x = torch.randn(n, b, t, i, generator=gen).to(DEVICE)
+    out = triton_products.square_sum(g, x, acc)
+    reference = _reference(g, x)
+    assert out.dtype == acc and out.shape == (b, o, i)
+    assert float((out.double() - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+@needs_triton
+def test_strided_inputs(gen: torch.Generator) -> None:
+    """Gradients arrive transposed or sliced; the kernel reads them through their strides."""
+    g = torch.randn(3, 2, 40, 18, generator=gen).to(DEVICE).transpose(2, 3)  # (3, 2, 18, 40)
+    x = torch.randn(3, 2, 18, 50, generator=gen).to(DEVICE)[..., ::2]  # (3, 2, 18, 25)
+    out = triton_products.square_sum(g, x, torch.float32)
+    reference = _reference(g, x)
+    assert float((out.double() - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+class SequenceModel(nn.Module):
+    """Linear layers on (N, T, D) and a convolution: every rule that calls square_sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.mix, self.head = nn.Linear(8, 20), nn.Linear(20, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # (N, T, 8)
+        return self.head(torch.tanh(self.mix(h))).mean(1)
+
+
+@needs_triton
+def test_diag_fim_with_the_triton_backend(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    kernel = triton_products.square_sum
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return kernel(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_products, "square_sum", counted)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = SequenceModel().to(DEVICE)
+    x = torch.randn(10, 3, 17, generator=gen).to(DEVICE)
+    y = torch.randint(4, (10,), generator=gen).to(DEVICE)
+    fim = fisher_fast.diag_fim(model, (x, y), backend="triton", batch_size=6, progress=False)
+    reference = reference_fim(model, x, y).to(fim.flat.device)
+    worst = float((fim.flat.double() - reference).abs().max())
+    assert worst <= 1e-5 * float(reference.abs().max())
+    assert len(calls) == 6, "conv, mix and head weights in each of the two batches"
+
+
+def test_refuses_a_float64_fim_or_a_device_it_cannot_run_on() -> None:
+    model = nn.Linear(3, 2)
+    data = (torch.randn(4, 3), torch.randint(2, (4,)))
+    with pytest.raises(ValueError, match="backend='triton'"):
+        fisher_fast.diag_fim(model, data, backend="triton", dtype=torch.float64, progress=False)
+    if not triton_products.runs_on(torch.device("cpu")):
+        with pytest.raises(ValueError, match=r"backend='triton' (needs Triton|runs on CUDA)"):
+            fisher_fast.diag_fim(model, data, backend="triton", progress=False)
+
+
+@needs_triton
+def test_refuses_float64_inputs() -> None:
+    g = torch.randn(2, 1, 3, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        triton_products.square_sum(g, g, torch.float64)
