@@ -19,13 +19,18 @@ Checks (every CUDA op against the CPU op and a float64 PyTorch reference, on fre
   with a RuntimeError (each case in a child process, so that a crash is reported, not fatal).
 * optional: ``fisher_fast.diag_fim(backend="kernels")`` on a small CNN, CUDA against CPU (skipped
   while ``diag_fim`` does not exist).
+* the Triton kernel (``backend="triton"``, fisher_fast/fim/triton_products.py) against the
+  float64 reference, exact float32 (``ieee``, 1e-5) and TF32 (1e-3), and bitwise reproducible;
+  ``diag_fim(backend="triton")`` against the CPU on a small sequence model.
 
 Errors are max |out - ref| / max |ref| (relative to the largest reference entry). Float32
 arithmetic must stay under 1e-5; float64 under 1e-12. Half and bfloat16 inputs are compared with
 a reference built from the same rounded values, so they meet the float32 bound too.
 
 Timings: median of many runs timed with CUDA events after a warm-up, against the same math in
-plain PyTorch on the GPU (TF32 off, so both sides do float32 arithmetic).
+plain PyTorch on the GPU (TF32 off, so both sides do float32 arithmetic); the Triton kernel in
+both precisions on the same shapes; and whole ``diag_fim`` calls (kernels and triton backends)
+over a plain forward and backward pass of the same batches (the floor).
 """
 
 from __future__ import annotations
@@ -444,6 +449,68 @@ def check_diag_fim(device: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The Triton kernel
+# ---------------------------------------------------------------------------------------------
+TOL_TF32 = 1e-3  # TF32 inputs (10-bit mantissa), float32 accumulation
+
+
+def _triton_square_sum(g: torch.Tensor, x: torch.Tensor, tf32: bool) -> torch.Tensor:
+    from fisher_fast.fim import triton_products
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        return triton_products.square_sum(g, x, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def check_triton(device: str) -> None:
+    print("\n[triton] square_sum against the float64 reference; diag_fim against the CPU")
+    try:
+        from fisher_fast.fim import triton_products
+    except ImportError as exc:
+        record_bool("triton", "import", False, str(exc))
+        return
+    if not triton_products.available():
+        record_bool("triton", "Triton imports", False, "no triton in this torch build")
+        return
+    torch.manual_seed(5)
+    shapes = {"ragged": (7, 2, 37, 70, 45), "linear T=128": (16, 1, 128, 256, 192),
+              "conv-like": (8, 1, 1024, 64, 288), "depthwise": (8, 64, 1024, 1, 9)}  # fmt: skip
+    for name, (n, b, t, o, i) in shapes.items():
+        g = torch.randn(n, b, t, o, device=device)
+        x = torch.randn(n, b, t, i, device=device)
+        reference = per_sample_reference(g, x)
+        for tf32, tol in ((False, TOL_F32), (True, TOL_TF32)):
+            out = _triton_square_sum(g, x, tf32)
+            label = f"{name} {'tf32' if tf32 else 'ieee'}"
+            record("triton", label, rel_err(out, reference), tol)
+        record_bool("triton", f"{name} bitwise reproducible",
+                    bitwise_equal(out, _triton_square_sum(g, x, True)))  # fmt: skip
+    from torch import nn
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(12, 64), nn.GELU(), nn.Linear(64, 10))
+    x3, y = torch.randn(32, 20, 12), torch.randint(0, 10, (32,))
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out.mean(1), target, reduction="none")
+
+    try:
+        cpu = fisher_fast.diag_fim(model, (x3, y), loss=loss, progress=False, batch_size=16)
+        gpu = fisher_fast.diag_fim(
+            model.to(device), (x3.to(device), y.to(device)), loss=loss, backend="triton",
+            progress=False, batch_size=16,
+        )  # fmt: skip
+        record("triton", "diag_fim sequence model vs CPU", rel_err(gpu.flat, cpu.flat), TOL_FIM)
+    except Exception as exc:
+        record_bool(
+            "triton", "diag_fim sequence model vs CPU", False, f"{type(exc).__name__}: {exc}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Timings
 # ---------------------------------------------------------------------------------------------
 def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
@@ -529,6 +596,59 @@ def time_per_sample(device: str) -> None:
         add_timings(
             "per_sample_sq_sum", shape, ours, f"{flops / ours / 1e9:,.2f} TFLOP/s", baselines
         )
+        for tf32 in (False, True):
+            try:
+                ms = median_ms(partial(_triton_square_sum, g, x, tf32))
+            except Exception as exc:  # a failed kernel is reported, the other timings go on
+                print(f"  triton {'tf32' if tf32 else 'ieee'} failed: {type(exc).__name__}: {exc}")
+                continue
+            kernel = f"triton {'tf32' if tf32 else 'ieee'}"
+            add_timings(kernel, shape, ms, f"{flops / ms / 1e9:,.2f} TFLOP/s", baselines)
+
+
+def time_diag_fim(device: str) -> None:
+    """Whole diag_fim calls over the floor (forward + backward of the same batches)."""
+    print("\n[timing] diag_fim over a plain forward+backward, 4 batches")
+    from torch import nn
+
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
+    models = {
+        "transformer N=64 T=128 D=256": (
+            nn.Sequential(nn.TransformerEncoder(layer, 2), nn.Flatten(1), nn.Linear(128 * 256, 10)),
+            (64, 128, 256),
+        ),
+        "CNN N=256 32x32": (
+            nn.Sequential(
+                nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(1024, 10),
+            ),
+            (256, 3, 32, 32),
+        ),
+    }  # fmt: skip
+    for name, (model, shape) in models.items():
+        model = model.to(device).eval()
+        batches = [
+            (torch.randn(*shape, device=device), torch.randint(0, 10, (shape[0],), device=device))
+            for _ in range(4)
+        ]
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def floor(model: nn.Module = model, batches: list = batches, params: list = params) -> None:
+            for x, y in batches:
+                out = model(x)
+                torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), params)
+
+        floor_ms = median_ms(floor, repeats=5)
+        for backend in ("kernels", "triton"):
+            run = partial(fisher_fast.diag_fim, model, batches, backend=backend, progress=False)
+            try:
+                ms = median_ms(run, repeats=5)
+            except Exception as exc:
+                print(f"  {name} {backend} failed: {type(exc).__name__}: {exc}")
+                continue
+            print(f"  {name}: {backend} {ms:.1f} ms, floor {floor_ms:.1f} ms, {ms / floor_ms:.2f}x")
+            TIMINGS.append(Timing(f"diag_fim {backend}", name, ms, floor_ms, "floor", "-"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,9 +719,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_bad_inputs(args.device)
     check_opcheck(args.device)
     check_diag_fim(args.device)
+    check_triton(args.device)
     if not args.no_timing:
         time_frechet(args.device)
         time_per_sample(args.device)
+        time_diag_fim(args.device)
     return summary()
 
 
