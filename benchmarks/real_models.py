@@ -15,8 +15,9 @@ not import are listed as skipped.
     python benchmarks/real_models.py --rounds 10 [--batches 6] [--models bert vit] [--peers]
     python benchmarks/real_models.py --memory [--batches 6] [--peers]
 
-``--peers`` adds BackPACK, Opacus and nngeometry on the image models (``make peers``; in the
-second environment ``pip install --no-deps -r benchmarks/requirements-peers.txt``). ``--memory``
+``--peers`` adds BackPACK, Opacus and nngeometry (``make peers``; in the second environment
+``pip install --no-deps -r benchmarks/requirements-peers.txt``); the language models are
+handed to them wrapped to take token ids and return logits. ``--memory``
 reports each method's peak resident memory above its start instead, each in a fresh process.
 """
 
@@ -170,17 +171,34 @@ def make_batches(spec: Spec, count: int) -> list[tuple[Any, torch.Tensor]]:
 PEERS = ("backpack_sum_grad_squared", "opacus_grad_sample", "nngeometry_diag_empirical")
 
 
-def peer_methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]]) -> dict:
-    """The peer libraries' empirical diagonal Fisher (fim_baselines.py) over the same batches;
-    image models only (the peers take a tensor input and a tensor output). Each peer works on a
-    copy of the model: one that fails may leave hooks behind."""
+class TokensToLogits(torch.nn.Module):
+    """A Hugging Face model as the peers take models: token ids in, one logits tensor out,
+    classes on axis 1 as ``F.cross_entropy`` reads them (a language model's (N, V, T))."""
+
+    def __init__(self, model: torch.nn.Module, lm: bool) -> None:
+        super().__init__()
+        self.model, self.lm = model, lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = logits(self.model(input_ids=ids))
+        return out.transpose(1, 2) if self.lm else out
+
+
+def peer_methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]], lm: bool) -> dict:
+    """The peer libraries' empirical diagonal Fisher (fim_baselines.py) over the same batches
+    (a language model's loss: cross-entropy averaged over the positions, which costs what the
+    sum costs). Each peer works on a copy of the model: one that fails may leave hooks behind."""
     import fim_baselines  # beside this file
 
+    text = isinstance(batches[0][0], dict)
+    wrapped = TokensToLogits(model, lm) if text else model
+    inputs = [(x["input_ids"] if text else x, y) for x, y in batches]
+
     def run(method: Callable) -> Callable[[], None]:
-        own = copy.deepcopy(model)
+        own = copy.deepcopy(wrapped)
 
         def call() -> None:
-            for x, y in batches:
+            for x, y in inputs:
                 method(own, x, y)
 
         return call
@@ -190,8 +208,8 @@ def peer_methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]]
 
 def all_methods(spec: Spec, model: torch.nn.Module, batches: list, peers: bool) -> dict:
     calls = methods(model, batches, spec.lm)
-    if peers and spec.images:
-        calls.update(peer_methods(model, batches))
+    if peers:
+        calls.update(peer_methods(model, batches, spec.lm))
     return calls
 
 
