@@ -52,9 +52,22 @@ def test_missing_data_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_device_without_cuda(tmp_path: Path) -> None:
-    result = run_cli("distance", "--device", "cuda", "--seeds", "1", "--out", str(tmp_path))
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("distance", "--seeds", "1"),
+        ("demo",),
+        ("dictionary", "build"),
+        ("search", "--target", "2", "--dictionary", "nowhere"),
+    ],
+    ids=lambda c: c[0] if c[0] != "dictionary" else "dictionary-build",
+)
+def test_cuda_device_without_cuda(command: tuple[str, ...], tmp_path: Path) -> None:
+    """Every command that trains or computes FIMs takes --device and refuses a missing one
+    before any work (nothing is written to --out)."""
+    result = run_cli(*command, "--device", "cuda", "--out", str(tmp_path / "out"))
     assert_one_error_line(result, "--device: device cuda is not available on this machine")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_dictionary_and_the_traceback_switch(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from fisher_fast.devices import resolve_device
 from fisher_fast.nas.fuse import FuseConfig
 from fisher_fast.nas.genotype import Genotype
 from fisher_fast.nas.training import NetworkBuilder, batches, build_seeded, draw_seed, train_steps
@@ -37,6 +38,7 @@ def train_and_evaluate(
     build: NetworkBuilder | None = None,
     val_data: Part | None = None,
     check_every: int = 50,
+    device: torch.device | str = "cpu",
 ) -> Evaluation:
     """Train a fresh network around ``genotype`` for ``steps`` Adam steps on the whole training
     split ``train_data`` (batch size and step size from ``config``), then evaluate it once on
@@ -46,26 +48,28 @@ def train_and_evaluate(
     ``check_every`` steps and at the end, and the best state (validation accuracy, then lower
     loss; the earlier on ties) is the one tested: Adam on a small training set can spike late,
     after the training loss is near zero. Without it, the last state is tested. Either way the
-    schedule is fixed in advance and no choice looks at the test split.
+    schedule is fixed in advance and no choice looks at the test split. ``device``: where the
+    network trains and is tested (initialisation and batches are drawn on the CPU).
     """
+    device = resolve_device(device, "train_and_evaluate(device=...)")
     if steps < 1 or check_every < 1:
         raise ValueError(f"steps and check_every must be at least 1, got {steps}, {check_every}")
     config = config or FuseConfig()
     build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
     start = time.perf_counter()
-    network = build_seeded(build, genotype, draw_seed(generator))
+    network = build_seeded(build, genotype, draw_seed(generator), device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
-    data = batches(train_data, config.batch_size, generator)
+    data = batches(train_data.to(device), config.batch_size, generator)
     best: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     for done in range(0, steps, check_every):
         train_steps(network, data, min(check_every, steps - done), optimizer)
         if val_data is not None:
-            accuracy, loss = evaluate(network, val_data, "cpu")
+            accuracy, loss = evaluate(network, val_data, device)
             if best is None or (accuracy, -loss) > best:
                 best, best_state = (accuracy, -loss), copy.deepcopy(network.state_dict())
     if best_state is not None:
         network.load_state_dict(best_state)
-    accuracy, _ = evaluate(network, test_data, "cpu")
+    accuracy, _ = evaluate(network, test_data, device)
     parameters = sum(p.numel() for p in network.parameters() if p.requires_grad)
     return Evaluation(accuracy, parameters, time.perf_counter() - start)

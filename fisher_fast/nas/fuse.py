@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import is_main
 from fisher_fast.nas.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, search_key
 from fisher_fast.nas.mixture import Mixture
@@ -114,6 +115,7 @@ def fuse_search(
     checkpoint: str | os.PathLike[str] | None = None,
     on_round: Callable[[Round], None] | None = None,
     progress: bool = False,
+    device: torch.device | str = "cpu",
 ) -> SearchResult:
     """Search ``space`` with FUSE on the training split ``train_data`` (inputs ``(N, C, H, W)``,
     labels ``0..num_classes-1``).
@@ -131,12 +133,17 @@ def fuse_search(
     (same ``generator`` seed, data, space and settings; a mismatch is an error, see
     :mod:`~fisher_fast.nas.checkpoint`). A custom ``build`` must be the same on resume.
     ``on_round`` is called with each finished round, after its checkpoint is written.
+
+    ``device``: where the candidates train and are scored (the data is moved there once; the
+    random choices stay on the CPU, so a checkpoint resumes on any device).
     """
+    device = resolve_device(device, "fuse_search(device=...)")
     config = config or FuseConfig()
     build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
     start = time.perf_counter()
     initial_state = generator.get_state()
     weights_part, val_part = carve_validation(train_data, config.val_fraction, generator)
+    weights_part, val_part = weights_part.to(device), val_part.to(device)
     # (file, key): the key hashes the training data, so it is only computed for a checkpoint.
     saving = None
     resumed = None
@@ -161,7 +168,7 @@ def fuse_search(
         cells = incumbent + space.sample(
             config.candidates + 1 - len(incumbent), generator, exclude=incumbent
         )
-        mixture = Mixture([build_seeded(build, g, draw_seed(generator)) for g in cells])
+        mixture = Mixture([build_seeded(build, g, draw_seed(generator)) for g in cells]).to(device)
         round_batches = torch.Generator().manual_seed(draw_seed(generator))
         steps, converged = _optimise(
             mixture,
@@ -177,7 +184,7 @@ def fuse_search(
                 winner=int(weights.argmax()),
                 steps=steps,
                 converged=converged,
-                val_accuracy=evaluate(mixture, val_part, "cpu")[0],
+                val_accuracy=evaluate(mixture, val_part, device)[0],
             )
         )
         if saving is not None and is_main():

@@ -8,11 +8,13 @@ weights by DDP's all-reduce, FUSE's α (a few numbers, outside DDP's forward) by
 size (times N, which DDP divides by), so the reduced gradient is the mean over the global batch
 exactly as one process computes it, also when the shards are uneven.
 
-What differs from one process: BatchNorm in training mode normalises each rank's shard with the
-shard's own statistics (SyncBatchNorm needs a GPU), and DDP keeps the running statistics of
-rank 0. A run on N processes is reproducible for that N; it matches the one-process run to
-float rounding for networks without BatchNorm. Without a process group these functions are the
-plain single-process steps.
+What differs from one process: on the CPU (gloo), BatchNorm in training mode normalises each
+rank's shard with the shard's own statistics, and DDP keeps the running statistics of rank 0.
+On GPUs (nccl, one per rank, see :func:`fisher_fast.distributed.init_from_env`) the BatchNorm
+layers become SyncBatchNorm, which normalises with the statistics of the global batch as one
+process does. A run on N processes is reproducible for that N; it matches the one-process run
+to float rounding for networks without BatchNorm (or, on GPUs, with it). Without a process
+group these functions are the plain single-process steps.
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ from fisher_fast.tasks.source import Part
 
 def data_parallel(model: nn.Module) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel inside a process group of several ranks
-    (its gradients are then all-reduced in backward), else ``model`` itself."""
+    (its gradients are then all-reduced in backward), else ``model`` itself. On a GPU its
+    BatchNorm layers are first made SyncBatchNorm, in place (they keep their parameters and
+    buffers, so optimisers built on ``model`` still hold them)."""
     if world_size() == 1:
         return model
-    return DistributedDataParallel(model)
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return DistributedDataParallel(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return DistributedDataParallel(model, device_ids=[device])
 
 
 def shard_loss(forward: Callable[[torch.Tensor], torch.Tensor], batch: Part) -> torch.Tensor:

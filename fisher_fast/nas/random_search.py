@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from fisher_fast.devices import resolve_device
 from fisher_fast.nas.fuse import FuseConfig
 from fisher_fast.nas.result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
@@ -33,6 +34,7 @@ def random_search(
     steps_per_candidate: int | None = None,
     config: FuseConfig | None = None,
     build: NetworkBuilder | None = None,
+    device: torch.device | str = "cpu",
 ) -> SearchResult:
     """Spend exactly ``budget`` candidate-steps (pass a FUSE run's ``result.steps``) training
     distinct cells of ``space`` on the training split ``train_data``.
@@ -46,8 +48,10 @@ def random_search(
     accuracy wins (ties: lower validation loss, then the earlier trial). Training uses
     ``config``'s ``batch_size``, ``weight_lr`` (Adam) and ``skeleton`` (or ``build``), so the
     comparison with FUSE differs only in how the budget is spent. ``result.alphas`` holds the
-    trials' validation accuracies. The test split is not an argument.
+    trials' validation accuracies. The test split is not an argument. ``device``: where the
+    networks train and are scored (random choices stay on the CPU, as in FUSE).
     """
+    device = resolve_device(device, "random_search(device=...)")
     if budget < 1:
         raise ValueError(f"budget must be at least one candidate-step, got {budget}")
     config = config or FuseConfig()
@@ -57,6 +61,7 @@ def random_search(
     build = build or config.skeleton.builder(tuple(train_data.x.shape[1:]), num_classes)
     start = time.perf_counter()
     weights_part, val_part = carve_validation(train_data, config.val_fraction, generator)
+    weights_part, val_part = weights_part.to(device), val_part.to(device)
     train_batches = batches(weights_part, config.batch_size, generator)
     cells = space.sample_up_to(math.ceil(budget / per_trial), generator)
     history: list[Round] = []
@@ -65,10 +70,10 @@ def random_search(
     for trial, (cell, steps) in enumerate(
         zip(cells, trial_steps(budget, per_trial, len(cells)), strict=True)
     ):
-        network = build_seeded(build, cell, draw_seed(generator))
+        network = build_seeded(build, cell, draw_seed(generator), device)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
         train_steps(network, train_batches, steps, optimizer)
-        accuracy, loss = evaluate(network, val_part, "cpu")
+        accuracy, loss = evaluate(network, val_part, device)
         if best is None or (accuracy, -loss) > best:
             best, winner = (accuracy, -loss), trial
         history.append(

@@ -2,7 +2,9 @@
 candidate networks, the validation split carved from the training data, and seeded batches.
 
 Everything random is drawn from one ``torch.Generator`` passed in by the caller, so a search
-run twice with generators seeded alike gives the same result (on CPU).
+run twice with generators seeded alike gives the same result (on CPU). That generator lives on
+the CPU whatever the device: networks are initialised and batches drawn on the CPU, then moved,
+so the device changes only the arithmetic, not the random choices.
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ def draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(2**62, (1,), generator=generator).item())
 
 
-def build_seeded(build: NetworkBuilder, genotype: Genotype, seed: int) -> nn.Module:
-    """``build(genotype)`` with its initialisation drawn from ``seed``; the global random state
-    is left as it was."""
+def build_seeded(
+    build: NetworkBuilder, genotype: Genotype, seed: int, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """``build(genotype)`` with its initialisation drawn from ``seed`` (on the CPU), then moved
+    to ``device``; the global random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build(genotype)
+        return build(genotype).to(device)
 
 
 def carve_validation(train: Part, fraction: float, generator: torch.Generator) -> tuple[Part, Part]:

@@ -134,24 +134,26 @@ def distances_by_kind(
     kinds: tuple[str, ...] | None = None,
     seed: int = 0,
     split: str = "val",
+    device: torch.device | str = "cpu",
 ) -> TargetDistances:
     """Steps 1-2 for every Fisher kind of ``kinds`` (default: the dictionary's, then the other
     kinds of :data:`REPORTED_KINDS`), from one trained target probe.
 
     A baseline of the target's own name is left out (it would be a* at distance 0 and the
     search would only repeat its own); a dictionary holding nothing else is an error.
+    ``device``: where the target probe trains and every FIM is computed.
     """
     s = dictionary.settings
     kinds = tuple(dict.fromkeys((s.fisher, *REPORTED_KINDS) if kinds is None else kinds))
     names = candidate_baselines(target, dictionary)
     start = time.perf_counter()
-    probe = s.train_probe(target, seed)
+    probe = s.train_probe(target, seed, device)
     probe_seconds = time.perf_counter() - start
     probes: list[torch.nn.Module] = []
     distances, seconds = {}, {}
     for kind in kinds:
         start = time.perf_counter()  # the first kind's seconds include loading the probes
-        probes = probes or [dictionary.load_probe(name) for name in names]
+        probes = probes or [dictionary.load_probe(name).to(device) for name in names]
         reference = task_fim(probe, target, fisher=kind, seed=seed, split=split)
         others = [task_fim(p, target, fisher=kind, seed=seed, split=split) for p in probes]
         values = frechet_distances(reference, others).tolist()
@@ -161,12 +163,19 @@ def distances_by_kind(
 
 
 def baseline_distances(
-    target: Task, dictionary: TaskDictionary, *, seed: int = 0, split: str = "val"
+    target: Task,
+    dictionary: TaskDictionary,
+    *,
+    seed: int = 0,
+    split: str = "val",
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], float]:
     """Steps 1-2 under the dictionary's Fisher kind: ({baseline: distance to ``target``},
     seconds spent training the probe). See :func:`distances_by_kind` for several kinds."""
     kind = dictionary.settings.fisher
-    result = distances_by_kind(target, dictionary, kinds=(kind,), seed=seed, split=split)
+    result = distances_by_kind(
+        target, dictionary, kinds=(kind,), seed=seed, split=split, device=device
+    )
     return result.distances[kind], result.probe_seconds
 
 
@@ -200,6 +209,7 @@ def search_architecture(
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
     threads: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> ArchitectureReport:
     """Run Algorithm 1 for ``target`` against ``dictionary`` (see module doc).
 
@@ -212,14 +222,17 @@ def search_architecture(
     search and the final training run data-parallel on every rank
     (:mod:`fisher_fast.nas.parallel`); rank 0 writes the files.
     ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
-    :mod:`fisher_fast.tasks.threads`).
+    :mod:`fisher_fast.tasks.threads`). ``device``: where the probe, the distances, the search
+    and the final training run.
     """
     with probe_threads(dictionary.settings.arch, threads):
         config = config or dictionary.settings.fuse
         kind = dictionary.settings.fisher
         measured = on_main(
             "the task distances",
-            lambda: distances_by_kind(target, dictionary, seed=seed, split=distance_split),
+            lambda: distances_by_kind(
+                target, dictionary, seed=seed, split=distance_split, device=device
+            ),
         )
         distances, probe_seconds = measured.distances[kind], measured.probe_seconds
         distance_seconds = measured.seconds[kind]  # the other kinds are a comparison, not cost
@@ -242,6 +255,7 @@ def search_architecture(
                 config=fit_candidates(config, space),
                 checkpoint=None if folder is None else folder / "fuse.json",
                 progress=progress,
+                device=device,
             )
         evaluation = train_and_evaluate(
             result.genotype,
@@ -252,6 +266,7 @@ def search_architecture(
             val_data=splits.val,
             generator=generator,
             config=config,
+            device=device,
         )
         report = ArchitectureReport(
             target=target.name,

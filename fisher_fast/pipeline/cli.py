@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import is_main, process_group
 from fisher_fast.nas import FuseConfig
 from fisher_fast.pipeline.algorithm import (
@@ -23,7 +24,7 @@ from fisher_fast.pipeline.algorithm import (
 )
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE, run_main_job
-from fisher_fast.tasks.cli import add_timeout_argument
+from fisher_fast.tasks.cli import add_device_argument, add_timeout_argument
 from fisher_fast.tasks.probes import CIFAR_PROBES, PROBES, SMALL_PROBES
 from fisher_fast.tasks.suites import EMBEDDED, SUITES, Suite, get_suite
 from fisher_fast.tasks.task import Task
@@ -172,6 +173,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds everything (default 0)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_argument(parser)
     add_timeout_argument(
         parser, "the work between two synchronisations (e.g. a probe's training) must fit in it"
     )
@@ -212,6 +214,7 @@ def _pick(suite: Suite, ref: str) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    device = resolve_device(args.device, "--device")
     suite = get_suite(args.suite, args.data)
     excluded = {_pick(suite, ref) for ref in args.exclude}
     tasks = [t for i, t in enumerate(suite.tasks) if i not in excluded]
@@ -233,6 +236,7 @@ def _build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         replace=replace_names,
         threads=args.threads,
+        device=device,
     )
     _print_baselines(dictionary)
     print(f"dictionary {args.out} ready in {time.perf_counter() - start:.1f} s")
@@ -252,6 +256,7 @@ def _print_baselines(dictionary: TaskDictionary) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device, "--device")
     suite = get_suite(args.suite, args.data)
     target: Task = suite.tasks[_pick(suite, args.target)]
     dictionary = TaskDictionary.open(args.dictionary)
@@ -271,6 +276,7 @@ def _search(args: argparse.Namespace) -> int:
         out=out,
         progress=not args.quiet,
         threads=args.threads,
+        device=device,
     )
     for name, d in sorted(report.distances.items(), key=lambda kv: kv[1]):
         print(f"d({name} -> {target.name}) = {d:.4f}{'  <- a*' if name == report.closest else ''}")
@@ -297,6 +303,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    device = resolve_device(args.device, "--device")
     suite = get_suite(args.suite)
     target = _pick(suite, args.target)
     args.out = args.out or Path("runs", "demo" if args.suite == "digits" else f"demo-{args.suite}")
@@ -312,6 +319,7 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         threads=args.threads,
         hand_designed=args.hand_designed,
+        device=device,
     )
     print(result.format())
     print(f"report: {result.json_path}, figure: {result.figure_path}")

@@ -101,9 +101,9 @@ class DictionarySettings:
             "epsilon": self.epsilon,
         }
 
-    def train_probe(self, task: Task, seed: int) -> Probe:
-        """``task``'s probe with these settings; a task whose inputs or class count do not fit
-        the probes is a :class:`DictionaryError`."""
+    def train_probe(self, task: Task, seed: int, device: torch.device | str = "cpu") -> Probe:
+        """``task``'s probe with these settings, trained on ``device`` (where it stays); a task
+        whose inputs or class count do not fit the probes is a :class:`DictionaryError`."""
         shape = tuple(task.splits().train.x.shape[1:])
         if shape != self.input_shape or task.num_classes > self.head_width:
             raise DictionaryError(
@@ -117,6 +117,7 @@ class DictionarySettings:
             seed=seed,
             config=self.train,
             head_width=self.head_width,
+            device=device,
         )
 
     @classmethod
@@ -234,7 +235,13 @@ class TaskDictionary:
         return model.eval()
 
     def add(
-        self, task: Task, *, seed: int = 0, progress: bool = False, replace: bool = False
+        self,
+        task: Task,
+        *,
+        seed: int = 0,
+        progress: bool = False,
+        replace: bool = False,
+        device: torch.device | str = "cpu",
     ) -> Baseline:
         """Train ``task``'s probe, search its best cell with FUSE in the full space, store both.
 
@@ -242,12 +249,15 @@ class TaskDictionary:
         name together (:func:`task_seed`), so baselines do not share their candidates. The
         search checkpoints each round under ``searches/``, so an interrupted :meth:`add` of the
         same task resumes it. An existing entry of the same name is an error unless ``replace``
-        is given.
+        is given. ``device``: where the probe trains and the search runs (files hold CPU
+        tensors either way).
         """
         s = self.settings
         if not replace:
             self._refuse_existing(task.name)
-        probe = on_main(f"training the probe of {task.name!r}", lambda: s.train_probe(task, seed))
+        probe = on_main(
+            f"training the probe of {task.name!r}", lambda: s.train_probe(task, seed, device)
+        )
         slug = file_slug(task.name)
         result = fuse_search(
             SearchSpace.full(s.nodes),
@@ -257,6 +267,7 @@ class TaskDictionary:
             config=s.fuse,
             checkpoint=self.root / "searches" / f"{slug}.json",
             progress=progress,
+            device=device,
         )
         probe_file = f"probes/{slug}.safetensors"
         state = {n: t.detach().cpu().contiguous() for n, t in probe.model.state_dict().items()}
@@ -362,6 +373,7 @@ def build_dictionary(
     progress: bool = True,
     replace: Collection[str] = (),
     threads: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> TaskDictionary:
     """Create the dictionary in ``root``, or open it (its settings must be ``settings``), and
     add every task of ``tasks`` it does not hold yet: running it again after an interruption
@@ -372,7 +384,7 @@ def build_dictionary(
     Under torch.distributed, rank 0 opens or creates the dictionary, trains the probes and
     writes the files; every rank takes part in the data-parallel FUSE searches.
     ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
-    :mod:`fisher_fast.tasks.threads`).
+    :mod:`fisher_fast.tasks.threads`). ``device``: where probes train and searches run.
     """
     with probe_threads(settings.arch, threads):
         path = Path(root)
@@ -401,7 +413,13 @@ def build_dictionary(
             if task.name in present and task.name not in replace:
                 continue  # another process building into this directory has added it
             try:
-                dictionary.add(task, seed=seed, progress=progress, replace=task.name in replace)
+                dictionary.add(
+                    task,
+                    seed=seed,
+                    progress=progress,
+                    replace=task.name in replace,
+                    device=device,
+                )
             except DictionaryError:
                 if task.name not in dictionary:  # not another process adding it meanwhile
                     raise

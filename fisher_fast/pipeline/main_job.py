@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import is_main, on_main
 from fisher_fast.extras import require_module
 from fisher_fast.io import write_json
@@ -101,6 +102,7 @@ def run_main_job(
     progress: bool = True,
     threads: int | None = None,
     hand_designed: Sequence[str] = tuple(SMALL_PROBES),
+    device: torch.device | str = "cpu",
 ) -> MainJobResult:
     """Run the pipeline for ``suite.tasks[target]`` with the tasks ``baselines`` (default: all
     others) as the dictionary, in the run directory ``out`` (see module doc).
@@ -111,8 +113,10 @@ def run_main_job(
     DenseNet-121 are accepted too.
 
     ``threads``: torch's CPU threads meanwhile (default: 1 for the small probes; see
-    :mod:`fisher_fast.tasks.threads`).
+    :mod:`fisher_fast.tasks.threads`). ``device``: where every probe, search and final training
+    runs (checked first).
     """
+    device = resolve_device(device, "run_main_job(device=...)")
     with probe_threads(suite.default_arch, threads):
         unknown = [arch for arch in hand_designed if arch not in PROBES]
         if unknown:
@@ -148,6 +152,7 @@ def run_main_job(
             seed=seed,
             progress=progress,
             threads=threads,
+            device=device,
         )
         dictionary_seconds = time.perf_counter() - start
         report = search_architecture(
@@ -158,6 +163,7 @@ def run_main_job(
             out=root / "search",
             progress=progress,
             threads=threads,
+            device=device,
         )
         rows = [
             Row(
@@ -177,10 +183,11 @@ def run_main_job(
                 config,
                 final_steps,
                 progress,
+                device,
             ),
             *on_main(
                 "training the hand-designed probes",
-                lambda: _probe_rows(suite, target, seed, hand_designed),
+                lambda: _probe_rows(suite, target, seed, hand_designed, device),
             ),
         ]
         test_images = len(task.splits().test.y)
@@ -221,6 +228,7 @@ def _same_budget_rows(
     config: FuseConfig,
     final_steps: int,
     progress: bool,
+    device: torch.device,
 ) -> list[Row]:
     """Random search in ``restricted`` (S_a*) and FUSE in the full space, each with the budget
     FUSE spent in S_a*, each winner trained and tested like the found cell."""
@@ -237,6 +245,7 @@ def _same_budget_rows(
             budget=report.search.steps,
             generator=generator,
             config=config,
+            device=device,
         )
     full = SearchSpace.full(report.search.genotype.nodes)
     full_generator = torch.Generator().manual_seed(seed)
@@ -248,6 +257,7 @@ def _same_budget_rows(
         config=config,
         checkpoint=root / "full-space" / "fuse.json",
         progress=progress,
+        device=device,
     )
     for name, result, gen in (
         ("random search in S_a*, same budget", rnd, generator),
@@ -262,6 +272,7 @@ def _same_budget_rows(
             val_data=splits.val,
             generator=gen,
             config=config,
+            device=device,
         )
         rows.append(
             Row(
@@ -275,12 +286,16 @@ def _same_budget_rows(
     return rows
 
 
-def _probe_rows(suite: Suite, target: int, seed: int, archs: Sequence[str]) -> list[Row]:
+def _probe_rows(
+    suite: Suite, target: int, seed: int, archs: Sequence[str], device: torch.device
+) -> list[Row]:
     """The hand-designed probes ``archs`` trained on the target (no search: search seconds 0)."""
     task = suite.tasks[target]
     rows = []
     for arch in archs:
-        probe = train_probe(task, arch, epsilon=suite.epsilon, seed=seed, config=suite.train)
+        probe = train_probe(
+            task, arch, epsilon=suite.epsilon, seed=seed, config=suite.train, device=device
+        )
         parameters = sum(p.numel() for p in probe.model.parameters())
         rows.append(Row(f"hand-designed {arch}", probe.test_accuracy, parameters, 0.0, ""))
     return rows

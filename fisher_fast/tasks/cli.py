@@ -155,7 +155,7 @@ def add_distance_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--out", type=Path, metavar="DIR", help="run directory (default runs/<suite>-<arch>)"
     )
-    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    add_device_argument(run)
     run.add_argument(
         "--threads",
         metavar="N",
@@ -276,6 +276,17 @@ def _training(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
 
 def _silent(*_: object) -> None:
     """print on the ranks other than 0."""
+
+
+def add_device_argument(parser: argparse._ActionsContainer) -> None:
+    """``--device``: where the command's models train and its FIMs are computed; checked by
+    :func:`fisher_fast.devices.resolve_device` before any work."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu, cuda or cuda:1 (default cpu); under torchrun with CUDA, "
+        "'cuda' is each process's own GPU (LOCAL_RANK)",
+    )
 
 
 def add_timeout_argument(parser: argparse._ActionsContainer, fits: str) -> None:

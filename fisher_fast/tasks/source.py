@@ -48,6 +48,10 @@ class Part:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def to(self, device: torch.device | str) -> Part:
+        """The same part with its tensors on ``device`` (itself when they are there already)."""
+        return Part(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class SourceData:

@@ -77,10 +77,10 @@ def _count_target_probes(monkeypatch: pytest.MonkeyPatch, target: Task) -> list[
     calls: list[int] = []
     original = DictionarySettings.train_probe
 
-    def counting(self: DictionarySettings, task: Task, seed: int) -> Any:
+    def counting(self: DictionarySettings, task: Task, seed: int, *device: Any) -> Any:
         if task.name == target.name:
             calls.append(seed)
-        return original(self, task, seed)
+        return original(self, task, seed, *device)
 
     monkeypatch.setattr(DictionarySettings, "train_probe", counting)
     return calls
