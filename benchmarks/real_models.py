@@ -3,7 +3,7 @@
 Models are built from small configs with random weights (no downloads): from Hugging Face
 transformers a BERT-style encoder classifier, a Llama-style decoder classifier and a GPT-2-style
 language model with its tied head (per-sample loss: cross-entropy summed over the positions);
-from timm ResNet-18, EfficientNet-B0 and a ViT (timm needs torchvision, which imports only in
+from timm ResNet-18, EfficientNet-B0, a ViT and ConvNeXt-atto (timm needs torchvision, which imports only in
 the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
 calls each method once, in turn, on the same batches, after one warm-up call each; medians over
 rounds. The floor is one forward and one backward pass of the summed loss per batch (the
@@ -104,6 +104,7 @@ MODELS: dict[str, Spec] = {
     "resnet18": Spec(timm_model("resnet18"), images=True),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
     "vit": Spec(timm_model("vit_tiny_patch16_224", img_size=PIXELS, patch_size=8), images=True),
+    "convnext": Spec(timm_model("convnext_atto"), images=True),
 }
 
 
