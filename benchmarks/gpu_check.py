@@ -22,6 +22,9 @@ Checks (every CUDA op against the CPU op and a float64 PyTorch reference, on fre
 * the Triton kernel (``backend="triton"``, fisher_fast/fim/triton_products.py) against the
   float64 reference, exact float32 (``ieee``, 1e-5) and TF32 (1e-3), and bitwise reproducible;
   ``diag_fim(backend="triton")`` against the CPU on a small sequence model.
+* the Triton convolution kernels (implicit GEMM and depthwise, fisher_fast/fim/triton_conv.py)
+  at ResNet-18 and EfficientNet-B0 layer shapes against float64 per-sample weight gradients, in
+  both precisions, bitwise reproducible.
 
 Errors are max |out - ref| / max |ref| (relative to the largest reference entry). Float32
 arithmetic must stay under 1e-5; float64 under 1e-12. Half and bfloat16 inputs are compared with
@@ -29,7 +32,9 @@ a reference built from the same rounded values, so they meet the float32 bound t
 
 Timings: median of many runs timed with CUDA events after a warm-up, against the same math in
 plain PyTorch on the GPU (TF32 off, so both sides do float32 arithmetic); the Triton kernel in
-both precisions on the same shapes; and whole ``diag_fim`` calls (kernels and triton backends)
+both precisions on the same shapes; the Triton convolution kernels against cuDNN's weight
+gradient of the same batch in the same precision (the vendor's cost of one backward pass for
+that layer); and whole ``diag_fim`` calls (kernels and triton backends)
 over a plain forward and backward pass of the same batches (the floor).
 """
 
@@ -66,6 +71,17 @@ PER_SAMPLE_TIMING = {
     "conv layer": (256, 1, 256, 64, 288),
     "transformer linear": (64, 1, 128, 2048, 256),
     "depthwise conv": (256, 64, 1024, 1, 9),
+}
+# Convolution layers: name -> (N, C, O, H, W, kernel, stride, padding, groups); ResNet-18 at
+# 224 px and EfficientNet-B0's depthwise layers.
+CONV_LAYERS = {
+    "resnet18 stem 7x7/2": (32, 3, 64, 224, 224, 7, 2, 3, 1),
+    "resnet18 3x3 64 @56": (32, 64, 64, 56, 56, 3, 1, 1, 1),
+    "resnet18 3x3/2 128 @56": (32, 64, 128, 56, 56, 3, 2, 1, 1),
+    "resnet18 3x3 256 @14": (32, 256, 256, 14, 14, 3, 1, 1, 1),
+    "resnet18 1x1/2 512 @14": (32, 256, 512, 14, 14, 1, 2, 0, 1),
+    "effnet dw 3x3 96 @112": (32, 96, 96, 112, 112, 3, 2, 1, 96),
+    "effnet dw 5x5 480 @14": (32, 480, 480, 14, 14, 5, 1, 2, 480),
 }
 BASELINE_CHUNK_BYTES = 2 << 30  # per-sample products the PyTorch baseline may hold at once
 
@@ -510,6 +526,58 @@ def check_triton(device: str) -> None:
         )
 
 
+def _conv_inputs(
+    layer: tuple[int, ...], device: str, samples: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """A layer's input x, an output gradient g of the right size, and its weight shape."""
+    n, c, o, h, w, k, stride, pad, groups = layer
+    n = samples or n
+    weight_shape = (o, c // groups, k, k)
+    x = torch.randn(n, c, h, w, device=device)
+    out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    return x, torch.randn(n, o, *out, device=device), weight_shape
+
+
+def _triton_conv(
+    x: torch.Tensor, g: torch.Tensor, layer: tuple[int, ...], tf32: bool
+) -> torch.Tensor:
+    from fisher_fast.fim import triton_conv
+
+    *_, k, stride, pad, groups = layer
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        return triton_conv.conv2d_square_sum(
+            x, g, (k, k), (stride, stride), (pad, pad), (1, 1), groups, torch.float32
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def check_triton_conv(device: str) -> None:
+    print("\n[triton-conv] conv2d_square_sum against float64 per-sample weight gradients")
+    torch.manual_seed(8)
+    for name, layer in CONV_LAYERS.items():
+        *_, stride, pad, groups = layer
+        x, g, weight_shape = _conv_inputs(layer, device, samples=4)
+        reference = torch.zeros(weight_shape, dtype=torch.float64, device=device)
+        for n in range(x.shape[0]):
+            grad = torch.nn.grad.conv2d_weight(
+                x[n : n + 1].double(), weight_shape, g[n : n + 1].double(), stride, pad, 1, groups
+            )
+            reference += grad.square()
+        reference = reference.reshape(groups, weight_shape[0] // groups, -1)
+        try:
+            for tf32, tol in ((False, TOL_F32), (True, TOL_TF32)):
+                out = _triton_conv(x, g, layer, tf32)
+                label = f"{name} {'tf32' if tf32 else 'ieee'}"
+                record("triton-conv", label, rel_err(out, reference), tol)
+            record_bool("triton-conv", f"{name} bitwise reproducible",
+                        bitwise_equal(out, _triton_conv(x, g, layer, True)))  # fmt: skip
+        except Exception as exc:
+            record_bool("triton-conv", name, False, f"{type(exc).__name__}: {exc}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Timings
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +672,33 @@ def time_per_sample(device: str) -> None:
                 continue
             kernel = f"triton {'tf32' if tf32 else 'ieee'}"
             add_timings(kernel, shape, ms, f"{flops / ms / 1e9:,.2f} TFLOP/s", baselines)
+
+
+def time_triton_conv(device: str) -> None:
+    """Our per-sample squares of a layer against cuDNN's weight gradient of the same batch (the
+    plain backward pass's cost for that layer), float32 and TF32 on both sides."""
+    print("\n[timing] triton conv2d_square_sum against cuDNN's weight gradient")
+    torch.manual_seed(9)
+    for name, layer in CONV_LAYERS.items():
+        *_, stride, pad, groups = layer
+        x, g, weight_shape = _conv_inputs(layer, device)
+        shape = f"{name}: N={x.shape[0]}"
+        vendor = partial(torch.nn.grad.conv2d_weight, x, weight_shape, g, stride, pad, 1, groups)
+        flops = 2.0 * math.prod(g.shape) * math.prod(weight_shape[1:])
+        for tf32 in (False, True):
+            precision = "tf32" if tf32 else "ieee"
+            try:
+                ms = median_ms(partial(_triton_conv, x, g, layer, tf32))
+            except Exception as exc:  # a failed kernel is reported, the other timings go on
+                print(f"  {shape} triton {precision} failed: {type(exc).__name__}: {exc}")
+                continue
+            torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                baselines = {f"cuDNN weight grad ({precision})": median_ms(vendor)}
+            finally:
+                torch.backends.cudnn.allow_tf32 = False
+            rate = f"{flops / ms / 1e9:,.2f} TFLOP/s"
+            add_timings(f"triton conv {precision}", shape, ms, rate, baselines)
 
 
 def time_diag_fim(device: str) -> None:
@@ -720,9 +815,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_opcheck(args.device)
     check_diag_fim(args.device)
     check_triton(args.device)
+    check_triton_conv(args.device)
     if not args.no_timing:
         time_frechet(args.device)
         time_per_sample(args.device)
+        time_triton_conv(args.device)
         time_diag_fim(args.device)
     return summary()
 

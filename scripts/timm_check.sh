@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The timm real-model tests (tests/test_fim_timm.py) and the Triton kernel's tests
-# (tests/test_triton_products.py) in the second environment: `make timm-check`.
+# The timm real-model tests (tests/test_fim_timm.py) and the Triton kernels' tests
+# (tests/test_triton_products.py, tests/test_triton_conv.py) in the second environment: `make timm-check`.
 #
 # Usage: timm_check.sh VENV TORCH_SPEC
 #   VENV        the second environment (cuda_torch_venv.sh), shared with `make cuda-check`
@@ -40,4 +40,4 @@ FISHER_FAST_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" setup.py -q build_ext 
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
 FISHER_FAST_REQUIRE_TIMM=1 FISHER_FAST_REQUIRE_TRITON=1 TRITON_INTERPRET=1 PYTHONPATH="$work" \
   bash scripts/run_pytest.sh "$py" -p no:cacheprovider tests/test_fim_timm.py \
-  tests/test_triton_products.py ${PYTEST_ARGS:-}
+  tests/test_triton_products.py tests/test_triton_conv.py ${PYTEST_ARGS:-}

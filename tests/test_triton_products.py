@@ -60,7 +60,8 @@ def test_strided_inputs(gen: torch.Generator) -> None:
 
 
 class SequenceModel(nn.Module):
-    """Linear layers on (N, T, D) and a convolution: every rule that calls square_sum."""
+    """Linear layers on (N, T, D), which call square_sum, after a 1-D convolution (which takes
+    the convolution kernels of triton_conv.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,7 +93,7 @@ def test_diag_fim_with_the_triton_backend(
     reference = reference_fim(model, x, y).to(fim.flat.device)
     worst = float((fim.flat.double() - reference).abs().max())
     assert worst <= 1e-5 * float(reference.abs().max())
-    assert len(calls) == 6, "conv, mix and head weights in each of the two batches"
+    assert len(calls) == 4, "mix and head weights in each of the two batches"
 
 
 def test_refuses_a_float64_fim_or_a_device_it_cannot_run_on() -> None:

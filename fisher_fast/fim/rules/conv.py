@@ -5,21 +5,23 @@ Per sample and group, the weight gradient is G U^T with U the unfolded input (im
 (C_in/groups * prod(kernel), L) and G the output gradient (C_out/groups, L), L output positions.
 Only the diagonal group blocks are formed, so a depthwise convolution costs no factor of groups.
 
-On CPU with the ``kernels`` backend, 1-D and 2-D layers called once go to the fused op
-``conv2d_sq_sum``, which builds the patches tile by tile in cache instead of an im2col tensor.
-Otherwise samples are processed in small chunks, so the unfolded input (prod(kernel) times the
+1-D and 2-D layers called once go to a fused implementation that gathers the patches tile by
+tile instead of building an im2col tensor: the op ``conv2d_sq_sum`` on CPU with the ``kernels``
+backend, the Triton kernels of triton_conv.py with the ``triton`` backend. Otherwise samples are processed in small chunks, so the unfolded input (prod(kernel) times the
 input) stays bounded and cache-friendly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast import ops
+from fisher_fast.fim import triton_conv
 from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule, sum_over_calls
 
 # Patches of a few samples at a time: small enough to stay in the allocator's reused heap (large
@@ -97,10 +99,17 @@ def _grad_blocks(conv: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor
     return g.reshape(n, conv.groups, conv.out_channels // conv.groups, -1).transpose(2, 3)
 
 
+FusedOp = Callable[..., torch.Tensor]  # the signature of ops.conv2d_sq_sum
+
+
 def _fused_square_sum(
-    conv: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, acc_dtype: torch.dtype
+    conv: nn.modules.conv._ConvNd,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    acc_dtype: torch.dtype,
+    op: FusedOp,
 ) -> torch.Tensor:
-    """Weight-shaped sum over samples of squared per-sample weight gradients, by the CPU op.
+    """Weight-shaped sum over samples of squared per-sample weight gradients, by a fused ``op``.
 
     x: (N, C, *spatial) layer input, g: (N, C_out, *out_spatial) output gradient, 1-D or 2-D.
     Zero padding goes to the op as the count before the input (the output size implies the rest);
@@ -114,24 +123,27 @@ def _fused_square_sum(
     if len(kernel) == 1:  # as a 2-D image of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kernel, stride, dilation, before = (1, *kernel), (1, *stride), (1, *dilation), [0, *before]
-    total = ops.conv2d_sq_sum(x, g, kernel, stride, before, dilation, conv.groups, acc_dtype)
+    total = op(x, g, kernel, stride, before, dilation, conv.groups, acc_dtype)
     return total.reshape(conv.weight.shape)
 
 
-def _uses_fused_op(conv: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> bool:
-    return (
-        ctx.backend == "kernels"
-        and len(calls) == 1
-        and len(conv.kernel_size) <= 2
-        and calls[0].input.device.type == "cpu"
-    )
+def _fused_op(conv: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> FusedOp | None:
+    """The fused implementation for this layer and backend, or None for the chunked im2col path."""
+    if len(calls) != 1 or len(conv.kernel_size) > 2:
+        return None
+    if ctx.backend == "kernels" and calls[0].input.device.type == "cpu":
+        return ops.conv2d_sq_sum
+    if ctx.backend == "triton":
+        return triton_conv.conv2d_square_sum
+    return None
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> None:
-    if module.weight.requires_grad and _uses_fused_op(module, calls, ctx):
+    op = _fused_op(module, calls, ctx) if module.weight.requires_grad else None
+    if op is not None:
         call = calls[0]
-        ctx.add("weight", _fused_square_sum(module, call.input, call.grad(), ctx.acc_dtype))
+        ctx.add("weight", _fused_square_sum(module, call.input, call.grad(), ctx.acc_dtype, op))
     elif module.weight.requires_grad:
         n = calls[0].input.shape[0]
         kernel = math.prod(module.kernel_size)

@@ -1,0 +1,152 @@
+"""The Triton convolution kernels (implicit GEMM and depthwise) against float64 per-sample
+weight gradients, and diag_fim(backend='triton') on convolutional models.
+
+Like tests/test_triton_products.py these run in the second environment (``make timm-check``:
+Triton's interpreter on the CPU, ``FISHER_FAST_REQUIRE_TRITON=1``), or on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fim_reference import reference_fim
+from torch import nn
+
+import fisher_fast
+from fisher_fast.fim import triton_conv, triton_products
+
+needs_triton = pytest.mark.skipif(
+    os.environ.get("FISHER_FAST_REQUIRE_TRITON") != "1"
+    and not (triton_products.runs_on(torch.device("cpu")) or torch.cuda.is_available()),
+    reason="needs Triton, with TRITON_INTERPRET=1 set before import or a CUDA GPU",
+)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# name: (N, C, O, H, W, kernel, stride, padding, dilation, groups)
+CASES = {
+    "3x3": (3, 4, 6, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "stride2-ragged": (2, 5, 20, 9, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    "wide-patch": (2, 9, 70, 5, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1),
+    "rect-dilated": (2, 3, 5, 8, 9, (2, 3), (1, 2), (2, 0), (2, 1), 1),
+    "1x1": (3, 7, 5, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    "grouped": (2, 6, 4, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    "depthwise": (3, 6, 6, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1), 6),
+    "depthwise-5x5-stride2": (2, 5, 5, 9, 8, (5, 5), (2, 2), (2, 2), (1, 1), 5),
+    "depthwise-multiplier": (2, 3, 6, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 3),
+    "one-input-channel": (3, 1, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+}
+
+
+def _reference(
+    x: torch.Tensor, g: torch.Tensor, weight_shape: tuple[int, ...], case: tuple
+) -> torch.Tensor:
+    """(groups, O/groups, C/groups*kh*kw) sum of squared per-sample weight gradients, float64."""
+    *_, stride, padding, dilation, groups = case
+    total = torch.zeros(weight_shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        grad = torch.nn.grad.conv2d_weight(
+            x[n : n + 1].double().cpu(), weight_shape, g[n : n + 1].double().cpu(),
+            stride, padding, dilation, groups,
+        )  # fmt: skip
+        total += grad.square()
+    return total.reshape(groups, weight_shape[0] // groups, -1)
+
+
+def _inputs(case: tuple, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    n, c, o, h, w, kernel, stride, padding, dilation, groups = case
+    weight_shape = (o, c // groups, *kernel)
+    x = torch.randn(n, c, h, w, generator=gen)
+    out = torch.nn.functional.conv2d(
+        x, torch.zeros(weight_shape), None, stride, padding, dilation, groups
+    )
+    g = torch.randn(out.shape, generator=gen)
+    return x.to(DEVICE), g.to(DEVICE), weight_shape
+
+
+@needs_triton
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["acc32", "acc64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_per_sample_gradients(
+    name: str, acc: torch.dtype, gen: torch.Generator
+) -> None:
+    case = CASES[name]
+    x, g, weight_shape = _inputs(case, gen)
+    *_, kernel, stride, padding, dilation, groups = case
+    out = triton_conv.conv2d_square_sum(x, g, kernel, stride, padding, dilation, groups, acc)
+    reference = _reference(x, g, weight_shape, case)
+    assert out.dtype == acc and out.shape == reference.shape
+    err = float((out.double().cpu() - reference).abs().max())
+    assert err <= 1e-5 * float(reference.abs().max()), err
+
+
+@needs_triton
+def test_agrees_with_the_cpu_op_on_strided_inputs(gen: torch.Generator) -> None:
+    """Channels-last input and a sliced gradient are read through their strides, and the result
+    equals the compiled CPU op's (same contract) on the same numbers."""
+    case = CASES["stride2-ragged"]
+    x, g, _ = _inputs(case, gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.cat([g, g], dim=1)[:, ::2]
+    *_, kernel, stride, padding, dilation, groups = case
+    out = triton_conv.conv2d_square_sum(
+        x, g, kernel, stride, padding, dilation, groups, torch.float64
+    )
+    cpu = fisher_fast.ops.conv2d_sq_sum(
+        x.cpu(), g.cpu(), kernel, stride, padding, dilation, groups, torch.float64
+    )
+    assert torch.allclose(out.cpu(), cpu, rtol=1e-5, atol=0)
+
+
+class ConvNet(nn.Module):
+    """A stem, a depthwise-separable block with reflect padding and a strided grouped layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1)
+        self.depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6, padding_mode="reflect")
+        self.pointwise = nn.Conv2d(6, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, stride=2, groups=2, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(self.pointwise(torch.tanh(self.depthwise(h))))
+        return self.head(torch.tanh(self.grouped(h)).mean((2, 3)))
+
+
+@needs_triton
+def test_diag_fim_on_a_convolutional_model(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    kernel = triton_conv.conv2d_square_sum
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return kernel(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_conv, "conv2d_square_sum", counted)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = ConvNet().to(DEVICE)
+    x = torch.randn(7, 2, 8, 8, generator=gen).to(DEVICE)
+    y = torch.randint(3, (7,), generator=gen).to(DEVICE)
+    fim = fisher_fast.diag_fim(model, (x, y), backend="triton", batch_size=4, progress=False)
+    reference = reference_fim(model, x, y).to(fim.flat.device)
+    worst = float((fim.flat.double() - reference).abs().max())
+    assert worst <= 1e-5 * float(reference.abs().max())
+    assert len(calls) == 8, "four convolutions in each of the two batches"
+
+
+@needs_triton
+def test_refuses_float64_and_mismatched_shapes() -> None:
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    g = torch.randn(2, 6, 5, 5, device=DEVICE)
+    args = ((3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(TypeError, match="float64"):
+        triton_conv.conv2d_square_sum(x.double(), g.double(), *args, 1, torch.float64)
+    with pytest.raises(ValueError, match="groups dividing"):
+        triton_conv.conv2d_square_sum(x, g, *args, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"x \(N, C, H, W\) and g"):
+        triton_conv.conv2d_square_sum(x, g[:1], *args, 1, torch.float32)
