@@ -30,6 +30,7 @@ from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
+from fisher_fast.fim.finite_guard import FiniteGuard
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
@@ -203,7 +204,8 @@ class _Accumulation:
     * **step** (every batch): one forward pass with taps, checked against the plan's layouts
       (conform.py), one backward pass per objective; the tapped modules' rules add their sums
       of squares as gradients arrive;
-    * **check** (every batch): the accumulator is still finite (one reduction).
+    * **check** (every batch): the losses and the accumulator are still finite (one reduction;
+      finite_guard.py reads the flags every few batches off the CPU, so no batch waits on them).
     """
 
     def __init__(
@@ -219,6 +221,7 @@ class _Accumulation:
             instrument = spec.instrument if spec is not None else None
             self.capture.add_owner(Owner(name, module, instrument=instrument))
         self.processed: list[OwnerPlan] = []  # owners in the order their gradients arrived
+        self.guard = FiniteGuard(self.device)
         self.sums: _Sums | None = None
         self.planned: list[OwnerPlan] = []  # the owners of the plan in use
         self.paths: dict[str, str] = {}
@@ -476,13 +479,16 @@ class _Accumulation:
                 if n == 0:
                     continue
                 _check_devices((inputs, targets), self.device)
-                self._step(inputs, targets, n, f"{n_seen}..{n_seen + n - 1}")
-                self._check(f"{n_seen}..{n_seen + n - 1}")
+                samples = f"{n_seen}..{n_seen + n - 1}"
+                self._step(inputs, targets, n, samples)
+                assert self.sums is not None
+                self.guard.batch(self.sums.acc, self.sums.views, self.processed, samples)
                 n_seen += n
                 bar.update(n)
         if not n_seen:
             return None
         assert self.sums is not None
+        self.guard.flush(self.sums.views)
         return LocalSums(self.sums.names, self.sums.acc, n_seen)
 
     def _step(self, inputs: Any, targets: torch.Tensor | None, n: int, samples: str) -> None:
@@ -510,11 +516,7 @@ class _Accumulation:
                     objectives(output, targets, o.loss, o.fisher, o.mc_samples, o.generator)
                 )
                 for j, objective in enumerate(objs):
-                    if not torch.isfinite(objective):
-                        raise FloatingPointError(
-                            f"the loss is not finite ({objective.item()}) on the batch of samples "
-                            f"{samples}; check the inputs and the model"
-                        )
+                    self.guard.loss(objective, samples)
                     capture.begin_pass(j, len(objs))
                     torch.autograd.grad(
                         objective, zeros, retain_graph=j < len(objs) - 1, allow_unused=True
@@ -532,30 +534,6 @@ class _Accumulation:
             conforms(o.module, self.capture.calls.get(o.module, []), o.layouts, n)
             for o in self.planned
         )
-
-    def _check(self, samples: str) -> None:
-        assert self.sums is not None
-        _check_finite(self.sums.acc, self.sums.views, self.processed, samples)
-
-
-def _check_finite(
-    acc: torch.Tensor, views: dict[str, torch.Tensor], processed: list[OwnerPlan], samples: str
-) -> None:
-    """Raise if the accumulator went non-finite, naming the first module (in backward order,
-    i.e. nearest the loss) whose contribution did: the layer where the problem appears.
-    One reduction per batch instead of a check per layer; a sum of nonnegative terms is finite
-    exactly when every term is."""
-    if bool(torch.isfinite(acc.sum())):
-        return
-    for plan in processed:
-        names = [plan.global_name(p) for p in plan.rule_params + plan.fallback_params]
-        if any(n in views and not bool(torch.isfinite(views[n]).all()) for n in names):
-            raise FloatingPointError(
-                f"the gradient at the output of {plan.name or 'the model'} ({type(plan.module).__name__}) "
-                f"is not finite on samples {samples}: it overflowed or divided by zero there or in a "
-                "layer after it (check the loss, the inputs and that layer)"
-            )
-    raise FloatingPointError(f"the Fisher accumulator became non-finite on samples {samples}")
 
 
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
