@@ -21,6 +21,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -102,6 +103,29 @@ void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restric
                       std::min(cols, c0 + kBlock), dst);
     }
   }
+}
+
+// (groups, rows, cols) -> (groups, cols, rows), in cache blocks and in parallel over blocks of
+// rows: ATen's copy of a transposed view walks one operand a column at a time through memory,
+// which cost more than the products themselves for the widest layers (512 × 4608 per group).
+template <typename T>
+at::Tensor transposed_groups(const at::Tensor& src) {
+  const int64_t groups = src.size(0), rows = src.size(1), cols = src.size(2);
+  auto dst = at::empty({groups, cols, rows}, src.options());
+  const T* s = src.data_ptr<T>();
+  T* d = dst.data_ptr<T>();
+  const int64_t row_blocks = ceil_div(rows, kBlock);
+  at::parallel_for(0, groups * row_blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / row_blocks, r0 = item % row_blocks * kBlock;
+      const int64_t r1 = std::min(rows, r0 + kBlock);
+      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+        transpose_block(s + b * rows * cols, rows, cols, r0, r1, c0, std::min(cols, c0 + kBlock),
+                        d + b * rows * cols);
+      }
+    }
+  });
+  return dst;
 }
 
 // How the (groups × weight columns × samples) work is cut into items.
@@ -354,7 +378,11 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
     });
   });
   // (splits, groups, I_g, O_g) -> (groups, O_g, I_g)
-  return (plan.splits == 1 ? acc[0] : acc.sum(0)).transpose(1, 2).contiguous();
+  const at::Tensor summed = plan.splits == 1 ? acc[0] : acc.sum(0);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_transpose",
+                             [&] { out = transposed_groups<scalar_t>(summed); });
+  return out;
 }
 
 }  // namespace
