@@ -213,12 +213,14 @@ CONV_CASES = [
     ConvCase(1, 2, (5, 1), 3, (3, 1), padding=(1, 0)),
     ConvCase(70, 40, (6, 6), 48, (3, 3), padding=(1, 1)),
     # depthwise (the direct path): a late layer's 2x2 with a 5x5 kernel, stride and dilation,
-    # padding wider than the reach, 1x1, and enough channels for every thread
+    # padding wider than the reach, 1x1, enough channels for every thread, and channel blocks
+    # of 16 with a partial last one (40 = 16 + 16 + 8) on a 7x7 kernel over 4x4 outputs
     ConvCase(5, 6, (2, 2), 6, (5, 5), padding=(2, 2), groups=6),
     ConvCase(3, 4, (7, 6), 4, (3, 3), stride=(2, 3), padding=(1, 0), dilation=(1, 2), groups=4),
     ConvCase(2, 3, (3, 3), 3, (2, 2), padding=(3, 1), groups=3),
     ConvCase(4, 5, (4, 4), 5, (1, 1), groups=5),
     ConvCase(9, 64, (5, 5), 64, (3, 3), padding=(1, 1), groups=64),
+    ConvCase(3, 40, (4, 4), 40, (7, 7), padding=(3, 3), groups=40),
 ]
 
 

@@ -252,7 +252,14 @@ bool use_depthwise(const ConvGeometry& geo, int64_t channels, int64_t out_ch, in
 }
 
 // out[c, i * kw + j] = sum_n (sum_{oh, ow} g[n, c, oh, ow] x[n, c, oh sh - ph + i dh,
-// ow sw - pw + j dw])², channels split across threads (each owns its rows of the result).
+// ow sw - pw + j dw])².
+//
+// Channels go in blocks of kLanes, threads own blocks (and their rows of the result). Per sample,
+// the block's input is copied into a zero-padded buffer with the channel innermost, and its
+// gradient likewise, so that every multiply-add runs across kLanes channels at once: the
+// spatial loops are often shorter than a vector (a 7×7 kernel on 4×4 outputs).
+constexpr int64_t kLanes = 16;
+
 template <typename compute_t, typename acc_t>
 void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry& geo, int64_t n,
                       int64_t channels, acc_t* out) {
@@ -263,32 +270,50 @@ void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry
   // Input rows and columns inside the buffer: [pad, pad + size) clipped to it.
   const int64_t rows = std::max<int64_t>(0, std::min(geo.height, hp - geo.pad_h));
   const int64_t cols = std::max<int64_t>(0, std::min(geo.width, wp - geo.pad_w));
-  at::parallel_for(0, channels, 1, [&](int64_t first, int64_t last) {
-    std::vector<compute_t> padded(hp * wp, compute_t(0));
-    for (int64_t c = first; c < last; ++c) {
-      acc_t* acc = out + c * taps;
+  const int64_t blocks = ceil_div(channels, kLanes);
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<compute_t> padded(hp * wp * kLanes, compute_t(0));
+    std::vector<compute_t> grads(positions * kLanes, compute_t(0));
+    std::vector<compute_t> prod(taps * kLanes);
+    std::vector<acc_t> acc(taps * kLanes);
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t c0 = block * kLanes, lanes = std::min(kLanes, channels - c0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t s = 0; s < n; ++s) {
-        const compute_t* xs = x + (s * channels + c) * image;
-        const compute_t* gs = g + (s * channels + c) * positions;
+        // Lanes past the last channel hold stale values; their sums are never written out.
+        // Written a pixel (kLanes channels) at a time, read from kLanes sequential streams.
+        const compute_t* xs = x + (s * channels + c0) * image;
+        const compute_t* gs = g + (s * channels + c0) * positions;
         for (int64_t r = 0; r < rows; ++r) {
-          std::copy(xs + r * geo.width, xs + r * geo.width + cols,
-                    padded.data() + (r + geo.pad_h) * wp + geo.pad_w);
+          compute_t* dst = padded.data() + ((r + geo.pad_h) * wp + geo.pad_w) * kLanes;
+          for (int64_t w = 0; w < cols; ++w) {
+            for (int64_t l = 0; l < lanes; ++l)
+              dst[w * kLanes + l] = xs[l * image + r * geo.width + w];
+          }
+        }
+        for (int64_t p = 0; p < positions; ++p) {
+          for (int64_t l = 0; l < lanes; ++l) grads[p * kLanes + l] = gs[l * positions + p];
         }
         for (int64_t i = 0; i < geo.kernel_h; ++i) {
           for (int64_t j = 0; j < geo.kernel_w; ++j) {
-            const compute_t* base = padded.data() + i * geo.dilation_h * wp + j * geo.dilation_w;
-            compute_t sum = 0;
+            compute_t sum[kLanes] = {};  // in registers across the positions
             for (int64_t oh = 0; oh < geo.out_height; ++oh) {
-              const compute_t* row = base + oh * geo.stride_h * wp;
-              const compute_t* grow = gs + oh * geo.out_width;
-#pragma omp simd reduction(+ : sum)
-              for (int64_t ow = 0; ow < geo.out_width; ++ow)
-                sum += grow[ow] * row[ow * geo.stride_w];
+              const int64_t y = oh * geo.stride_h + i * geo.dilation_h;
+              for (int64_t ow = 0; ow < geo.out_width; ++ow) {
+                const compute_t* xv =
+                    padded.data() + (y * wp + ow * geo.stride_w + j * geo.dilation_w) * kLanes;
+                const compute_t* gv = grads.data() + (oh * geo.out_width + ow) * kLanes;
+#pragma omp simd
+                for (int64_t l = 0; l < kLanes; ++l) sum[l] += gv[l] * xv[l];
+              }
             }
-            const acc_t v = static_cast<acc_t>(sum);
-            acc[i * geo.kernel_w + j] += v * v;
+            std::copy(sum, sum + kLanes, prod.data() + (i * geo.kernel_w + j) * kLanes);
           }
         }
+        square_add(prod.data(), acc.data(), taps * kLanes);
+      }
+      for (int64_t l = 0; l < lanes; ++l) {
+        for (int64_t t = 0; t < taps; ++t) out[(c0 + l) * taps + t] = acc[t * kLanes + l];
       }
     }
   });
