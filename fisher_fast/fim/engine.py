@@ -76,8 +76,9 @@ def diag_fim(
         max_samples: stop after this many samples.
         dtype: accumulator dtype, float32 or float64 (products use float64 for float64).
         backend: ``"kernels"`` (compiled ops), ``"torch"`` (the same math in PyTorch),
-            ``"triton"`` (per-sample products in a Triton kernel on tensor cores: CUDA and
-            float32 only, TF32 when torch allows it for matrix products) or ``"auto"``
+            ``"triton"`` (per-sample products and convolutions, without im2col, in Triton
+            kernels on tensor cores: CUDA and float32 only, TF32 when torch allows it for
+            matrix products) or ``"auto"``
             (kernels when the compiled library is loaded, else torch).
         on_unsupported: for parameters without a per-layer rule: ``"fallback"`` (torch.func
             per-sample gradients of that module), ``"error"`` (list them) or ``"skip"`` (leave
