@@ -26,7 +26,8 @@ import torch
 from fisher_fast.io import write_json
 from fisher_fast.nas.result import Round
 from fisher_fast.nas.space import SearchSpace
-from fisher_fast.tasks.source import Part, tensors_sha256
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import tensors_sha256
 
 CHECKPOINT_FORMAT = "fisher_fast.fuse_checkpoint/1"
 BUDGET_FIELDS = ("rounds", "time_budget_s")

@@ -3,7 +3,6 @@ test accuracy, parameter count, cost)."""
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import NamedTuple
 
@@ -13,8 +12,8 @@ from fisher_fast.devices import resolve_device
 from fisher_fast.nas.fuse import FuseConfig
 from fisher_fast.nas.genotype import Genotype
 from fisher_fast.nas.training import NetworkBuilder, batches, build_seeded, draw_seed, train_steps
-from fisher_fast.tasks.source import Part
-from fisher_fast.tasks.train import evaluate
+from fisher_fast.part import Part
+from fisher_fast.training import KeepBest, evaluate
 
 
 class Evaluation(NamedTuple):
@@ -60,16 +59,14 @@ def train_and_evaluate(
     network = build_seeded(build, genotype, draw_seed(generator), device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
     data = batches(train_data.to(device), config.batch_size, generator)
-    best: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] | None = None
+    best = KeepBest(network)
     for done in range(0, steps, check_every):
-        train_steps(network, data, min(check_every, steps - done), optimizer)
+        trained = min(done + check_every, steps)
+        train_steps(network, data, trained - done, optimizer)
         if val_data is not None:
             accuracy, loss = evaluate(network, val_data, device)
-            if best is None or (accuracy, -loss) > best:
-                best, best_state = (accuracy, -loss), copy.deepcopy(network.state_dict())
-    if best_state is not None:
-        network.load_state_dict(best_state)
+            best.offer((accuracy, -loss), trained)
+    best.restore()
     accuracy, _ = evaluate(network, test_data, device)
     parameters = sum(p.numel() for p in network.parameters() if p.requires_grad)
     return Evaluation(accuracy, parameters, time.perf_counter() - start)

@@ -44,8 +44,8 @@ from fisher_fast.nas.training import (
     carve_validation,
     draw_seed,
 )
-from fisher_fast.tasks.source import Part
-from fisher_fast.tasks.train import evaluate
+from fisher_fast.part import Part
+from fisher_fast.training import evaluate
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fisher_fast.distributed import shard_range, world_size
-from fisher_fast.tasks.source import Part
+from fisher_fast.part import Part
 
 
 def data_parallel(model: nn.Module) -> nn.Module:

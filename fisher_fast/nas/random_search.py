@@ -20,8 +20,8 @@ from fisher_fast.nas.training import (
     draw_seed,
     train_steps,
 )
-from fisher_fast.tasks.source import Part
-from fisher_fast.tasks.train import evaluate
+from fisher_fast.part import Part
+from fisher_fast.training import KeepBest, evaluate
 
 
 def random_search(
@@ -65,8 +65,7 @@ def random_search(
     train_batches = batches(weights_part, config.batch_size, generator)
     cells = space.sample_up_to(math.ceil(budget / per_trial), generator)
     history: list[Round] = []
-    best: tuple[float, float] | None = None
-    winner = 0
+    best = KeepBest()
     for trial, (cell, steps) in enumerate(
         zip(cells, trial_steps(budget, per_trial, len(cells)), strict=True)
     ):
@@ -74,8 +73,7 @@ def random_search(
         optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
         train_steps(network, train_batches, steps, optimizer)
         accuracy, loss = evaluate(network, val_part, device)
-        if best is None or (accuracy, -loss) > best:
-            best, winner = (accuracy, -loss), trial
+        best.offer((accuracy, -loss), trial)
         history.append(
             Round(
                 candidates=(cell,),
@@ -87,7 +85,7 @@ def random_search(
             )
         )
     return SearchResult(
-        genotype=cells[winner],
+        genotype=cells[best.index],
         history=tuple(history),
         alphas=tuple(r.val_accuracy for r in history),
         steps=sum(r.steps for r in history),

@@ -18,8 +18,7 @@ from torch import nn
 from fisher_fast.nas.genotype import Genotype
 from fisher_fast.nas.network import Network
 from fisher_fast.nas.parallel import data_parallel, shard_loss, sync_buffers
-from fisher_fast.tasks.balance import stratified_split
-from fisher_fast.tasks.source import Part
+from fisher_fast.part import Part, stratified_split
 
 NetworkBuilder = Callable[[Genotype], nn.Module]
 """Turns a genotype into a fresh classifier ``(N, C, H, W) -> (N, num_classes)`` logits."""

@@ -10,13 +10,14 @@
 * :mod:`.dense`: the image-to-image tasks of §4.4 and their study against a transfer affinity.
 """
 
+from fisher_fast.part import Part
 from fisher_fast.tasks.cache import CacheWarning, RunCache
 from fisher_fast.tasks.distances import distance_matrix, task_distance, task_fim
 from fisher_fast.tasks.loaders.config import load_task_config
 from fisher_fast.tasks.matrix import LABEL_CONVENTIONS, DistanceResult
 from fisher_fast.tasks.probes import PROBES, SMALL_PROBES, make_probe
 from fisher_fast.tasks.report import format_matrix, plot_heatmaps, save_result
-from fisher_fast.tasks.source import DataSource, Part, SourceData
+from fisher_fast.tasks.source import DataSource, SourceData
 from fisher_fast.tasks.suites import SUITES, Suite, get_suite
 from fisher_fast.tasks.task import Task, TaskSplits
 from fisher_fast.tasks.train import EpsilonWarning, Probe, TrainConfig, train_probe

@@ -43,20 +43,3 @@ def balanced_indices(
     size = round(len(named) / num_named)
     chosen = rest[torch.randperm(len(rest), generator=generator)[:size]]
     return torch.cat([named, chosen]).sort().values
-
-
-def stratified_split(
-    labels: torch.Tensor, fraction: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices 0..N-1 into (held out, kept), holding out round(fraction * n_k) random
-    samples of each label k (at least one when the label has two or more), so both sides keep
-    the class proportions."""
-    held, kept = [], []
-    for k in labels.unique().tolist():
-        idx = (labels == k).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        n = round(fraction * len(idx))
-        n = max(n, 1) if len(idx) >= 2 else n
-        held.append(idx[:n])
-        kept.append(idx[n:])
-    return torch.cat(held).sort().values, torch.cat(kept).sort().values

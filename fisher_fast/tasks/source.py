@@ -27,30 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from fisher_fast.tasks.balance import stratified_split
-
-
-@dataclass(frozen=True)
-class Part:
-    """Inputs ``x`` (N, ...) and integer labels ``y`` (N,) of one part of a data set."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.y.dim() != 1 or self.y.dtype.is_floating_point or self.y.dtype == torch.bool:
-            raise ValueError(
-                f"labels must be integers of shape (N,), got {self.y.dtype} {tuple(self.y.shape)}"
-            )
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def to(self, device: torch.device | str) -> Part:
-        """The same part with its tensors on ``device`` (itself when they are there already)."""
-        return Part(self.x.to(device), self.y.to(device))
+from fisher_fast.part import Part, stratified_split
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fisher_fast.part import Part
 from fisher_fast.tasks.balance import DROPPED, balanced_indices, task_labels
-from fisher_fast.tasks.source import SPLIT_SCHEME, DataSource, Part, Subset
+from fisher_fast.tasks.source import SPLIT_SCHEME, DataSource, Subset
 
 LabelRef = int | str
 """An original label: its integer value or a name the source knows."""

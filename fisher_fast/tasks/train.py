@@ -9,7 +9,6 @@ it is not, a clear :class:`EpsilonWarning` says so (its distances are then less 
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 import warnings
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast.tasks.probes import make_probe
-from fisher_fast.tasks.source import Part
 from fisher_fast.tasks.task import Task
+from fisher_fast.training import KeepBest, evaluate
 
 OPTIMIZERS: dict[str, Any] = {
     "adam": torch.optim.Adam,
@@ -186,8 +185,7 @@ def fit(
     )
     x, y = x.to(device), y.to(device)
     order = torch.Generator().manual_seed(seed)
-    best: tuple[float, ...] | None = None
-    best_state, best_epoch = None, config.epochs
+    best = KeepBest(model, index=config.epochs)
     for epoch in range(1, config.epochs + 1):
         model.train()
         for idx in torch.randperm(len(y), generator=order).split(config.batch_size):
@@ -198,13 +196,9 @@ def fit(
             loss(model(x[idx]), y[idx]).backward()
             optimizer.step()
         if score is not None:
-            value = score()
-            if best is None or value > best:
-                best, best_epoch = value, epoch
-                best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return best_epoch
+            best.offer(score(), epoch)
+    best.restore()
+    return best.index
 
 
 def warn_if_not_reached(probe: Probe) -> None:
@@ -218,22 +212,3 @@ def warn_if_not_reached(probe: Probe) -> None:
             EpsilonWarning,
             stacklevel=3,
         )
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, part: Part, device: str | torch.device, batch_size: int = 1024
-) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` in eval mode on ``part``; the model's mode
-    is restored."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    for start in range(0, len(part), batch_size):
-        x = part.x[start : start + batch_size].to(device)
-        y = part.y[start : start + batch_size].to(device)
-        logits = model(x)
-        correct += int((logits.argmax(1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-    model.train(was_training)
-    return correct / len(part), loss / len(part)

@@ -14,8 +14,9 @@ from task_files import (
     write_mnist,
 )
 
+from fisher_fast.part import stratified_split
 from fisher_fast.tasks import DataSource, Suite, Task, TrainConfig, get_suite
-from fisher_fast.tasks.balance import DROPPED, balanced_indices, stratified_split, task_labels
+from fisher_fast.tasks.balance import DROPPED, balanced_indices, task_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 

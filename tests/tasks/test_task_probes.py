@@ -10,6 +10,7 @@ from task_files import blob_source
 
 import fisher_fast
 from fisher_fast.tasks import PROBES, EpsilonWarning, Task, TrainConfig, make_probe, train_probe
+from fisher_fast.tasks.train import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
@@ -83,3 +84,19 @@ def test_train_probe_warns_when_it_is_not_an_epsilon_approximation() -> None:
     assert not probe.reached
     with pytest.raises(ValueError, match="head_width 2 is smaller"):
         train_probe(task, "mlp", head_width=2)
+
+
+def test_fit_keeps_the_earliest_best_epoch_and_its_weights() -> None:
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    config = TrainConfig(epochs=4, batch_size=4, lr=0.1)
+    model = torch.nn.Linear(3, 2)
+    loss = torch.nn.functional.cross_entropy
+    assert fit(model, config, x, y, loss, seed=0, device="cpu") == config.epochs  # no score
+    scores, weights = iter([(1.0,), (3.0,), (3.0,), (2.0,)]), []
+
+    def score() -> tuple[float, ...]:
+        weights.append(model.weight.detach().clone())
+        return next(scores)
+
+    assert fit(model, config, x, y, loss, seed=0, device="cpu", score=score) == 2
+    assert torch.equal(model.weight, weights[1]) and not torch.equal(weights[1], weights[2])

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fisher_fast.tasks.source import DataSource, Part, SourceData, files_key, names_from_list
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import DataSource, SourceData, files_key, names_from_list
 
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")

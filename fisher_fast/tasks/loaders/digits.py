@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from fisher_fast.extras import require_module
-from fisher_fast.tasks.source import DataSource, Part, SourceData, names_from_list
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import DataSource, SourceData, names_from_list
 
 
 def digits_source() -> DataSource:

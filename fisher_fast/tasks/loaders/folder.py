@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fisher_fast.tasks.source import DataSource, Part, SourceData, files_key
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import DataSource, SourceData, files_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 

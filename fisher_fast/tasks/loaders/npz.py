@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fisher_fast.tasks.source import DataSource, Part, SourceData, files_key, names_from_list
+from fisher_fast.part import Part
+from fisher_fast.tasks.source import DataSource, SourceData, files_key, names_from_list
 
 
 def npz_source(path: str | Path, name: str | None = None) -> DataSource:
