@@ -11,8 +11,9 @@
 # temporary folder, the library is compiled there against that torch (CPU kernels only) and the
 # tests run on the CPU, with FISHER_FAST_REQUIRE_TIMM=1 and FISHER_FAST_REQUIRE_TRITON=1 so that
 # a missing timm or Triton fails instead of skipping; the Triton kernel runs through Triton's
-# interpreter (TRITON_INTERPRET=1), as there is no GPU. Extra pytest arguments come from
-# PYTEST_ARGS.
+# interpreter (TRITON_INTERPRET=1), as there is no GPU; then every Triton kernel is compiled for
+# sm_90 by Triton's real compiler and ptxas (scripts/triton_compile_check.py), which the
+# interpreter does not exercise. Extra pytest arguments come from PYTEST_ARGS.
 set -euo pipefail
 
 if [ "$#" -ne 2 ]; then
@@ -41,3 +42,4 @@ FISHER_FAST_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" setup.py -q build_ext 
 FISHER_FAST_REQUIRE_TIMM=1 FISHER_FAST_REQUIRE_TRITON=1 TRITON_INTERPRET=1 PYTHONPATH="$work" \
   bash scripts/run_pytest.sh "$py" -p no:cacheprovider tests/test_fim_timm.py \
   tests/test_triton_products.py tests/test_triton_conv.py ${PYTEST_ARGS:-}
+PYTHONPATH="$work" "$py" scripts/triton_compile_check.py --arch 90

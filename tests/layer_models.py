@@ -16,3 +16,17 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(x * self.scale) + self.shift
+
+
+class SqrtHead(nn.Module):
+    """Linear (4 -> 3), sqrt(|.|), Linear (3 -> 3): the gradient at ``body``'s output is NaN
+    wherever that output is 0 (d sqrt(|u|)/du = inf times 0), so zeroed ``body`` weights make
+    the Fisher of ``body`` non-finite while ``head``'s stays finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sqrt(self.body(x).abs()))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fim_reference import reference_fim, relative_error
+from layer_models import SqrtHead
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -192,15 +193,6 @@ def test_non_finite_loss() -> None:
 
 
 def test_non_finite_gradient_names_the_layer() -> None:
-    class SqrtHead(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Linear(4, 3)
-            self.head = nn.Linear(3, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.sqrt(self.body(x).abs()))  # inf * 0 at 0: NaN gradient
-
     model = SqrtHead()
     with torch.no_grad():
         model.body.weight.zero_()

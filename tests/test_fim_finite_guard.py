@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_models import SqrtHead
 from torch import nn
 
 import fisher_fast
@@ -36,18 +37,6 @@ def test_a_flush_with_nothing_flagged_passes() -> None:
     guard.batch(torch.zeros(4), {}, [], "0..3")
     guard.flush({})
     assert guard.pending == []
-
-
-class SqrtHead(nn.Module):
-    """NaN gradients at body's output where its output is 0 (d sqrt(|u|)/du = inf · 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(4, 3)
-        self.head = nn.Linear(3, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.sqrt(self.body(x).abs()))
 
 
 @pytest.fixture

@@ -7,22 +7,14 @@ Triton's interpreter on the CPU, ``FISHER_FAST_REQUIRE_TRITON=1``), or on a CUDA
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from fim_reference import reference_fim
 from torch import nn
+from triton_helpers import DEVICE, count_calls, needs_triton
 
 import fisher_fast
-from fisher_fast.fim import triton_conv, triton_products
-
-needs_triton = pytest.mark.skipif(
-    os.environ.get("FISHER_FAST_REQUIRE_TRITON") != "1"
-    and not (triton_products.runs_on(torch.device("cpu")) or torch.cuda.is_available()),
-    reason="needs Triton, with TRITON_INTERPRET=1 set before import or a CUDA GPU",
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from fisher_fast.fim import triton_conv
 
 # name: (N, C, O, H, W, kernel, stride, padding, dilation, groups)
 CASES = {
@@ -120,14 +112,7 @@ class ConvNet(nn.Module):
 def test_diag_fim_on_a_convolutional_model(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    kernel = triton_conv.conv2d_square_sum
-
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return kernel(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(triton_conv, "conv2d_square_sum", counted)
+    calls = count_calls(monkeypatch, triton_conv, "conv2d_square_sum")
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     model = ConvNet().to(DEVICE)
     x = torch.randn(7, 2, 8, 8, generator=gen).to(DEVICE)

@@ -8,22 +8,14 @@ into a failure. The refusals at the end run everywhere.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from fim_reference import reference_fim
 from torch import nn
+from triton_helpers import DEVICE, count_calls, needs_triton
 
 import fisher_fast
 from fisher_fast.fim import triton_products
-
-needs_triton = pytest.mark.skipif(
-    os.environ.get("FISHER_FAST_REQUIRE_TRITON") != "1"
-    and not (triton_products.runs_on(torch.device("cpu")) or torch.cuda.is_available()),
-    reason="needs Triton, with TRITON_INTERPRET=1 set before import or a CUDA GPU",
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _reference(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +69,7 @@ class SequenceModel(nn.Module):
 def test_diag_fim_with_the_triton_backend(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    kernel = triton_products.square_sum
-
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return kernel(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(triton_products, "square_sum", counted)
+    calls = count_calls(monkeypatch, triton_products, "square_sum")
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     model = SequenceModel().to(DEVICE)
     x = torch.randn(10, 3, 17, generator=gen).to(DEVICE)

@@ -60,10 +60,7 @@ if triton is not None:
         kx = offs_i % KW
         channel = (b * in_per_group + c) * x_sc
         g_channel = (b * out_per_group + offs_o) * g_sc
-        if ACC_F64:
-            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float64 if ACC_F64 else tl.float32)
         x_n, g_n = x_ptr, g_ptr  # advanced by a stride per sample: no offset grows past int32
         for _ in range(0, n_samples):
             product = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
@@ -85,11 +82,8 @@ if triton is not None:
                     other=0.0,
                 )  # (BLOCK_T, BLOCK_I): the patches of BLOCK_T positions, gathered
                 product += tl.dot(tl.trans(g_tile), x_tile, input_precision=PRECISION)
-            if ACC_F64:
-                wide = product.to(tl.float64)
-                acc += wide * wide
-            else:
-                acc += product * product
+            wide = product.to(acc.dtype)  # squared in the accumulator's precision
+            acc += wide * wide
             x_n += x_sn
             g_n += g_sn
         out = out_ptr + b * out_sb + offs_o[:, None] * out_so + offs_i[None, :] * out_si
@@ -113,10 +107,7 @@ if triton is not None:
         mask_c, mask_k = offs_c < out_channels, offs_k < KH * KW
         ky, kx = offs_k // KW, offs_k % KW
         x_channel = (offs_c // multiplier) * x_sc  # output channel c reads input channel c // m
-        if ACC_F64:
-            acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float64 if ACC_F64 else tl.float32)
         x_n, g_n = x_ptr, g_ptr  # advanced by a stride per sample: no offset grows past int32
         for _ in range(0, n_samples):
             product = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
@@ -138,11 +129,8 @@ if triton is not None:
                     tl.float32
                 )  # (BLOCK_C, BLOCK_T, BLOCK_K)
                 product += tl.sum(g_tile[:, :, None] * x_tile, axis=1)
-            if ACC_F64:
-                wide = product.to(tl.float64)
-                acc += wide * wide
-            else:
-                acc += product * product
+            wide = product.to(acc.dtype)  # squared in the accumulator's precision
+            acc += wide * wide
             x_n += x_sn
             g_n += g_sn
         out = out_ptr + offs_c[:, None] * out_so + offs_k[None, :] * out_sk

@@ -86,10 +86,7 @@ if triton is not None:
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         offs_t = tl.arange(0, BLOCK_T)
         mask_o, mask_i = offs_o < out_features, offs_i < in_features
-        if ACC_F64:
-            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float64)
-        else:
-            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float64 if ACC_F64 else tl.float32)
         for n in range(0, n_samples):
             product = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
             for t0 in range(0, positions, BLOCK_T):
@@ -106,11 +103,8 @@ if triton is not None:
                     other=0.0,
                 )  # (BLOCK_T, BLOCK_I)
                 product += tl.dot(tl.trans(g_tile), x_tile, input_precision=PRECISION)
-            if ACC_F64:
-                wide = product.to(tl.float64)
-                acc += wide * wide
-            else:
-                acc += product * product
+            wide = product.to(acc.dtype)  # squared in the accumulator's precision
+            acc += wide * wide
         out = out_ptr + b * out_sb + offs_o[:, None] * out_so + offs_i[None, :] * out_si
         tl.store(out, acc, mask=mask_o[:, None] & mask_i[None, :])
 
