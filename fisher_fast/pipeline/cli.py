@@ -218,15 +218,9 @@ def _build(args: argparse.Namespace) -> int:
     suite = get_suite(args.suite, args.data)
     excluded = {_pick(suite, ref) for ref in args.exclude}
     tasks = [t for i, t in enumerate(suite.tasks) if i not in excluded]
-    settings = DictionarySettings(
-        arch=suite.default_arch,
-        input_shape=tuple(tasks[0].splits().train.x.shape[1:]),
-        head_width=suite.head_width,
-        train=suite.train if args.epochs is None else replace(suite.train, epochs=args.epochs),
-        fuse=_fuse(args, MAIN_JOB_FUSE),
-        nodes=args.nodes,
-        epsilon=suite.epsilon,
-    )
+    settings = DictionarySettings.for_suite(suite, tasks[0], _fuse(args, MAIN_JOB_FUSE), args.nodes)
+    if args.epochs is not None:
+        settings = replace(settings, train=replace(suite.train, epochs=args.epochs))
     replace_names = [suite.tasks[_pick(suite, ref)].name for ref in args.replace]
     dictionary = build_dictionary(
         args.out,

