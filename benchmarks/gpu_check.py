@@ -18,7 +18,8 @@ Checks (every CUDA op against the CPU op and a float64 PyTorch reference, on fre
 * every output finite where the reference is, results bitwise reproducible; bad input refused
   with a RuntimeError (each case in a child process, so that a crash is reported, not fatal).
 * optional: ``fisher_fast.diag_fim(backend="kernels")`` on a small CNN, CUDA against CPU (skipped
-  while ``diag_fim`` does not exist).
+  while ``diag_fim`` does not exist); a tied embedding and head with repeated ids, CUDA against
+  CPU and bitwise reproducible (no float atomics).
 * the Triton kernel (``backend="triton"``, fisher_fast/fim/triton_products.py) against the
   float64 reference, exact float32 (``ieee``, 1e-5) and TF32 (1e-3), and bitwise reproducible;
   ``diag_fim(backend="triton")`` against the CPU on a small sequence model.
@@ -462,6 +463,41 @@ def check_diag_fim(device: str) -> None:
         record_bool(
             "diag_fim", "small CNN, CUDA vs CPU", False, f"{type(exc).__name__}: {str(exc)[:160]}"
         )
+    check_tied_embedding(device)
+
+
+class TiedTokens(torch.nn.Module):
+    """Token ids (N, T) -> logits over the vocabulary, the head tied to the embedding."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+        self.out = torch.nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(ids))).mean(1))
+
+
+def check_tied_embedding(device: str) -> None:
+    """The Embedding and tied-head rules sum repeated ids without float atomics on CUDA
+    (fisher_fast/fim/rows.py): two runs bitwise equal, and equal to the CPU within TOL_FIM."""
+    torch.manual_seed(4)
+    model = TiedTokens().eval()
+    ids, y = torch.randint(0, 50, (64, 128)), torch.randint(0, 1000, (64,))  # many repeats
+    label = "tied embedding, CUDA vs CPU"
+    try:
+        cpu = fisher_fast.diag_fim(model, (ids, y), progress=False, batch_size=32)
+        data = (ids.to(device), y.to(device))
+        gpu = fisher_fast.diag_fim(model.to(device), data, progress=False, batch_size=32)
+        again = fisher_fast.diag_fim(model, data, progress=False, batch_size=32)
+        record("diag_fim", label, rel_err(gpu.flat, cpu.flat), TOL_FIM)
+        record_bool(
+            "diag_fim", "tied embedding bitwise reproducible", bitwise_equal(gpu.flat, again.flat)
+        )
+    except Exception as exc:
+        record_bool("diag_fim", label, False, f"{type(exc).__name__}: {str(exc)[:160]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 For indices (N, *) and output gradient (N, *, D), the per-sample gradient of row v is the sum of
 g over the positions of that sample holding index v. Pairs (sample, index) are made unique, their
-gradients summed with index_add, squared and added to their rows: memory O(N·T·D), never
-N × vocabulary × D. padding_idx rows get no gradient (as in PyTorch); with scale_grad_by_freq
+gradients summed (rows.add_rows: in a fixed order on every device), squared and added to their
+rows: memory O(N·T·D), never N × vocabulary × D. padding_idx rows get no gradient (as in PyTorch); with scale_grad_by_freq
 each sum is divided by the index's count within its own sample (the per-sample loss's batch).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fisher_fast.fim.rows import add_rows
 from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule
 
 
@@ -31,9 +32,9 @@ def embedding_rule(module: nn.Embedding, calls: list[Call], ctx: RuleContext) ->
         keys, grads = keys[keep], grads[keep]
     unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     summed = torch.zeros(unique.numel(), dim, dtype=grads.dtype, device=grads.device)
-    summed.index_add_(0, inverse, grads)
+    add_rows(summed, inverse, grads)
     if module.scale_grad_by_freq:
         summed /= counts.unsqueeze(1).to(summed.dtype)
     out = torch.zeros(vocab, dim, dtype=ctx.acc_dtype, device=grads.device)
-    out.index_add_(0, unique % vocab, summed.square().to(ctx.acc_dtype))
+    add_rows(out, unique % vocab, summed.square().to(ctx.acc_dtype))
     ctx.add("weight", out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fisher_fast.fim.rows import add_rows
 from fisher_fast.fim.rules import Call, joined
 
 
@@ -54,5 +55,5 @@ class TiedCross:
         picked = g_h.gather(2, ids[:, None, :].expand(n, g_h.shape[1], t_e))  # (N, Th, Te)
         rows = torch.bmm(picked.transpose(1, 2), x)  # (N, Te, D): b_n[ids[n, t]]
         cross = torch.zeros(self.target.shape, dtype=self.work, device=self.target.device)
-        cross.index_add_(0, ids.reshape(-1), (g_e * rows).reshape(-1, rows.shape[-1]))
+        add_rows(cross, ids.reshape(-1), (g_e * rows).reshape(-1, rows.shape[-1]))
         self.target += (2 * cross).to(self.target.dtype)
