@@ -7,7 +7,8 @@ gradients and x: (N, B, T, I) inputs (B independent blocks, e.g. convolution gro
 * Otherwise the ``kernels`` backend calls the compiled op (per-thread accumulators on CPU, a
   fused product-square-reduce on CUDA), the ``triton`` backend a Triton kernel on tensor cores
   (triton_products.py), and the ``torch`` backend runs the same math as chunked batched
-  products in PyTorch, never holding more than ``chunk_bytes`` of per-sample products.
+  products in PyTorch, never holding more than ``chunk_bytes`` of per-sample products (by
+  default 32 MiB on the CPU, a share of the free memory on a GPU: work_memory.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from fisher_fast import ops
 from fisher_fast.fim import triton_products
+from fisher_fast.fim.work_memory import work_bytes
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 
@@ -30,7 +32,7 @@ def square_sum(
     x: torch.Tensor,
     acc_dtype: torch.dtype,
     backend: str,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """(B, O, I) sum over samples of squared per-sample products g[n,b]^T x[n,b]; see module doc."""
     work = compute_dtype(acc_dtype)
@@ -45,7 +47,8 @@ def square_sum(
     if backend == "triton":
         return triton_products.square_sum(g, x, acc_dtype)
     out = torch.zeros(blocks, out_f, in_f, dtype=acc_dtype, device=g.device)
-    step = max(1, chunk_bytes // max(1, blocks * out_f * in_f * torch.finfo(work).bits // 8))
+    budget = work_bytes(g.device, DEFAULT_CHUNK_BYTES) if chunk_bytes is None else chunk_bytes
+    step = max(1, budget // max(1, blocks * out_f * in_f * torch.finfo(work).bits // 8))
     for start in range(0, n, step):
         gs = g[start : start + step].to(work).transpose(2, 3)
         xs = x[start : start + step].to(work)

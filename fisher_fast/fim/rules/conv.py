@@ -23,9 +23,11 @@ from torch import nn
 from fisher_fast import ops
 from fisher_fast.fim import triton_conv
 from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule, sum_over_calls
+from fisher_fast.fim.work_memory import work_bytes
 
-# Patches of a few samples at a time: small enough to stay in the allocator's reused heap (large
-# fresh allocations are page-faulted in on every call), large enough to amortise the call cost.
+# Patches of a few samples at a time on the CPU: small enough to stay in the allocator's reused
+# heap (large fresh allocations are page-faulted in on every call), large enough to amortise the
+# call cost; on a GPU, a share of the free memory (work_memory.py).
 UNFOLD_CHUNK_BYTES = 4 * 2**20
 
 
@@ -149,7 +151,8 @@ def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleConte
         kernel = math.prod(module.kernel_size)
         per_sample = sum(c.input[:1].numel() for c in calls) * kernel * 4
         # At least two samples per thread, so the CPU kernel's threads all get work.
-        step = max(2 * torch.get_num_threads(), UNFOLD_CHUNK_BYTES // max(1, per_sample))
+        budget = work_bytes(module.weight.device, UNFOLD_CHUNK_BYTES)
+        step = max(2 * torch.get_num_threads(), budget // max(1, per_sample))
         total = torch.zeros(module.weight.shape, dtype=ctx.acc_dtype, device=module.weight.device)
         for start in range(0, n, step):
             part = slice(start, start + step)
