@@ -1,5 +1,6 @@
 """Command line: ``fisher-fast info``, ``distance``, ``dictionary``, ``search`` and ``demo`` (the
-main job); also ``python -m fisher_fast.cli``.
+main job); also ``python -m fisher_fast.cli``. This module assembles the parser from the
+subcommands of :mod:`fisher_fast.commands` (one module each) and runs the chosen one.
 
 Expected errors (bad input, missing or damaged files, a device this machine lacks, see
 :data:`EXPECTED_ERRORS`) print one ``error: ...`` line to stderr and exit with status 2, as
@@ -10,17 +11,15 @@ bug and keeps its traceback. ``FISHER_FAST_TRACEBACK=1`` shows the traceback of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from fisher_fast._version import __version__
+from fisher_fast.commands import demo, dictionary, distance, info, search
 from fisher_fast.distributed import RankError
 from fisher_fast.extras import MissingDependencyError
-from fisher_fast.pipeline.cli import add_pipeline_parsers
-from fisher_fast.tasks.cli import add_distance_parser
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,  # bad input; also DictionaryError, DiagFIMFileError and json's decode error
@@ -36,14 +35,12 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-def _info(_: argparse.Namespace) -> int:
-    import fisher_fast
-
-    print(json.dumps(fisher_fast.build_info(), indent=2))
-    return 0
+COMMANDS = (info, distance, dictionary, search, demo)
+"""The subcommand modules, in the order ``--help`` lists them; each has ``add_parser(sub)``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; a parsed command's ``run`` runs it (see :func:`main`)."""
     parser = argparse.ArgumentParser(
         prog="fisher-fast",
         description="Diagonal Fisher information, Fréchet task distance and task-aware NAS.",
@@ -55,12 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the fisher_fast and torch versions and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser(
-        "info", help="print what this build contains (versions, kernels, threads)"
-    )
-    info.set_defaults(run=_info)
-    add_distance_parser(sub)
-    add_pipeline_parsers(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 

@@ -83,10 +83,10 @@ def test_ctrl_c(
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fisher_fast.pipeline.cli.TaskDictionary.open", interrupt)
+    monkeypatch.setattr("fisher_fast.pipeline.dictionary.TaskDictionary.open", interrupt)
     assert main(["dictionary", "list", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
-    monkeypatch.setattr("fisher_fast.pipeline.cli.build_dictionary", interrupt)
+    monkeypatch.setattr("fisher_fast.commands.dictionary.build_dictionary", interrupt)
     out = tmp_path / "d"
     assert main(["dictionary", "build", "--out", str(out), *TINY, *QUIET]) == 130
     assert capsys.readouterr().err.strip() == (

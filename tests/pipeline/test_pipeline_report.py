@@ -173,10 +173,10 @@ def test_demo_prints_the_report(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from fisher_fast.cli import main
-    from fisher_fast.pipeline import cli
+    from fisher_fast.commands import demo
     from fisher_fast.pipeline.table import GENOTYPE_LEGEND, format_test_size
 
-    monkeypatch.setattr(cli, "run_main_job", lambda *args, **kwargs: main_job)
+    monkeypatch.setattr(demo, "run_main_job", lambda *args, **kwargs: main_job)
     assert main(["demo", "--out", str(tmp_path), "--quiet", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert format_test_size(main_job.test_images) in printed
@@ -188,7 +188,7 @@ def test_demo_takes_the_embedded_suite_and_the_hand_designed_networks(
     main_job: MainJobResult, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fisher_fast.cli import main
-    from fisher_fast.pipeline import cli
+    from fisher_fast.commands import demo
 
     calls: list[tuple[tuple, dict]] = []
 
@@ -196,8 +196,8 @@ def test_demo_takes_the_embedded_suite_and_the_hand_designed_networks(
         calls.append((args, kwargs))
         return main_job
 
-    monkeypatch.setattr(cli, "run_main_job", record)
-    monkeypatch.setattr(cli, "get_suite", lambda name: digits_suite_named(name))
+    monkeypatch.setattr(demo, "run_main_job", record)
+    monkeypatch.setattr(demo, "get_suite", lambda name: digits_suite_named(name))
     argv = ["demo", "--suite", "mnist5k", "--hand-designed", "mlp", "vgg16", "--quiet"]
     assert main(argv) == 0
     (suite, target, out), options = calls[0]

@@ -166,6 +166,36 @@ def test_cli_builds_lists_and_searches(tmp_path: Path, capsys: pytest.CaptureFix
     assert "error: no task 'seven'" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::fisher_fast.tasks.EpsilonWarning")  # one-epoch probes
+def test_cli_builds_and_searches_the_tasks_of_a_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--config FILE`` replaces ``--suite`` in ``dictionary build`` and ``search``: the tasks,
+    their names and the suite's name (in the default run folder) are the file's."""
+    from fisher_fast.cli import main
+
+    config = tmp_path / "tasks.json"
+    tasks = [
+        {"name": "zero or not", "classes": [[0]], "other": True},
+        {"name": "low digits", "classes": [0, 1, 2, 3], "other": True},
+        {"name": "all ten", "classes": list(range(10))},
+    ]
+    spec = {"name": "my-digits", "source": {"format": "digits"}, "arch": "mlp", "tasks": tasks}
+    config.write_text(json.dumps(spec))
+    monkeypatch.chdir(tmp_path)  # the search's default run folder is under runs/
+    tiny = ["--rounds", "1", "--candidates", "1", "--max-steps", "3", "--quiet", "--threads", "1"]
+    d = tmp_path / "dict"
+    build = ["dictionary", "build", "--config", str(config), "--exclude", "low digits"]
+    assert main([*build, "--out", str(d), "--epochs", "1", "--nodes", "3", *tiny]) == 0
+    assert TaskDictionary.open(d).names() == ["zero or not", "all ten"]
+    capsys.readouterr()
+    search = ["search", "--config", str(config), "--target", "1", "--dictionary", str(d)]
+    assert main([*search, "--final-steps", "3", *tiny]) == 0
+    assert "d(zero or not -> low digits)" in capsys.readouterr().out
+    report = json.loads(Path("runs", "search-my-digits-1", "report.json").read_text())
+    assert report["target"] == "low digits"
+
+
 def test_a_restricted_space_of_one_cell_needs_no_search(
     dictionary: TaskDictionary, monkeypatch: pytest.MonkeyPatch
 ) -> None:

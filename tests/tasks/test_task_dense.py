@@ -270,9 +270,9 @@ def test_mc_regression_fisher_gives_a_matrix_too() -> None:
 def test_cli_runs_a_dense_suite_and_refuses_what_it_does_not_take(
     tmp_path, monkeypatch, capsys
 ) -> None:
-    from fisher_fast.tasks import cli as task_cli
+    from fisher_fast.tasks.dense.suite import DENSE_SUITES
 
-    monkeypatch.setitem(task_cli.DENSE_SUITES, "mnist5k-dense", lambda: tiny_suite(2))
+    monkeypatch.setitem(DENSE_SUITES, "mnist5k-dense", lambda: tiny_suite(2))
     out = tmp_path / "run"
     code = main(
         [
