@@ -102,14 +102,16 @@ def test_frechet_sums_input_checks() -> None:
 
 # per_sample_sq_sum
 
-# (N, B, T, O, I): one position, several blocks, one output, one sample, and a larger case that
-# spans several threads' sample ranges and several scratch steps.
+# (N, B, T, O, I): one position, several blocks, one output, one sample, a larger case that
+# spans several threads' sample ranges and several scratch steps, and one whose per-sample
+# product exceeds the CPU kernel's scratch (one sample per step).
 PS_SHAPES = [
     (5, 1, 1, 3, 4),
     (7, 3, 2, 4, 5),
     (6, 2, 3, 1, 4),
     (1, 1, 4, 3, 2),
     (300, 2, 5, 16, 12),
+    (5, 2, 3, 300, 500),
 ]
 
 

@@ -109,11 +109,20 @@ class Trace:
         value = d.as_subclass(torch.Tensor)
         aligned = value.reshape((1,) * (len(shape) - d.dim()) + tuple(d.shape))
         fn, param, d_shape = d._fn, self.param, tuple(d.shape)
+        if _reshaped(value, param):
 
-        def per_sample(grad: torch.Tensor) -> torch.Tensor:
-            """(n, *aligned[1:]) gradients at the view -> (n, *param.shape) of the parameter."""
-            pullback = vjp(fn, param.detach())[1]
-            return vmap(lambda g: pullback(g)[0])(grad.reshape(grad.shape[0], *d_shape))
+            def per_sample(grad: torch.Tensor) -> torch.Tensor:
+                """d holds the parameter's entries in its own order: the gradients at the
+                view, reshaped, are the parameter's (the vector-Jacobian product of a reshape)."""
+                return grad.reshape(grad.shape[0], *param.shape)
+
+        else:
+
+            def per_sample(grad: torch.Tensor) -> torch.Tensor:
+                """(n, *aligned[1:]) gradients at the view -> (n, *param.shape) of the
+                parameter: f's vector-Jacobian products, one per sample."""
+                pullback = vjp(fn, param.detach())[1]
+                return vmap(lambda g: pullback(g)[0])(grad.reshape(grad.shape[0], *d_shape))
 
         return self.tap(aligned.expand(self.n, *aligned.shape[1:]), per_sample)
 
@@ -170,6 +179,19 @@ def _plain(func: Any, leaves: list[Any], spec: Any) -> Any:
     args, kwargs = tree_unflatten(leaves, spec)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
+
+
+def _reshaped(value: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``value`` is the parameter's memory read in the same order (a view, reshape,
+    unsqueeze or no-op cast of it): then f is a reshape, and so is its vector-Jacobian product,
+    which spares the per-batch vjp and vmap (a layer-scale gain's ``gamma.reshape(1, -1, 1, 1)``)."""
+    return (
+        value.dtype == param.dtype
+        and value.numel() == param.numel()
+        and value.data_ptr() == param.data_ptr()
+        and value.is_contiguous()
+        and param.is_contiguous()
+    )
 
 
 def _in_place(func: Any) -> bool:
