@@ -153,7 +153,7 @@ def main() -> None:
     summary: dict[str, Any] = {
         "suite": suite.name,
         "target": target.name, "distances": distances, "closest": closest, "farthest": farthest,
-        "fuse": MAIN_JOB_FUSE.as_dict(), "final_steps": DEFAULT_FINAL_STEPS,
+        "fuse": MAIN_JOB_FUSE.to_dict(), "final_steps": DEFAULT_FINAL_STEPS,
         "test_images": len(target.splits().test.y), "runs": {},
     }  # fmt: skip
     if path.exists():

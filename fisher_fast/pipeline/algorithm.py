@@ -98,6 +98,7 @@ class ArchitectureReport:
         return self.probe_seconds + self.distance_seconds + self.search.seconds
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as ``report.json`` and the main job's JSON hold them."""
         return {
             "target": self.target,
             "fisher": self.fisher,

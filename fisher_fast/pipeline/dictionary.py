@@ -106,13 +106,14 @@ class DictionarySettings:
             epsilon=suite.epsilon,
         )
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as ``dictionary.json`` holds them. Inverse: :meth:`from_dict`."""
         return {
             "arch": self.arch,
             "input_shape": list(self.input_shape),
             "head_width": self.head_width,
-            "train": self.train.as_dict(),
-            "fuse": self.fuse.as_dict(),
+            "train": self.train.to_dict(),
+            "fuse": self.fuse.to_dict(),
             "nodes": self.nodes,
             "fisher": self.fisher,
             "epsilon": self.epsilon,
@@ -139,6 +140,7 @@ class DictionarySettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictionarySettings:
+        """The settings :meth:`to_dict` wrote into ``dictionary.json``."""
         return cls(
             arch=data["arch"],
             input_shape=tuple(data["input_shape"]),
@@ -163,7 +165,8 @@ class Baseline:
     probe: dict[str, Any]
     search: dict[str, Any]
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as an entry of ``dictionary.json``. Inverse: :meth:`from_dict`."""
         return {
             "task": self.task,
             "genotype": self.genotype.to_string(),
@@ -175,6 +178,7 @@ class Baseline:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        """The entry :meth:`to_dict` wrote into ``dictionary.json``."""
         return cls(
             task=data["task"],
             genotype=Genotype.from_string(data["genotype"]),
@@ -329,7 +333,7 @@ class TaskDictionary:
     def check_compatible(self, settings: DictionarySettings) -> None:
         """Raise unless this dictionary was built with ``settings`` (to extend it safely)."""
         if settings != self.settings:
-            mine, theirs = self.settings.as_dict(), settings.as_dict()
+            mine, theirs = self.settings.to_dict(), settings.to_dict()
             differ = sorted(k for k in mine if mine[k] != theirs[k])
             raise DictionaryError(
                 f"{self.root} was built with other settings ({', '.join(differ)} differ: "
@@ -375,8 +379,8 @@ class TaskDictionary:
                 "version": DICTIONARY_VERSION,
                 "fisher_fast": __version__,
                 "torch": torch.__version__,
-                "settings": self.settings.as_dict(),
-                "tasks": [e.as_dict() for e in self._entries.values()],
+                "settings": self.settings.to_dict(),
+                "tasks": [e.to_dict() for e in self._entries.values()],
             },
         )
 

@@ -223,7 +223,7 @@ def settings_of(run: _Run, arch: str, mc_samples: int, tasks: Sequence[Task]) ->
     return {
         "arch": arch,
         "epsilon": run.epsilon,
-        "train": run.train.as_dict(),
+        "train": run.train.to_dict(),
         "mc_samples": mc_samples,
         "tasks": [t.fingerprint() for t in tasks],
     }
@@ -312,7 +312,7 @@ class _Run:
                 "arch": self.arch,
                 "head_width": self.head_width,
                 "seed": seed,
-                "train": self.train.as_dict(),
+                "train": self.train.to_dict(),
             }
         )
         if self.cache is None:

@@ -67,7 +67,7 @@ class DistanceResult:
         mean.fill_diagonal_(math.inf)
         return [int(i) for i in mean.argmin(0)]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON: means, standard deviations, every raw value and every probe's accuracy."""
         return {
             "tasks": self.tasks,

@@ -37,7 +37,7 @@ def save_result(result: DistanceResult, out: Path) -> tuple[Path, Path]:
         out / f"results-{result.fisher}.json",
         out / f"distance-{result.fisher}.png",
     )
-    write_json(json_path, result.to_json())
+    write_json(json_path, result.to_dict())
     plot_heatmaps(result, png_path)
     return json_path, png_path
 

@@ -57,7 +57,9 @@ class TrainConfig:
                 f"invalid training settings {self}: epochs, batch_size and lr must be positive, weight_decay >= 0"
             )
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (recorded with results and part of cache keys); inverse:
+        ``TrainConfig(**data)``."""
         return asdict(self)
 
 

@@ -112,4 +112,4 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work_unless_overwrite
     )
     assert trained and json.loads((tmp_path / "results-exact.json").read_text())["config"][
         "train"
-    ] == json.loads(json.dumps(other.as_dict()))
+    ] == json.loads(json.dumps(other.to_dict()))

@@ -151,7 +151,7 @@ class DenseStudyResult:
         """:func:`rank_agreement` of the means over trials."""
         return rank_agreement(self.distance_mean, self.gain_mean)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON: means, standard deviations, raw values, scores and the rank agreement."""
         return {
             "tasks": self.tasks,
@@ -210,7 +210,7 @@ def dense_study(
     settings = {
         "suite": suite.name,
         "data": suite.fingerprint(),
-        "train": suite.train.as_dict(),
+        "train": suite.train.to_dict(),
         "transfer_epochs": suite.transfer_epochs,
         "epsilon": suite.epsilon,
         "fisher": fisher,
@@ -336,7 +336,7 @@ def _probe(
             "data": suite.fingerprint(),
             "task": task.name,
             "seed": seed,
-            "train": suite.train.as_dict(),
+            "train": suite.train.to_dict(),
             "epsilon": suite.epsilon,
         }
     )
