@@ -34,7 +34,7 @@ from fisher_fast.distributed import is_main
 from fisher_fast.nas.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, search_key
 from fisher_fast.nas.mixture import Mixture
 from fisher_fast.nas.parallel import average_gradients, data_parallel, shard_loss, sync_buffers
-from fisher_fast.nas.result import Round, SearchResult
+from fisher_fast.nas.search_result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
 from fisher_fast.nas.training import (
     NetworkBuilder,
