@@ -11,19 +11,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from call_counter import CallCounter
 from dist_helpers import TIMEOUT, free_port, run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fisher_fast
-import fisher_fast.tasks.distances as dm
 from fisher_fast.distributed import my_share, shard, shard_range
 from fisher_fast.tasks import distance_matrix
+from fisher_fast.tasks import task_fisher as fim_module
+from fisher_fast.tasks import train as train_module
 from fisher_fast.tasks.loaders.config import load_task_config
 
 N = 37  # odd: two ranks get uneven shards
@@ -178,20 +179,6 @@ def matrix_on_rank(rank: int, config: Path, out: Path) -> tuple[torch.Tensor, to
     return result.values, result.test_accuracy
 
 
-class Counter:
-    """Counts the calls of a function of the distance-matrix module."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-        self.calls = 0
-        original = getattr(dm, name)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(dm, name, counted)
-
-
 def cache_files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors"))
 
@@ -210,7 +197,8 @@ def test_distance_matrix_over_two_ranks_shares_the_cache(
         assert torch.equal(values, single.values) and torch.equal(accuracy, single.test_accuracy)
     assert cache_files(tmp_path / "multi") == cache_files(tmp_path / "single")
     # A single process on the multi-process run directory reuses every file.
-    trained, fims = Counter(monkeypatch, "train_probe"), Counter(monkeypatch, "diag_fim")
+    trained = CallCounter(monkeypatch, train_module, "train_probe")
+    fims = CallCounter(monkeypatch, fim_module, "task_fim")  # one diag_fim each
     again = distance_matrix(suite, "mlp", seeds=[0, 1], out=tmp_path / "multi", progress=False)
     assert (trained.calls, fims.calls) == (0, 0) and torch.equal(again.values, single.values)
 

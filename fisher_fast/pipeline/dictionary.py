@@ -48,7 +48,7 @@ from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.task import Task
 from fisher_fast.tasks.threads import probe_threads
-from fisher_fast.tasks.train import Probe, TrainConfig, train_probe
+from fisher_fast.tasks.train import Probe, ProbeRecipe, TrainConfig
 
 DICTIONARY_FORMAT = "fisher_fast.task_dictionary"
 DICTIONARY_VERSION = 1
@@ -128,15 +128,13 @@ class DictionarySettings:
                 f"task {task.name!r} ({task.num_classes} classes, inputs {shape}) does not fit "
                 f"the dictionary's probes (inputs {self.input_shape}, {self.head_width} outputs)"
             )
-        return train_probe(
-            task,
-            self.arch,
-            epsilon=self.epsilon,
-            seed=seed,
-            config=self.train,
-            head_width=self.head_width,
-            device=device,
-        )
+        return self.probe_recipe.train_probe(task, seed, device)
+
+    @property
+    def probe_recipe(self) -> ProbeRecipe:
+        """How every baseline's probe is trained: these settings' architecture, head width,
+        ε and training."""
+        return ProbeRecipe(self.arch, self.head_width, self.epsilon, self.train)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictionarySettings:

@@ -40,8 +40,8 @@ from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.dense.probe import make_autoencoder
 from fisher_fast.tasks.dense.suite import DenseSuite, ImageTask
 from fisher_fast.tasks.dense.training import DenseProbe, train_autoencoder, transfer_mse
-from fisher_fast.tasks.matrix import trial_std
-from fisher_fast.tasks.report import refuse_other_settings
+from fisher_fast.tasks.matrix_result import trial_std
+from fisher_fast.tasks.results_guard import refuse_other_settings
 from fisher_fast.tasks.threads import probe_threads
 
 DENSE_FISHER = ("empirical", "mc", "exact")
