@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from fisher_fast.io import atomic_write, write_json
-from fisher_fast.tasks.dense.study import DenseStudyResult
+from fisher_fast.tasks.dense.study_result import DenseStudyResult
 from fisher_fast.tasks.report import draw_heatmaps
 
 
