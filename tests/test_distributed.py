@@ -21,10 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fisher_fast
-from fisher_fast.distributed import my_share, shard, shard_range
+from fisher_fast import distributed
+from fisher_fast.distributed import shard, shard_range
 from fisher_fast.tasks import distance_matrix
 from fisher_fast.tasks import task_fisher as fim_module
 from fisher_fast.tasks import train as train_module
+from fisher_fast.tasks.job_schedule import tasks_of_rank
 from fisher_fast.tasks.loaders.config import load_task_config
 
 N = 37  # odd: two ranks get uneven shards
@@ -140,7 +142,9 @@ def test_crash_outside_a_collective_names_the_rank_and_does_not_hang(tmp_path: P
 
 def test_helpers_without_a_process_group() -> None:
     x = torch.arange(5)
-    assert torch.equal(shard(x), x) and my_share([1, 2, 3]) == [1, 2, 3]
+    assert torch.equal(shard(x), x) and tasks_of_rank(
+        0, 3, distributed.rank(), distributed.world_size()
+    ) == [0, 1, 2]
     assert [shard_range(7, r, 3) for r in range(3)] == [range(0, 2), range(2, 4), range(4, 7)]
     assert shard_range(1, 0, 2) == range(0, 0)
     with pytest.raises(ValueError, match=r"needs an initialised torch\.distributed process group"):
