@@ -184,12 +184,6 @@ def on_main(what: str, compute: Callable[[], T]) -> T:
     return all_outcomes(what, lambda: compute() if is_main() else None)[0]  # type: ignore[return-value]
 
 
-def my_share(items: Sequence[T]) -> list[T]:
-    """The items this rank handles when work is dealt round-robin: ``items[rank::world_size]``
-    (deterministic; all of them without a process group)."""
-    return list(items[rank() :: world_size()])
-
-
 def shard_range(n: int, rank_: int | None = None, world_size_: int | None = None) -> range:
     """The contiguous block of ``range(n)`` that rank ``rank_`` of ``world_size_`` owns
     (defaults: this process). Blocks differ in length by at most one and cover every index

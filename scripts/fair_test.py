@@ -40,7 +40,7 @@ from scipy import stats
 from fisher_fast.io import write_json
 from fisher_fast.nas import SearchSpace, fuse_search, random_search, train_and_evaluate
 from fisher_fast.nas.fuse import FuseConfig
-from fisher_fast.nas.result import SearchResult
+from fisher_fast.nas.search_result import SearchResult
 from fisher_fast.pipeline import baseline_distances, closest_baseline
 from fisher_fast.pipeline.algorithm import DEFAULT_FINAL_STEPS, fit_candidates
 from fisher_fast.pipeline.dictionary import DictionarySettings, TaskDictionary, build_dictionary
@@ -153,7 +153,7 @@ def main() -> None:
     summary: dict[str, Any] = {
         "suite": suite.name,
         "target": target.name, "distances": distances, "closest": closest, "farthest": farthest,
-        "fuse": MAIN_JOB_FUSE.as_dict(), "final_steps": DEFAULT_FINAL_STEPS,
+        "fuse": MAIN_JOB_FUSE.to_dict(), "final_steps": DEFAULT_FINAL_STEPS,
         "test_images": len(target.splits().test.y), "runs": {},
     }  # fmt: skip
     if path.exists():

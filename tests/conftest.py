@@ -1,8 +1,9 @@
 """Shared test fixtures: fresh random generators, the rule registry copy, the cuda marker (helpers
 live in modules of their own: fim_reference.py, fim_values.py, layer_models.py).
 
-Every test draws fresh random data. The seed is printed (pytest shows it with a failure) and
-``FISHER_FAST_TEST_SEED=<seed>`` replays it.
+Every test draws fresh random data, from Python's ``random``, torch's global generator or the
+``gen`` fixture, all seeded by one seed per test. The seed is printed (pytest shows it with a
+failure, under "Captured stdout setup") and ``FISHER_FAST_TEST_SEED=<seed>`` replays it.
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ def rule_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_seed() -> int:
     """One fresh seed per test, printed (pytest shows it with a failure) and replayed with
     ``FISHER_FAST_TEST_SEED=<seed>``: it seeds Python's ``random`` (which tests draw torch
-    seeds from) and the ``gen`` generator, so every random test has one seed scheme."""
+    seeds from), torch's global generator (which draws the weights of a module built without
+    a seed of its own, and any tensor drawn without a generator) and the ``gen`` generator, so
+    every random test has one seed scheme and no test's data depend on the tests before it."""
     seed = int(os.environ.get("FISHER_FAST_TEST_SEED", secrets.randbits(62)))
     print(f"random seed {seed}; replay with FISHER_FAST_TEST_SEED={seed}")
     random.seed(seed)
+    torch.manual_seed(seed)
     return seed
 
 

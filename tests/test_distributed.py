@@ -11,19 +11,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from call_counter import CallCounter
 from dist_helpers import TIMEOUT, free_port, run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fisher_fast
-import fisher_fast.tasks.distances as dm
-from fisher_fast.distributed import my_share, shard, shard_range
+from fisher_fast import distributed
+from fisher_fast.distributed import shard, shard_range
 from fisher_fast.tasks import distance_matrix
+from fisher_fast.tasks import task_fisher as fim_module
+from fisher_fast.tasks import train as train_module
+from fisher_fast.tasks.job_schedule import tasks_of_rank
 from fisher_fast.tasks.loaders.config import load_task_config
 
 N = 37  # odd: two ranks get uneven shards
@@ -139,7 +142,9 @@ def test_crash_outside_a_collective_names_the_rank_and_does_not_hang(tmp_path: P
 
 def test_helpers_without_a_process_group() -> None:
     x = torch.arange(5)
-    assert torch.equal(shard(x), x) and my_share([1, 2, 3]) == [1, 2, 3]
+    assert torch.equal(shard(x), x) and tasks_of_rank(
+        0, 3, distributed.rank(), distributed.world_size()
+    ) == [0, 1, 2]
     assert [shard_range(7, r, 3) for r in range(3)] == [range(0, 2), range(2, 4), range(4, 7)]
     assert shard_range(1, 0, 2) == range(0, 0)
     with pytest.raises(ValueError, match=r"needs an initialised torch\.distributed process group"):
@@ -178,20 +183,6 @@ def matrix_on_rank(rank: int, config: Path, out: Path) -> tuple[torch.Tensor, to
     return result.values, result.test_accuracy
 
 
-class Counter:
-    """Counts the calls of a function of the distance-matrix module."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-        self.calls = 0
-        original = getattr(dm, name)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(dm, name, counted)
-
-
 def cache_files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*.safetensors"))
 
@@ -210,7 +201,8 @@ def test_distance_matrix_over_two_ranks_shares_the_cache(
         assert torch.equal(values, single.values) and torch.equal(accuracy, single.test_accuracy)
     assert cache_files(tmp_path / "multi") == cache_files(tmp_path / "single")
     # A single process on the multi-process run directory reuses every file.
-    trained, fims = Counter(monkeypatch, "train_probe"), Counter(monkeypatch, "diag_fim")
+    trained = CallCounter(monkeypatch, train_module, "train_probe")
+    fims = CallCounter(monkeypatch, fim_module, "task_fim")  # one diag_fim each
     again = distance_matrix(suite, "mlp", seeds=[0, 1], out=tmp_path / "multi", progress=False)
     assert (trained.calls, fims.calls) == (0, 0) and torch.equal(again.values, single.values)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from call_counter import CallCounter
 from fim_reference import reference_fim
 from torch import nn
-from triton_helpers import DEVICE, count_calls, needs_triton
+from triton_helpers import DEVICE, needs_triton
 
 import fisher_fast
 from fisher_fast.fim import triton_conv
@@ -112,7 +113,7 @@ class ConvNet(nn.Module):
 def test_diag_fim_on_a_convolutional_model(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = count_calls(monkeypatch, triton_conv, "conv2d_square_sum")
+    kernel = CallCounter(monkeypatch, triton_conv, "conv2d_square_sum")
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     model = ConvNet().to(DEVICE)
     x = torch.randn(7, 2, 8, 8, generator=gen).to(DEVICE)
@@ -121,7 +122,7 @@ def test_diag_fim_on_a_convolutional_model(
     reference = reference_fim(model, x, y).to(fim.flat.device)
     worst = float((fim.flat.double() - reference).abs().max())
     assert worst <= 1e-5 * float(reference.abs().max())
-    assert len(calls) == 8, "four convolutions in each of the two batches"
+    assert kernel.calls == 8, "four convolutions in each of the two batches"
 
 
 @needs_triton

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from call_counter import CallCounter
 from fim_reference import reference_fim
 from torch import nn
-from triton_helpers import DEVICE, count_calls, needs_triton
+from triton_helpers import DEVICE, needs_triton
 
 import fisher_fast
 from fisher_fast.fim import triton_products
@@ -69,7 +70,7 @@ class SequenceModel(nn.Module):
 def test_diag_fim_with_the_triton_backend(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = count_calls(monkeypatch, triton_products, "square_sum")
+    kernel = CallCounter(monkeypatch, triton_products, "square_sum")
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     model = SequenceModel().to(DEVICE)
     x = torch.randn(10, 3, 17, generator=gen).to(DEVICE)
@@ -78,7 +79,7 @@ def test_diag_fim_with_the_triton_backend(
     reference = reference_fim(model, x, y).to(fim.flat.device)
     worst = float((fim.flat.double() - reference).abs().max())
     assert worst <= 1e-5 * float(reference.abs().max())
-    assert len(calls) == 4, "mix and head weights in each of the two batches"
+    assert kernel.calls == 4, "mix and head weights in each of the two batches"
 
 
 def test_refuses_a_float64_fim_or_a_device_it_cannot_run_on() -> None:

@@ -1,9 +1,9 @@
-"""What the Triton kernel tests share: when they can run, where, and a call counter."""
+"""What the Triton kernel tests share: when they can run, and where (their call counter is
+:class:`call_counter.CallCounter`)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 import torch
@@ -18,16 +18,3 @@ needs_triton = pytest.mark.skipif(
 """Skip without Triton (a failure instead where ``FISHER_FAST_REQUIRE_TRITON=1``)."""
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
-    """Replace ``module.name`` by a wrapper that appends to the returned list at each call."""
-    calls: list[int] = []
-    original = getattr(module, name)
-
-    def counted(*args: Any) -> Any:
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(module, name, counted)
-    return calls

@@ -15,8 +15,8 @@ from fisher_fast.commands.dense import run_dense
 from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import world_size
 from fisher_fast.tasks.dense.suite import DENSE_SUITES
-from fisher_fast.tasks.distances import distance_matrix
-from fisher_fast.tasks.matrix import LABEL_CONVENTIONS
+from fisher_fast.tasks.distance_study import distance_matrix
+from fisher_fast.tasks.fisher_kinds import LABEL_CONVENTIONS
 from fisher_fast.tasks.probes import PROBES
 from fisher_fast.tasks.report import format_matrix
 from fisher_fast.tasks.suites import EMBEDDED, SUITES

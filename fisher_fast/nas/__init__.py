@@ -10,7 +10,7 @@ from fisher_fast.nas.mixture import Mixture
 from fisher_fast.nas.network import Network
 from fisher_fast.nas.operations import OPERATIONS, make_operation
 from fisher_fast.nas.random_search import random_search
-from fisher_fast.nas.result import Round, SearchResult
+from fisher_fast.nas.search_result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
 from fisher_fast.nas.training import NetworkBuilder, Skeleton
 

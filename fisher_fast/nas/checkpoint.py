@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fisher_fast.io import write_json
-from fisher_fast.nas.result import Round
+from fisher_fast.nas.search_result import Round
 from fisher_fast.nas.space import SearchSpace
 from fisher_fast.part import Part
 from fisher_fast.tasks.source import tensors_sha256

@@ -34,7 +34,7 @@ from fisher_fast.distributed import is_main
 from fisher_fast.nas.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, search_key
 from fisher_fast.nas.mixture import Mixture
 from fisher_fast.nas.parallel import average_gradients, data_parallel, shard_loss, sync_buffers
-from fisher_fast.nas.result import Round, SearchResult
+from fisher_fast.nas.search_result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
 from fisher_fast.nas.training import (
     NetworkBuilder,
@@ -95,12 +95,13 @@ class FuseConfig:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s}")
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (the skeleton as a nested object). Inverse: :meth:`from_dict`."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FuseConfig:
+        """The setting :meth:`to_dict` wrote (in a task dictionary's settings)."""
         return cls(**{**data, "skeleton": Skeleton(**data["skeleton"])})
 
 

@@ -10,7 +10,7 @@ import torch
 
 from fisher_fast.devices import resolve_device
 from fisher_fast.nas.fuse import FuseConfig
-from fisher_fast.nas.result import Round, SearchResult
+from fisher_fast.nas.search_result import Round, SearchResult
 from fisher_fast.nas.space import SearchSpace
 from fisher_fast.nas.training import (
     NetworkBuilder,

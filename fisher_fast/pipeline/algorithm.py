@@ -40,8 +40,8 @@ from fisher_fast.nas import (
     train_and_evaluate,
 )
 from fisher_fast.pipeline.dictionary import DictionaryError, TaskDictionary
-from fisher_fast.tasks.distances import task_fim
 from fisher_fast.tasks.task import Task
+from fisher_fast.tasks.task_fisher import task_fim
 from fisher_fast.tasks.threads import probe_threads
 
 REPORTED_KINDS: tuple[str, ...] = ("exact", "empirical")
@@ -98,6 +98,7 @@ class ArchitectureReport:
         return self.probe_seconds + self.distance_seconds + self.search.seconds
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as ``report.json`` and the main job's JSON hold them."""
         return {
             "target": self.target,
             "fisher": self.fisher,

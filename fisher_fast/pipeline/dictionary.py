@@ -48,7 +48,7 @@ from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.suites import Suite
 from fisher_fast.tasks.task import Task
 from fisher_fast.tasks.threads import probe_threads
-from fisher_fast.tasks.train import Probe, TrainConfig, train_probe
+from fisher_fast.tasks.train import Probe, ProbeRecipe, TrainConfig
 
 DICTIONARY_FORMAT = "fisher_fast.task_dictionary"
 DICTIONARY_VERSION = 1
@@ -106,13 +106,14 @@ class DictionarySettings:
             epsilon=suite.epsilon,
         )
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as ``dictionary.json`` holds them. Inverse: :meth:`from_dict`."""
         return {
             "arch": self.arch,
             "input_shape": list(self.input_shape),
             "head_width": self.head_width,
-            "train": self.train.as_dict(),
-            "fuse": self.fuse.as_dict(),
+            "train": self.train.to_dict(),
+            "fuse": self.fuse.to_dict(),
             "nodes": self.nodes,
             "fisher": self.fisher,
             "epsilon": self.epsilon,
@@ -127,18 +128,17 @@ class DictionarySettings:
                 f"task {task.name!r} ({task.num_classes} classes, inputs {shape}) does not fit "
                 f"the dictionary's probes (inputs {self.input_shape}, {self.head_width} outputs)"
             )
-        return train_probe(
-            task,
-            self.arch,
-            epsilon=self.epsilon,
-            seed=seed,
-            config=self.train,
-            head_width=self.head_width,
-            device=device,
-        )
+        return self.probe_recipe.train_probe(task, seed, device)
+
+    @property
+    def probe_recipe(self) -> ProbeRecipe:
+        """How every baseline's probe is trained: these settings' architecture, head width,
+        ε and training."""
+        return ProbeRecipe(self.arch, self.head_width, self.epsilon, self.train)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DictionarySettings:
+        """The settings :meth:`to_dict` wrote into ``dictionary.json``."""
         return cls(
             arch=data["arch"],
             input_shape=tuple(data["input_shape"]),
@@ -163,7 +163,8 @@ class Baseline:
     probe: dict[str, Any]
     search: dict[str, Any]
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, as an entry of ``dictionary.json``. Inverse: :meth:`from_dict`."""
         return {
             "task": self.task,
             "genotype": self.genotype.to_string(),
@@ -175,6 +176,7 @@ class Baseline:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        """The entry :meth:`to_dict` wrote into ``dictionary.json``."""
         return cls(
             task=data["task"],
             genotype=Genotype.from_string(data["genotype"]),
@@ -329,7 +331,7 @@ class TaskDictionary:
     def check_compatible(self, settings: DictionarySettings) -> None:
         """Raise unless this dictionary was built with ``settings`` (to extend it safely)."""
         if settings != self.settings:
-            mine, theirs = self.settings.as_dict(), settings.as_dict()
+            mine, theirs = self.settings.to_dict(), settings.to_dict()
             differ = sorted(k for k in mine if mine[k] != theirs[k])
             raise DictionaryError(
                 f"{self.root} was built with other settings ({', '.join(differ)} differ: "
@@ -375,8 +377,8 @@ class TaskDictionary:
                 "version": DICTIONARY_VERSION,
                 "fisher_fast": __version__,
                 "torch": torch.__version__,
-                "settings": self.settings.as_dict(),
-                "tasks": [e.as_dict() for e in self._entries.values()],
+                "settings": self.settings.to_dict(),
+                "tasks": [e.to_dict() for e in self._entries.values()],
             },
         )
 

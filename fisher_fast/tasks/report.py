@@ -3,32 +3,12 @@ paper's Figure 2, drawn with matplotlib's Agg canvas: no display needed) and a p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fisher_fast.io import atomic_write, write_json
-from fisher_fast.tasks.matrix import DistanceResult
-
-
-def refuse_other_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Raise a ValueError before any work when ``path`` (a results JSON) holds a matrix of other
-    settings than ``settings`` (see ``settings_of``), which the run would silently replace. A
-    file that cannot be read, or one without recorded settings, is left to be replaced."""
-    try:
-        saved = json.loads(path.read_text()).get("config", {})
-    except (OSError, ValueError, AttributeError):
-        return
-    wanted = json.loads(json.dumps(settings))  # tuples as lists, as they were saved
-    differing = [key for key, value in wanted.items() if key in saved and saved[key] != value]
-    if differing:
-        raise ValueError(
-            f"{path} holds results computed with other settings ({', '.join(differing)} "
-            "differ), which this run would replace: give this run its own directory (--out / "
-            "out=), or pass --overwrite (overwrite=True) to replace them"
-        )
+from fisher_fast.tasks.matrix_result import DistanceResult
 
 
 def save_result(result: DistanceResult, out: Path) -> tuple[Path, Path]:
@@ -37,7 +17,7 @@ def save_result(result: DistanceResult, out: Path) -> tuple[Path, Path]:
         out / f"results-{result.fisher}.json",
         out / f"distance-{result.fisher}.png",
     )
-    write_json(json_path, result.to_json())
+    write_json(json_path, result.to_dict())
     plot_heatmaps(result, png_path)
     return json_path, png_path
 

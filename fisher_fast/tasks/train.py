@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,7 +57,9 @@ class TrainConfig:
                 f"invalid training settings {self}: epochs, batch_size and lr must be positive, weight_decay >= 0"
             )
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (recorded with results and part of cache keys); inverse:
+        ``TrainConfig(**data)``."""
         return asdict(self)
 
 
@@ -161,6 +163,58 @@ def train_probe(
     )
     warn_if_not_reached(probe)
     return probe
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """What decides a probe besides its task and seed: architecture, head width, ε and training
+    settings. Every probe of one comparison shares them (Definition 3), so a recipe trains the
+    probes of a run and rebuilds them from their saved weights the same way."""
+
+    arch: str
+    head_width: int
+    epsilon: float
+    train: TrainConfig
+
+    def train_probe(self, task: Task, seed: int, device: str | torch.device) -> Probe:
+        """:func:`train_probe` of ``task`` with these settings and ``seed``, on ``device``."""
+        return train_probe(
+            task,
+            self.arch,
+            epsilon=self.epsilon,
+            seed=seed,
+            config=self.train,
+            head_width=self.head_width,
+            device=device,
+        )
+
+    def rebuild(
+        self,
+        task: Task,
+        seed: int,
+        state: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+        device: str | torch.device,
+    ) -> Probe:
+        """``task``'s probe of trial ``seed`` from its weights ``state`` and its
+        :meth:`Probe.metadata` ``meta``, in eval mode on ``device``, without training; a
+        RuntimeError when the weights do not fit the architecture."""
+        input_shape = tuple(meta["input_shape"])
+        model = make_probe(self.arch, input_shape, self.head_width)
+        model.load_state_dict(state)
+        return Probe(
+            model=model.to(device).eval(),
+            arch=self.arch,
+            task=task.name,
+            seed=seed,
+            input_shape=input_shape,
+            head_width=self.head_width,
+            test_accuracy=meta["test_accuracy"],
+            val_accuracy=meta["val_accuracy"],
+            best_epoch=meta["best_epoch"],
+            epsilon=self.epsilon,
+            train_seconds=meta["train_seconds"],
+        )
 
 
 def fit(

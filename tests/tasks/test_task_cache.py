@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from call_counter import CallCounter
 from task_files import blob_source
 
-import fisher_fast.tasks.distances as dm
 from fisher_fast.io import atomic_write
-from fisher_fast.tasks import CacheWarning, Task, TrainConfig, distance_matrix
+from fisher_fast.tasks import CacheWarning, DistanceResult, Task, TrainConfig, distance_matrix
+from fisher_fast.tasks import task_fisher as fim_module
+from fisher_fast.tasks import train as train_module
 from fisher_fast.tasks.cache import RunCache, config_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
@@ -28,26 +29,17 @@ def _tasks() -> list[Task]:
     ]
 
 
-class Counter:
-    """Wraps a function of the distance_matrix module and counts its calls."""
-
-    def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, name: str, fail_after: int | None = None
-    ) -> None:
-        self.calls = 0
-        self.fail_after = fail_after
-        original: Callable[..., Any] = getattr(dm, name)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            if self.fail_after is not None and self.calls >= self.fail_after:
-                raise KeyboardInterrupt("simulated kill")
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(dm, name, counted)
+def trainings(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> CallCounter:
+    """Counts the probes trained (``train_probe`` calls) from now on."""
+    return CallCounter(monkeypatch, train_module, "train_probe", fail_after)
 
 
-def _run(out: Path, **kwargs: Any) -> dm.DistanceResult:
+def fims_computed(monkeypatch: pytest.MonkeyPatch) -> CallCounter:
+    """Counts the FIMs computed (``task_fim`` calls, one ``diag_fim`` each) from now on."""
+    return CallCounter(monkeypatch, fim_module, "task_fim")
+
+
+def _run(out: Path, **kwargs: Any) -> DistanceResult:
     options: dict[str, Any] = {
         "seeds": 2,
         "train": TrainConfig(epochs=3, batch_size=16, lr=1e-2),
@@ -60,7 +52,7 @@ def _run(out: Path, **kwargs: Any) -> dm.DistanceResult:
 def test_second_run_trains_and_computes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trained, fims = Counter(monkeypatch, "train_probe"), Counter(monkeypatch, "diag_fim")
+    trained, fims = trainings(monkeypatch), fims_computed(monkeypatch)
     first = _run(tmp_path)
     assert (trained.calls, fims.calls) == (6, 18)
     second = _run(tmp_path)
@@ -83,12 +75,12 @@ def test_second_run_trains_and_computes_nothing(
 def test_interrupted_run_resumes_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trained = Counter(monkeypatch, "train_probe", fail_after=4)
+    trained = trainings(monkeypatch, fail_after=4)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path)
     assert len(list((tmp_path / "probes").glob("*.safetensors"))) == 4
     trained.fail_after = None
-    fims = Counter(monkeypatch, "diag_fim")
+    fims = fims_computed(monkeypatch)
     _run(tmp_path)
     assert trained.calls == 6 and fims.calls == 18 - 9  # the first seed's FIMs were done
     assert not list(tmp_path.rglob("*.tmp"))
@@ -112,7 +104,7 @@ def test_damaged_probe_is_detected_and_retrained(
         files[0].write_bytes(files[0].read_bytes()[:100])
     else:
         files[0].write_bytes(files[1].read_bytes())  # a valid file of another configuration
-    trained = Counter(monkeypatch, "train_probe")
+    trained = trainings(monkeypatch)
     with pytest.warns(CacheWarning, match=f"ignoring cached file .*{files[0].name}"):
         second = _run(tmp_path)
     assert trained.calls == 1
@@ -127,7 +119,7 @@ def test_damaged_fim_is_detected_and_recomputed(
     first = _run(tmp_path)
     target = sorted((tmp_path / "fims" / "exact").glob("*.safetensors"))[5]
     _flip_last_byte(target)
-    fims = Counter(monkeypatch, "diag_fim")
+    fims = fims_computed(monkeypatch)
     with pytest.warns(CacheWarning, match="corrupted"):
         second = _run(tmp_path)
     assert fims.calls == 1

@@ -17,7 +17,8 @@ from fisher_fast.cli import main
 from fisher_fast.tasks.dense import filters
 from fisher_fast.tasks.dense import study as study_module
 from fisher_fast.tasks.dense.probe import AutoencoderProbe, autoencoder_widths, make_autoencoder
-from fisher_fast.tasks.dense.study import dense_study, rank_agreement, spearman
+from fisher_fast.tasks.dense.ranks import rank_agreement, spearman
+from fisher_fast.tasks.dense.study import dense_study
 from fisher_fast.tasks.dense.suite import DenseSuite, ImageTask, image_tasks
 from fisher_fast.tasks.dense.training import evaluate_regression, train_autoencoder
 from fisher_fast.tasks.source import DataSource

@@ -5,12 +5,14 @@ affinity.
 * :class:`ImageTask` / :class:`DenseSuite` (:mod:`.suite`), built-in suites in
   :data:`DENSE_SUITES`; image filters in :mod:`.filters`;
 * :func:`make_autoencoder` (:mod:`.probe`), :func:`train_autoencoder` (:mod:`.training`);
-* :func:`dense_study` / :class:`DenseStudyResult` / :func:`rank_agreement` (:mod:`.study`),
-  reported by :mod:`.report`.
+* :func:`dense_study` (:mod:`.study`), its :class:`DenseStudyResult` (:mod:`.study_result`)
+  and :func:`rank_agreement` (:mod:`.ranks`), reported by :mod:`.report`.
 """
 
 from fisher_fast.tasks.dense.probe import AutoencoderProbe, make_autoencoder
-from fisher_fast.tasks.dense.study import DenseStudyResult, dense_study, rank_agreement
+from fisher_fast.tasks.dense.ranks import rank_agreement
+from fisher_fast.tasks.dense.study import dense_study
+from fisher_fast.tasks.dense.study_result import DenseStudyResult
 from fisher_fast.tasks.dense.suite import (
     DENSE_SUITES,
     DenseSuite,

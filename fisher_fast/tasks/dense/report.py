@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from fisher_fast.io import atomic_write, write_json
-from fisher_fast.tasks.dense.study import DenseStudyResult
+from fisher_fast.tasks.dense.study_result import DenseStudyResult
 from fisher_fast.tasks.report import draw_heatmaps
 
 
@@ -17,7 +17,7 @@ def save_dense_result(result: DenseStudyResult, out: Path) -> tuple[Path, Path, 
     into ``out``; return the three paths."""
     stem = f"dense-{result.fisher}"
     paths = (out / f"{stem}.json", out / f"{stem}.png", out / f"{stem}-ranks.png")
-    write_json(paths[0], result.to_json())
+    write_json(paths[0], result.to_dict())
     legend = ", ".join(f"{i}: {name}" for i, name in enumerate(result.tasks))
     draw_heatmaps(
         [

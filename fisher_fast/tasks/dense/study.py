@@ -14,21 +14,20 @@ In trial s (seed s) every task gets an autoencoder probe (:mod:`.training`). The
   that of a fresh probe trained on b with the same budget. Positive: a's weights help b.
 
 A task is close to another when transfer from it helps, so the paper's claim predicts a
-negative rank correlation between d[a, b] and gain[a, b]. :func:`rank_agreement` measures it on
-the means over trials: Spearman's ρ over all pairs a ≠ b with a permutation p-value, ρ within
-each target's column, and how often both pick the same closest source.
+negative rank correlation between d[a, b] and gain[a, b].
+:func:`~fisher_fast.tasks.dense.ranks.rank_agreement` measures it on the means over trials: Spearman's ρ over all pairs a ≠ b with a permutation p-value, ρ within
+each target's column, and how often both pick the same closest source. The result type is
+:class:`~fisher_fast.tasks.dense.study_result.DenseStudyResult`; with a run directory it is
+written there by :func:`~fisher_fast.tasks.dense.report.save_dense_result`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -38,140 +37,14 @@ from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.io import write_json
 from fisher_fast.tasks.cache import RunCache, config_key
 from fisher_fast.tasks.dense.probe import make_autoencoder
+from fisher_fast.tasks.dense.report import save_dense_result
+from fisher_fast.tasks.dense.study_result import DenseStudyResult
 from fisher_fast.tasks.dense.suite import DenseSuite, ImageTask
 from fisher_fast.tasks.dense.training import DenseProbe, train_autoencoder, transfer_mse
-from fisher_fast.tasks.matrix import trial_std
-from fisher_fast.tasks.report import refuse_other_settings
+from fisher_fast.tasks.results_guard import refuse_other_settings
 from fisher_fast.tasks.threads import probe_threads
 
 DENSE_FISHER = ("empirical", "mc", "exact")
-PERMUTATIONS = 10_000
-"""Random permutations behind the p-value of the overall rank correlation."""
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation of two 1-D arrays (ties get their average rank); NaN when
-    either is constant."""
-    return _pearson(_ranks(x), _ranks(y)[None, :])[0]
-
-
-def _pearson(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Pearson correlation of the 1-D ``x`` with each row of ``ys`` (NaN for a constant one)."""
-    x = x - x.mean()
-    ys = ys - ys.mean(axis=1, keepdims=True)
-    norm = np.sqrt((x * x).sum() * (ys * ys).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, ys @ x / norm, np.nan)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def rank_agreement(distance: torch.Tensor, gain: torch.Tensor, seed: int = 0) -> dict[str, Any]:
-    """How well the (K, K) distance means order sources as the (K, K) transfer gains do.
-
-    Returns plain JSON: ``spearman`` over the K (K - 1) pairs a ≠ b, ``p_value`` (two-sided,
-    the share of :data:`PERMUTATIONS` seeded random pairings of the same values whose |ρ| is at
-    least as large), ``per_target`` (ρ over the K - 1 sources of each target column),
-    ``closest_by_distance`` / ``closest_by_transfer`` (each target's source of smallest distance
-    / largest gain) and ``same_closest`` (how many targets the two agree on)."""
-    k = distance.shape[0]
-    off = ~torch.eye(k, dtype=torch.bool)
-    d, g = distance[off].numpy(), gain[off].numpy()
-    rho = spearman(d, g)
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permuted(np.tile(_ranks(g), (PERMUTATIONS, 1)), axis=1)
-    permuted = _pearson(_ranks(d), shuffled)
-    p_value = (1 + int((np.abs(permuted) >= abs(rho) - 1e-12).sum())) / (1 + PERMUTATIONS)
-    per_target = [
-        spearman(distance[off[:, b], b].numpy(), gain[off[:, b], b].numpy()) for b in range(k)
-    ]
-    masked_d = distance.clone().fill_diagonal_(math.inf)
-    masked_g = gain.clone().fill_diagonal_(-math.inf)
-    by_distance = [int(a) for a in masked_d.argmin(0)]
-    by_transfer = [int(a) for a in masked_g.argmax(0)]
-    return {
-        "spearman": rho,
-        "p_value": p_value,
-        "pairs": int(off.sum()),
-        "per_target": per_target,
-        "closest_by_distance": by_distance,
-        "closest_by_transfer": by_transfer,
-        "same_closest": sum(a == b for a, b in zip(by_distance, by_transfer, strict=True)),
-    }
-
-
-@dataclass
-class DenseStudyResult:
-    """Every trial's distances and transfer results; rows are source tasks, columns targets."""
-
-    tasks: list[str]
-    descriptions: list[str]
-    fisher: str
-    seeds: list[int]
-    distance: torch.Tensor
-    """(S, K, K) float64 d[a, b] per trial."""
-    test_r2: torch.Tensor
-    """(S, K) float64 test R² of each probe."""
-    transfer: torch.Tensor
-    """(S, K, K) float64 test MSE on b after fine-tuning probe a on b."""
-    scratch: torch.Tensor
-    """(S, K) float64 test MSE on b after training from scratch with the same budget."""
-    epsilon: float
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def gain(self) -> torch.Tensor:
-        """(S, K, K) transfer gain 1 - transfer / scratch per trial."""
-        return 1.0 - self.transfer / self.scratch[:, None, :]
-
-    @property
-    def distance_mean(self) -> torch.Tensor:
-        """(K, K) mean distance over trials."""
-        return self.distance.mean(0)
-
-    @property
-    def distance_std(self) -> torch.Tensor:
-        """(K, K) sample standard deviation of the distance over trials (0 for one trial)."""
-        return trial_std(self.distance)
-
-    @property
-    def gain_mean(self) -> torch.Tensor:
-        """(K, K) mean transfer gain over trials."""
-        return self.gain.mean(0)
-
-    def agreement(self) -> dict[str, Any]:
-        """:func:`rank_agreement` of the means over trials."""
-        return rank_agreement(self.distance_mean, self.gain_mean)
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON: means, standard deviations, raw values, scores and the rank agreement."""
-        return {
-            "tasks": self.tasks,
-            "descriptions": self.descriptions,
-            "fisher": self.fisher,
-            "seeds": self.seeds,
-            "rows": "source task",
-            "columns": "target task",
-            "distance_mean": self.distance_mean.tolist(),
-            "distance_std": self.distance_std.tolist(),
-            "distance": self.distance.tolist(),
-            "transfer_gain_mean": self.gain_mean.tolist(),
-            "transfer_gain_std": trial_std(self.gain).tolist(),
-            "transfer_test_mse": self.transfer.tolist(),
-            "scratch_test_mse": self.scratch.tolist(),
-            "test_r2": self.test_r2.tolist(),
-            "epsilon": self.epsilon,
-            "agreement": self.agreement(),
-            "config": self.config,
-        }
 
 
 def dense_study(
@@ -210,7 +83,7 @@ def dense_study(
     settings = {
         "suite": suite.name,
         "data": suite.fingerprint(),
-        "train": suite.train.as_dict(),
+        "train": suite.train.to_dict(),
         "transfer_epochs": suite.transfer_epochs,
         "epsilon": suite.epsilon,
         "fisher": fisher,
@@ -248,8 +121,6 @@ def dense_study(
         config={**settings, "seconds": round(time.perf_counter() - start, 2)},
     )
     if out is not None:
-        from fisher_fast.tasks.dense.report import save_dense_result
-
         save_dense_result(result, Path(out))
     return result
 
@@ -336,7 +207,7 @@ def _probe(
             "data": suite.fingerprint(),
             "task": task.name,
             "seed": seed,
-            "train": suite.train.as_dict(),
+            "train": suite.train.to_dict(),
             "epsilon": suite.epsilon,
         }
     )

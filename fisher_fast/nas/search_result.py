@@ -40,6 +40,7 @@ class Round:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Round:
+        """The round :meth:`to_dict` wrote (a checkpoint's ``rounds``)."""
         return cls(
             candidates=tuple(Genotype.from_string(s) for s in data["candidates"]),
             alphas=tuple(float(a) for a in data["alphas"]),
@@ -68,7 +69,7 @@ class SearchResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (for reports)."""
+        """Plain JSON values (for reports; no inverse: reports are not read back)."""
         return {
             "genotype": self.genotype.to_string(),
             "alphas": list(self.alphas),

@@ -1,15 +1,7 @@
-"""The result of a task distance matrix: d[a, b] over seeded trials, and what its Fisher kind
-means for the labels.
-
-Which labels a FIM uses depends on the Fisher kind, and this matters for the distance:
-
-* ``"exact"`` (default) and ``"mc"``: only the source network's own predictive distribution
-  (all head units; exact sums over them, mc draws ``mc_samples`` labels per sample). Task b
-  contributes its test *inputs* only, so the meaning of labels never has to agree across tasks.
-* ``"empirical"`` (paper eq. 2): task b's test *labels* are fed to the source network a: label
-  k is scored on a's head unit k, although k may mean something else in task a (for the digits
-  suite, label 0 is "digit 0" in tasks 0, 2, 3 but "digit 6" in task 1).
-"""
+"""The result of a task distance matrix: d[a, b] over seeded trials, its summaries (mean,
+standard deviation, closest sources) and its JSON form, kept apart from the computation so that
+reports and callers need only this type (which labels each Fisher kind uses:
+:mod:`fisher_fast.tasks.fisher_kinds`)."""
 
 from __future__ import annotations
 
@@ -19,13 +11,7 @@ from typing import Any
 
 import torch
 
-LABEL_CONVENTIONS = {
-    "exact": "F[a,b] uses no labels: the expectation over the source network a's own predictive distribution "
-    "(all head units) on task b's test inputs",
-    "mc": "F[a,b] uses labels drawn from the source network a's own predictive distribution on task b's test inputs",
-    "empirical": "F[a,b] scores the source network a on task b's test labels (task label k -> head unit k), "
-    "whose meaning can differ between tasks a and b",
-}
+from fisher_fast.tasks.fisher_kinds import LABEL_CONVENTIONS
 
 
 @dataclass
@@ -67,7 +53,7 @@ class DistanceResult:
         mean.fill_diagonal_(math.inf)
         return [int(i) for i in mean.argmin(0)]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON: means, standard deviations, every raw value and every probe's accuracy."""
         return {
             "tasks": self.tasks,
