@@ -15,7 +15,7 @@ from fim_reference import reference_fim, relative_error
 import fisher_fast
 from fisher_fast.cli import main
 from fisher_fast.tasks.dense import filters
-from fisher_fast.tasks.dense import study as study_module
+from fisher_fast.tasks.dense import training as dense_training
 from fisher_fast.tasks.dense.probe import AutoencoderProbe, autoencoder_widths, make_autoencoder
 from fisher_fast.tasks.dense.ranks import rank_agreement, spearman
 from fisher_fast.tasks.dense.study import dense_study
@@ -243,8 +243,8 @@ def test_study_runs_caches_and_resumes(tmp_path, monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was recomputed")
 
-    monkeypatch.setattr(study_module, "train_autoencoder", no_training)
-    monkeypatch.setattr(study_module, "transfer_mse", no_training)
+    monkeypatch.setattr(dense_training, "train_autoencoder", no_training)
+    monkeypatch.setattr(dense_training, "transfer_mse", no_training)
     again = dense_study(tiny_suite(), seeds=2, out=tmp_path, progress=False)
     assert torch.equal(again.distance, result.distance) and torch.equal(again.gain, result.gain)
     with pytest.raises(ValueError, match="other settings"):

@@ -36,11 +36,12 @@ from fisher_fast.extras import require_module
 from fisher_fast.fim import DiagFIM, diag_fim
 from fisher_fast.io import write_json
 from fisher_fast.tasks.cache import RunCache, config_key
+from fisher_fast.tasks.dense import training as dense_training
 from fisher_fast.tasks.dense.probe import make_autoencoder
 from fisher_fast.tasks.dense.report import save_dense_result
 from fisher_fast.tasks.dense.study_result import DenseStudyResult
 from fisher_fast.tasks.dense.suite import DenseSuite, ImageTask
-from fisher_fast.tasks.dense.training import DenseProbe, train_autoencoder, transfer_mse
+from fisher_fast.tasks.dense.training import DenseProbe
 from fisher_fast.tasks.results_guard import refuse_other_settings
 from fisher_fast.tasks.threads import probe_threads
 
@@ -158,10 +159,10 @@ def _trial(
     scratch = torch.zeros(k, dtype=torch.float64)
     transfer = torch.zeros(k, k, dtype=torch.float64)
     for b, target in enumerate(suite.tasks):
-        scratch[b] = transfer_mse(suite, target, seed, None, device)
+        scratch[b] = dense_training.transfer_mse(suite, target, seed, None, device)
         bar.update(1)
         for a, source in enumerate(probes):
-            transfer[a, b] = transfer_mse(suite, target, seed, source.model, device)
+            transfer[a, b] = dense_training.transfer_mse(suite, target, seed, source.model, device)
             bar.update(1)
     trial = {
         "distance": distance,
@@ -200,7 +201,7 @@ def _probe(
 ) -> DenseProbe:
     """``task``'s probe in trial ``seed``: from the cache when valid, else trained (and cached)."""
     if cache is None:
-        return train_autoencoder(suite, task, seed, device)
+        return dense_training.train_autoencoder(suite, task, seed, device)
     key = config_key(
         {
             "kind": "dense-probe",
@@ -222,7 +223,7 @@ def _probe(
             cache.reject(path, f"its weights do not fit the autoencoder ({exc})")
         else:
             return DenseProbe.from_metadata(model.to(device).eval(), meta)
-    probe = train_autoencoder(suite, task, seed, device)
+    probe = dense_training.train_autoencoder(suite, task, seed, device)
     cache.save_state(path, key, probe.model.state_dict(), probe.metadata())
     return probe
 
