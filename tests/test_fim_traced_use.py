@@ -8,6 +8,7 @@ samples) must be detected and take the per-sample path, still exact.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 
 import fisher_fast
 from fisher_fast.fim.broadcast_params import PATH
+from fisher_fast.fim.traced_use import _broadcast_shape
 
 N, C = 7, 6
 
@@ -215,3 +217,19 @@ def test_every_backward_pass_adds_its_squares(fisher: str, gen: torch.Generator)
         generator=torch.Generator().manual_seed(3),
     )  # fmt: skip
     assert fim.meta["paths"]["blocks.1.gamma_1"] == PATH
+
+
+def test_the_broadcast_shape_of_an_op_is_torchs() -> None:
+    """The traced op's broadcast shape (computed without torch.broadcast_shapes) equals torch's
+    on random shapes, sizes 0 and 1 included, and is None where torch refuses them."""
+    for _ in range(3000):
+        shapes = [
+            tuple(random.choice([0, 1, 1, 2, 3]) for _ in range(random.randint(0, 4)))
+            for _ in range(random.randint(1, 3))
+        ]
+        try:
+            expected: torch.Size | None = torch.broadcast_shapes(*shapes) or None
+        except RuntimeError:
+            expected = None
+        leaves = [torch.empty(s) for s in shapes] + [2.0, None]
+        assert _broadcast_shape(leaves) == expected, shapes
