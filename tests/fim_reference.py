@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,14 +89,15 @@ def batchnorm_stats_randomised(model: nn.Module, generator: torch.Generator) -> 
     return model
 
 
-def _sample_of(inputs: object, i: int, n: int) -> object:
-    """Sample i of a batch: tensors whose axis 0 has the n samples are sliced, others kept."""
+def _sample_of(inputs: object, i: int, n: int, in_float64: bool = True) -> object:
+    """Sample i of a batch: tensors whose axis 0 has the n samples are sliced, others kept;
+    floating-point ones in float64 unless ``in_float64`` is False."""
     from torch.utils._pytree import tree_map
 
     def pick(v: object) -> object:
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
             v = v[i : i + 1]
-        return _as64(v) if isinstance(v, torch.Tensor) else v
+        return _as64(v) if isinstance(v, torch.Tensor) and in_float64 else v
 
     return tree_map(pick, inputs)
 
@@ -114,19 +116,22 @@ def reference_fim_batches(
     logits: object = None,
     *,
     loss: str = "cross_entropy",
+    in_float64: bool = True,
 ) -> dict[str, torch.Tensor]:
     """{parameter name: float64 empirical diagonal FIM} by a loop over samples, for inputs that
     are tensors, tuples or dicts (tensors with the batch's samples on axis 0 are split, others
     shared) and outputs picked by ``logits(output)`` (default: the output, or its ``.logits``).
-    Classification targets may be (N,) or (N, T) (a token per position; loss summed over T)."""
-    m = to_float64(model)
+    Classification targets may be (N,) or (N, T) (a token per position; loss summed over T).
+    With ``in_float64=False`` the model runs in its own dtype (the squares are still summed in
+    float64): what a plain per-sample autograd loop in that precision gives."""
+    m = to_float64(model) if in_float64 else copy.deepcopy(model).eval()
     params = dict((n, p) for n, p in m.named_parameters() if p.requires_grad)
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
     count = 0
     for inputs, targets in batches:
         n = targets.shape[0]
         for i in range(n):
-            out = _call(m, _sample_of(inputs, i, n))
+            out = _call(m, _sample_of(inputs, i, n, in_float64))
             if logits is not None:
                 out = logits(out)  # type: ignore[operator]
             elif not isinstance(out, torch.Tensor):
@@ -139,9 +144,24 @@ def reference_fim_batches(
             grads = torch.autograd.grad(obj, list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), grads, strict=True):
                 if g is not None:
-                    total[name] += g.square()
+                    total[name] += g.double().square()
             count += 1
     return {name: t / count for name, t in total.items()}
+
+
+def float32_bound(
+    model: nn.Module,
+    batches: list[tuple[object, torch.Tensor]],
+    reference: dict[str, torch.Tensor],
+    **kwargs: Any,
+) -> float:
+    """The error a float32 FIM may have against the float64 ``reference``: 1e-5, or, for a
+    random draw whose float32 forward and backward passes are themselves further off (an
+    ill-conditioned network), twice the error of a plain float32 per-sample autograd loop on the
+    same model and batches, which shares that rounding and no other. ``kwargs`` go to
+    :func:`reference_fim_batches`."""
+    loop = reference_fim_batches(model, batches, in_float64=False, **kwargs)
+    return max(1e-5, 2 * max(max_relative_error(loop, reference).values()))
 
 
 def max_relative_error(fim: object, reference: dict[str, torch.Tensor]) -> dict[str, float]:
