@@ -214,5 +214,5 @@ def _broadcast_shape(leaves: list[Any]) -> torch.Size | None:
             if d != out[axis]:
                 if out[axis] != 1 and d != 1:
                     return None
-                out[axis] = max(out[axis], d) if d != 0 and out[axis] != 0 else 0
+                out[axis] = d if out[axis] == 1 else out[axis]  # the size that is not 1
     return torch.Size(out) if size else None
