@@ -91,6 +91,33 @@ def test_frechet_sums_count_invalid_entries(gen: torch.Generator, device: str) -
     assert got[0, 4].item() == 5
 
 
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("trial", range(4))
+def test_frechet_sums_count_invalid_entries_anywhere(
+    k: int, trial: int, gen: torch.Generator, device: str
+) -> None:
+    """Invalid entries counted exactly wherever they fall: alone in a block (a NaN among
+    finite values, +inf and -inf in one block, a negative subnormal), in the tail of a
+    partial vector or block, in the reference and in every other, against a plain count."""
+    n = 1024 * 40 + 7  # 41 blocks of the CPU kernel, the last one 7 elements long
+    bad = torch.tensor([-1.0, float("nan"), float("inf"), -float("inf"), -1e-40, -0.0])
+
+    def with_bad_entries() -> torch.Tensor:
+        fim = random_fim(n, gen, zeros=0.1)
+        count = int(torch.randint(0, 12, (), generator=gen))
+        where = torch.randperm(n, generator=gen)[:count]
+        fim[where] = bad[torch.randint(0, len(bad), (count,), generator=gen)]
+        fim[n - 1 - trial] = bad[trial]  # one entry in the tail
+        return fim.to(device)
+
+    ref = with_bad_entries()
+    others = [with_bad_entries() for _ in range(k)]
+    got = ops.frechet_sums([ref], others).cpu()
+    want = reference_sums([ref], others)
+    torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-13, atol=0, equal_nan=True)
+
 def test_frechet_sums_with_no_others(device: str) -> None:
     got = ops.frechet_sums([torch.ones(3, device=device)], [])
     assert got.shape == (0, 5)

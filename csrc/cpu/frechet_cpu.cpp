@@ -13,8 +13,11 @@
 // option. On AVX-512 CPUs float32 input therefore takes a hand-vectorised path that spreads the
 // roots over two execution units: two vectors in three get a float64 root from vrsqrt14pd and
 // a third-order correction on the FMA pipes (within 1 ulp of the exact root), the third one a
-// vsqrtpd on the divider, which runs in parallel. Other dtypes and CPUs use a portable loop that
-// the compiler vectorises for AVX-512, AVX2 and the baseline (target_clones).
+// vsqrtpd on the divider, which runs in parallel. That path also leaves the invalid-entry count
+// out of the per-element work: a block's float64 sum and float32 minimum show whether it can
+// hold an invalid entry, and only such a block is counted element by element (classifying and
+// counting every vector cost about a third of the kernel's time). Other dtypes and CPUs use a
+// portable loop that the compiler vectorises for AVX-512, AVX2 and the baseline (target_clones).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -124,10 +127,6 @@ FF_CLONES BlockSums block_sums_portable(const T* __restrict ref, const T* __rest
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// vfpclasspd categories that make an entry invalid: NaN, +-inf, negative (-0.0 stays valid, as
-// in invalid_entry).
-constexpr int kInvalidClasses = 0x01 | 0x08 | 0x10 | 0x40 | 0x80;
-
 // sqrt(p) for p >= 0 in float64 from the 14-bit estimate y ~ 1/sqrt(p): with s = p*y and
 // r = 1 - s*y, sqrt(p) = s (1 - r)^(-1/2) = s (1 + r/2 + 3r^2/8 + 5r^3/16 + O(r^4)). |r| < 2^-13,
 // so the dropped term is below 2^-53 relative; s's own rounding cancels through r. Lanes of +0,
@@ -145,36 +144,58 @@ FF_AVX512 inline __m512d sqrt_fma(__m512d p) {
   return _mm512_mask_mov_pd(_mm512_fmadd_pd(_mm512_mul_pd(s, r), q, s), own_root, p);
 }
 
-// Eight float64 lanes of each input, of their root products, and invalid-entry counts: what
-// eight float32 elements contribute to a block's sums, or a running total of such contributions.
+// Eight float64 lanes of each input and of their root products, and the eight-lane minimum of
+// each input in float32: what eight float32 elements contribute to a block's sums, or a running
+// total of such contributions.
 struct Lanes {
   __m512d a, b, root;
-  int invalid_a, invalid_b;
+  __m256 min_a, min_b;
 };
 
 FF_AVX512 inline Lanes operator+(const Lanes& x, const Lanes& y) {
   return {_mm512_add_pd(x.a, y.a), _mm512_add_pd(x.b, y.b), _mm512_add_pd(x.root, y.root),
-          x.invalid_a + y.invalid_a, x.invalid_b + y.invalid_b};
+          _mm256_min_ps(x.min_a, y.min_a), _mm256_min_ps(x.min_b, y.min_b)};
 }
 
 // The contribution of ref[0, 8) and other[0, 8); lanes outside `live` read as zero, which adds
 // nothing. kDividerSqrt picks vsqrtpd over sqrt_fma for the root.
 template <bool kDividerSqrt>
 FF_AVX512 inline Lanes load_lanes(const float* ref, const float* other, __mmask8 live) {
-  const __m512d a = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, ref));
-  const __m512d b = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, other));
+  const __m256 a32 = _mm256_maskz_loadu_ps(live, ref);
+  const __m256 b32 = _mm256_maskz_loadu_ps(live, other);
+  const __m512d a = _mm512_cvtps_pd(a32);
+  const __m512d b = _mm512_cvtps_pd(b32);
   const __m512d p = _mm512_mul_pd(a, b);
-  return {a, b, kDividerSqrt ? _mm512_sqrt_pd(p) : sqrt_fma(p),
-          __builtin_popcount(_mm512_fpclass_pd_mask(a, kInvalidClasses)),
-          __builtin_popcount(_mm512_fpclass_pd_mask(b, kInvalidClasses))};
+  return {a, b, kDividerSqrt ? _mm512_sqrt_pd(p) : sqrt_fma(p), a32, b32};
+}
+
+// Number of invalid entries (see invalid_entry) in x[0, n).
+inline double count_invalid(const float* x, int64_t n) {
+  double count = 0.0;
+  for (int64_t i = 0; i < n; ++i) count += invalid_entry(x[i]);
+  return count;
+}
+
+// Whether a block may hold an invalid entry, from its float64 sum and float32 minimum: a negative
+// entry (-0.0 is not) makes the minimum negative, and a NaN or infinite one makes the sum NaN or
+// infinite (the sum of a block of finite float32 values cannot overflow float64). The minimum
+// can lose a NaN (vminps returns its second operand then), the sum cannot.
+FF_AVX512 inline bool may_hold_invalid(double sum, __m256 min8) {
+  const __m128 m4 = _mm_min_ps(_mm256_castps256_ps128(min8), _mm256_extractf128_ps(min8, 1));
+  const __m128 m2 = _mm_min_ps(m4, _mm_movehl_ps(m4, m4));
+  const float lowest = _mm_cvtss_f32(_mm_min_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+  return !(lowest >= 0.0f) || !std::isfinite(sum);
 }
 
 // Block sums for float32 on AVX-512 CPUs (see the file comment). Groups of three vectors (24
 // elements) are summed first and then added to the running total, which keeps the chains short.
+// Invalid entries are counted element by element only in a block whose sum or minimum shows one,
+// which keeps the per-element work to the sums and roots.
 template <bool kWithRef>
 FF_AVX512 BlockSums block_sums_avx512(const float* ref, const float* other, int64_t n) {
   const __m512d zero = _mm512_setzero_pd();
-  Lanes total{zero, zero, zero, 0, 0};
+  const __m256 zero8 = _mm256_setzero_ps();
+  Lanes total{zero, zero, zero, zero8, zero8};
   int64_t i = 0;
   for (; i + 24 <= n; i += 24) {
     total = total + (load_lanes<false>(ref + i, other + i, 0xFF) +
@@ -189,11 +210,11 @@ FF_AVX512 BlockSums block_sums_avx512(const float* ref, const float* other, int6
   BlockSums out;
   if constexpr (kWithRef) {
     out.sum_ref = _mm512_reduce_add_pd(total.a);
-    out.invalid_ref = total.invalid_a;
+    if (may_hold_invalid(out.sum_ref, total.min_a)) out.invalid_ref = count_invalid(ref, n);
   }
   out.sum_other = _mm512_reduce_add_pd(total.b);
   out.cross = _mm512_reduce_add_pd(total.root);
-  out.invalid_other = total.invalid_b;
+  if (may_hold_invalid(out.sum_other, total.min_b)) out.invalid_other = count_invalid(other, n);
   return out;
 }
 
