@@ -16,7 +16,7 @@
 // vsqrtpd on the divider, which runs in parallel. That path also leaves the invalid-entry count
 // out of the per-element work: a block's float64 sum and float32 minimum show whether it can
 // hold an invalid entry, and only such a block is counted element by element (classifying and
-// counting every vector cost about a third of the kernel's time). Other dtypes and CPUs use a
+// counting every vector cost about a quarter of the kernel's time). Other dtypes and CPUs use a
 // portable loop that the compiler vectorises for AVX-512, AVX2 and the baseline (target_clones).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
