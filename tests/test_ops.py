@@ -91,7 +91,6 @@ def test_frechet_sums_count_invalid_entries(gen: torch.Generator, device: str) -
     assert got[0, 4].item() == 5
 
 
-
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("trial", range(4))
 def test_frechet_sums_count_invalid_entries_anywhere(
@@ -117,6 +116,7 @@ def test_frechet_sums_count_invalid_entries_anywhere(
     want = reference_sums([ref], others)
     torch.testing.assert_close(got[:, 3:], want[:, 3:], rtol=0, atol=0)
     torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-13, atol=0, equal_nan=True)
+
 
 def test_frechet_sums_with_no_others(device: str) -> None:
     got = ops.frechet_sums([torch.ones(3, device=device)], [])
