@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group
+from fisher_fast.mixed_precision import PRECISIONS
 from fisher_fast.nas import FuseConfig
 from fisher_fast.pipeline.main_job import MAIN_JOB_FUSE
 from fisher_fast.tasks.loaders.config import load_task_config
@@ -28,9 +29,9 @@ Command = Callable[[argparse.Namespace], int]
 """A subcommand's body: the parsed arguments in, the exit status out."""
 
 DEFAULT_SUITE = "digits"
-TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer")
+TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "precision")
 """The :class:`~fisher_fast.tasks.train.TrainConfig` fields ``distance`` takes as options."""
-FUSE_OPTIONS = ("rounds", "candidates", "max_steps")
+FUSE_OPTIONS = ("rounds", "candidates", "max_steps", "precision")
 """The :class:`~fisher_fast.nas.FuseConfig` fields the searching commands take as options."""
 
 
@@ -144,10 +145,11 @@ def add_search_run_arguments(parser: argparse._ActionsContainer) -> None:
 def add_fuse_arguments(
     parser: argparse._ActionsContainer, *, defaults_from_dictionary: bool = False
 ) -> None:
-    """``--rounds``, ``--candidates`` and ``--max-steps`` of FUSE (:data:`FUSE_OPTIONS`), by
-    default the main job's (or, with ``defaults_from_dictionary``, the dictionary's)."""
+    """``--rounds``, ``--candidates``, ``--max-steps`` and ``--precision`` of FUSE
+    (:data:`FUSE_OPTIONS`), by default the main job's (or, with ``defaults_from_dictionary``,
+    the dictionary's)."""
 
-    def default(value: int) -> str:
+    def default(value: object) -> str:
         return "the dictionary's setting" if defaults_from_dictionary else str(value)
 
     parser.add_argument(
@@ -168,6 +170,20 @@ def add_fuse_arguments(
         type=int,
         metavar="N",
         help=f"cap on the steps of one FUSE round (default {default(MAIN_JOB_FUSE.max_steps)})",
+    )
+    add_precision_argument(
+        parser,
+        "the searches' and the final training's steps (probes train as the suite or "
+        f"dictionary says); default {default(MAIN_JOB_FUSE.precision)}",
+    )
+
+
+def add_precision_argument(parser: argparse._ActionsContainer, what: str) -> None:
+    """``--precision``: automatic mixed precision of ``what`` (:mod:`fisher_fast.mixed_precision`)."""
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help=f"fp32, or bf16 / fp16 automatic mixed precision of {what}",
     )
 
 

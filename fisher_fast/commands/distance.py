@@ -92,6 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     probe.add_argument(
         "--optimizer", choices=list(OPTIMIZERS), help="optimizer (default: the suite's, adam)"
     )
+    common.add_precision_argument(probe, "the probes' training steps (default: the suite's, fp32)")
     fim = p.add_argument_group("distances")
     fim.add_argument(
         "--fisher",

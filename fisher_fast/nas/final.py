@@ -62,7 +62,7 @@ def train_and_evaluate(
     best = KeepBest(network)
     for done in range(0, steps, check_every):
         trained = min(done + check_every, steps)
-        train_steps(network, data, trained - done, optimizer)
+        train_steps(network, data, trained - done, optimizer, config.precision)
         if val_data is not None:
             accuracy, loss = evaluate(network, val_data, device)
             best.offer((accuracy, -loss), trained)

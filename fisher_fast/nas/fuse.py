@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fisher_fast.devices import resolve_device
 from fisher_fast.distributed import is_main
+from fisher_fast.mixed_precision import MixedPrecision, check_precision, without_default_precision
 from fisher_fast.nas.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, search_key
 from fisher_fast.nas.mixture import Mixture
 from fisher_fast.nas.parallel import average_gradients, data_parallel, shard_loss, sync_buffers
@@ -71,6 +72,8 @@ class FuseConfig:
         time_budget_s: optional wall-time budget in seconds, checked before each round (at
             least one round runs); results then depend on the machine's speed.
         skeleton: the network built around each cell.
+        precision: the training steps' precision, ``"fp32"``, ``"bf16"`` or ``"fp16"``
+            (automatic mixed precision, see :mod:`fisher_fast.mixed_precision`).
     """
 
     candidates: int = 3
@@ -84,8 +87,10 @@ class FuseConfig:
     val_fraction: float = 0.2
     time_budget_s: float | None = None
     skeleton: Skeleton = field(default_factory=Skeleton)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("candidates", "rounds", "max_steps", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -96,8 +101,10 @@ class FuseConfig:
             raise ValueError(f"time_budget_s must be positive or None, got {self.time_budget_s}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (the skeleton as a nested object). Inverse: :meth:`from_dict`."""
-        return dataclasses.asdict(self)
+        """Plain JSON values (the skeleton as a nested object); ``precision`` only when it is
+        not the default fp32, so that settings written before it existed still compare equal.
+        Inverse: :meth:`from_dict`."""
+        return without_default_precision(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FuseConfig:
@@ -248,6 +255,9 @@ def _optimise(
     (:mod:`~fisher_fast.nas.parallel`)."""
     weight_opt = torch.optim.Adam(mixture.weights(), lr=config.weight_lr)
     alpha_opt = torch.optim.Adam([mixture.alpha], lr=config.alpha_lr)
+    device = mixture.alpha.device
+    weight_amp = MixedPrecision(config.precision, device)
+    alpha_amp = MixedPrecision(config.precision, device)
     model = data_parallel(mixture)
     mixture.train()
 
@@ -259,13 +269,17 @@ def _optimise(
     previous = mixture.probabilities()
     for step in range(1, config.max_steps + 1):
         weight_opt.zero_grad(set_to_none=True)
-        shard_loss(model, next(train_batches)).backward()
-        weight_opt.step()
+        with weight_amp.forward():
+            loss = shard_loss(model, next(train_batches))
+        weight_amp.backward(loss)
+        weight_amp.step(weight_opt)
 
         alpha_opt.zero_grad(set_to_none=True)
-        shard_loss(mix_frozen, next(val_batches)).backward()
+        with alpha_amp.forward():
+            loss = shard_loss(mix_frozen, next(val_batches))
+        alpha_amp.backward(loss)
         average_gradients([mixture.alpha])
-        alpha_opt.step()
+        alpha_amp.step(alpha_opt)
 
         if step % config.check_every == 0:
             current = mixture.probabilities()

@@ -41,9 +41,16 @@ def data_parallel(model: nn.Module) -> nn.Module:
     device = next(model.parameters()).device
     if device.type != "cuda":
         return DistributedDataParallel(model)
+    return DistributedDataParallel(with_sync_batchnorm(model), device_ids=[device])
+
+
+def with_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` itself, its BatchNorm layers replaced in place by SyncBatchNorm layers that
+    hold the same parameter and buffer tensors (optimisers built on ``model`` keep working;
+    the running statistics stay the model's)."""
     for name, child in list(model.named_children()):
         setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-    return DistributedDataParallel(model, device_ids=[device])
+    return model
 
 
 def shard_loss(forward: Callable[[torch.Tensor], torch.Tensor], batch: Part) -> torch.Tensor:

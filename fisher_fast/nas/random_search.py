@@ -71,7 +71,7 @@ def random_search(
     ):
         network = build_seeded(build, cell, draw_seed(generator), device)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.weight_lr)
-        train_steps(network, train_batches, steps, optimizer)
+        train_steps(network, train_batches, steps, optimizer, config.precision)
         accuracy, loss = evaluate(network, val_part, device)
         best.offer((accuracy, -loss), trial)
         history.append(

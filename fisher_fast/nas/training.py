@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fisher_fast.mixed_precision import MixedPrecision
 from fisher_fast.nas.genotype import Genotype
 from fisher_fast.nas.network import Network
 from fisher_fast.nas.parallel import data_parallel, shard_loss, sync_buffers
@@ -98,13 +99,18 @@ def train_steps(
     data: Iterator[Part],
     steps: int,
     optimizer: torch.optim.Optimizer,
+    precision: str = "fp32",
 ) -> None:
     """``steps`` steps of ``optimizer`` on the cross-entropy of batches from ``data``, in
-    train mode; data-parallel in a process group (:mod:`~fisher_fast.nas.parallel`)."""
+    train mode, at ``precision`` (:mod:`fisher_fast.mixed_precision`); data-parallel in a
+    process group (:mod:`~fisher_fast.nas.parallel`)."""
     parallel = data_parallel(model)
+    amp = MixedPrecision(precision, next(model.parameters()).device)
     model.train()
     for _, batch in zip(range(steps), data, strict=False):
         optimizer.zero_grad(set_to_none=True)
-        shard_loss(parallel, batch).backward()
-        optimizer.step()
+        with amp.forward():
+            loss = shard_loss(parallel, batch)
+        amp.backward(loss)
+        amp.step(optimizer)
     sync_buffers(model)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisher_fast.mixed_precision import MixedPrecision, check_precision, without_default_precision
 from fisher_fast.tasks.probes import make_probe
 from fisher_fast.tasks.task import Task
 from fisher_fast.training import KeepBest, evaluate
@@ -38,7 +39,9 @@ class EpsilonWarning(UserWarning):
 @dataclass(frozen=True)
 class TrainConfig:
     """How probes are trained. ``lr`` is the optimizer's step size, ``weight_decay`` its L2
-    coefficient, ``optimizer`` one of "adam", "adamw", "sgd" (momentum 0.9)."""
+    coefficient, ``optimizer`` one of "adam", "adamw", "sgd" (momentum 0.9), ``precision``
+    one of "fp32", "bf16", "fp16" (automatic mixed precision of the training steps, see
+    :mod:`fisher_fast.mixed_precision`; the probe's FIM is computed in float32 either way)."""
 
     epochs: int = 100
     batch_size: int = 128
@@ -46,8 +49,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "adam"
     keep_best: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
@@ -58,9 +63,10 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (recorded with results and part of cache keys); inverse:
-        ``TrainConfig(**data)``."""
-        return asdict(self)
+        """Plain JSON values (recorded with results and part of cache keys); ``precision``
+        only when it is not the default fp32, so that keys written before it existed still
+        match. Inverse: ``TrainConfig(**data)``."""
+        return without_default_precision(asdict(self))
 
 
 @dataclass
@@ -238,6 +244,7 @@ def fit(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     x, y = x.to(device), y.to(device)
+    amp = MixedPrecision(config.precision, x.device)
     order = torch.Generator().manual_seed(seed)
     best = KeepBest(model, index=config.epochs)
     for epoch in range(1, config.epochs + 1):
@@ -247,8 +254,10 @@ def fit(
                 continue
             idx = idx.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss(model(x[idx]), y[idx]).backward()
-            optimizer.step()
+            with amp.forward():
+                value = loss(model(x[idx]), y[idx])
+            amp.backward(value)
+            amp.step(optimizer)
         if score is not None:
             best.offer(score(), epoch)
     best.restore()
