@@ -215,18 +215,24 @@ def _check_sums(rows: list[list[float]], names: tuple[str, str]) -> None:
     """Raise a clear error for empty, all-zero or invalid inputs, from the kernel's own counts
     (``rows``: the (K, 5) sums as Python floats). ``names`` = (the reference's name, the
     others' name with ``{k}`` for the index); labels are only formatted for an error."""
-    checks = [(rows[0][0], rows[0][3], names[0])]
-    checks += [(row[1], row[4], names[1].format(k=k)) for k, row in enumerate(rows)]
-    for total, invalid, label in checks:
-        if invalid > 0:
-            raise ValueError(
-                f"{label} has {int(invalid)} negative, NaN or infinite entries; "
-                "a diagonal FIM is finite and nonnegative (check the model's loss and gradients)"
-            )
-        if total <= 0:
-            raise ValueError(
-                f"{label} is all zeros (trace 0), so it cannot be normalised to unit trace"
-            )
+    ref_total, _, _, ref_invalid, _ = rows[0]
+    _check_fim(ref_total, ref_invalid, names[0], 0)
+    for k, (_, total, _, _, invalid) in enumerate(rows):
+        _check_fim(total, invalid, names[1], k)
+
+
+def _check_fim(total: float, invalid: float, name: str, k: int) -> None:
+    """Raise unless one FIM's kernel sums show a finite, nonnegative, nonzero diagonal;
+    ``name`` (with ``{k}`` for the index ``k``, or without) is formatted only for an error."""
+    if invalid > 0:
+        raise ValueError(
+            f"{name.format(k=k)} has {int(invalid)} negative, NaN or infinite entries; "
+            "a diagonal FIM is finite and nonnegative (check the model's loss and gradients)"
+        )
+    if total <= 0:
+        raise ValueError(
+            f"{name.format(k=k)} is all zeros (trace 0), so it cannot be normalised to unit trace"
+        )
 
 
 def frechet_distances(
