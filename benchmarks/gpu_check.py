@@ -35,8 +35,11 @@ Timings: median of many runs timed with CUDA events after a warm-up, against the
 plain PyTorch on the GPU (TF32 off, so both sides do float32 arithmetic); the Triton kernel in
 both precisions on the same shapes; the Triton convolution kernels against cuDNN's weight
 gradient of the same batch in the same precision (the vendor's cost of one backward pass for
-that layer); and whole ``diag_fim`` calls (kernels and triton backends)
-over a plain forward and backward pass of the same batches (the floor).
+that layer); and whole ``diag_fim`` calls (kernels and triton backends) and torch.func
+vmap(grad), with their peak memory, over a plain forward and backward pass of the same 4
+batches (the floor), on the GPU issue's models in plain torch.nn (benchmarks/gpu_models.py:
+a CIFAR ResNet-18 at N = 256, ResNet-18 and ResNet-50 at 224 px, ViT-B/16, a GPT-2-small-like
+decoder with its tied head at T = 512), until ``--model-budget-s`` seconds have passed.
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import gpu_models  # beside this script
 import torch
 
 import fisher_fast
@@ -737,49 +742,87 @@ def time_triton_conv(device: str) -> None:
             add_timings(f"triton conv {precision}", shape, ms, rate, baselines)
 
 
-def time_diag_fim(device: str) -> None:
-    """Whole diag_fim calls over the floor (forward + backward of the same batches)."""
-    print("\n[timing] diag_fim over a plain forward+backward, 4 batches")
-    from torch import nn
-
-    torch.manual_seed(7)
-    layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
-    models = {
-        "transformer N=64 T=128 D=256": (
-            nn.Sequential(nn.TransformerEncoder(layer, 2), nn.Flatten(1), nn.Linear(128 * 256, 10)),
-            (64, 128, 256),
-        ),
-        "CNN N=256 32x32": (
-            nn.Sequential(
-                nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
-                nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(1024, 10),
-            ),
-            (256, 3, 32, 32),
-        ),
-    }  # fmt: skip
-    for name, (model, shape) in models.items():
-        model = model.to(device).eval()
-        batches = [
-            (torch.randn(*shape, device=device), torch.randint(0, 10, (shape[0],), device=device))
-            for _ in range(4)
-        ]
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def floor(model: nn.Module = model, batches: list = batches, params: list = params) -> None:
-            for x, y in batches:
-                out = model(x)
-                torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), params)
-
-        floor_ms = median_ms(floor, repeats=5)
-        for backend in ("kernels", "triton"):
-            run = partial(fisher_fast.diag_fim, model, batches, backend=backend, progress=False)
+def time_diag_fim(device: str, budget_s: float) -> None:
+    """Whole diag_fim calls over the floor (forward + backward of the same batches), and
+    torch.func vmap(grad) on the same batches (4 per call), with peak memory, for the GPU issue's models
+    (benchmarks/gpu_models.py). Models are skipped once ``budget_s`` seconds have passed."""
+    print(f"\n[timing] diag_fim over a plain forward+backward, 4 batches, budget {budget_s:.0f} s")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(7)
+    for name, work in gpu_models.issue_workloads().items():
+        if time.perf_counter() - start > budget_s:
+            print(f"  {name}: skipped (time budget spent)")
+            continue
+        torch.manual_seed(7)
+        model = work.build().to(device).eval()
+        batches = [work.batch(work.n, device, gen) for _ in range(4)]
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        methods = _fim_methods(model, batches, params, work.loss)
+        floor_ms, floor_peak = _timed_with_peak(methods.pop("floor"), device)
+        print(f"  {name}: floor {floor_ms:.1f} ms, peak {floor_peak / 2**20:.0f} MiB")
+        for method, run in methods.items():
             try:
-                ms = median_ms(run, repeats=5)
-            except Exception as exc:
-                print(f"  {name} {backend} failed: {type(exc).__name__}: {exc}")
+                ms, peak = _timed_with_peak(run, device)
+            except Exception as exc:  # a peer or backend that cannot run this model
+                print(f"  {name} {method} failed: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            print(f"  {name}: {backend} {ms:.1f} ms, floor {floor_ms:.1f} ms, {ms / floor_ms:.2f}x")
-            TIMINGS.append(Timing(f"diag_fim {backend}", name, ms, floor_ms, "floor", "-"))
+            print(
+                f"  {name}: {method} {ms:.1f} ms ({ms / floor_ms:.2f}x the floor), peak "
+                f"{peak / 2**20:.0f} MiB ({peak / floor_peak:.2f}x)"
+            )
+            TIMINGS.append(
+                Timing(method, name, ms, floor_ms, "floor", f"{peak / floor_peak:.2f}x peak")
+            )
+        del model, batches, params, methods
+        torch.cuda.empty_cache()
+
+
+def _fim_methods(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    params: dict[str, torch.Tensor],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, Callable[[], object]]:
+    """The floor, diag_fim on both GPU backends and vmap(grad) in chunks of 4 samples."""
+
+    def floor() -> None:
+        for x, y in batches:
+            torch.autograd.grad(loss(model(x), y).sum(), list(params.values()))
+
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def one(values: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(torch.func.functional_call(model, values, (x[None],)), y[None]).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+
+    def vmap_grad() -> None:
+        for x, y in batches:
+            for xc, yc in zip(x.split(4), y.split(4), strict=True):
+                for g in per_sample(detached, xc, yc).values():
+                    g.square().sum(0)
+
+    def fim(backend: str) -> Callable[[], object]:
+        return partial(
+            fisher_fast.diag_fim, model, batches, loss=loss, backend=backend, progress=False
+        )
+
+    return {
+        "floor": floor,
+        "diag_fim kernels": fim("kernels"),
+        "diag_fim triton": fim("triton"),
+        "vmap(grad)": vmap_grad,
+    }
+
+
+def _timed_with_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
+    """Median ms of fn() (CUDA events, 3 timed calls after the warm-up) and the peak memory
+    allocated above what was allocated before, in bytes."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ms = median_ms(fn, repeats=3)
+    return ms, torch.cuda.max_memory_allocated(device) - base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -818,6 +861,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check imports and arguments only")
     parser.add_argument("--no-timing", action="store_true", help="correctness checks only")
     parser.add_argument("--device", default="cuda", help="CUDA device to test (default: cuda)")
+    parser.add_argument(
+        "--model-budget-s",
+        type=float,
+        default=100.0,
+        help="seconds of end-to-end model timings before the remaining models are skipped",
+    )
     parser.add_argument("--bad-input", metavar="CASE", help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
     faulthandler.enable()  # a crash (SIGSEGV, SIGFPE, abort) prints the Python trace first
@@ -856,7 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_frechet(args.device)
         time_per_sample(args.device)
         time_triton_conv(args.device)
-        time_diag_fim(args.device)
+        time_diag_fim(args.device, args.model_budget_s)
     return summary()
 
 

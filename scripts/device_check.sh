@@ -29,7 +29,7 @@ echo "build rc=$build_rc in $(( $(date +%s) - start )) s"
 
 timeout "${TEST_TIMEOUT:-240}" "$py" -m pytest tests -q -x -p no:cacheprovider -m cuda 2>&1 | tail -n 15 | tee "$out/pytest_cuda.txt"
 test_rc=${PIPESTATUS[0]}
-timeout "${CHECK_TIMEOUT:-180}" "$py" benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt" | tail -n 60
+timeout "${CHECK_TIMEOUT:-280}" "$py" benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt" | tail -n 60
 check_rc=${PIPESTATUS[0]}
 echo "cuda tests rc=$test_rc, gpu_check rc=$check_rc"
 [ "$test_rc" -eq 0 ] && [ "$check_rc" -eq 0 ]
