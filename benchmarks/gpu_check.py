@@ -783,7 +783,8 @@ def _fim_methods(
     params: dict[str, torch.Tensor],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> dict[str, Callable[[], object]]:
-    """The floor, diag_fim on both GPU backends and vmap(grad) in chunks of 4 samples."""
+    """The floor, diag_fim on both GPU backends, vmap(grad) in chunks of 4 samples, and the
+    peers that run on GPUs."""
 
     def floor() -> None:
         for x, y in batches:
@@ -812,7 +813,46 @@ def _fim_methods(
         "diag_fim kernels": fim("kernels"),
         "diag_fim triton": fim("triton"),
         "vmap(grad)": vmap_grad,
+        **_peer_methods(model, batches, loss is gpu_models.lm_loss),
     }
+
+
+GPU_PEERS = ("backpack_sum_grad_squared", "opacus_grad_sample")
+
+
+class _PositionsLast(torch.nn.Module):
+    """A language model whose logits (N, T, V) are handed to the peers as (N, V, T), the
+    layout their cross-entropy takes with a target per position."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).transpose(1, 2)
+
+
+def _peer_methods(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lm: bool
+) -> dict[str, Callable[[], object]]:
+    """BackPACK's and Opacus' empirical diagonal Fisher (benchmarks/fim_baselines.py) on the
+    same batches, each on its own copy of the model; a peer that is not installed fails when
+    called, and is reported so."""
+    import copy
+
+    import fim_baselines  # beside this script
+
+    def run(name: str) -> Callable[[], object]:
+        own = copy.deepcopy(_PositionsLast(model) if lm else model)
+        method = fim_baselines.METHODS[name].fn
+
+        def call() -> None:
+            for x, y in batches:
+                method(own, x, y)
+
+        return call
+
+    return {name: run(name) for name in GPU_PEERS}
 
 
 def _timed_with_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:

@@ -18,6 +18,14 @@ py="${PYTHON:-python3}"
 nv="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
 for inc in "$nv"/*/include "$nv"/*/*/include; do [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"; done
 
+# The peers timed by gpu_check (BackPACK, Opacus and their pure-Python dependencies), from
+# wheels carried along in $PEER_WHEELS (the GPU machine has no network); without them the
+# check reports those peers as failed and times the rest.
+wheels="${PEER_WHEELS:-peer-wheels}"
+if ls "$wheels"/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-deps --no-index "$wheels"/*.whl 2>&1 | tail -n 3
+fi
+
 start=$(date +%s)
 FISHER_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
   "$py" setup.py -q build_ext --inplace >"$out/build.txt" 2>&1
