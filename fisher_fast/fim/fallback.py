@@ -6,7 +6,9 @@ captured output gradient of that sample: ``vmap(vjp(functional_call(module, ...)
 samples are in each input and output comes from the call's layout (layout.py): a tensor with a
 sample axis is split along it (axis 0 or not), a tensor without one is shared by all samples.
 Children called inside are recomputed, but only the named parameters are differentiated.
-Samples go in chunks to bound the per-sample gradient memory. A module that ``vmap`` cannot run
+Samples go in chunks to bound the per-sample gradient memory. nn.LSTM and nn.GRU run as their
+recurrence written out in elementary ops (rnn_replica.py), which vmap batches; their fused op it
+cannot. A module that ``vmap`` cannot run
 (data-dependent control flow, ``.item()``, an op without a batching rule) is re-run one sample
 at a time instead: slower, and as exact.
 """
@@ -23,6 +25,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fisher_fast.fim.layout import CallLayout, Sampled
+from fisher_fast.fim.rnn_replica import replica
 from fisher_fast.fim.rules import Call, RuleContext
 
 CHUNK_BYTES = 64 * 2**20
@@ -142,8 +145,16 @@ def _one_sample(
     ) -> dict[str, torch.Tensor]:
         args, kwargs = tree_unflatten(restore(leaves, layout.inputs), spec)
 
+        unrolled = replica(module, tuple(args), kwargs)
+
         def forward(q: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            out, _ = tree_flatten(functional_call(module, {**constants, **q}, tuple(args), kwargs))
+            values = {**constants, **q}
+            result = (
+                unrolled(values, tuple(args), kwargs)
+                if unrolled is not None
+                else functional_call(module, values, tuple(args), kwargs)
+            )
+            out, _ = tree_flatten(result)
             return tuple(v for v in out if isinstance(v, torch.Tensor) and v.is_floating_point())
 
         pullback = vjp(forward, p)[1]
