@@ -17,6 +17,7 @@ import fisher_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_models
+import per_sample_losses
 
 SMALL = {
     "resnet18 cifar": (lambda: gpu_models.resnet(18, 5, width=4, cifar=True), "images", 8),
@@ -49,7 +50,7 @@ def test_gpu_check_models_match_the_per_sample_loop(name: str, gen: torch.Genera
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     data = [(x.double() if x.is_floating_point() else x, y) for x, y in _batches(kind, side, gen)]
-    loss = {"loss": gpu_models.lm_loss} if kind == "tokens" else {}
+    loss = {"loss": per_sample_losses.lm_loss} if kind == "tokens" else {}
     fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64, **loss)
     reference = reference_fim_batches(model, data)
     assert set(fim.names) == set(reference)
