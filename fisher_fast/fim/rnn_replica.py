@@ -35,6 +35,7 @@ def replica(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     if not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
         return None
     lstm = isinstance(rnn, nn.LSTM)
+    step = _lstm_step if lstm else _gru_step
 
     def forward(params: dict[str, torch.Tensor], a: tuple[Any, ...], _: dict[str, Any]) -> Any:
         x = a[0] if rnn.batch_first else a[0].transpose(0, 1)  # (N, T, features)
@@ -56,7 +57,6 @@ def replica(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                     for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                 ]
                 seq = x.flip(1) if d else x
-                step = _lstm_step if lstm else _gru_step
                 out, h, c = _unroll(step, seq, weights, h0[k], c0[k] if c0 is not None else None)
                 outs.append(out.flip(1) if d else out)
                 finals_h.append(h)
