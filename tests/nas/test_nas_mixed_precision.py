@@ -6,15 +6,17 @@ the SyncBatchNorm conversion of the data-parallel searches on GPUs."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
+from nas_search_helpers import SHAPE, THREE_OPS, TINY, toy_part
 from torch import nn
 
 from fisher_fast.commands import common
 from fisher_fast.mixed_precision import MixedPrecision
-from fisher_fast.nas import FuseConfig, SearchSpace, Skeleton, fuse_search
+from fisher_fast.nas import FuseConfig, fuse_search
 from fisher_fast.nas.genotype import Genotype
 from fisher_fast.nas.parallel import with_sync_batchnorm
 from fisher_fast.nas.random_search import random_search
@@ -22,18 +24,10 @@ from fisher_fast.nas.training import train_steps
 from fisher_fast.tasks import Part
 from fisher_fast.tasks.train import TrainConfig, fit
 
-SPACE = SearchSpace(3, ["identity", "avg_pool_3x3", "conv_3x3"])
-
-
-def toy_data(n: int = 48) -> Part:
-    """n images (1, 4, 4) of two classes told apart by mean brightness."""
-    g = torch.Generator().manual_seed(3)
-    y = torch.arange(n) % 2
-    return Part((2.0 * y - 1.0).view(n, 1, 1, 1) + torch.randn(n, 1, 4, 4, generator=g), y)
-
 
 class DtypeLog:
-    """Forward hooks on every Linear of a model, logging the dtype of each output."""
+    """Forward hooks on every Linear and Conv2d of a model, logging the dtype of each output
+    in training mode."""
 
     def __init__(self, model: nn.Module) -> None:
         self.dtypes: set[torch.dtype] = set()
@@ -54,7 +48,7 @@ def mlp(genotype: Genotype | None = None) -> nn.Module:
 def trained_mlp(precision: str) -> tuple[nn.Module, DtypeLog]:
     model = mlp()
     log = DtypeLog(model)
-    data = toy_data()
+    data = toy_part(48, seed=3)
     batches = iter([Part(data.x[i : i + 16], data.y[i : i + 16]) for i in range(0, 48, 16)] * 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     train_steps(model, batches, 12, optimizer, precision)
@@ -120,7 +114,7 @@ def test_fp16_scaler_skips_a_step_whose_gradients_overflow() -> None:
 
 
 def test_probe_training_uses_the_train_config_precision() -> None:
-    data = toy_data()
+    data = toy_part(48, seed=3)
     logs = {}
     for precision in ("fp32", "bf16"):
         model = mlp()
@@ -132,20 +126,12 @@ def test_probe_training_uses_the_train_config_precision() -> None:
 
 
 def test_both_searches_train_at_the_config_precision() -> None:
-    config = FuseConfig(
-        candidates=2,
-        rounds=1,
-        max_steps=8,
-        check_every=4,
-        batch_size=12,
-        skeleton=Skeleton(channels=2, stages=1),
-        precision="bf16",
-    )
+    config = replace(TINY, candidates=2, rounds=1, max_steps=8, check_every=4, precision="bf16")
     models: list[nn.Module] = []
     logs: list[DtypeLog] = []
 
     def build(genotype: Genotype) -> nn.Module:
-        model = config.skeleton.builder((1, 4, 4), 2)(genotype)
+        model = config.skeleton.builder(SHAPE, 2)(genotype)
         models.append(model)
         logs.append(DtypeLog(model))
         return model
@@ -155,8 +141,8 @@ def test_both_searches_train_at_the_config_precision() -> None:
         logs.clear()
         extra = {"budget": 16} if run is random_search else {}
         run(
-            SPACE,
-            toy_data(),
+            THREE_OPS,
+            toy_part(48, seed=3),
             num_classes=2,
             generator=torch.Generator().manual_seed(1),
             config=config,
