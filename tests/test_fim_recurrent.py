@@ -35,7 +35,7 @@ class Classifier(nn.Module):
         self.rnn = cell(FEATURES, HIDDEN, batch_first=batch_first, **options)
         self.batch_first, self.with_state = batch_first, state
         dirs = 2 if self.rnn.bidirectional else 1
-        if state:  # only when used: an unused parameter sends the whole model per sample
+        if state:
             self.start = nn.Linear(FEATURES, HIDDEN * dirs * self.rnn.num_layers)
         self.head = nn.Linear(HIDDEN * dirs + HIDDEN, 3)
 

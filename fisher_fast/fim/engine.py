@@ -41,6 +41,7 @@ from fisher_fast.fim.result import DiagFIM
 from fisher_fast.fim.rules import Call, RuleContext, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
 from fisher_fast.fim.rules.tied import TiedCross
+from fisher_fast.fim.unused import any_reached, reached_parameters
 
 
 def diag_fim(
@@ -203,8 +204,9 @@ class _Accumulation:
       (expansion.py, broadcast_params.py); when that is not verified exact, the batch is
       planned again without;
     * **step** (every batch): one forward pass with taps, checked against the plan's layouts
-      (conform.py), one backward pass per objective; the tapped modules' rules add their sums
-      of squares as gradients arrive;
+      (conform.py) and, when the plan has parameters no call used, for a graph that still
+      does not reach them (unused.py); one backward pass per objective; the tapped modules'
+      rules add their sums of squares as gradients arrive;
     * **check** (every batch): the losses and the accumulator are still finite (one reduction;
       finite_guard.py reads the flags every few batches off the CPU, so no batch waits on them).
     """
@@ -226,6 +228,7 @@ class _Accumulation:
         self.sums: _Sums | None = None
         self.planned: list[OwnerPlan] = []  # the owners of the plan in use
         self.paths: dict[str, str] = {}
+        self.unused: list[nn.Parameter] = []  # planned as zero: checked on every batch
         self.expansion = Expansion()
         self.broadcast = BroadcastParams(self.capture.tap_tensor)
 
@@ -312,7 +315,8 @@ class _Accumulation:
             expanded = chosen
             expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
         seen_params = frozenset(real_params & broadcast.seen())
-        plan = make_plan(self.model, real, layouts, frozenset(expanded), seen_params)
+        reached = frozenset(reached_parameters(output))
+        plan = make_plan(self.model, real, layouts, frozenset(expanded), seen_params, reached)
         if expanded or plan.broadcast:
             params = [
                 (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
@@ -384,6 +388,7 @@ class _Accumulation:
         if missing:
             raise AssertionError(f"the plan leaves out {sorted(missing)}")  # plan.py's contract
         self.paths = {n: plan.paths[n] for n in names}
+        self.unused = [params[n] for n in plan.unused if n in params]
         work = compute_dtype(self.options.dtype)
         ties: dict[nn.Module, Callable[[list[Call], int], None]] = {}
         for tie in plan.ties:
@@ -506,7 +511,7 @@ class _Accumulation:
                     self.broadcast.forget()
                     with self._samples(n):
                         raw = call_model(self.model, inputs)
-                    if not self._conforms(n):
+                    if not self._conforms(n) or any_reached(raw, self.unused):
                         del raw
                         capture.forget_calls()
                         raw = self._planning_forward(inputs, n)

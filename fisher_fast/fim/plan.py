@@ -19,6 +19,8 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
 3. and when not even the whole model's call is separable, it is an error naming the parameter
    and why.
 
+A parameter that no holder runs and the output's graph does not reach is zero (unused.py).
+
 Step 1 may also be refused by ``on_unsupported`` (fisher_fast/fim/options.py). An Embedding
 whose broadcast output the engine gave the sample axis (expansion.py, ``expanded``) gets its
 rule on the ids expanded to the samples.
@@ -35,6 +37,7 @@ from fisher_fast.fim.broadcast_params import PATH as BROADCAST_PATH
 from fisher_fast.fim.expansion import PATH_SUFFIX, as_expanded
 from fisher_fast.fim.layout import CallLayout, Recording, Unknown
 from fisher_fast.fim.rules import RuleSpec, find_rule
+from fisher_fast.fim.unused import PATH as UNUSED_PATH
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Plan:
     impossible: dict[str, str]  # global name -> why nothing can handle it exactly
     ties: list[Tie] = field(default_factory=list)
     broadcast: list[str] = field(default_factory=list)  # given the sample axis (broadcast_params)
+    unused: list[str] = field(default_factory=list)  # zero: not reached by the output (unused.py)
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -150,10 +154,14 @@ class _Planner:
         parts = start.split(".") if start else []
         return [".".join(parts[:d]) for d in range(len(parts), -1, -1)]
 
-    def handle(self, pname: str, holders: list[tuple[str, nn.Module, str]]) -> None:
+    def handle(self, pname: str, holders: list[tuple[str, nn.Module, str]], reached: bool) -> None:
         """Plan one parameter; holders are (module name, module, local name) of every module
-        holding it in its own ``_parameters``."""
+        holding it in its own ``_parameters``; ``reached``: the output's graph reaches it."""
         plan = self.plan
+        if not reached and not any(self.ran(h[1]) for h in holders):
+            plan.paths[pname] = UNUSED_PATH
+            plan.unused.append(pname)
+            return
         if len(holders) == 1:
             mname, module, local = holders[0]
             rule = find_rule(module)
@@ -297,10 +305,13 @@ def make_plan(
     layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
     expanded: frozenset[nn.Module] = frozenset(),
     broadcast: frozenset[str] = frozenset(),
+    reached: frozenset[int] | None = None,
 ) -> Plan:
     """The plan for ``model`` given its recorded calls and their layouts (module docstring);
     ``expanded``: the Embeddings whose broadcast outputs were given the sample axis;
-    ``broadcast``: the parameters given the sample axis at their use (broadcast_params.py)."""
+    ``broadcast``: the parameters given the sample axis at their use (broadcast_params.py);
+    ``reached``: the ``id`` of every parameter the output's graph reaches (unused.py), None
+    to take every parameter as reached."""
     planner = _Planner(model, recording, layouts, expanded, broadcast)
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     first_name: dict[int, str] = {}
@@ -311,7 +322,7 @@ def make_plan(
             holders.setdefault(id(p), []).append((module_name, module, local))
             first_name.setdefault(id(p), f"{module_name}.{local}" if module_name else local)
     for key, hs in holders.items():
-        planner.handle(first_name[key], hs)
+        planner.handle(first_name[key], hs, reached is None or key in reached)
     planner.merge_nested_fallbacks()
     planner.plan.owners = [o for o in planner.owners.values() if o.rule_params or o.fallback_params]
     return planner.plan
