@@ -1,6 +1,7 @@
-"""nn.LSTM and nn.GRU on the per-sample path, through their recurrence written out in
-elementary ops (fim/rnn_replica.py): exact against a float64 per-sample loop in every covered
-configuration, batched by vmap (no one-sample-at-a-time loop), and equal to the fused op."""
+"""nn.LSTM and nn.GRU: by their rule (fim/rules/recurrent.py), and on the per-sample path
+through their recurrence written out in elementary ops (fim/rnn_replica.py), exact against a
+float64 per-sample loop in every covered configuration, with no one-sample-at-a-time loop; the
+replica equals the fused op."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fim_reference import max_relative_error, reference_fim_batches
 from torch import nn
 
 import fisher_fast
+from fisher_fast.fim import rules
 from fisher_fast.fim.fallback import PerSampleLoopWarning
 from fisher_fast.fim.rnn_replica import replica
 
@@ -51,21 +53,86 @@ class Classifier(nn.Module):
         return self.head(torch.cat([last, h[-1]], dim=1))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_recurrent_layers_are_exact_and_batched(name: str) -> None:
-    torch.manual_seed(random.randrange(2**31))
-    model = Classifier(*CONFIGS[name]).double().eval()
-    data = [
-        (torch.randn(N, T, FEATURES, dtype=torch.float64), torch.randint(0, 3, (N,)))
-        for _ in range(2)
-    ]
+def _exact_without_a_per_sample_loop(model: nn.Module, data: list, **options: object) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerSampleLoopWarning)
-        fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
-    errors = max_relative_error(fim, reference_fim_batches(model, data))
+        fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64, **options)
+    reference = reference_fim_batches(model, data)
+    errors = max_relative_error(fim, reference)
     worst = max(errors, key=errors.__getitem__)
     assert errors[worst] <= 1e-10, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
-    assert any(n.startswith("rnn.") for n in fim.names)
+    rnn_names = [n for n in fim.names if n.startswith("rnn.")]
+    assert rnn_names and all(float(reference[n].abs().max()) > 0 for n in rnn_names)
+    return fim.meta["paths"]
+
+
+def _data(batches: int = 2) -> list:
+    return [
+        (torch.randn(N, T, FEATURES, dtype=torch.float64), torch.randint(0, 3, (N,)))
+        for _ in range(batches)
+    ]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("path", ["rule", "per-sample"])
+def test_recurrent_layers_are_exact_and_batched(
+    name: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(random.randrange(2**31))
+    model = Classifier(*CONFIGS[name]).double().eval()
+    if path == "per-sample":  # the module without its rule: the replica under vmap
+        monkeypatch.delitem(rules._RULES, type(model.rnn))
+    paths = _exact_without_a_per_sample_loop(model, _data())
+    rnn_paths = {p for n, p in paths.items() if n.startswith("rnn.")}
+    want = "rule recurrent_rule" if path == "rule" else "per-sample gradients of 'rnn' (%s)"
+    assert rnn_paths == {want.replace("%s", type(model.rnn).__name__)}, rnn_paths
+
+
+class _TwoSequences(nn.Module):
+    """One GRU read twice (the second time on the reversed sequence, from the first call's
+    final state): its per-sample gradient is the sum over both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(FEATURES, HIDDEN, batch_first=True)
+        self.head = nn.Linear(2 * HIDDEN, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, h = self.rnn(x)
+        second, _ = self.rnn(x.flip(1), h)
+        return self.head(torch.cat([first[:, -1], second[:, -1]], dim=1))
+
+
+def test_a_recurrent_layer_called_twice_sums_its_calls() -> None:
+    torch.manual_seed(random.randrange(2**31))
+    paths = _exact_without_a_per_sample_loop(_TwoSequences().double().eval(), _data())
+    assert paths["rnn.weight_hh_l0"] == "rule recurrent_rule"
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_the_rule_agrees_with_the_per_sample_path_on_every_pass(
+    fisher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The true Fisher kinds run one backward pass per class or draw over one forward pass;
+    the rule's kept states serve them all (compared with the replica under vmap)."""
+    torch.manual_seed(random.randrange(2**31))
+    model, data = _TwoSequences().double().eval(), _data()
+    seed = random.randrange(2**31)
+
+    def fim() -> fisher_fast.DiagFIM:
+        generator = torch.Generator().manual_seed(seed)
+        return fisher_fast.diag_fim(
+            model, data, fisher=fisher, mc_samples=3, generator=generator,
+            progress=False, dtype=torch.float64,
+        )  # fmt: skip
+
+    by_rule = fim()
+    assert by_rule.meta["paths"]["rnn.weight_ih_l0"] == "rule recurrent_rule"
+    monkeypatch.delitem(rules._RULES, nn.GRU)
+    per_sample = fim()
+    assert by_rule.meta["paths"]["rnn.weight_ih_l0"] != per_sample.meta["paths"]["rnn.weight_ih_l0"]
+    scale = float(per_sample.flat.abs().max())
+    assert scale > 0 and float((by_rule.flat - per_sample.flat).abs().max()) <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

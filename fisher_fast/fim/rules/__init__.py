@@ -270,6 +270,7 @@ from fisher_fast.fim.rules import (  # noqa: E402, F401
     linear,
     norm,
     norm_variants,
+    recurrent,
     rms_norm,
     transposed_linear,
 )
