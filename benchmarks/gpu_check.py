@@ -510,17 +510,15 @@ def check_tied_embedding(device: str) -> None:
 # The Triton kernel
 # ---------------------------------------------------------------------------------------------
 TOL_TF32 = 1e-3  # TF32 inputs (10-bit mantissa), float32 accumulation
+# Each precision of the Triton products and the error allowed against float64: 3xTF32 splits
+# every input into TF32 high and low parts, so it should reach float32's level.
+TRITON_PRECISIONS = {"ieee": TOL_F32, "tf32x3": TOL_F32, "tf32": TOL_TF32}
 
 
-def _triton_square_sum(g: torch.Tensor, x: torch.Tensor, tf32: bool) -> torch.Tensor:
+def _triton_square_sum(g: torch.Tensor, x: torch.Tensor, precision: str) -> torch.Tensor:
     from fisher_fast.fim import triton_products
 
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        return triton_products.square_sum(g, x, torch.float32)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return triton_products.square_sum(g, x, torch.float32, precision)
 
 
 def check_triton(device: str) -> None:
@@ -540,12 +538,11 @@ def check_triton(device: str) -> None:
         g = torch.randn(n, b, t, o, device=device)
         x = torch.randn(n, b, t, i, device=device)
         reference = per_sample_reference(g, x)
-        for tf32, tol in ((False, TOL_F32), (True, TOL_TF32)):
-            out = _triton_square_sum(g, x, tf32)
-            label = f"{name} {'tf32' if tf32 else 'ieee'}"
-            record("triton", label, rel_err(out, reference), tol)
+        for precision, tol in TRITON_PRECISIONS.items():
+            out = _triton_square_sum(g, x, precision)
+            record("triton", f"{name} {precision}", rel_err(out, reference), tol)
         record_bool("triton", f"{name} bitwise reproducible",
-                    bitwise_equal(out, _triton_square_sum(g, x, True)))  # fmt: skip
+                    bitwise_equal(out, _triton_square_sum(g, x, precision)))  # fmt: skip
     from torch import nn
 
     torch.manual_seed(6)
@@ -581,19 +578,14 @@ def _conv_inputs(
 
 
 def _triton_conv(
-    x: torch.Tensor, g: torch.Tensor, layer: tuple[int, ...], tf32: bool
+    x: torch.Tensor, g: torch.Tensor, layer: tuple[int, ...], precision: str
 ) -> torch.Tensor:
     from fisher_fast.fim import triton_conv
 
     *_, k, stride, pad, groups = layer
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        return triton_conv.conv2d_square_sum(
-            x, g, (k, k), (stride, stride), (pad, pad), (1, 1), groups, torch.float32
-        )
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return triton_conv.conv2d_square_sum(
+        x, g, (k, k), (stride, stride), (pad, pad), (1, 1), groups, torch.float32, precision
+    )
 
 
 def check_triton_conv(device: str) -> None:
@@ -610,12 +602,11 @@ def check_triton_conv(device: str) -> None:
             reference += grad.square()
         reference = reference.reshape(groups, weight_shape[0] // groups, -1)
         try:
-            for tf32, tol in ((False, TOL_F32), (True, TOL_TF32)):
-                out = _triton_conv(x, g, layer, tf32)
-                label = f"{name} {'tf32' if tf32 else 'ieee'}"
-                record("triton-conv", label, rel_err(out, reference), tol)
+            for precision, tol in TRITON_PRECISIONS.items():
+                out = _triton_conv(x, g, layer, precision)
+                record("triton-conv", f"{name} {precision}", rel_err(out, reference), tol)
             record_bool("triton-conv", f"{name} bitwise reproducible",
-                        bitwise_equal(out, _triton_conv(x, g, layer, True)))  # fmt: skip
+                        bitwise_equal(out, _triton_conv(x, g, layer, precision)))  # fmt: skip
         except Exception as exc:
             record_bool("triton-conv", name, False, f"{type(exc).__name__}: {exc}")
 
@@ -706,13 +697,13 @@ def time_per_sample(device: str) -> None:
         add_timings(
             "per_sample_sq_sum", shape, ours, f"{flops / ours / 1e9:,.2f} TFLOP/s", baselines
         )
-        for tf32 in (False, True):
+        for precision in TRITON_PRECISIONS:
             try:
-                ms = median_ms(partial(_triton_square_sum, g, x, tf32))
+                ms = median_ms(partial(_triton_square_sum, g, x, precision))
             except Exception as exc:  # a failed kernel is reported, the other timings go on
-                print(f"  triton {'tf32' if tf32 else 'ieee'} failed: {type(exc).__name__}: {exc}")
+                print(f"  triton {precision} failed: {type(exc).__name__}: {exc}")
                 continue
-            kernel = f"triton {'tf32' if tf32 else 'ieee'}"
+            kernel = f"triton {precision}"
             add_timings(kernel, shape, ms, f"{flops / ms / 1e9:,.2f} TFLOP/s", baselines)
 
 
@@ -727,16 +718,17 @@ def time_triton_conv(device: str) -> None:
         shape = f"{name}: N={x.shape[0]}"
         vendor = partial(torch.nn.grad.conv2d_weight, x, weight_shape, g, stride, pad, 1, groups)
         flops = 2.0 * math.prod(g.shape) * math.prod(weight_shape[1:])
-        for tf32 in (False, True):
-            precision = "tf32" if tf32 else "ieee"
+        for precision in TRITON_PRECISIONS:
+            tf32 = precision == "tf32"  # 3xTF32 is float32-accurate: against cuDNN's float32
             try:
-                ms = median_ms(partial(_triton_conv, x, g, layer, tf32))
+                ms = median_ms(partial(_triton_conv, x, g, layer, precision))
             except Exception as exc:  # a failed kernel is reported, the other timings go on
                 print(f"  {shape} triton {precision} failed: {type(exc).__name__}: {exc}")
                 continue
             torch.backends.cudnn.allow_tf32 = tf32
             try:
-                baselines = {f"cuDNN weight grad ({precision})": median_ms(vendor)}
+                label = "tf32" if tf32 else "float32"
+                baselines = {f"cuDNN weight grad ({label})": median_ms(vendor)}
             finally:
                 torch.backends.cudnn.allow_tf32 = False
             rate = f"{flops / ms / 1e9:,.2f} TFLOP/s"

@@ -3,8 +3,8 @@
 Triton's interpreter (how the kernels are tested on the CPU) runs the kernels as Python and
 accepts code the compiler refuses; this check runs Triton's real front end, its optimisation
 passes and ptxas (shipped with Triton) for each kernel in the variants the library launches
-(float32 and float64 accumulators, exact float32 and TF32 products, 3x3 and 7x7 geometries),
-so that a kernel that would not compile on a GPU fails CI. Run without ``TRITON_INTERPRET``:
+(float32 and float64 accumulators, exact float32, TF32 and 3xTF32 products, 3x3 and 7x7
+geometries), so that a kernel that would not compile on a GPU fails CI. Run without ``TRITON_INTERPRET``:
 
     python scripts/triton_compile_check.py [--arch 90]
 """
@@ -33,7 +33,7 @@ def variants() -> list[tuple[Any, dict[str, Any]]]:
     """(kernel, constexpr values) for every combination the library can launch."""
     out: list[tuple[Any, dict[str, Any]]] = []
     for acc64 in (False, True):
-        for precision in ("ieee", "tf32"):
+        for precision in ("ieee", "tf32", "tf32x3"):
             tiles = dict(ACC_F64=acc64, PRECISION=precision, BLOCK_O=64, BLOCK_I=32)
             out.append((triton_products._square_sum_kernel, dict(tiles, BLOCK_T=16)))
             for geometry in (GEOMETRY_3X3, GEOMETRY_7X7_S2):

@@ -16,14 +16,22 @@ from torch import nn
 from triton_helpers import DEVICE, needs_triton
 
 import fisher_fast
-from fisher_fast.fim import triton_products
+from fisher_fast.fim import triton_conv, triton_products
 
 
 def _reference(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nbto,nbti->nboi", g.double(), x.double()).square().sum(0)
 
 
+# Relative error allowed per precision: TF32 keeps 10 of float32's 23 mantissa bits, so one
+# rounded product is off by up to about 2^-11 and its square by twice that; 3xTF32 and exact
+# float32 stay at float32's level. Only a GPU tells them apart (the interpreter computes every
+# product in float32).
+BOUND = {"ieee": 1e-5, "tf32x3": 1e-5, "tf32": 5e-3}
+
+
 @needs_triton
+@pytest.mark.parametrize("precision", list(BOUND))
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["acc32", "acc64"])
 @pytest.mark.parametrize(
     "shape",
@@ -31,15 +39,16 @@ def _reference(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ids=["tiny", "ragged-tiles", "whole-tiles", "one-position"],
 )
 def test_matches_the_float64_products(
-    shape: tuple[int, ...], acc: torch.dtype, gen: torch.Generator
+    shape: tuple[int, ...], acc: torch.dtype, precision: str, gen: torch.Generator
 ) -> None:
     n, b, t, o, i = shape
     g = torch.randn(n, b, t, o, generator=gen).to(DEVICE)
     x = torch.randn(n, b, t, i, generator=gen).to(DEVICE)
-    out = triton_products.square_sum(g, x, acc)
+    out = triton_products.square_sum(g, x, acc, precision)
     reference = _reference(g, x)
     assert out.dtype == acc and out.shape == (b, o, i)
-    assert float((out.double() - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    worst = float((out.double() - reference).abs().max())
+    assert worst <= BOUND[precision] * float(reference.abs().max())
 
 
 @needs_triton
@@ -80,6 +89,58 @@ def test_diag_fim_with_the_triton_backend(
     worst = float((fim.flat.double() - reference).abs().max())
     assert worst <= 1e-5 * float(reference.abs().max())
     assert kernel.calls == 4, "mix and head weights in each of the two batches"
+
+
+@needs_triton
+def test_diag_fim_hands_its_precision_to_every_kernel(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """triton_precision reaches the Linear layers' products and the convolution's kernel."""
+    seen: list[object] = []
+    for module, name in ((triton_products, "square_sum"), (triton_conv, "conv2d_square_sum")):
+        original = getattr(module, name)
+
+        def spy(*args: object, _original: object = original, **kwargs: object) -> object:
+            seen.append(kwargs.get("precision", args[-1]))
+            return _original(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(module, name, spy)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = SequenceModel().to(DEVICE)
+    x = torch.randn(6, 3, 17, generator=gen).to(DEVICE)
+    y = torch.randint(4, (6,), generator=gen).to(DEVICE)
+    fim = fisher_fast.diag_fim(
+        model, (x, y), backend="triton", triton_precision="tf32x3", progress=False
+    )
+    reference = reference_fim(model, x, y).to(fim.flat.device)
+    assert float((fim.flat.double() - reference).abs().max()) <= 1e-5 * float(reference.max())
+    assert seen == ["tf32x3"] * 3, seen  # the convolution, then mix and head
+
+
+def test_the_default_precision_follows_torchs_tf32_flag() -> None:
+    flags = torch.backends.cuda.matmul  # a module object monkeypatch cannot restore
+    before = flags.allow_tf32
+    try:
+        for allowed, expected in ((True, "tf32"), (False, "ieee")):
+            flags.allow_tf32 = allowed
+            assert triton_products.dot_precision() == expected
+            assert triton_products.dot_precision("tf32x3") == "tf32x3"
+    finally:
+        flags.allow_tf32 = before
+    with pytest.raises(ValueError, match="triton_precision must be one of"):
+        triton_products.dot_precision("fp32")
+
+
+def test_triton_precision_is_refused_without_the_triton_backend() -> None:
+    model = nn.Linear(3, 2)
+    data = (torch.randn(4, 3), torch.randint(2, (4,)))
+    for backend in ("auto", "kernels", "torch"):
+        with pytest.raises(ValueError, match="pass backend='triton'"):
+            fisher_fast.diag_fim(
+                model, data, backend=backend, triton_precision="ieee", progress=False
+            )
+    with pytest.raises(ValueError, match="triton_precision must be one of"):
+        fisher_fast.diag_fim(model, data, backend="triton", triton_precision="x3", progress=False)
 
 
 def test_refuses_a_float64_fim_or_a_device_it_cannot_run_on() -> None:

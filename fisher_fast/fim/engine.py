@@ -61,6 +61,7 @@ def diag_fim(
     mode: str = "eval",
     output: OutputSpec = None,
     distributed: bool | None = None,
+    triton_precision: str | None = None,
 ) -> DiagFIM:
     """Diagonal Fisher information ``F = (1/N) sum_n (dL_n/dθ)^2`` of ``model``'s trainable parameters.
 
@@ -79,8 +80,8 @@ def diag_fim(
         backend: ``"kernels"`` (compiled ops), ``"torch"`` (the same math in PyTorch),
             ``"triton"`` (per-sample products and convolutions, without im2col, in Triton
             kernels on tensor cores: CUDA and float32 only, TF32 when torch allows it for
-            matrix products) or ``"auto"``
-            (kernels when the compiled library is loaded, else torch).
+            matrix products, see ``triton_precision``) or ``"auto"`` (kernels when the compiled
+            library is loaded, else torch).
         on_unsupported: for parameters without a per-layer rule: ``"fallback"`` (torch.func
             per-sample gradients of that module), ``"error"`` (list them) or ``"skip"`` (leave
             them out of the result).
@@ -102,6 +103,12 @@ def diag_fim(
             (``init_process_group(..., timeout=datetime.timedelta(minutes=30))``); an error on
             one rank is raised on every rank as a ``fisher_fast.distributed.RankError``.
 
+        triton_precision: the triton backend's matrix products: ``"tf32"`` (fastest),
+            ``"tf32x3"`` (three TF32 products per float32 one: error near float32's, on tensor
+            cores), ``"ieee"`` (exact float32, no tensor cores), or ``None`` (default: ``"tf32"``
+            when ``torch.backends.cuda.matmul.allow_tf32`` is set, as the model's own products
+            then are, else ``"ieee"``). Only for ``backend="triton"``.
+
     Returns:
         A :class:`DiagFIM` over the handled parameters, in ``named_parameters()`` order, in
         ``dtype``, on the model's device. Units: squared loss per squared parameter unit.
@@ -119,7 +126,13 @@ def diag_fim(
         batch_size=batch_size,
         mode=mode,
         output=output,
+        triton_precision=triton_precision,
     )
+    if options.triton_precision is not None and options.backend != "triton":
+        raise ValueError(
+            "triton_precision sets the precision of backend='triton'; pass backend='triton' "
+            "with it, or leave it None"
+        )
     if options.backend == "auto":
         # The compiled kernels measured faster than the PyTorch formulation on every benchmark
         # model (benchmarks/README.md); the PyTorch one is the fallback without the library.
@@ -128,7 +141,7 @@ def diag_fim(
         )
     elif options.backend == "kernels":
         _library.require()
-    elif options.backend == "triton":
+    if options.backend == "triton":
         first = next(model.parameters(), None)
         triton_products.require(first.device if first is not None else torch.device("cpu"), dtype)
     return _diag_fim(model, data, options, distributed)
@@ -445,7 +458,12 @@ class _Accumulation:
 
         o = self.options
         ctx = RuleContext(
-            acc_dtype=o.dtype, backend=o.backend, add=add, target=target, passes=passes
+            acc_dtype=o.dtype,
+            backend=o.backend,
+            add=add,
+            target=target,
+            passes=passes,
+            triton_precision=o.triton_precision,
         )
 
         @torch.no_grad()

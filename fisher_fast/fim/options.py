@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fisher_fast.fim.losses import FISHER_KINDS, LossSpec
+from fisher_fast.fim.triton_products import PRECISIONS
 
 BACKENDS = ("auto", "kernels", "torch", "triton")
 ON_UNSUPPORTED = ("fallback", "error", "skip")
@@ -31,6 +32,7 @@ class FimOptions:
     batch_size: int = 256
     mode: str = "eval"
     output: OutputSpec = None
+    triton_precision: str | None = None  # None: follow torch's TF32 flag (triton_products.py)
 
     def __post_init__(self) -> None:
         _check_choice("fisher", self.fisher, FISHER_KINDS)
@@ -45,6 +47,8 @@ class FimOptions:
             raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.triton_precision is not None:
+            _check_choice("triton_precision", self.triton_precision, PRECISIONS)
         if not (
             self.output is None or isinstance(self.output, (str, int)) or callable(self.output)
         ):

@@ -33,8 +33,10 @@ def square_sum(
     acc_dtype: torch.dtype,
     backend: str,
     chunk_bytes: int | None = None,
+    triton_precision: str | None = None,
 ) -> torch.Tensor:
-    """(B, O, I) sum over samples of squared per-sample products g[n,b]^T x[n,b]; see module doc."""
+    """(B, O, I) sum over samples of squared per-sample products g[n,b]^T x[n,b]; see module doc
+    (``triton_precision``: the triton backend's, triton_products.dot_precision)."""
     work = compute_dtype(acc_dtype)
     n, blocks, positions, out_f = g.shape
     in_f = x.shape[-1]
@@ -45,7 +47,7 @@ def square_sum(
     if backend == "kernels":
         return ops.per_sample_sq_sum(g, x, acc_dtype)
     if backend == "triton":
-        return triton_products.square_sum(g, x, acc_dtype)
+        return triton_products.square_sum(g, x, acc_dtype, triton_precision)
     out = torch.zeros(blocks, out_f, in_f, dtype=acc_dtype, device=g.device)
     budget = work_bytes(g.device, DEFAULT_CHUNK_BYTES) if chunk_bytes is None else chunk_bytes
     step = max(1, budget // max(1, blocks * out_f * in_f * torch.finfo(work).bits // 8))

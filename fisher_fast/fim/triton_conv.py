@@ -16,9 +16,9 @@ given as the count before the input (entries past either end read as zero), resu
   the positions with vector arithmetic, reading each input once per kernel offset from cache.
 
 Neither stores a per-sample product or a patch matrix; every entry is summed over the samples in
-a fixed order (deterministic, no atomics). Precision as in triton_products: TF32 inputs to the
-matrix products when torch allows TF32, else exact float32; squares accumulated in float32 or
-float64.
+a fixed order (deterministic, no atomics). Precision of the matrix products as in
+triton_products (``dot_precision``: TF32, 3xTF32 or exact float32); squares accumulated in
+float32 or float64.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fisher_fast.fim.triton_products import triton, why_not
+from fisher_fast.fim.triton_products import dot_precision, triton, why_not
 
 if triton is not None:
     import triton.language as tl
@@ -171,9 +171,12 @@ def conv2d_square_sum(
     dilation: Sequence[int],
     groups: int,
     acc_dtype: torch.dtype,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """(groups, O/groups, C/groups * kh * kw) sum over samples of squared per-sample weight
-    gradients of a 2-D convolution; arguments as for ``ops.conv2d_sq_sum`` (see module doc)."""
+    gradients of a 2-D convolution; arguments as for ``ops.conv2d_sq_sum`` (see module doc),
+    ``precision`` as for ``triton_products.dot_precision`` (the depthwise kernel sums
+    elementwise products in float32 whatever it is)."""
     in_per_group, out_per_group = _check(x, g, kernel_size, groups)
     if acc_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the accumulator is float32 or float64, got {acc_dtype}")
@@ -205,7 +208,7 @@ def conv2d_square_sum(
     block_o = 64 if out_per_group > 32 else (32 if out_per_group > 16 else 16)
     block_i = 64 if patch > 32 else (32 if patch > 16 else 16)
     grid = (triton.cdiv(out_per_group, block_o), triton.cdiv(patch, block_i), groups)
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    precision = dot_precision(precision)
     _implicit_gemm_kernel[grid](
         x, g, out, n, out_per_group, patch, in_per_group, *shape,
         *x.stride(), *g.stride(), *out.stride(),

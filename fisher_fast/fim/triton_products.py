@@ -6,10 +6,16 @@ over the positions with ``tl.dot`` (tensor cores on a GPU), keeps it in register
 it into the accumulator when the sample ends; no per-sample product ever reaches memory, and
 every output entry is summed over the samples in the same order (deterministic, no atomics).
 
-Precision follows torch's own flag for float32 matrix products: TF32 inputs when
-``torch.backends.cuda.matmul.allow_tf32`` is set, else exact float32 (``ieee``). The squares are
-accumulated in float32, or in float64 for a float64 accumulator; float64 inputs are refused (use
-the ``kernels`` or ``torch`` backend, which compute in float64).
+Precision of the products (``PRECISIONS``, diag_fim's ``triton_precision``): ``"tf32"`` (inputs
+rounded to TF32, 10-bit mantissa, products summed in float32: the fastest on tensor cores),
+``"tf32x3"`` (each input split into a TF32 high and low part, three TF32 products: close to
+float32's error at a fraction of float32's cost on tensor cores) or ``"ieee"`` (exact float32
+without tensor cores). By default it follows torch's own flag for float32 matrix products:
+``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (the model's own products are
+TF32 then), else ``"ieee"``. The squares are accumulated in float32, or in float64 for a float64
+accumulator; float64 inputs are refused (use the ``kernels`` or ``torch`` backend, which compute
+in float64). Triton's interpreter computes every product in float32 whatever the precision, so
+the precisions differ only on a GPU.
 
 Triton ships with CUDA builds of torch; with ``TRITON_INTERPRET=1`` (set before this module is
 imported) the kernel runs on CPU tensors through Triton's interpreter, which is how it is
@@ -30,6 +36,20 @@ except ImportError:  # CPU builds of torch do not ship Triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 16  # tl.dot needs at least 16 along each axis
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def dot_precision(requested: str | None = None) -> str:
+    """The products' precision: ``requested``, or by default the one torch's flag for float32
+    matrix products implies (see the module docstring)."""
+    if requested is not None:
+        if requested not in PRECISIONS:
+            raise ValueError(
+                f"triton_precision must be one of {', '.join(map(repr, PRECISIONS))} or None; "
+                f"got {requested!r}"
+            )
+        return requested
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def available() -> bool:
@@ -109,9 +129,12 @@ if triton is not None:
         tl.store(out, acc, mask=mask_o[:, None] & mask_i[None, :])
 
 
-def square_sum(g: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+def square_sum(
+    g: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype, precision: str | None = None
+) -> torch.Tensor:
     """(B, O, I) sum over samples of squared products g[n,b]^T x[n,b], for g (N, B, T, O) and
-    x (N, B, T, I) in float32, bfloat16 or float16 (any strides)."""
+    x (N, B, T, I) in float32, bfloat16 or float16 (any strides); ``precision``: see
+    :func:`dot_precision`."""
     reason = why_not(g.device)
     if reason is not None:
         raise RuntimeError(reason)
@@ -135,7 +158,7 @@ def square_sum(g: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype) -> torc
     block_o = 64 if out_f > 32 else 32
     block_i = 64 if in_f > 32 else 32
     grid = (triton.cdiv(out_f, block_o), triton.cdiv(in_f, block_i), blocks)
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    precision = dot_precision(precision)
     _square_sum_kernel[grid](
         g, x, out, n, positions, out_f, in_f,
         *g.stride(), *x.stride(), *out.stride(),

@@ -91,6 +91,7 @@ class RuleContext:
     # (saves a temporary the size of the parameter), or None when it is not accumulated.
     target: Callable[[str], torch.Tensor | None]
     passes: Passes = field(default_factory=Passes)  # shared by every rule, set by diag_fim
+    triton_precision: str | None = None  # the triton backend's products (triton_products.py)
 
     @property
     def n_samples(self) -> int:
@@ -104,7 +105,9 @@ class RuleContext:
 
     def square_sum(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, O, I) sum over samples of (g[n,b]^T x[n,b])^2 for g (N,B,T,O), x (N,B,T,I)."""
-        return square_sum(g, x, self.acc_dtype, self.backend)
+        return square_sum(
+            g, x, self.acc_dtype, self.backend, triton_precision=self.triton_precision
+        )
 
     def add_bias(self, name: str, per_sample: torch.Tensor) -> None:
         """Add sum over samples of squares of a (N, *shape) per-sample gradient."""

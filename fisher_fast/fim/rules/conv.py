@@ -13,6 +13,7 @@ input) stays bounded and cache-friendly.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -136,7 +137,7 @@ def _fused_op(conv: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext
     if ctx.backend == "kernels" and calls[0].input.device.type == "cpu":
         return ops.conv2d_sq_sum
     if ctx.backend == "triton":
-        return triton_conv.conv2d_square_sum
+        return functools.partial(triton_conv.conv2d_square_sum, precision=ctx.triton_precision)
     return None
 
 
