@@ -16,15 +16,21 @@ def available_devices() -> list[str]:
     return found
 
 
-def resolve_device(device: torch.device | str, what: str) -> torch.device:
-    """``device`` as a :class:`torch.device` that exists on this machine, else a ValueError
-    saying ``what`` asked for it and which devices there are."""
+def parse_device(device: torch.device | str, what: str) -> torch.device:
+    """``device`` as a :class:`torch.device`, without touching it (no CUDA context is made),
+    else a ValueError saying ``what`` asked for it and which devices there are."""
     try:
-        resolved = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(
             f"{what}: {device!r} is not a device name; use one of {', '.join(available_devices())}"
         ) from None
+
+
+def resolve_device(device: torch.device | str, what: str) -> torch.device:
+    """``device`` as a :class:`torch.device` that exists on this machine, else a ValueError
+    saying ``what`` asked for it and which devices there are."""
+    resolved = parse_device(device, what)
     try:
         torch.empty(0, device=resolved)
     except (RuntimeError, AssertionError, ValueError) as exc:

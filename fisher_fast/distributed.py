@@ -4,7 +4,8 @@ sharing per-rank work so that all ranks fail together instead of hanging.
 Launch with torchrun (``torchrun --nproc-per-node 2 -m fisher_fast.cli distance ...``): it sets
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, and
 :func:`init_from_env` (or the :func:`process_group` context manager) turns them into a process
-group: gloo on CPU, nccl when CUDA is available. Every collective waits at most ``timeout``;
+group whose backend follows the device the work runs on (:func:`backend_for`): gloo for the
+CPU, nccl for CUDA (each process on GPU ``LOCAL_RANK``). Every collective waits at most ``timeout``;
 initialise your own groups with a timeout too
 (``torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))``),
 otherwise a crashed rank leaves the others waiting for the backend's default (30 minutes for
@@ -69,15 +70,52 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+"""The process-group backend for work on each device type: the one whose collectives take
+tensors of that type (nccl's take CUDA tensors only)."""
+
+
+def backend_for(device: torch.device | str | None, backend: str | None = None) -> str:
+    """The process-group backend for models and tensors on ``device``.
+
+    ``backend`` None: gloo for the CPU (and any device other than CUDA), nccl for CUDA; with
+    ``device`` None as well, both (``"cpu:gloo,cuda:nccl"``, each collective then goes to the
+    backend of its tensors' device) when CUDA is available, else gloo. An explicit ``backend``
+    is returned as given unless it cannot carry ``device``'s tensors (nccl for a device other
+    than CUDA): that is a ValueError naming the fix.
+    """
+    if device is None:
+        if backend is not None:
+            return backend
+        return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    kind = torch.device(device).type
+    if backend is None:
+        return BACKENDS.get(kind, "gloo")
+    if backend == "nccl" and kind != "cuda":
+        raise ValueError(
+            f"the nccl backend only carries CUDA tensors, but the work runs on {kind}; use "
+            f"backend='gloo' for {kind} (or leave backend None to follow the device), or run "
+            "on the GPUs (--device cuda on the command line)"
+        )
+    return backend
+
+
 def init_from_env(
-    timeout: datetime.timedelta = DEFAULT_TIMEOUT, backend: str | None = None
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
 ) -> bool:
     """Initialise the default process group from torchrun's environment variables.
 
-    ``backend`` defaults to nccl when CUDA is available (each process then uses GPU
-    ``LOCAL_RANK``) and gloo otherwise. Does nothing when a group already exists or the
-    variables are not set. Returns True when this call created the group (the caller should
-    destroy it with ``torch.distributed.destroy_process_group()``; :func:`process_group` does).
+    ``device`` is where this process's models and tensors live (the CLI's ``--device``); the
+    backend follows it (:func:`backend_for`: gloo for ``cpu``, nccl for ``cuda``), and an
+    explicit ``backend`` that cannot carry its tensors is refused. On CUDA the process's
+    current GPU becomes ``device``'s index, or ``LOCAL_RANK`` for a plain ``cuda`` (so that
+    ``cuda`` is each process's own GPU). ``device`` None keeps the device open: nccl and gloo
+    side by side when CUDA is available (each process on GPU ``LOCAL_RANK``), gloo otherwise.
+    Does nothing when a group already exists or the variables are not set. Returns True when
+    this call created the group (the caller should destroy it with
+    ``torch.distributed.destroy_process_group()``; :func:`process_group` does).
     """
     if is_initialized() or not launched_by_torchrun():
         return False
@@ -86,23 +124,46 @@ def init_from_env(
             "torchrun's variables (RANK, WORLD_SIZE, ...) are set but this build of torch has no "
             "torch.distributed; install a torch with distributed support or run a single process"
         )
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timeout)
+    chosen = backend_for(device, backend)
+    if "nccl" in chosen or (device is not None and torch.device(device).type == "cuda"):
+        torch.cuda.set_device(_own_gpu(device))
+    dist.init_process_group(chosen, timeout=timeout)
     return True
+
+
+def _own_gpu(device: torch.device | str | None) -> int:
+    """The index of this process's GPU: ``device``'s own, else ``LOCAL_RANK`` (0 without it);
+    a ValueError when this machine has no such GPU (before nccl fails less clearly)."""
+    index = None if device is None else torch.device(device).index
+    if index is None:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(
+            "the work runs on CUDA (nccl) but this machine has no usable GPU; run on the CPU "
+            "(--device cpu on the command line, device='cpu' in Python: gloo)"
+        )
+    if index >= count:
+        raise ValueError(
+            f"this process's GPU would be cuda:{index} (LOCAL_RANK "
+            f"{os.environ.get('LOCAL_RANK', '0')}), but this machine has {count}; start at most "
+            "one process per GPU (torchrun --nproc-per-node)"
+        )
+    return index
 
 
 @contextlib.contextmanager
 def process_group(
-    timeout: datetime.timedelta = DEFAULT_TIMEOUT, backend: str | None = None
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
 ) -> Iterator[None]:
-    """Run the body inside the torchrun process group (see :func:`init_from_env`), destroying
+    """Run the body inside the torchrun process group for work on ``device`` (its backend as
+    :func:`init_from_env` chooses it), destroying
     the group afterwards if this call created it. An exception in the body is re-raised as a
     :class:`RankError` naming this rank (unless it already is one), so that torchrun's report
     says which rank failed. Without torchrun's variables the body runs as a single process."""
-    created = init_from_env(timeout, backend)
+    created = init_from_env(timeout, backend, device)
     try:
         yield
         if created:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fisher_fast.devices import parse_device
 from fisher_fast.distributed import DEFAULT_TIMEOUT, is_main, process_group
 from fisher_fast.mixed_precision import PRECISIONS
 from fisher_fast.nas import FuseConfig
@@ -90,12 +91,14 @@ def pick_task(suite: Suite, ref: str) -> int:
 
 def add_device_argument(parser: argparse._ActionsContainer) -> None:
     """``--device``: where the command's models train and its FIMs are computed; checked by
-    :func:`fisher_fast.devices.resolve_device` before any work."""
+    :func:`fisher_fast.devices.resolve_device` before any work, and under torchrun the process
+    group's backend (:func:`in_process_group`)."""
     parser.add_argument(
         "--device",
         default="cpu",
-        help="torch device, e.g. cpu, cuda or cuda:1 (default cpu); under torchrun with CUDA, "
-        "'cuda' is each process's own GPU (LOCAL_RANK)",
+        help="torch device, e.g. cpu, cuda or cuda:1 (default cpu); under torchrun the "
+        "processes talk over gloo for cpu and nccl for cuda, where 'cuda' is each process's "
+        "own GPU (LOCAL_RANK)",
     )
 
 
@@ -213,10 +216,12 @@ def print_outcome(summary: str, files: str, start: float) -> None:
 def in_process_group(run: Command) -> Command:
     """``run`` inside the torchrun process group when torchrun launched the command (the work is
     then shared by the processes; a lone process runs it all), with ``--dist-timeout`` as the
-    group's timeout and the standard output of rank 0 only."""
+    group's timeout, the backend of ``--device`` (gloo for cpu, nccl for cuda, each process on
+    its own GPU) and the standard output of rank 0 only."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        with process_group(timeout=datetime.timedelta(minutes=args.dist_timeout)):
+        timeout = datetime.timedelta(minutes=args.dist_timeout)
+        with process_group(timeout=timeout, device=parse_device(args.device, "--device")):
             if is_main():
                 return run(args)
             with contextlib.redirect_stdout(io.StringIO()):
