@@ -82,6 +82,7 @@ def test_networks_are_initialised_on_the_cpu_then_moved() -> None:
     assert {p.device.type for p in net.parameters()} == {"meta"}
 
 
+@pytest.mark.cuda  # selected by `pytest -m cuda` (scripts/device_check.sh)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_choices_match_the_cpu() -> None:
     """Same random choices; float arithmetic differs, so the accuracies agree to a few samples."""
