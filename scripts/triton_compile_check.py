@@ -4,7 +4,9 @@ Triton's interpreter (how the kernels are tested on the CPU) runs the kernels as
 accepts code the compiler refuses; this check runs Triton's real front end, its optimisation
 passes and ptxas (shipped with Triton) for each kernel in the variants the library launches
 (float32 and float64 accumulators, exact float32, TF32 and 3xTF32 products, 3x3 and 7x7
-geometries), so that a kernel that would not compile on a GPU fails CI. Run without ``TRITON_INTERPRET``:
+geometries, and the kernel that adds a split grid's partial sums), so that a kernel that would
+not compile on a GPU fails CI. The sample split itself is a runtime argument (ranges of samples
+and the partials' stride), so each variant covers the split and unsplit grids. Run without ``TRITON_INTERPRET``:
 
     python scripts/triton_compile_check.py [--arch 90]
 """
@@ -41,18 +43,21 @@ def variants() -> list[tuple[Any, dict[str, Any]]]:
         for geometry, block_k in ((GEOMETRY_3X3, 16), (GEOMETRY_7X7_S2, 64)):
             tile = dict(ACC_F64=acc64, BLOCK_C=16, BLOCK_K=block_k, BLOCK_T=4096 // (16 * block_k))
             out.append((triton_conv._depthwise_kernel, dict(geometry, **tile)))
+        sums = dict(ACC_F64=acc64, BLOCK=triton_products.SUM_BLOCK)
+        out.append((triton_products._sum_partials_kernel, sums))
     return out
 
 
 def compile_for(kernel: Any, constexprs: dict[str, Any], target: GPUTarget) -> int:
     """Compile one variant; returns the size of its binary in bytes. Pointers are float32
-    (the output float64 with a float64 accumulator), every other argument a 32-bit integer."""
+    (the output and partial sums float64 with a float64 accumulator), every other argument a
+    32-bit integer."""
     signature: dict[str, str] = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            wide = name == "out_ptr" and constexprs.get("ACC_F64")
+            wide = name in ("out_ptr", "partials_ptr") and constexprs.get("ACC_F64")
             signature[name] = "*fp64" if wide else "*fp32"
         else:
             signature[name] = "i32"

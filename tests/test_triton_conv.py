@@ -12,7 +12,7 @@ import torch
 from call_counter import CallCounter
 from fim_reference import reference_fim
 from torch import nn
-from triton_helpers import DEVICE, needs_triton
+from triton_helpers import DEVICE, needs_triton, samples_far_apart
 
 import fisher_fast
 from fisher_fast.fim import triton_conv
@@ -70,6 +70,39 @@ def test_matches_float64_per_sample_gradients(
     out = triton_conv.conv2d_square_sum(x, g, kernel, stride, padding, dilation, groups, acc)
     reference = _reference(x, g, weight_shape, case)
     assert out.dtype == acc and out.shape == reference.shape
+    err = float((out.double().cpu() - reference).abs().max())
+    assert err <= 1e-5 * float(reference.abs().max()), err
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2, 3], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("name", ["stride2-ragged", "grouped", "depthwise-multiplier"])
+def test_split_samples_match_and_repeat(name: str, splits: int, gen: torch.Generator) -> None:
+    """Samples split into ranges side by side give the float64 sum, the same bits twice."""
+    case = CASES[name]
+    x, g, weight_shape = _inputs((3, *case[1:]), gen)
+    *_, kernel, stride, padding, dilation, groups = case
+    args = (kernel, stride, padding, dilation, groups, torch.float32)
+    out = triton_conv.conv2d_square_sum(x, g, *args, splits=splits)
+    reference = _reference(x, g, weight_shape, case)
+    err = float((out.double().cpu() - reference).abs().max())
+    assert err <= 1e-5 * float(reference.abs().max()), err
+    assert torch.equal(out, triton_conv.conv2d_square_sum(x, g, *args, splits=splits))
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["3x3", "depthwise"])
+def test_offsets_past_2_to_the_31(name: str, gen: torch.Generator) -> None:
+    """Input and gradient samples 2^31 - 2^20 elements apart, split so that a range starts at
+    the third sample, past 2^31 elements: its start must not wrap in 32 bits."""
+    case = CASES[name]
+    x, g, weight_shape = _inputs((3, *case[1:]), gen)
+    x, g = samples_far_apart(x), samples_far_apart(g)
+    *_, kernel, stride, padding, dilation, groups = case
+    out = triton_conv.conv2d_square_sum(
+        x, g, kernel, stride, padding, dilation, groups, torch.float32, splits=3
+    )
+    reference = _reference(x, g, weight_shape, case)
     err = float((out.double().cpu() - reference).abs().max())
     assert err <= 1e-5 * float(reference.abs().max()), err
 

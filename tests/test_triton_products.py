@@ -13,7 +13,7 @@ import torch
 from call_counter import CallCounter
 from fim_reference import reference_fim
 from torch import nn
-from triton_helpers import DEVICE, needs_triton
+from triton_helpers import DEVICE, needs_triton, samples_far_apart
 
 import fisher_fast
 from fisher_fast.fim import triton_conv, triton_products
@@ -59,6 +59,69 @@ def test_strided_inputs(gen: torch.Generator) -> None:
     out = triton_products.square_sum(g, x, torch.float32)
     reference = _reference(g, x)
     assert float((out.double() - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["acc32", "acc64"])
+@pytest.mark.parametrize("splits", [1, 3, 7, 50], ids=lambda s: f"splits{s}")
+def test_split_samples_match_the_float64_products_and_repeat(
+    splits: int, acc: torch.dtype, gen: torch.Generator
+) -> None:
+    """Samples split into ranges side by side (7 samples: ranges of 3, 3, 1; one each; one each,
+    50 capped at 7) give the float64 sum, and the same bits on a second run."""
+    g = torch.randn(7, 2, 20, 40, generator=gen).to(DEVICE)
+    x = torch.randn(7, 2, 20, 33, generator=gen).to(DEVICE)
+    out = triton_products.square_sum(g, x, acc, "ieee", splits=splits)
+    reference = _reference(g, x)
+    assert out.dtype == acc and out.shape == reference.shape
+    worst = float((out.double().cpu() - reference.cpu()).abs().max())
+    assert worst <= 1e-5 * float(reference.abs().max()), worst
+    again = triton_products.square_sum(g, x, acc, "ieee", splits=splits)
+    assert torch.equal(out, again), "a second run must give the same bits"
+
+
+@needs_triton
+def test_a_small_layer_is_split_by_default(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One tile, 16 samples of 40 positions: 640 // 128 = 5 ranges wanted, 4 of 4 samples."""
+    partials = CallCounter(monkeypatch, triton_products, "sum_partials")
+    g = torch.randn(16, 1, 40, 30, generator=gen).to(DEVICE)
+    x = torch.randn(16, 1, 40, 20, generator=gen).to(DEVICE)
+    out = triton_products.square_sum(g, x, torch.float32, "ieee")
+    reference = _reference(g, x)
+    assert float((out.double().cpu() - reference.cpu()).abs().max()) <= 1e-5 * float(
+        reference.abs().max()
+    )
+    assert partials.calls == 1, "the partial sums of the split grid were added"
+
+
+def test_plan_splits_fills_the_sms_within_the_workspace() -> None:
+    plan = triton_products.plan_splits
+    assert plan(132, 256, 49, 4096, 132) == (1, 256), "a full tile grid is not split"
+    # A ResNet stem at 224 px, 3 tiles: 88 ranges wanted for two programs per SM, of 3 samples.
+    assert plan(3, 256, 12544, 3 * 16384, 132) == (86, 3)
+    assert plan(3, 256, 2, 16384, 132)[0] == 4, "each range holds at least 128 positions"
+    big = triton_products.WORKSPACE_BYTES // 4
+    assert plan(1, 256, 512, big, 132)[0] == 4, "the partials stay within the workspace"
+    assert plan(1, 10, 512, 4096, 132) == (10, 1), "no more ranges than samples"
+    assert plan(100, 10, 512, 4096, 132, requested=4) == (4, 3)
+    assert plan(100, 10, 512, 4096, 132, requested=6) == (5, 2), "no empty range"
+    with pytest.raises(ValueError, match="positive"):
+        plan(1, 10, 1, 4, 132, requested=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole", "split"])
+def test_offsets_past_2_to_the_31(splits: int, gen: torch.Generator) -> None:
+    """Samples 2^31 - 2^20 elements apart: the third starts past 2^31 elements (N·T·O past
+    2^31, as for a GPT-2 tied head from N = 84 on), which 32-bit offsets wrap."""
+    g = samples_far_apart(torch.randn(3, 1, 20, 24, generator=gen).to(DEVICE))
+    x = torch.randn(3, 1, 20, 40, generator=gen).to(DEVICE).half()
+    out = triton_products.square_sum(g, x, torch.float32, "ieee", splits=splits)
+    reference = _reference(g, x)
+    worst = float((out.double().cpu() - reference.cpu()).abs().max())
+    assert worst <= 1e-5 * float(reference.abs().max()), worst
 
 
 class SequenceModel(nn.Module):

@@ -16,9 +16,13 @@ given as the count before the input (entries past either end read as zero), resu
   the positions with vector arithmetic, reading each input once per kernel offset from cache.
 
 Neither stores a per-sample product or a patch matrix; every entry is summed over the samples in
-a fixed order (deterministic, no atomics). Precision of the matrix products as in
-triton_products (``dot_precision``: TF32, 3xTF32 or exact float32); squares accumulated in
-float32 or float64.
+a fixed order (deterministic, no atomics). Where the tile grid is smaller than the GPU's SMs, a
+grid axis splits the samples into contiguous ranges whose partial sums are added in a fixed order
+afterwards, as in triton_products (``plan_splits``, ``sum_partials``). A sample's start and the
+channel offsets are 64-bit; spatial offsets inside one channel plane stay 32-bit (a layout whose
+height or width stride spans past 2^31 elements is copied contiguous first). Precision of the
+matrix products as in triton_products (``dot_precision``: TF32, 3xTF32 or exact float32);
+squares accumulated in float32 or float64.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from collections.abc import Sequence
 
 import torch
 
-from fisher_fast.fim.triton_products import dot_precision, triton, why_not
+from fisher_fast.fim.triton_products import (
+    dot_precision,
+    plan_splits,
+    sm_count,
+    sum_partials,
+    triton,
+    why_not,
+)
 
 if triton is not None:
     import triton.language as tl
@@ -39,17 +50,20 @@ if triton is not None:
 
     @triton.jit
     def _implicit_gemm_kernel(
-        x_ptr, g_ptr, out_ptr, n_samples, out_per_group, patch, in_per_group,
-        height, width, out_width, positions,
+        x_ptr, g_ptr, out_ptr, n_samples, per_split, groups, out_per_group, patch,
+        in_per_group, height, width, out_width, positions,
         x_sn, x_sc, x_sh, x_sw,
         g_sn, g_sc, g_sh, g_sw,
-        out_sb, out_so, out_si,
+        out_ss, out_sb, out_so, out_si,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
         ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        pid_o, pid_i, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_o, pid_i, pid_sb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, split = pid_sb % groups, pid_sb // groups
+        first = split * per_split  # this program's samples: first .. first + count - 1
+        count = tl.minimum(per_split, n_samples - first)
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         offs_t = tl.arange(0, BLOCK_T)
@@ -58,11 +72,12 @@ if triton is not None:
         c = offs_i // (KH * KW)
         ky = (offs_i // KW) % KH
         kx = offs_i % KW
-        channel = (b * in_per_group + c) * x_sc
-        g_channel = (b * out_per_group + offs_o) * g_sc
+        channel = (b * in_per_group + c).to(tl.int64) * x_sc
+        g_channel = (b * out_per_group + offs_o).to(tl.int64) * g_sc
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float64 if ACC_F64 else tl.float32)
-        x_n, g_n = x_ptr, g_ptr  # advanced by a stride per sample: no offset grows past int32
-        for _ in range(0, n_samples):
+        x_n = x_ptr + first.to(tl.int64) * x_sn  # 64-bit, then advanced by a stride per sample
+        g_n = g_ptr + first.to(tl.int64) * g_sn
+        for _ in range(0, count):
             product = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
             for t0 in range(0, positions, BLOCK_T):
                 t = t0 + offs_t
@@ -86,37 +101,46 @@ if triton is not None:
             acc += wide * wide
             x_n += x_sn
             g_n += g_sn
-        out = out_ptr + b * out_sb + offs_o[:, None] * out_so + offs_i[None, :] * out_si
+        out = (
+            out_ptr + split.to(tl.int64) * out_ss + b * out_sb
+            + offs_o[:, None] * out_so + offs_i[None, :] * out_si
+        )  # fmt: skip
         tl.store(out, acc, mask=mask_o[:, None] & mask_i[None, :])
 
     @triton.jit
     def _depthwise_kernel(
-        x_ptr, g_ptr, out_ptr, n_samples, out_channels, multiplier,
+        x_ptr, g_ptr, out_ptr, n_samples, per_split, out_channels, multiplier,
         height, width, out_width, positions,
         x_sn, x_sc, x_sh, x_sw,
         g_sn, g_sc, g_sh, g_sw,
-        out_so, out_sk,
+        out_ss, out_so, out_sk,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
         ACC_F64: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # output channels
+        split = tl.program_id(1)
+        first = split * per_split  # this program's samples: first .. first + count - 1
+        count = tl.minimum(per_split, n_samples - first)
         offs_t = tl.arange(0, BLOCK_T)
         offs_k = tl.arange(0, BLOCK_K)  # kernel offsets ky * KW + kx
         mask_c, mask_k = offs_c < out_channels, offs_k < KH * KW
         ky, kx = offs_k // KW, offs_k % KW
-        x_channel = (offs_c // multiplier) * x_sc  # output channel c reads input channel c // m
+        # Output channel c reads input channel c // multiplier.
+        x_channel = (offs_c // multiplier).to(tl.int64) * x_sc
+        g_channel = offs_c.to(tl.int64) * g_sc
         acc = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float64 if ACC_F64 else tl.float32)
-        x_n, g_n = x_ptr, g_ptr  # advanced by a stride per sample: no offset grows past int32
-        for _ in range(0, n_samples):
+        x_n = x_ptr + first.to(tl.int64) * x_sn  # 64-bit, then advanced by a stride per sample
+        g_n = g_ptr + first.to(tl.int64) * g_sn
+        for _ in range(0, count):
             product = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float32)
             for t0 in range(0, positions, BLOCK_T):
                 t = t0 + offs_t
                 mask_t = t < positions
                 oy, ox = t // out_width, t % out_width
                 g_tile = tl.load(
-                    g_n + offs_c[:, None] * g_sc + (oy * g_sh + ox * g_sw)[None, :],
+                    g_n + g_channel[:, None] + (oy * g_sh + ox * g_sw)[None, :],
                     mask=mask_c[:, None] & mask_t[None, :],
                     other=0.0,
                 ).to(tl.float32)  # (BLOCK_C, BLOCK_T)
@@ -133,7 +157,10 @@ if triton is not None:
             acc += wide * wide
             x_n += x_sn
             g_n += g_sn
-        out = out_ptr + offs_c[:, None] * out_so + offs_k[None, :] * out_sk
+        out = (
+            out_ptr + split.to(tl.int64) * out_ss
+            + offs_c[:, None] * out_so + offs_k[None, :] * out_sk
+        )  # fmt: skip
         tl.store(out, acc, mask=mask_c[:, None] & mask_k[None, :])
 
 
@@ -162,6 +189,11 @@ def _check(
     return x.shape[1] // groups, g.shape[1] // groups
 
 
+def _planes_fit_int32(t: torch.Tensor) -> bool:
+    """Whether every offset inside one channel plane of t (N, C, H, W) fits in 32 bits."""
+    return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) < 2**31
+
+
 def conv2d_square_sum(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -172,11 +204,13 @@ def conv2d_square_sum(
     groups: int,
     acc_dtype: torch.dtype,
     precision: str | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """(groups, O/groups, C/groups * kh * kw) sum over samples of squared per-sample weight
     gradients of a 2-D convolution; arguments as for ``ops.conv2d_sq_sum`` (see module doc),
     ``precision`` as for ``triton_products.dot_precision`` (the depthwise kernel sums
-    elementwise products in float32 whatever it is)."""
+    elementwise products in float32 whatever it is), ``splits`` the sample ranges run side by
+    side (None: ``triton_products.plan_splits`` from the tile count and the SM count)."""
     in_per_group, out_per_group = _check(x, g, kernel_size, groups)
     if acc_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the accumulator is float32 or float64, got {acc_dtype}")
@@ -189,29 +223,45 @@ def conv2d_square_sum(
         return out
     if g.dtype != x.dtype:
         g = g.to(x.dtype)
+    x = x if _planes_fit_int32(x) else x.contiguous()
+    g = g if _planes_fit_int32(g) else g.contiguous()
     geometry = dict(
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1], ACC_F64=acc_dtype == torch.float64,
     )  # fmt: skip
-    shape = (height, width, out_width, out_height * out_width)
+    positions = out_height * out_width
+    shape = (height, width, out_width, positions)
+    partial_bytes = out.numel() * out.element_size()
+    sms = sm_count(g.device)
     if in_per_group == 1:
         block_k = triton.next_power_of_2(kh * kw)
         block_c = 16
         block_t = max(1, DEPTHWISE_TILE // (block_c * block_k))
         flat = out.view(groups * out_per_group, kh * kw)
-        _depthwise_kernel[(triton.cdiv(flat.shape[0], block_c),)](
-            x, g, flat, n, flat.shape[0], out_per_group, *shape,
-            *x.stride(), *g.stride(), *flat.stride(),
+        tiles = triton.cdiv(flat.shape[0], block_c)
+        count, per_split = plan_splits(tiles, n, positions, partial_bytes, sms, splits)
+        target = flat if count == 1 else flat.new_empty(count, *flat.shape)
+        _depthwise_kernel[(tiles, count)](
+            x, g, target, n, per_split, flat.shape[0], out_per_group, *shape,
+            *x.stride(), *g.stride(), 0 if count == 1 else target.stride(0), *flat.stride(),
             **geometry, BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_K=block_k,
         )  # fmt: skip
+        if count > 1:
+            sum_partials(target, flat)
         return out
     block_o = 64 if out_per_group > 32 else (32 if out_per_group > 16 else 16)
     block_i = 64 if patch > 32 else (32 if patch > 16 else 16)
-    grid = (triton.cdiv(out_per_group, block_o), triton.cdiv(patch, block_i), groups)
-    precision = dot_precision(precision)
-    _implicit_gemm_kernel[grid](
-        x, g, out, n, out_per_group, patch, in_per_group, *shape,
-        *x.stride(), *g.stride(), *out.stride(),
-        **geometry, PRECISION=precision, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=BLOCK_T,
+    tiles_o, tiles_i = triton.cdiv(out_per_group, block_o), triton.cdiv(patch, block_i)
+    count, per_split = plan_splits(
+        tiles_o * tiles_i * groups, n, positions, partial_bytes, sms, splits
+    )
+    target = out if count == 1 else out.new_empty(count, *out.shape)
+    _implicit_gemm_kernel[(tiles_o, tiles_i, groups * count)](
+        x, g, target, n, per_split, groups, out_per_group, patch, in_per_group, *shape,
+        *x.stride(), *g.stride(), 0 if count == 1 else target.stride(0), *out.stride(),
+        **geometry, PRECISION=dot_precision(precision),
+        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=BLOCK_T,
     )  # fmt: skip
+    if count > 1:
+        sum_partials(target, out)
     return out

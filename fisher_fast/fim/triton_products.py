@@ -17,6 +17,19 @@ accumulator; float64 inputs are refused (use the ``kernels`` or ``torch`` backen
 in float64). Triton's interpreter computes every product in float32 whatever the precision, so
 the precisions differ only on a GPU.
 
+Samples split across the grid: the tile grid alone has (O/BLOCK_O)·(I/BLOCK_I)·B programs, a
+handful for a small layer (a ResNet stem: 3) where a GPU has 132 SMs. When it is smaller than
+the SMs, a grid axis splits the samples into S contiguous ranges (:func:`plan_splits`, from the
+tile count and the SM count); each program squares and sums its range into a partial (S, B, O, I)
+workspace (at most ``WORKSPACE_BYTES``) and ``_sum_partials_kernel`` adds the S partials in order
+0..S-1: the same fixed order on every run, still no atomics. Which split is chosen depends on the
+device's SM count (a fixed ``INTERPRETER_SMS`` under the interpreter), so a result is bitwise
+repeatable on one kind of device; the ``splits`` argument forces a count.
+
+Offsets: a sample's start is a 64-bit pointer (``first * g_sn`` in 64 bits, then advanced by a
+stride per sample) and the row and column offsets inside a sample are 64-bit too, so N·T·O past
+2^31 elements (a GPT-2 tied head, 768 × 50257 at T = 512, from N = 84 on) reads the right place.
+
 Triton ships with CUDA builds of torch; with ``TRITON_INTERPRET=1`` (set before this module is
 imported) the kernel runs on CPU tensors through Triton's interpreter, which is how it is
 tested without a GPU (``make timm-check``'s second environment).
@@ -24,6 +37,7 @@ tested without a GPU (``make timm-check``'s second environment).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,6 +51,11 @@ except ImportError:  # CPU builds of torch do not ship Triton
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 16  # tl.dot needs at least 16 along each axis
 PRECISIONS = ("tf32", "tf32x3", "ieee")
+INTERPRETER_SMS = 132  # the SM count assumed off CUDA (an H100's), so tests take a GPU's choices
+SPLIT_WAVES = 2  # a split grid aims at this many programs per SM
+MIN_SPLIT_POSITIONS = 128  # samples x positions per split, so its partial's store stays small
+WORKSPACE_BYTES = 64 * 2**20  # bound on the partial sums of a split grid
+SUM_BLOCK = 1024  # entries per program of _sum_partials_kernel
 
 
 def dot_precision(requested: str | None = None) -> str:
@@ -90,51 +109,137 @@ def require(device: torch.device, acc_dtype: torch.dtype) -> None:
         raise ValueError(reason)
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``; ``INTERPRETER_SMS`` elsewhere."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def plan_splits(
+    tiles: int,
+    n_samples: int,
+    positions: int,
+    partial_bytes: int,
+    sms: int,
+    requested: int | None = None,
+) -> tuple[int, int]:
+    """(S, samples per split): S contiguous sample ranges for a grid of ``tiles`` programs.
+
+    ``requested`` forces S (capped at ``n_samples``); otherwise S = 1 when the tiles fill the
+    ``sms``, else enough splits for ``SPLIT_WAVES`` programs per SM, each split holding at least
+    ``MIN_SPLIT_POSITIONS`` samples × positions and the S partials of ``partial_bytes`` each at
+    most ``WORKSPACE_BYTES``. S is then lowered so that no range is empty (ceil(N / per) = S)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"splits must be a positive count of sample ranges, got {requested}")
+        splits = requested
+    elif tiles >= sms:
+        splits = 1
+    else:
+        wanted = -(-SPLIT_WAVES * sms // tiles)
+        by_work = n_samples * positions // MIN_SPLIT_POSITIONS
+        by_memory = WORKSPACE_BYTES // max(1, partial_bytes)
+        splits = min(wanted, by_work, by_memory)
+    splits = max(1, min(splits, n_samples))
+    per_split = -(-n_samples // splits)
+    return -(-n_samples // per_split), per_split
+
+
 if triton is not None:
 
     @triton.jit
     def _square_sum_kernel(
-        g_ptr, x_ptr, out_ptr, n_samples, positions, out_features, in_features,
+        g_ptr, x_ptr, out_ptr, n_samples, per_split, blocks, positions, out_features,
+        in_features,
         g_sn, g_sb, g_st, g_so,
         x_sn, x_sb, x_st, x_si,
-        out_sb, out_so, out_si,
+        out_ss, out_sb, out_so, out_si,
         ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        pid_o, pid_i, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        pid_o, pid_i, pid_sb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, split = pid_sb % blocks, pid_sb // blocks
+        first = split * per_split  # this program's samples: first .. first + count - 1
+        count = tl.minimum(per_split, n_samples - first)
         offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         offs_t = tl.arange(0, BLOCK_T)
         mask_o, mask_i = offs_o < out_features, offs_i < in_features
+        cols_g = offs_o.to(tl.int64)[None, :] * g_so  # 64-bit: no offset wraps past 2^31
+        cols_x = offs_i.to(tl.int64)[None, :] * x_si
+        g_n = g_ptr + b.to(tl.int64) * g_sb + first.to(tl.int64) * g_sn
+        x_n = x_ptr + b.to(tl.int64) * x_sb + first.to(tl.int64) * x_sn
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float64 if ACC_F64 else tl.float32)
-        for n in range(0, n_samples):
+        for _ in range(0, count):
             product = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
             for t0 in range(0, positions, BLOCK_T):
                 t = t0 + offs_t
                 mask_t = t < positions
+                rows = t.to(tl.int64)[:, None]
                 g_tile = tl.load(
-                    g_ptr + n * g_sn + b * g_sb + t[:, None] * g_st + offs_o[None, :] * g_so,
+                    g_n + rows * g_st + cols_g,
                     mask=mask_t[:, None] & mask_o[None, :],
                     other=0.0,
                 )  # (BLOCK_T, BLOCK_O)
                 x_tile = tl.load(
-                    x_ptr + n * x_sn + b * x_sb + t[:, None] * x_st + offs_i[None, :] * x_si,
+                    x_n + rows * x_st + cols_x,
                     mask=mask_t[:, None] & mask_i[None, :],
                     other=0.0,
                 )  # (BLOCK_T, BLOCK_I)
                 product += tl.dot(tl.trans(g_tile), x_tile, input_precision=PRECISION)
             wide = product.to(acc.dtype)  # squared in the accumulator's precision
             acc += wide * wide
-        out = out_ptr + b * out_sb + offs_o[:, None] * out_so + offs_i[None, :] * out_si
+            g_n += g_sn  # a 64-bit pointer advanced by one sample
+            x_n += x_sn
+        out = (
+            out_ptr + split.to(tl.int64) * out_ss + b * out_sb
+            + offs_o[:, None] * out_so + offs_i[None, :] * out_si
+        )  # fmt: skip
         tl.store(out, acc, mask=mask_o[:, None] & mask_i[None, :])
+
+    @triton.jit
+    def _sum_partials_kernel(
+        partials_ptr, out_ptr, count, splits, ACC_F64: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < count
+        acc = tl.zeros((BLOCK,), dtype=tl.float64 if ACC_F64 else tl.float32)
+        part = partials_ptr
+        for _ in range(0, splits):  # split 0, 1, ..., S-1: one fixed order
+            acc += tl.load(part + offs, mask=mask, other=0.0)
+            part += count
+        tl.store(out_ptr + offs, acc, mask=mask)
+
+
+def sum_partials(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out = partials[0] + partials[1] + ... in that order, for contiguous partials (S, *shape)
+    and a contiguous out (*shape) of the same dtype (float32 or float64)."""
+    if not (partials.is_contiguous() and out.is_contiguous()) or partials.dtype != out.dtype:
+        raise ValueError("sum_partials needs contiguous partials and out of one dtype")
+    count = out.numel()
+    _sum_partials_kernel[(triton.cdiv(count, SUM_BLOCK),)](
+        partials, out, count, partials.shape[0],
+        ACC_F64=out.dtype == torch.float64, BLOCK=SUM_BLOCK,
+    )  # fmt: skip
 
 
 def square_sum(
-    g: torch.Tensor, x: torch.Tensor, acc_dtype: torch.dtype, precision: str | None = None
+    g: torch.Tensor,
+    x: torch.Tensor,
+    acc_dtype: torch.dtype,
+    precision: str | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """(B, O, I) sum over samples of squared products g[n,b]^T x[n,b], for g (N, B, T, O) and
     x (N, B, T, I) in float32, bfloat16 or float16 (any strides); ``precision``: see
-    :func:`dot_precision`."""
+    :func:`dot_precision`; ``splits``: sample ranges run side by side (None: chosen by
+    :func:`plan_splits` from the tile count and the device's SM count)."""
     reason = why_not(g.device)
     if reason is not None:
         raise RuntimeError(reason)
@@ -155,14 +260,25 @@ def square_sum(
     if x.dtype != g.dtype:
         x = x.to(g.dtype)
     out = torch.empty(blocks, out_f, in_f, dtype=acc_dtype, device=g.device)
+    if out.numel() == 0:
+        return out
+    if n == 0 or positions == 0:
+        return out.zero_()
     block_o = 64 if out_f > 32 else 32
     block_i = 64 if in_f > 32 else 32
-    grid = (triton.cdiv(out_f, block_o), triton.cdiv(in_f, block_i), blocks)
-    precision = dot_precision(precision)
-    _square_sum_kernel[grid](
-        g, x, out, n, positions, out_f, in_f,
-        *g.stride(), *x.stride(), *out.stride(),
-        ACC_F64=acc_dtype == torch.float64, PRECISION=precision,
+    tiles = (triton.cdiv(out_f, block_o), triton.cdiv(in_f, block_i), blocks)
+    count, per_split = plan_splits(
+        tiles[0] * tiles[1] * blocks, n, positions, out.numel() * out.element_size(),
+        sm_count(g.device), splits,
+    )  # fmt: skip
+    target = out if count == 1 else out.new_empty(count, *out.shape)
+    split_stride = 0 if count == 1 else target.stride(0)
+    _square_sum_kernel[(tiles[0], tiles[1], blocks * count)](
+        g, x, target, n, per_split, blocks, positions, out_f, in_f,
+        *g.stride(), *x.stride(), split_stride, *out.stride(),
+        ACC_F64=acc_dtype == torch.float64, PRECISION=dot_precision(precision),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=BLOCK_T,
     )  # fmt: skip
+    if count > 1:
+        sum_partials(target, out)
     return out
