@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
-from fisher_fast.fim import triton_products
+from fisher_fast.fim import plan_cache, triton_products
 from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidates, without_traced
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
@@ -31,6 +31,7 @@ from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of,
 from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
 from fisher_fast.fim.finite_guard import FiniteGuard
+from fisher_fast.fim.hook_watch import HookWatch
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
@@ -62,6 +63,7 @@ def diag_fim(
     output: OutputSpec = None,
     distributed: bool | None = None,
     triton_precision: str | None = None,
+    reuse_plan: bool = True,
 ) -> DiagFIM:
     """Diagonal Fisher information ``F = (1/N) sum_n (dL_n/dθ)^2`` of ``model``'s trainable parameters.
 
@@ -108,6 +110,11 @@ def diag_fim(
             cores), ``"ieee"`` (exact float32, no tensor cores), or ``None`` (default: ``"tf32"``
             when ``torch.backends.cuda.matmul.allow_tf32`` is set, as the model's own products
             then are, else ``"ieee"``). Only for ``backend="triton"``.
+        reuse_plan: start from the plan the last call on this model object ended with, when
+            nothing it was made from has changed (same modules, parameters, hooks, training
+            flags and rules): its first batch is then checked against that plan as every later
+            batch of a call is, and planned anew if it does not conform, which saves the
+            planning passes (fisher_fast/fim/plan_cache.py). ``False``: plan afresh.
 
     Returns:
         A :class:`DiagFIM` over the handled parameters, in ``named_parameters()`` order, in
@@ -127,6 +134,7 @@ def diag_fim(
         mode=mode,
         output=output,
         triton_precision=triton_precision,
+        reuse_plan=reuse_plan,
     )
     if options.triton_precision is not None and options.backend != "triton":
         raise ValueError(
@@ -163,8 +171,11 @@ def _diag_fim(
 
     def local() -> LocalSums | None:
         accumulation = _Accumulation(model, trainable, options)
-        sums = accumulation.run(data)
+        kept = plan_cache.recall(model) if options.reuse_plan else None
+        sums = accumulation.run(data, kept)
         paths.update(accumulation.paths)
+        if accumulation.final is not None:
+            plan_cache.keep(model, plan_cache.detach(model, *accumulation.final))
         return sums
 
     with _model_mode(model, options.mode):
@@ -244,6 +255,10 @@ class _Accumulation:
         self.unused: list[nn.Parameter] = []  # planned as zero: checked on every batch
         self.expansion = Expansion()
         self.broadcast = BroadcastParams(self.capture.tap_tensor)
+        self.hooks = HookWatch(model)
+        self.plan: Plan | None = None  # the plan in use
+        # at the end of the data: the plan, expanded Embeddings and broadcast parameters in use
+        self.final: tuple[Plan, set[nn.Module], dict[str, tuple[nn.Module, str]]] | None = None
 
     # -- plan ----------------------------------------------------------------------------------
     def _planning_forward(self, inputs: Any, n: int) -> Any:
@@ -280,6 +295,19 @@ class _Accumulation:
         self.broadcast.forget()
         with self._samples(n):
             return call_model(self.model, inputs)
+
+    def _resume(self, kept: plan_cache.KeptPlan) -> None:
+        """Start from the plan a previous call on this model ended with (plan_cache.py): the
+        first batch is then checked against it as every later batch is, and planned anew when
+        it does not conform."""
+        plan, expanded, broadcast = kept.attach(self.model)
+        for o in plan.owners:
+            if not self.capture.owns(o.module):
+                self.capture.add_owner(Owner(o.name, o.module))
+        self.expansion.arm(expanded)
+        self.broadcast.arm(broadcast)
+        self._adopt(plan)  # no forward has run yet, so an instrument it drops costs nothing
+        self.capture.keep_only({o.module for o in self.planned})
 
     @contextlib.contextmanager
     def _samples(self, n: int) -> Iterator[None]:
@@ -329,7 +357,10 @@ class _Accumulation:
             expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
         seen_params = frozenset(real_params & broadcast.seen())
         reached = frozenset(reached_parameters(output))
-        plan = make_plan(self.model, real, layouts, frozenset(expanded), seen_params, reached)
+        replaced = frozenset(self.hooks.changed)
+        plan = make_plan(
+            self.model, real, layouts, frozenset(expanded), seen_params, reached, replaced
+        )
         if expanded or plan.broadcast:
             params = [
                 (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
@@ -422,6 +453,7 @@ class _Accumulation:
 
         self.broadcast.keep_only(set(plan.broadcast) & set(names), add_squares)
         self.sums = _Sums(names, acc, views)
+        self.plan = plan
         return covered
 
     def _processor(
@@ -481,17 +513,21 @@ class _Accumulation:
         return process
 
     # -- step and check ------------------------------------------------------------------------
-    def run(self, data: Any) -> LocalSums | None:
-        """Accumulate over all batches; None when the data holds no sample."""
+    def run(self, data: Any, kept: plan_cache.KeptPlan | None = None) -> LocalSums | None:
+        """Accumulate over all batches; None when the data holds no sample. ``kept``: a plan
+        of an earlier call on this model to start from (plan_cache.py)."""
         o = self.options
         n_seen = 0
         total = _expected_samples(data, o.max_samples)
         with (
+            self.hooks.installed(),  # first: its hooks go around the user's, before the taps
             self.capture.installed(),
             self.expansion.installed(),
             self.broadcast.installed(),
             tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
         ):
+            if kept is not None:
+                self._resume(kept)
             for inputs, targets in batches(data, o.batch_size):
                 n = batch_size_of(inputs)
                 if o.max_samples is not None:
@@ -509,6 +545,8 @@ class _Accumulation:
                 self.guard.batch(self.sums.acc, self.sums.views, self.processed, samples)
                 n_seen += n
                 bar.update(n)
+            if n_seen and self.plan is not None:
+                self.final = (self.plan, self.expansion.modules, dict(self.broadcast.armed))
         if not n_seen:
             return None
         assert self.sums is not None
@@ -552,9 +590,11 @@ class _Accumulation:
             capture.keep_only({o.module for o in self.planned})
 
     def _conforms(self, n: int) -> bool:
-        """Whether this batch's calls have the layouts the plan was made for (else it gets a
-        plan of its own: another sequence length changes the shape of shared inputs)."""
-        return all(
+        """Whether this batch's calls have the layouts the plan was made for, and no forward
+        hook replaced an output the plan did not know of (else it gets a plan of its own:
+        another sequence length changes the shape of shared inputs)."""
+        assert self.plan is not None
+        return self.hooks.changed <= self.plan.replaced and all(
             conforms(o.module, self.capture.calls.get(o.module, []), o.layouts, n)
             for o in self.planned
         )

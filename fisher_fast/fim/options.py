@@ -33,6 +33,7 @@ class FimOptions:
     mode: str = "eval"
     output: OutputSpec = None
     triton_precision: str | None = None  # None: follow torch's TF32 flag (triton_products.py)
+    reuse_plan: bool = True  # start from the plan of the last call on the model (plan_cache.py)
 
     def __post_init__(self) -> None:
         _check_choice("fisher", self.fisher, FISHER_KINDS)
