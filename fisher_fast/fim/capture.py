@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fisher_fast.fim.rules import Call, Instrument, Passes
+from fisher_fast.fim.rules import INSTRUMENTED, Call, Instrument, Passes
 
 
 class _Tap(torch.autograd.Function):
@@ -78,6 +78,7 @@ class Capture:
         self._paused = False
         self._handles: dict[nn.Module, Any] = {}  # the forward hook of each installed owner
         self._instrumented: set[int] = set()  # modules whose current call was instrumented
+        self._own_forward: dict[nn.Module, Any] = {}  # instance forwards the instruments replace
         self._installed = False
         self.passes = Passes()  # shared with every rule's context
 
@@ -101,7 +102,7 @@ class Capture:
         if owner.instrument is not None and instrument is None:
             owner.instrument = None
             if self._installed:
-                del module.forward
+                self._restore_forward(module)
             return False
         return True
 
@@ -139,12 +140,24 @@ class Capture:
         hook = owner.module.register_forward_hook(self._on_forward, with_kwargs=True)
         self._handles[owner.module] = hook
         if owner.instrument is not None:
-            owner.module.forward = self._instrumented_forward(owner)
+            instrumented = self._instrumented_forward(owner)
+            setattr(instrumented, INSTRUMENTED, True)
+            self._own_forward[owner.module] = owner.module.__dict__.get("forward")
+            owner.module.forward = instrumented
 
     def _uninstall(self, module: nn.Module) -> None:
         self._handles.pop(module).remove()
         if self._owner_of[module].instrument is not None:
-            del module.forward  # back to the class's forward
+            self._restore_forward(module)
+
+    def _restore_forward(self, module: nn.Module) -> None:
+        """Back to the forward the module had before its instrumented one: the class's, or
+        an instance forward of the user's."""
+        own = self._own_forward.pop(module, None)
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
     def keep_only(self, modules: set[nn.Module]) -> None:
         """Stop tapping every owner but ``modules`` (between batches: the others are not in

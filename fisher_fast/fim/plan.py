@@ -80,6 +80,8 @@ class Plan:
     ties: list[Tie] = field(default_factory=list)
     broadcast: list[str] = field(default_factory=list)  # given the sample axis (broadcast_params)
     unused: list[str] = field(default_factory=list)  # zero: not reached by the output (unused.py)
+    # modules whose output a forward hook of the user's replaced: no rule (hook_watch.py)
+    replaced: frozenset[str] = frozenset()
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -103,6 +105,7 @@ class _Planner:
         layouts: Mapping[nn.Module, list[CallLayout | Unknown]],
         expanded: frozenset[nn.Module],
         broadcast: frozenset[str],
+        replaced: frozenset[str],
     ) -> None:
         self.modules = dict(model.named_modules())
         self.expanded = expanded
@@ -110,7 +113,8 @@ class _Planner:
         self.recording = recording
         self.layouts = layouts
         self.owners: dict[str, OwnerPlan] = {}
-        self.plan = Plan([], {}, {}, {})
+        self.replaced = {self.modules[name] for name in replaced if name in self.modules}
+        self.plan = Plan([], {}, {}, {}, replaced=replaced)
 
     def owner(self, name: str) -> OwnerPlan:
         if name not in self.owners:
@@ -124,7 +128,7 @@ class _Planner:
         return bool(self.recording.calls.get(module))
 
     def rule_fits(self, module: nn.Module, rule: RuleSpec | None) -> bool:
-        if rule is None:
+        if rule is None or module in self.replaced:
             return False
         calls = self.layouts[module]
         if module in self.expanded:  # the rule sees the ids expanded (expansion.py)
@@ -183,6 +187,8 @@ class _Planner:
                 no_rule = f"no rule for {type(module).__name__}"
             elif not self.ran(module):
                 no_rule = f"used outside {type(module).__name__}.forward"
+            elif module in self.replaced:
+                no_rule = f"a forward hook replaces the output of {type(module).__name__}"
             else:
                 no_rule = f"{rule.name} does not fit the layout of its calls"
             if not self.ran(module):
@@ -306,13 +312,15 @@ def make_plan(
     expanded: frozenset[nn.Module] = frozenset(),
     broadcast: frozenset[str] = frozenset(),
     reached: frozenset[int] | None = None,
+    replaced: frozenset[str] = frozenset(),
 ) -> Plan:
     """The plan for ``model`` given its recorded calls and their layouts (module docstring);
     ``expanded``: the Embeddings whose broadcast outputs were given the sample axis;
     ``broadcast``: the parameters given the sample axis at their use (broadcast_params.py);
     ``reached``: the ``id`` of every parameter the output's graph reaches (unused.py), None
-    to take every parameter as reached."""
-    planner = _Planner(model, recording, layouts, expanded, broadcast)
+    to take every parameter as reached; ``replaced``: the names of the modules whose output a
+    forward hook of the user's replaced (hook_watch.py)."""
+    planner = _Planner(model, recording, layouts, expanded, broadcast, replaced)
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     first_name: dict[int, str] = {}
     for module_name, module in planner.modules.items():

@@ -184,6 +184,12 @@ def sample_first(layout: CallLayout) -> bool:
 
 
 _RULES: dict[type[nn.Module], RuleSpec] = {}
+_generation = 0  # counts registrations, so that a plan made before one is not reused
+
+
+def registry_generation() -> int:
+    """How many rules have been registered so far (plan_cache.py compares it)."""
+    return _generation
 
 
 def register_rule(
@@ -204,9 +210,11 @@ def register_rule(
         )
 
     def decorate(rule: Rule) -> Rule:
+        global _generation
         spec = RuleSpec(rule, layout, supports, tuple(extra_params), instrument, example)
         for cls in module_types:
             _RULES[cls] = spec
+        _generation += 1
         return rule
 
     return decorate
@@ -219,7 +227,9 @@ def register_matched_rule(matches: Callable[[nn.Module], bool], spec: RuleSpec) 
     """A rule for modules of other libraries, recognised by ``matches(module)`` instead of by
     class (so that fisher_fast does not import those libraries); ``matches`` must establish
     that the module computes what the rule assumes."""
+    global _generation
     _MATCHED.append((matches, spec))
+    _generation += 1
 
 
 def find_rule(module: nn.Module) -> RuleSpec | None:
@@ -239,7 +249,32 @@ def find_rule(module: nn.Module) -> RuleSpec | None:
         spec = next((s for matches, s in _MATCHED if matches(module)), None)
     if spec is not None and spec.supports is not None and not spec.supports(module):
         return None
+    if spec is not None and not _instance_forward_agrees(module, spec):
+        return None
     return spec
+
+
+INSTRUMENTED = "_fisher_fast_instrumented"  # marks diag_fim's own instance forwards (capture.py)
+
+
+def _instance_forward_agrees(module: nn.Module, spec: RuleSpec) -> bool:
+    """True unless ``module.forward`` was replaced on the instance (monkeypatched, or wrapped
+    by a library that moves inputs between devices) by something not verified to compute its
+    class's forward: the rule models the class's forward, and the module's calls run the
+    instance's. Without ``RuleSpec.example``, or in training mode, it cannot be verified."""
+    own = module.__dict__.get("forward")
+    if own is None or getattr(own, INSTRUMENTED, False):
+        return True
+    if spec.example is None or module.training:
+        return False
+    cls = type(module)
+    return reproduces(
+        module,
+        f"instance forward {id(own)}",
+        lambda x: cls.forward(module, x),
+        spec.example(module),
+        forward=own,
+    )
 
 
 def _same_as(module: nn.Module, base: type[nn.Module], spec: RuleSpec) -> bool:
