@@ -85,8 +85,15 @@ def check(
     if fisher not in ("empirical", "exact"):
         raise ValueError(f"check supports fisher='empirical' or 'exact', got {fisher!r}")
     chunks = _first_samples(data, samples, batch_size)
-    fim = diag_fim(
-        model, chunks, loss=loss, fisher=fisher, output=output, dtype=torch.float64, progress=False
+    fim = diag_fim(  # a fresh plan, which the next diag_fim call on the model starts from
+        model,
+        chunks,
+        loss=loss,
+        fisher=fisher,
+        output=output,
+        dtype=torch.float64,
+        progress=False,
+        reuse_plan=False,
     )
     reference = _per_sample_loop(model, chunks, loss, fisher, output)
     scale = max(float(r.abs().max()) for r in reference.values())
