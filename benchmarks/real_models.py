@@ -7,10 +7,12 @@ from timm ResNet-18, EfficientNet-B0, a ViT and ConvNeXt-atto (timm needs torchv
 the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
 calls each method once, in turn, on the same batches, after one warm-up call each; medians over
 rounds. The floor is one forward and one backward pass of the summed loss per batch (the
-parameters' batch gradient). With ``--batches B`` every method covers B batches of N samples:
-diag_fim plans on its first batch (a second, small forward pass and the layout checks), so one
-batch shows that cost in full and more batches show how it spreads. Models whose library does
-not import are listed as skipped.
+parameters' batch gradient). With ``--batches B`` every method covers B batches of N samples.
+diag_fim is timed twice: ``fisher_fast_new_plan`` plans on its first batch (a second, small
+forward pass and the layout checks), as a first call on a model does, so one batch shows that
+cost in full and more batches show how it spreads; ``fisher_fast`` is a repeated call on the
+same model, which starts from the plan the last call kept (``reuse_plan``, plan_cache.py).
+Models whose library does not import are listed as skipped.
 
     python benchmarks/real_models.py --rounds 10 [--batches 6] [--models bert vit] [--peers]
     python benchmarks/real_models.py --memory [--batches 6] [--peers]
@@ -116,9 +118,13 @@ def methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]], lm:
         for x, y in batches:
             torch.autograd.grad(loss(call(model, x), y).sum(), list(params.values()))
 
-    def fisher() -> None:
-        kwargs = {"loss": lm_loss} if lm else {}
+    kwargs = {"loss": lm_loss} if lm else {}
+
+    def fisher() -> None:  # a repeated call: it starts from the plan the last call kept
         fisher_fast.diag_fim(model, batches, progress=False, **kwargs)
+
+    def fisher_new_plan() -> None:  # a first call: the first batch is planned
+        fisher_fast.diag_fim(model, batches, progress=False, reuse_plan=False, **kwargs)
 
     detached = {n: p.detach() for n, p in params.items()}
 
@@ -143,7 +149,12 @@ def methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]], lm:
                 for g in per_sample(detached, xc, t).values():
                     g.square().sum(0)
 
-    return {"floor": floor, "fisher_fast": fisher, "vmap_grad": vmap_grad}
+    return {
+        "floor": floor,
+        "fisher_fast": fisher,
+        "fisher_fast_new_plan": fisher_new_plan,
+        "vmap_grad": vmap_grad,
+    }
 
 
 def make_batches(spec: Spec, count: int) -> list[tuple[Any, torch.Tensor]]:
@@ -213,7 +224,8 @@ def measure_memory(args: argparse.Namespace) -> None:
     for name in args.models:
         print(f"{name}: {args.batches} batch(es) of N={N}, peak resident memory above the start")
         results: dict[str, str] = {}
-        for method in ("floor", "fisher_fast", "vmap_grad", *(PEERS if args.peers else ())):
+        methods = ("floor", "fisher_fast", "fisher_fast_new_plan", "vmap_grad")
+        for method in (*methods, *(PEERS if args.peers else ())):
             command = [sys.executable, __file__, "--models", name, "--batches", str(args.batches)]
             command += ["--threads", str(args.threads), "--memory-of", method]
             command += ["--peers"] if args.peers else []
