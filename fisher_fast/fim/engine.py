@@ -231,8 +231,9 @@ class _Accumulation:
       (conform.py) and, when the plan has parameters no call used, for a graph that still
       does not reach them (unused.py); one backward pass per objective; the tapped modules'
       rules add their sums of squares as gradients arrive;
-    * **check** (every batch): the losses and the accumulator are still finite (one reduction;
-      finite_guard.py reads the flags every few batches off the CPU, so no batch waits on them).
+    * **check** (every batch): the labels lie within the model's classes, the losses and the
+      accumulator are still finite (one reduction; finite_guard.py reads the flags every few
+      batches off the CPU, so no batch waits on them).
     """
 
     def __init__(
@@ -575,7 +576,15 @@ class _Accumulation:
                 output = select_output(raw, o.output)
                 zeros = capture.zero_leaves()
                 objs = list(
-                    objectives(output, targets, o.loss, o.fisher, o.mc_samples, o.generator)
+                    objectives(
+                        output,
+                        targets,
+                        o.loss,
+                        o.fisher,
+                        o.mc_samples,
+                        o.generator,
+                        labels_to=lambda check: self.guard.labels(check, samples),
+                    )
                 )
                 for j, objective in enumerate(objs):
                     self.guard.loss(objective, samples)

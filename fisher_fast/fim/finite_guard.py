@@ -1,9 +1,11 @@
-"""Finiteness checks of the losses and the Fisher accumulator, without a host sync per batch.
+"""Checks of the labels, the losses and the Fisher accumulator, without a host sync per batch.
 
-Reading a device flag on the host waits for every kernel queued before it; on a GPU two such
+Reading a device flag on the host waits for every kernel queued before it; on a GPU three such
 waits per batch keep the device idle while the host prepares the next batch. The guard records
-each check as a device-side flag and reads them all at once every few batches (and at the end),
-then raises for the first flagged check, naming its samples as an immediate check would: a loss
+each check as a device-side flag and reads them all at once every few batches (and at the end,
+before diag_fim returns), then raises for the first flagged check, naming its samples as an
+immediate check would: a label outside the model's classes (the loss was computed with labels
+clamped into range, so nothing indexed out of range meanwhile, and is never returned), a loss
 that is not finite, or the layer nearest the loss whose contribution was not. On the CPU a flag
 costs no wait, so it is read at once.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fisher_fast.fim.losses import LabelCheck
 from fisher_fast.fim.plan import OwnerPlan
 
 DEFERRED_BATCHES = 8  # batches between host reads of the flags on an accelerator
@@ -30,15 +33,23 @@ class _Pending:
     samples: str  # e.g. "0..255"
     loss: torch.Tensor | None = None  # the objective, for a loss check
     processed: tuple[OwnerPlan, ...] = ()  # owners of an accumulator check, in backward order
+    labels: LabelCheck | None = None  # for a label check
 
 
 class FiniteGuard:
-    """Device-side finiteness flags, read every ``DEFERRED_BATCHES`` batches off the CPU."""
+    """Device-side label and finiteness flags, read every ``DEFERRED_BATCHES`` batches off the
+    CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.every = batches_between_reads(device)
         self.pending: list[_Pending] = []
         self.batches = 0
+
+    def labels(self, check: LabelCheck, samples: str) -> None:
+        """Flag labels of the batch of ``samples`` outside the model's classes."""
+        self.pending.append(_Pending(check.outside, samples, labels=check))
+        if self.every == 1:
+            self.flush({})
 
     def loss(self, objective: torch.Tensor, samples: str) -> None:
         """Flag a non-finite objective of the batch of ``samples``."""
@@ -76,6 +87,8 @@ class FiniteGuard:
         first = next((p for p, bad in zip(pending, flags, strict=True) if bad), None)
         if first is None:
             return
+        if first.labels is not None:
+            raise first.labels.error(first.samples)
         if first.loss is not None:
             raise FloatingPointError(
                 f"the loss is not finite ({first.loss.item()}) on the batch of samples "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,39 @@ def sample_labels(logits: torch.Tensor, k: int, generator: torch.Generator | Non
     return torch.multinomial(probs, k, replacement=True, generator=generator)
 
 
+@dataclass(frozen=True)
+class LabelCheck:
+    """Whether a batch's class labels lie in [0, classes), as tensors on the labels' device: the
+    caller reads them when it chooses (each read waits for the device)."""
+
+    outside: torch.Tensor  # 0-dim bool: some label is negative or not below ``classes``
+    extremes: torch.Tensor  # (2,) the smallest and the largest label
+    classes: int
+
+    @classmethod
+    def of(cls, targets: torch.Tensor, classes: int) -> LabelCheck:
+        extremes = torch.stack([targets.min(), targets.max()])
+        return cls((extremes[0] < 0) | (extremes[1] >= classes), extremes, classes)
+
+    def error(self, samples: str | None = None) -> ValueError:
+        """The error to raise when ``outside`` is set (reads ``extremes``)."""
+        low, high = (int(v) for v in self.extremes.tolist())
+        where = f" on the batch of samples {samples}" if samples is not None else ""
+        return ValueError(
+            f"labels must lie in [0, {self.classes}) for a model with {self.classes} outputs; "
+            f"got labels from {low} to {high}{where}. Map the labels to the model's classes "
+            "or widen its head."
+        )
+
+
+LabelSink = Callable[[LabelCheck], None]  # takes a batch's label check, to read later
+
+
 def _check_classification(
     output: torch.Tensor, targets: torch.Tensor | None, need_targets: bool
 ) -> None:
+    """The shapes and dtypes of logits and labels (host metadata only: their values are checked
+    by ``_checked_labels``)."""
     if output.dim() != 2:
         raise ValueError(
             f"loss='cross_entropy' expects logits of shape (N, classes), got {tuple(output.shape)}; "
@@ -52,13 +83,23 @@ def _check_classification(
         raise ValueError(
             f"cross_entropy targets must be integer labels of shape (N,), got {targets.dtype} {tuple(targets.shape)}"
         )
-    classes = output.shape[1]
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= classes:
-        raise ValueError(
-            f"labels must lie in [0, {classes}) for a model with {classes} outputs; got labels from "
-            f"{low} to {high}. Map the labels to the model's classes or widen its head."
-        )
+
+
+def _checked_labels(
+    targets: torch.Tensor, classes: int, labels_to: LabelSink | None
+) -> torch.Tensor:
+    """The labels to compute the loss with. Without ``labels_to``, a label outside [0, classes)
+    raises at once (one host read); with it, the check goes there unread, and the labels come
+    back clamped into range, so that nothing indexes out of range before the caller reads the
+    check (on CUDA such an index is a device assert); the caller must raise before using the
+    result."""
+    check = LabelCheck.of(targets, classes)
+    if labels_to is None:
+        if bool(check.outside):
+            raise check.error()
+        return targets
+    labels_to(check)
+    return targets.clamp(0, classes - 1)
 
 
 def objectives(
@@ -68,8 +109,12 @@ def objectives(
     fisher: str,
     mc_samples: int,
     generator: torch.Generator | None,
+    labels_to: LabelSink | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the scalar objectives to backpropagate, one backward pass each (see module doc)."""
+    """Yield the scalar objectives to backpropagate, one backward pass each (see module doc).
+
+    Given labels are checked against the classes at once, or, with ``labels_to``, handed to it
+    as a :class:`LabelCheck` to read later (no host sync; see ``_checked_labels``)."""
     if callable(loss):
         if fisher != "empirical":
             raise ValueError(
@@ -84,7 +129,9 @@ def objectives(
     elif loss == "cross_entropy":
         _check_classification(output, targets, fisher == "empirical")
         if fisher == "empirical":
-            yield F.cross_entropy(output, targets, reduction="sum")  # type: ignore[arg-type]
+            assert targets is not None  # checked above
+            labels = _checked_labels(targets, output.shape[1], labels_to)
+            yield F.cross_entropy(output, labels, reduction="sum")
         elif fisher == "mc":
             labels = sample_labels(output, mc_samples, generator)
             for j in range(mc_samples):

@@ -10,7 +10,8 @@ gE[n, t], and b_n[v] = sum_s gH[n, s, v] x[n, s], so
     sum_n a_n[v] ∘ b_n[v] = sum over (n, t) with ids[n, t] = v of gE[n, t] ∘ b_n[ids[n, t]],
 
 where the rows b_n[ids[n, t]] = sum_s gH[n, s, ids[n, t]] x[n, s] are one gather and one
-batched product ((N, Te, Th) @ (N, Th, D)). Used only for an Embedding without padding_idx,
+batched product ((N, Te, Th) @ (N, Th, D)), added to the accumulator's rows in place
+(rows.add_rows: a fixed order, no host sync). Used only for an Embedding without padding_idx,
 max_norm or scale_grad_by_freq (plan.py checks).
 """
 
@@ -54,6 +55,5 @@ class TiedCross:
         n, t_e = ids.shape
         picked = g_h.gather(2, ids[:, None, :].expand(n, g_h.shape[1], t_e))  # (N, Th, Te)
         rows = torch.bmm(picked.transpose(1, 2), x)  # (N, Te, D): b_n[ids[n, t]]
-        cross = torch.zeros(self.target.shape, dtype=self.work, device=self.target.device)
-        add_rows(cross, ids.reshape(-1), (g_e * rows).reshape(-1, rows.shape[-1]))
-        self.target += (2 * cross).to(self.target.dtype)
+        terms = (g_e * rows).mul_(2).reshape(-1, rows.shape[-1]).to(self.target.dtype)
+        add_rows(self.target, ids.reshape(-1), terms)  # into the accumulator: no V × D temporary
