@@ -3,8 +3,15 @@
 Build the package with its CUDA kernels first, then run this script::
 
     FISHER_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .
-    python benchmarks/gpu_check.py            # checks, timings and a summary (about a minute)
+    python benchmarks/gpu_check.py --budget-s 300 --results gpu_results.txt
     python benchmarks/gpu_check.py --dry-run  # imports and arguments only; runs without a GPU
+    python benchmarks/gpu_check.py --smoke    # the GPT-2 layer, end-to-end, cuBLAS-ratio and
+                                              # Algorithm 1 sections, small, on the CPU
+
+The check runs in sections, each given a share of ``--budget-s`` from what is left (its cap,
+less what the sections after it need at least); a section that cannot have its minimum is
+skipped and says so. Each section's checks and timings are appended to ``--results`` as it
+finishes, so a run stopped from outside keeps what it measured.
 
 Checks (every CUDA op against the CPU op and a float64 PyTorch reference, on fresh random inputs):
 
@@ -26,6 +33,13 @@ Checks (every CUDA op against the CPU op and a float64 PyTorch reference, on fre
 * the Triton convolution kernels (implicit GEMM and depthwise, fisher_fast/fim/triton_conv.py)
   at ResNet-18 and EfficientNet-B0 layer shapes against float64 per-sample weight gradients, in
   both precisions, bitwise reproducible.
+* GPT-2 small's layers at T = 512 (768 -> 2304, 768 <-> 3072, attention with 12 heads, the tied
+  head 768 x 50257 on 2 samples), each alone through diag_fim's Linear, transposed-Linear
+  (Conv1D), MultiheadAttention and tied-head rules, on both backends and every Triton precision,
+  against a float64 per-sample loop on the CPU: max and median relative error, rule paths.
+* Algorithm 1 through the command line on the GPU (``dictionary build`` of the embedded digits
+  without task 2, then ``search --target 2``; smallest settings, ``--device cuda``), each step a
+  child process within the section's time.
 
 Errors are max |out - ref| / max |ref| (relative to the largest reference entry). Float32
 arithmetic must stay under 1e-5; float64 under 1e-12. Half and bfloat16 inputs are compared with
@@ -33,29 +47,44 @@ a reference built from the same rounded values, so they meet the float32 bound t
 
 Timings: median of many runs timed with CUDA events after a warm-up, against the same math in
 plain PyTorch on the GPU (TF32 off, so both sides do float32 arithmetic); the Triton kernel in
-both precisions on the same shapes; the Triton convolution kernels against cuDNN's weight
-gradient of the same batch in the same precision (the vendor's cost of one backward pass for
-that layer); and whole ``diag_fim`` calls (kernels and triton backends) and torch.func
-vmap(grad), with their peak memory, over a plain forward and backward pass of the same 4
-batches (the floor), on the GPU issue's models in plain torch.nn (benchmarks/gpu_models.py:
-a CIFAR ResNet-18 at N = 256, ResNet-18 and ResNet-50 at 224 px, ViT-B/16, a GPT-2-small-like
-decoder with its tied head at T = 512), until ``--model-budget-s`` seconds have passed.
+every precision on the same shapes; per layer, our products (GPT-2's linear layers at T = 512,
+N = 8: the CUDA op and the Triton kernel; ResNet-18 and EfficientNet-B0 convolutions: the Triton
+kernels) against the vendor's weight gradient of the same batch in the same precision (cuBLAS's
+g^T x by torch.mm, cuDNN's by torch.nn.grad.conv2d_weight; TF32 against TF32, float32 against
+ieee and 3xTF32), the vendor's cost of that layer in one backward pass; and end to end,
+``diag_fim`` (kernels and triton backends, and the triton backend with TF32 products under a
+TF32 model), torch.func vmap(grad), BackPACK and Opacus against a plain forward and backward pass
+(the floor; under TF32 for the TF32 row), each as the median time of a warm batch (every batch
+stamped with a CUDA event as it is asked for; the first call and each call's first batch, where
+diag_fim plans, left out) with peak memory, on the GPU issue's models in plain torch.nn
+(benchmarks/gpu_models.py: a CIFAR ResNet-18 at N = 256, ResNet-18 and ResNet-50 at 224 px,
+ViT-B/16, a GPT-2-small-like decoder with its tied head at T = 512); the triton backend's FIM
+there is checked against the kernels backend's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import faulthandler
+import itertools
+import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import gpu_models  # beside this script
+import numpy as np
 import torch
 from per_sample_losses import lm_loss  # beside this script
 
@@ -92,6 +121,32 @@ CONV_LAYERS = {
 }
 BASELINE_CHUNK_BYTES = 2 << 30  # per-sample products the PyTorch baseline may hold at once
 
+GPT2_T = 512  # positions per sample in GPT-2's layer checks and timings
+# GPT-2 small's layers, each alone (gpu_models.gpt2_layer): name -> (path, width, size, samples);
+# size is the output features (linear, conv1d), the heads (attention) or the vocabulary (tied).
+GPT2_LAYERS = {
+    "linear 768->2304 (qkv)": ("linear", 768, 2304, 4),
+    "linear 768->3072 (mlp fc)": ("linear", 768, 3072, 4),
+    "linear 3072->768 (mlp proj)": ("linear", 3072, 768, 4),
+    "conv1d 768->2304 (qkv)": ("conv1d", 768, 2304, 4),
+    "conv1d 768->3072 (mlp fc)": ("conv1d", 768, 3072, 4),
+    "conv1d 3072->768 (mlp proj)": ("conv1d", 3072, 768, 4),
+    "attention 768, 12 heads": ("attention", 768, 12, 4),
+    "tied head 768x50257": ("tied", 768, 50257, 2),
+}
+# GPT-2's linear products at its batch (N = 8, T = 512): name -> (N, input, output features).
+LINEAR_LAYERS = {
+    "gpt2 qkv 768->2304": (8, 768, 2304),
+    "gpt2 attn out 768->768": (8, 768, 768),
+    "gpt2 mlp fc 768->3072": (8, 768, 3072),
+    "gpt2 mlp proj 3072->768": (8, 3072, 768),
+    "gpt2 head 768->50257": (8, 768, 50257),
+}
+TOL_E2E_TF32 = 1e-2  # a model's FIM under TF32 (model and products) against float32 kernels
+E2E_BATCHES, E2E_CALLS = 4, 3  # batches per timed call; calls per method, the first a warm-up
+SMOKE_SCALE = 16  # --smoke divides the widths and positions of the GPT-2 shapes by this
+REPO = Path(__file__).resolve().parents[1]
+
 
 # ---------------------------------------------------------------------------------------------
 # Results
@@ -120,6 +175,26 @@ CHECKS: list[Check] = []
 TIMINGS: list[Timing] = []
 
 
+def format_check(c: Check) -> str:
+    """One line of a check: status, section, name, value against its limit, note."""
+    return f"{c.status}: [{c.section}] {c.name}: {c.value:.3e} (limit {c.limit:.0e}) {c.note}"
+
+
+def format_timing(r: Timing) -> str:
+    """One summary row of a timing: ours, the baseline, their ratio (baseline / ours)."""
+    speedup = r.torch_ms / r.ours_ms if r.ours_ms > 0 else math.nan
+    return (
+        f"{r.kernel:<26} {r.shape:<52} {r.ours_ms:9.3f} {r.torch_ms:9.3f} {speedup:6.2f}  "
+        f"{r.rate:>16}  {r.torch_what}"
+    )
+
+
+TIMING_HEAD = (
+    f"{'kernel':<26} {'shape':<52} {'ours ms':>9} {'base ms':>9} {'x':>6}  {'our rate':>16}  "
+    "baseline (x = baseline / ours)"
+)
+
+
 def record(section: str, name: str, value: float, limit: float, note: str = "") -> None:
     """Record an error against its limit (NaN fails) and print it at once."""
     ok = math.isfinite(value) and value <= limit
@@ -146,6 +221,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     diff = (out[finite] - ref[finite]).abs().max().item()
     scale = ref[finite].abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def median_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Median over the entries where ref is nonzero and finite of |out - ref| / |ref|: the
+    typical entry's error, where :func:`rel_err` gives the worst against the largest."""
+    out, ref = out.double().flatten(), ref.double().to(out.device).flatten()
+    keep = torch.isfinite(ref) & (ref != 0)
+    if not keep.any():
+        return 0.0
+    return ((out[keep] - ref[keep]).abs() / ref[keep].abs()).median().item()
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -612,20 +697,257 @@ def check_triton_conv(device: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# GPT-2's layers through diag_fim's rules, against a float64 per-sample loop on the CPU
+# ---------------------------------------------------------------------------------------------
+def gpt2_layers(scale: int) -> dict[str, tuple[str, int, int, int]]:
+    """:data:`GPT2_LAYERS` with widths, output features and vocabularies divided by ``scale``
+    (the attention heads kept)."""
+    return {
+        name: (path, width // scale, size if path == "attention" else size // scale, n)
+        for name, (path, width, size, n) in GPT2_LAYERS.items()
+    }
+
+
+def float64_fim(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher (1/N) sum_n (dL_n/dθ)^2 of a float64 copy of ``model`` on
+    the CPU, one sample at a time, per trainable parameter (``named_parameters`` order)."""
+    ref = copy.deepcopy(model).cpu().double().eval()
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    total = {n: torch.zeros_like(p) for n, p in named}
+    for i in range(len(x)):
+        xi = x[i : i + 1].cpu()
+        xi = xi.double() if xi.is_floating_point() else xi
+        grads = torch.autograd.grad(loss(ref(xi), y[i : i + 1].cpu()).sum(), [p for _, p in named])
+        for (n, _), g in zip(named, grads, strict=True):
+            total[n] += g.square()
+    return {n: t / len(x) for n, t in total.items()}
+
+
+def fim_errors(fim: Any, reference: dict[str, torch.Tensor]) -> tuple[float, float, str]:
+    """The worst parameter's :func:`rel_err` (each against its own largest entry), the
+    :func:`median_rel_err` over every entry, and the worst parameter's name."""
+    worst, worst_name = -1.0, ""
+    outs, refs = [], []
+    for name, ref in reference.items():
+        out = fim[name].double().cpu()
+        err = rel_err(out, ref)
+        if err > worst:
+            worst, worst_name = err, name
+        outs.append(out.flatten())
+        refs.append(ref.flatten())
+    return worst, median_rel_err(torch.cat(outs), torch.cat(refs)), worst_name
+
+
+def triton_expected(device: str | torch.device) -> bool:
+    """Whether the Triton paths are checked on ``device``: always on a GPU (where a missing
+    Triton is a failure), elsewhere where Triton runs (its interpreter, TRITON_INTERPRET=1)."""
+    from fisher_fast.fim import triton_products
+
+    where = torch.device(device)
+    return where.type == "cuda" or triton_products.runs_on(where)
+
+
+def fim_backends(device: str) -> dict[str, dict[str, Any]]:
+    """diag_fim's options for each backend on ``device`` (label -> keyword arguments): the
+    compiled kernels where the library is loaded, and the Triton kernels in every precision
+    where :func:`triton_expected`."""
+    found: dict[str, dict[str, Any]] = {}
+    if fisher_fast.is_loaded():
+        found["kernels"] = {"backend": "kernels"}
+    if triton_expected(device):
+        for precision in TRITON_PRECISIONS:
+            found[f"triton {precision}"] = {"backend": "triton", "triton_precision": precision}
+    return found
+
+
+def check_gpt2_layers(device: str, deadline: float, scale: int = 1) -> None:
+    """Each GPT-2 layer alone (:data:`GPT2_LAYERS`), diag_fim on ``device`` on every backend
+    against the float64 loop on the CPU: the worst parameter's max relative error (checked),
+    the median relative error (in the note), and the rule each parameter took."""
+    layers = gpt2_layers(scale)
+    positions = GPT2_T // scale
+    backends = fim_backends(device)
+    smaller = f", widths / {scale}" if scale > 1 else ""
+    print(f"\n[gpt2 layers] T={positions}{smaller}: {', '.join(backends)} against float64 (CPU)")
+    gen = torch.Generator().manual_seed(11)
+    for name, (path, width, size, n) in layers.items():
+        if spent(deadline, name):
+            continue
+        torch.manual_seed(11)
+        model = gpu_models.gpt2_layer(path, width, size).eval()
+        x, y = gpu_models.gpt2_layer_batch(path, width, size, n, positions, gen)
+        reference = float64_fim(model, x, y, lm_loss)
+        model = model.to(device)
+        data = (x.to(device), y.to(device))
+        paths: set[str] = set()
+        for label, options in backends.items():
+            tol = TRITON_PRECISIONS.get(options.get("triton_precision", ""), TOL_F32)
+            case = f"{name} {label}"
+            try:
+                fim = fisher_fast.diag_fim(
+                    model, data, loss=lm_loss, progress=False, batch_size=n, **options
+                )
+            except Exception as exc:  # a failing backend is a failed check; the others go on
+                record_bool("gpt2 layers", case, False, f"{type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            worst, median, where = fim_errors(fim, reference)
+            record("gpt2 layers", case, worst, max(tol, TOL_FIM), f"median {median:.1e}; {where}")
+            paths.update(fim.meta["paths"].values())
+        slow = sorted(p for p in paths if not p.startswith("rule"))
+        record_bool("gpt2 layers", f"{name}: every parameter by a rule", not slow, "; ".join(slow))
+        del model, data, reference
+        _free(device)
+
+
+def spent(deadline: float, what: str) -> bool:
+    """Whether ``deadline`` (a :func:`time.perf_counter` reading) has passed; if so, says that
+    ``what`` is skipped."""
+    if time.perf_counter() <= deadline:
+        return False
+    print(f"  {what}: skipped (the section's time is spent)")
+    return True
+
+
+def _free(device: str) -> None:
+    """Give cached device memory back between large cases (nothing to do on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1 on the device, through the command line
+# ---------------------------------------------------------------------------------------------
+ALGORITHM1_SETTINGS = ["--rounds", "1", "--candidates", "1", "--max-steps", "3", "--quiet"]
+
+
+def algorithm1_data(root: Path) -> tuple[list[str], str]:
+    """The suite options of the Algorithm 1 run and what they name: the embedded digits where
+    scikit-learn (which ships them) is installed; else a stand-in written into ``root``, 1797
+    noisy 8x8 images of ten fixed patterns with the digits suite's four tasks (an ``npz``
+    source and a ``--config`` file), so that the same code runs on a machine without it."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return ["--suite", "digits"], "the embedded digits"
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(1797) % 10
+    patterns = torch.rand(10, 1, 8, 8, generator=gen)
+    noise = 0.3 * torch.randn(1797, 1, 8, 8, generator=gen)
+    images = (patterns[labels] + noise).clamp(0, 1)
+    with (root / "standin.npz").open("wb") as f:
+        np.savez(f, x=images.numpy(), y=labels.numpy())
+    other = {"other": True}
+    config = {
+        "name": "digits-standin",
+        "source": {"format": "npz", "path": "standin.npz"},
+        "arch": "mlp",
+        "epsilon": 0.1,
+        "train": {"epochs": 40, "batch_size": 64, "lr": 3e-3},
+        "tasks": [
+            {"name": "detect 0", "classes": [[0]], **other},
+            {"name": "detect 6", "classes": [[6]], **other},
+            {"name": "0-3 + other", "classes": [0, 1, 2, 3], **other},
+            {"name": "all digits", "classes": list(range(10))},
+        ],
+    }
+    (root / "tasks.json").write_text(json.dumps(config))
+    return ["--config", str(root / "tasks.json")], "stand-in digits (no scikit-learn here)"
+
+
+def algorithm1_steps(root: Path, data: list[str]) -> dict[str, list[str]]:
+    """The command lines of a short Algorithm 1 in ``root`` on the suite of ``data``: the
+    dictionary of its baselines without task 2 (one epoch per probe, 3-node cells), then the
+    search for task 2 against it (3 final steps)."""
+    return {
+        "dictionary build": ["dictionary", "build", *data, "--exclude", "2",
+                             "--out", str(root / "dict"), "--epochs", "1", "--nodes", "3"],
+        "search": ["search", *data, "--target", "2", "--dictionary", str(root / "dict"),
+                   "--out", str(root / "search"), "--final-steps", "3"],
+    }  # fmt: skip
+
+
+def check_algorithm1(device: str, deadline: float) -> None:
+    """Algorithm 1 with ``--device`` on the digits (:func:`algorithm1_data`), smallest
+    settings, each step a child process (``python -m fisher_fast.cli``, faulthandler on,
+    tracebacks shown) that must finish before ``deadline``; the search's report is
+    summarised."""
+    env = {**os.environ, "FISHER_FAST_TRACEBACK": "1", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="fisher_fast_alg1_") as tmp:
+        data, what = algorithm1_data(Path(tmp))
+        print(f"\n[algorithm 1] fisher-fast dictionary build + search on {what}, --device {device}")
+        for step, args in algorithm1_steps(Path(tmp), data).items():
+            left = deadline - time.perf_counter()
+            cmd = [sys.executable, "-X", "faulthandler", "-m", "fisher_fast.cli", *args]
+            cmd += [*ALGORITHM1_SETTINGS, "--device", device]
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=max(left, 1), cwd=REPO, env=env
+                )
+            except subprocess.TimeoutExpired:
+                record_bool("algorithm 1", step, False, f"not done in the section's {left:.0f} s")
+                return
+            seconds = time.perf_counter() - start
+            for stream, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+                lines = text.strip().splitlines()[-12:]
+                if lines:
+                    print(f"  [{step}: {stream}]\n    " + "\n    ".join(lines))
+            ok = proc.returncode == 0
+            why = (
+                f"{seconds:.1f} s" if ok else f"rc {proc.returncode}: {proc.stderr.strip()[-160:]}"
+            )
+            record_bool("algorithm 1", f"{step} on {device}", ok, f"{what}; {why}")
+            if not ok:
+                return
+        report = json.loads((Path(tmp) / "search" / "report.json").read_text())
+        accuracy = report.get("evaluation", {}).get("test_accuracy", math.nan)
+        print(
+            f"  a* = {report['closest']}, test accuracy {accuracy:.3f}; probe "
+            f"{report['probe_seconds']:.1f} s, search {report['search_seconds']:.1f} s"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Timings
 # ---------------------------------------------------------------------------------------------
-def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    """Median time of fn() on the GPU in milliseconds, each run timed with CUDA events."""
+Stamp = Any  # a torch.cuda.Event recorded on the stream, or a time.perf_counter() reading
+
+
+def stamp(device: str) -> Stamp:
+    """Now, on ``device``: an event recorded on the current CUDA stream (so the time between
+    two stamps is the GPU's time for the work queued between them), or on the CPU the clock."""
+    if torch.device(device).type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed_ms(start: Stamp, end: Stamp) -> float:
+    """Milliseconds between two :func:`stamp` readings (waits for the second one on a GPU)."""
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    end.synchronize()
+    return float(start.elapsed_time(end))
+
+
+def median_ms(fn: Callable[[], object], repeats: int = REPEATS, device: str = "cuda") -> float:
+    """Median time of fn() in milliseconds after a warm-up, each run timed by :func:`stamp`
+    (CUDA events on a GPU)."""
     for _ in range(WARMUP):
         fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = stamp(device)
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(elapsed_ms(start, stamp(device)))
     return statistics.median(times)
 
 
@@ -636,7 +958,20 @@ def add_timings(
     for what, ms in baselines.items():
         TIMINGS.append(Timing(kernel, shape, ours, ms, what, rate))
     others = ", ".join(f"{what} {ms:.3f} ms" for what, ms in baselines.items())
-    print(f"  {shape}: ours {ours:.3f} ms ({rate}); {others}")
+    print(f"  {shape}: {kernel} {ours:.3f} ms ({rate}); {others}")
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 matrix products and convolutions on (or off) in the body, off again afterwards (the
+    check's default: float32 means float32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def time_frechet(device: str) -> None:
@@ -682,10 +1017,12 @@ def factorised_torch(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g[:, :, 0].square().permute(1, 2, 0), x[:, :, 0].square().transpose(0, 1))
 
 
-def time_per_sample(device: str) -> None:
+def time_per_sample(device: str, deadline: float) -> None:
     print("\n[timing] per_sample_sq_sum, float32 in, float32 accumulation")
     torch.manual_seed(3)
     for name, (n, b, t, o, i) in PER_SAMPLE_TIMING.items():
+        if spent(deadline, name):
+            continue
         g = torch.randn(n, b, t, o, device=device)
         x = torch.randn(n, b, t, i, device=device)
         ours = median_ms(partial(ops.per_sample_sq_sum, g, x, torch.float32))
@@ -707,79 +1044,156 @@ def time_per_sample(device: str) -> None:
             add_timings(kernel, shape, ms, f"{flops / ms / 1e9:,.2f} TFLOP/s", baselines)
 
 
-def time_triton_conv(device: str) -> None:
+Variants = dict[str, tuple[str, Callable[[], object]]]
+"""Our implementations of one layer's product: label -> (Triton precision it matches, call)."""
+
+
+def time_against_vendor(
+    shape: str, flops: float, ours: Variants, vendor: Callable[[], object], what: str, device: str
+) -> None:
+    """Each of ``ours`` against the vendor's weight gradient of the same batch (``vendor``, the
+    cost of that layer in one backward pass) in the same precision: TF32 against ``tf32``,
+    float32 against ``ieee`` and ``tf32x3`` (3xTF32 is float32-accurate). The summary's x is
+    vendor / ours: the share of the vendor's speed we reach."""
+    vendor_ms: dict[bool, float] = {}
+    for label, (precision, run) in ours.items():
+        try:
+            ms = median_ms(run, device=device)
+        except Exception as exc:  # a failed kernel is reported, the other timings go on
+            print(f"  {shape} {label} failed: {type(exc).__name__}: {str(exc)[:160]}")
+            continue
+        on = precision == "tf32"
+        if on not in vendor_ms:
+            with tf32(on):
+                vendor_ms[on] = median_ms(vendor, device=device)
+        rate = f"{flops / ms / 1e9:,.2f} TFLOP/s"
+        add_timings(
+            label, shape, ms, rate, {f"{what} ({'tf32' if on else 'float32'})": vendor_ms[on]}
+        )
+
+
+def product_variants(g: torch.Tensor, x: torch.Tensor) -> Variants:
+    """Our per-sample square-sum of g (N, 1, T, O) and x (N, 1, T, I): the compiled op in
+    float32 where the library is loaded, and the Triton kernel in every precision where
+    :func:`triton_expected`."""
+    found: Variants = {}
+    if fisher_fast.is_loaded():
+        run = partial(ops.per_sample_sq_sum, g, x, torch.float32)
+        found[f"{g.device.type} op float32"] = ("ieee", run)
+    if triton_expected(g.device):
+        for precision in TRITON_PRECISIONS:
+            found[f"triton {precision}"] = (precision, partial(_triton_square_sum, g, x, precision))
+    return found
+
+
+def time_linear_layers(device: str, deadline: float, scale: int = 1) -> None:
+    """GPT-2's linear products (:data:`LINEAR_LAYERS`: Linear, Conv1D and the attention
+    projections share them) against cuBLAS's weight gradient g^T x of the same batch."""
+    positions = GPT2_T // scale
+    cuda = torch.device(device).type == "cuda"
+    vendor_name = "cuBLAS wgrad" if cuda else "torch.mm wgrad"
+    smaller = f", widths / {scale}" if scale > 1 else ""
+    print(f"\n[timing] GPT-2 linear products at T={positions}{smaller} against {vendor_name}")
+    torch.manual_seed(10)
+    for name, (n, i, o) in LINEAR_LAYERS.items():
+        i, o = i // scale, o // scale
+        if spent(deadline, name):
+            continue
+        g = torch.randn(n, 1, positions, o, device=device)
+        x = torch.randn(n, 1, positions, i, device=device)
+        vendor = partial(torch.mm, g.view(-1, o).t(), x.view(-1, i))
+        flops = 2.0 * n * positions * o * i
+        shape = f"{name}: N={n} T={positions}"
+        time_against_vendor(shape, flops, product_variants(g, x), vendor, vendor_name, device)
+        del g, x, vendor
+        _free(device)
+
+
+def time_triton_conv(device: str, deadline: float) -> None:
     """Our per-sample squares of a layer against cuDNN's weight gradient of the same batch (the
-    plain backward pass's cost for that layer), float32 and TF32 on both sides."""
+    plain backward pass's cost for that layer), in the same precision."""
     print("\n[timing] triton conv2d_square_sum against cuDNN's weight gradient")
     torch.manual_seed(9)
     for name, layer in CONV_LAYERS.items():
+        if spent(deadline, name):
+            continue
         *_, stride, pad, groups = layer
         x, g, weight_shape = _conv_inputs(layer, device)
-        shape = f"{name}: N={x.shape[0]}"
         vendor = partial(torch.nn.grad.conv2d_weight, x, weight_shape, g, stride, pad, 1, groups)
         flops = 2.0 * math.prod(g.shape) * math.prod(weight_shape[1:])
-        for precision in TRITON_PRECISIONS:
-            tf32 = precision == "tf32"  # 3xTF32 is float32-accurate: against cuDNN's float32
-            try:
-                ms = median_ms(partial(_triton_conv, x, g, layer, precision))
-            except Exception as exc:  # a failed kernel is reported, the other timings go on
-                print(f"  {shape} triton {precision} failed: {type(exc).__name__}: {exc}")
-                continue
-            torch.backends.cudnn.allow_tf32 = tf32
-            try:
-                label = "tf32" if tf32 else "float32"
-                baselines = {f"cuDNN weight grad ({label})": median_ms(vendor)}
-            finally:
-                torch.backends.cudnn.allow_tf32 = False
-            rate = f"{flops / ms / 1e9:,.2f} TFLOP/s"
-            add_timings(f"triton conv {precision}", shape, ms, rate, baselines)
+        ours: Variants = {
+            f"triton conv {p}": (p, partial(_triton_conv, x, g, layer, p))
+            for p in TRITON_PRECISIONS
+        }
+        time_against_vendor(f"{name}: N={x.shape[0]}", flops, ours, vendor, "cuDNN wgrad", device)
 
 
-def time_diag_fim(device: str, budget_s: float) -> None:
-    """Whole diag_fim calls over the floor (forward + backward of the same batches), and
-    torch.func vmap(grad) on the same batches (4 per call), with peak memory, for the GPU issue's models
-    (benchmarks/gpu_models.py). Models are skipped once ``budget_s`` seconds have passed."""
-    print(f"\n[timing] diag_fim over a plain forward+backward, 4 batches, budget {budget_s:.0f} s")
-    start = time.perf_counter()
-    gen = torch.Generator().manual_seed(7)
-    for name, work in gpu_models.issue_workloads().items():
-        if time.perf_counter() - start > budget_s:
-            print(f"  {name}: skipped (time budget spent)")
-            continue
-        torch.manual_seed(7)
-        model = work.build().to(device).eval()
-        batches = [work.batch(work.n, device, gen) for _ in range(4)]
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        methods = _fim_methods(model, batches, params, work.loss)
-        floor_ms, floor_peak = _timed_with_peak(methods.pop("floor"), device)
-        print(f"  {name}: floor {floor_ms:.1f} ms, peak {floor_peak / 2**20:.0f} MiB")
-        for method, run in methods.items():
-            try:
-                ms, peak = _timed_with_peak(run, device)
-            except Exception as exc:  # a peer or backend that cannot run this model
-                print(f"  {name} {method} failed: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            print(
-                f"  {name}: {method} {ms:.1f} ms ({ms / floor_ms:.2f}x the floor), peak "
-                f"{peak / 2**20:.0f} MiB ({peak / floor_peak:.2f}x)"
-            )
-            TIMINGS.append(
-                Timing(method, name, ms, floor_ms, "floor", f"{peak / floor_peak:.2f}x peak")
-            )
-        del model, batches, params, methods
-        torch.cuda.empty_cache()
+# ---------------------------------------------------------------------------------------------
+# End to end: diag_fim and its peers against a plain forward and backward pass
+# ---------------------------------------------------------------------------------------------
+Batch = tuple[torch.Tensor, torch.Tensor]
+Method = Callable[[Iterable[Batch]], object]
 
 
-def _fim_methods(
+@dataclass(frozen=True)
+class E2E:
+    """One end-to-end method: what it runs over the batches, and whether under TF32."""
+
+    run: Method
+    tf32: bool = False
+    floor: str = "floor"  # the method whose time it is compared with
+
+
+def stamped(batches: Sequence[Batch], stamps: list[Stamp], device: str) -> Iterator[Batch]:
+    """The batches, with a :func:`stamp` taken as each one is asked for and one after the last:
+    the time between two stamps is one batch's."""
+    for batch in batches:
+        stamps.append(stamp(device))
+        yield batch
+    stamps.append(stamp(device))
+
+
+@dataclass(frozen=True)
+class WarmTiming:
+    """A method's median warm-batch time, its peak memory (None on the CPU) and last output."""
+
+    ms: float
+    peak: int | None
+    output: object
+
+
+def warm_batch_ms(run: Method, batches: Sequence[Batch], device: str) -> WarmTiming:
+    """``run`` over ``batches`` :data:`E2E_CALLS` times; the median time of a warm batch: the
+    first call (compilation, allocator) and each call's first batch (where diag_fim plans) are
+    left out. Peak memory is what the calls allocated above what was allocated before."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    output: object = None
+    for call in range(E2E_CALLS):
+        stamps: list[Stamp] = []
+        output = run(stamped(batches, stamps, device))
+        if call:
+            times += [elapsed_ms(a, b) for a, b in itertools.pairwise(stamps[1:])]
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    return WarmTiming(statistics.median(times), peak, output)
+
+
+def e2e_methods(
     model: torch.nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    params: dict[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> dict[str, Callable[[], object]]:
-    """The floor, diag_fim on both GPU backends, vmap(grad) in chunks of 4 samples, and the
-    peers that run on GPUs."""
+    lm: bool,
+) -> dict[str, E2E]:
+    """The floor (forward and backward), diag_fim on both backends (each where it runs, see
+    :func:`triton_expected`; the triton backend also with TF32 products under TF32, against
+    the floor under TF32), vmap(grad) in chunks of 4 samples, and the peers that run on GPUs;
+    each takes an iterable of batches."""
 
-    def floor() -> None:
+    def floor(batches: Iterable[Batch]) -> None:
         for x, y in batches:
             torch.autograd.grad(loss(model(x), y).sum(), list(params.values()))
 
@@ -790,24 +1204,88 @@ def _fim_methods(
 
     per_sample = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
 
-    def vmap_grad() -> None:
+    def vmap_grad(batches: Iterable[Batch]) -> None:
         for x, y in batches:
             for xc, yc in zip(x.split(4), y.split(4), strict=True):
                 for g in per_sample(detached, xc, yc).values():
                     g.square().sum(0)
 
-    def fim(backend: str) -> Callable[[], object]:
-        return partial(
-            fisher_fast.diag_fim, model, batches, loss=loss, backend=backend, progress=False
-        )
+    def fim(**options: Any) -> Method:
+        return partial(fisher_fast.diag_fim, model, loss=loss, progress=False, **options)
 
-    return {
-        "floor": floor,
-        "diag_fim kernels": fim("kernels"),
-        "diag_fim triton": fim("triton"),
-        "vmap(grad)": vmap_grad,
-        **_peer_methods(model, batches, loss is lm_loss),
-    }
+    methods = {"floor": E2E(floor)}
+    if fisher_fast.is_loaded():
+        methods["diag_fim kernels"] = E2E(fim(backend="kernels"))
+    triton = triton_expected(next(iter(params.values())).device)
+    if triton:
+        methods["diag_fim triton"] = E2E(fim(backend="triton", triton_precision="ieee"))
+    methods["vmap(grad)"] = E2E(vmap_grad)
+    methods.update({name: E2E(run) for name, run in _peer_methods(model, lm).items()})
+    if triton:
+        methods["floor tf32"] = E2E(floor, tf32=True, floor="floor tf32")
+        tf32_fim = fim(backend="triton", triton_precision="tf32")
+        methods["diag_fim triton tf32"] = E2E(tf32_fim, tf32=True, floor="floor tf32")
+    return methods
+
+
+# Whose FIM is checked against the kernels backend's, and within what.
+E2E_FIM_CHECKS = {"diag_fim triton": TOL_FIM, "diag_fim triton tf32": TOL_E2E_TF32}
+
+
+def time_diag_fim(device: str, deadline: float, small: bool = False) -> None:
+    """Every method of :func:`e2e_methods` on the GPU issue's models (benchmarks/gpu_models.py;
+    ``small``: the same models small), as the median time of a warm batch against the floor's,
+    with peak memory; the triton backend's FIM against the kernels backend's. A model or method
+    is skipped once ``deadline`` has passed."""
+    print(f"\n[timing] end to end: median warm batch over the floor, {E2E_BATCHES} batches a call")
+    workloads = gpu_models.small_workloads() if small else gpu_models.issue_workloads()
+    gen = torch.Generator().manual_seed(7)
+    for name, work in workloads.items():
+        if spent(deadline, name):
+            continue
+        torch.manual_seed(7)
+        model = work.build().to(device).eval()
+        batches = [work.batch(work.n, device, gen) for _ in range(E2E_BATCHES)]
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        done: dict[str, WarmTiming] = {}
+        for method, spec in e2e_methods(model, params, work.loss, work.loss is lm_loss).items():
+            if spent(deadline, f"{name} {method}"):
+                continue
+            try:
+                with tf32(spec.tf32):
+                    done[method] = warm_batch_ms(spec.run, batches, device)
+            except Exception as exc:  # a peer or backend that cannot run this model
+                print(f"  {name} {method} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            report_e2e(name, method, done, spec.floor)
+        check_e2e_fims(name, done)
+        del model, batches, params, done
+        _free(device)
+
+
+def report_e2e(model: str, method: str, done: dict[str, WarmTiming], floor: str) -> None:
+    """Print a method's warm-batch time and peak, over its floor's, and add its timing row."""
+    ours, base = done[method], done.get(floor)
+    peak = "" if ours.peak is None else f", peak {ours.peak / 2**20:.0f} MiB"
+    if base is None or method == floor:
+        print(f"  {model}: {method} {ours.ms:.2f} ms a batch{peak}")
+        return
+    ratio = "n/a" if ours.peak is None or not base.peak else f"{ours.peak / base.peak:.2f}x peak"
+    print(f"  {model}: {method} {ours.ms:.2f} ms a batch ({ours.ms / base.ms:.2f}x){peak}, {ratio}")
+    TIMINGS.append(Timing(method, model, ours.ms, base.ms, floor, ratio))
+
+
+def check_e2e_fims(model: str, done: dict[str, WarmTiming]) -> None:
+    """The triton backend's FIMs of a model (float32 and TF32) against the kernels backend's,
+    from the last timed call of each (the same batches)."""
+    reference = done.get("diag_fim kernels")
+    if reference is None:
+        return
+    for method, tol in E2E_FIM_CHECKS.items():
+        if method in done:
+            out, ref = done[method].output.flat, reference.output.flat  # type: ignore[attr-defined]
+            note = f"median {median_rel_err(out, ref):.1e}"
+            record("end to end", f"{model}: {method} vs kernels", rel_err(out, ref), tol, note)
 
 
 GPU_PEERS = ("backpack_sum_grad_squared", "opacus_grad_sample")
@@ -825,21 +1303,17 @@ class _PositionsLast(torch.nn.Module):
         return self.model(ids).transpose(1, 2)
 
 
-def _peer_methods(
-    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lm: bool
-) -> dict[str, Callable[[], object]]:
-    """BackPACK's and Opacus' empirical diagonal Fisher (benchmarks/fim_baselines.py) on the
-    same batches, each on its own copy of the model; a peer that is not installed fails when
+def _peer_methods(model: torch.nn.Module, lm: bool) -> dict[str, Method]:
+    """BackPACK's and Opacus' empirical diagonal Fisher (benchmarks/fim_baselines.py) over the
+    batches, each on its own copy of the model; a peer that is not installed fails when
     called, and is reported so."""
-    import copy
-
     import fim_baselines  # beside this script
 
-    def run(name: str) -> Callable[[], object]:
+    def run(name: str) -> Method:
         own = copy.deepcopy(_PositionsLast(model) if lm else model)
         method = fim_baselines.METHODS[name].fn
 
-        def call() -> None:
+        def call(batches: Iterable[Batch]) -> None:
             for x, y in batches:
                 method(own, x, y)
 
@@ -848,14 +1322,86 @@ def _peer_methods(
     return {name: run(name) for name in GPU_PEERS}
 
 
-def _timed_with_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
-    """Median ms of fn() (CUDA events, 3 timed calls after the warm-up) and the peak memory
-    allocated above what was allocated before, in bytes."""
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    ms = median_ms(fn, repeats=3)
-    return ms, torch.cuda.max_memory_allocated(device) - base
+# ---------------------------------------------------------------------------------------------
+# Sections, their time and the results file
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Section:
+    """A part of the check: ``run(device, deadline)``, at most ``cap_s`` seconds, skipped with
+    less than ``floor_s`` left for it. ``timing``: left out by --no-timing; ``smoke``: also run
+    by --smoke (on the CPU, small)."""
+
+    name: str
+    run: Callable[[str, float], None]
+    cap_s: float = math.inf
+    floor_s: float = 0.0
+    timing: bool = False
+    smoke: bool = False
+
+
+def untimed(check: Callable[[str], None]) -> Callable[[str, float], None]:
+    """A check that takes no deadline (it is short), as a section's ``run``."""
+    return lambda device, deadline: check(device)
+
+
+def sections(scale: int, e2e_cap_s: float) -> list[Section]:
+    """Every section in running order; ``scale`` shrinks the GPT-2 shapes (--smoke)."""
+    return [
+        Section("frechet_sums", untimed(check_frechet)),
+        Section("per_sample_sq_sum", untimed(check_per_sample)),
+        Section("bad input", untimed(check_bad_inputs)),
+        Section("opcheck", untimed(check_opcheck)),
+        Section("diag_fim", untimed(check_diag_fim)),
+        Section("triton", untimed(check_triton)),
+        Section("triton-conv", untimed(check_triton_conv)),
+        Section("gpt2 layers", partial(check_gpt2_layers, scale=scale), 90, 15, smoke=True),
+        Section("algorithm 1", check_algorithm1, 90, 20, smoke=True),
+        Section("timing frechet_sums", untimed(time_frechet), 20, 5, timing=True),
+        Section("timing per_sample_sq_sum", time_per_sample, 40, 10, timing=True),
+        Section("timing linear vs cuBLAS", partial(time_linear_layers, scale=scale), 40, 10,
+                timing=True, smoke=True),
+        Section("timing conv vs cuDNN", time_triton_conv, 50, 10, timing=True),
+        Section("timing end to end", partial(time_diag_fim, small=scale > 1), e2e_cap_s, 40,
+                timing=True, smoke=True),
+    ]  # fmt: skip
+
+
+def run_sections(chosen: list[Section], device: str, budget_s: float, results: Path | None) -> None:
+    """Run each section with its share of what is left of ``budget_s``: at most its cap, and
+    the floors of the sections after it (those that still fit) kept back; append each one's
+    checks and timings to ``results`` as it finishes. A section that raises is a failed
+    check; the others go on."""
+    end = time.perf_counter() + budget_s
+    for i, section in enumerate(chosen):
+        start = time.perf_counter()
+        later = sum(s.floor_s for s in chosen[i + 1 :] if s.floor_s <= end - start)
+        share = min(section.cap_s, end - start - later)
+        checks, timings = len(CHECKS), len(TIMINGS)
+        if share < max(section.floor_s, 1.0):
+            note = f"{end - start:.0f} s left of {budget_s:.0f}, {later:.0f} s kept for later"
+            CHECKS.append(Check(section.name, "skipped: time budget", 0.0, 0.0, "SKIP", note))
+            print(f"\n[{section.name}] SKIP ({note})")
+        else:
+            try:
+                section.run(device, start + share)
+            except Exception as exc:  # report, do not stop the other sections
+                record_bool(section.name, "section ran", False, f"{type(exc).__name__}: {exc}")
+        took = time.perf_counter() - start
+        write_results(results, f"{section.name}: {took:.1f} s", checks, timings)
+
+
+def write_results(path: Path | None, header: str, checks: int, timings: int) -> None:
+    """Append the checks and timings recorded since indices ``checks`` and ``timings`` to the
+    results file under ``header``, and flush it to disk."""
+    if path is None:
+        return
+    lines = [f"== {header}", *(format_check(c) for c in CHECKS[checks:])]
+    if len(TIMINGS) > timings:
+        lines += [TIMING_HEAD, *(format_timing(r) for r in TIMINGS[timings:])]
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,27 +1410,22 @@ def _timed_with_peak(fn: Callable[[], object], device: str) -> tuple[float, int]
 def summary() -> int:
     print("\n" + "=" * 100 + "\nSUMMARY")
     if TIMINGS:
-        head = f"{'kernel':<18} {'shape':<52} {'ours ms':>9} {'torch ms':>9} {'x':>6}"
-        print(f"\n{head}  {'our rate':>16}  baseline")
+        print(f"\n{TIMING_HEAD}")
         for r in TIMINGS:
-            speedup = r.torch_ms / r.ours_ms if r.ours_ms > 0 else math.nan
-            print(
-                f"{r.kernel:<18} {r.shape:<52} {r.ours_ms:9.3f} {r.torch_ms:9.3f} {speedup:6.1f}  "
-                f"{r.rate:>16}  {r.torch_what}"
-            )
+            print(format_timing(r))
     counts = {s: sum(c.status == s for c in CHECKS) for s in ("PASS", "FAIL", "SKIP")}
     worst: dict[str, float] = {}
     for c in CHECKS:
         if c.status != "SKIP" and c.limit > 0:
             worst[c.section] = max(worst.get(c.section, 0.0), c.value / c.limit)
-    print(f"\n{'section':<12} {'checks':>7} {'failed':>7} {'worst error / limit':>20}")
+    print(f"\n{'section':<24} {'checks':>7} {'failed':>7} {'worst error / limit':>20}")
     for section in dict.fromkeys(c.section for c in CHECKS):
         rows = [c for c in CHECKS if c.section == section]
         failed = sum(c.status == "FAIL" for c in rows)
-        print(f"{section:<12} {len(rows):>7} {failed:>7} {worst.get(section, 0.0):>20.3f}")
+        print(f"{section:<24} {len(rows):>7} {failed:>7} {worst.get(section, 0.0):>20.3f}")
     for c in CHECKS:
         if c.status == "FAIL":
-            print(f"FAIL: [{c.section}] {c.name}: {c.value:.3e} > {c.limit:.0e} {c.note}")
+            print(format_check(c))
     print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     return 1 if counts["FAIL"] else 0
 
@@ -892,54 +1433,78 @@ def summary() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="check imports and arguments only")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="on the CPU, small: the GPT-2 layer checks, Algorithm 1, the cuBLAS ratios and the "
+        "end-to-end timings (the Triton ones where TRITON_INTERPRET=1 lets Triton run there)",
+    )
     parser.add_argument("--no-timing", action="store_true", help="correctness checks only")
-    parser.add_argument("--device", default="cuda", help="CUDA device to test (default: cuda)")
+    parser.add_argument(
+        "--device", default=None, help="device to test (default: cuda; cpu with --smoke)"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="seconds for the whole check, shared out among its sections (default 420)",
+    )
     parser.add_argument(
         "--model-budget-s",
         type=float,
-        default=100.0,
-        help="seconds of end-to-end model timings before the remaining models are skipped",
+        default=math.inf,
+        help="at most this many seconds of end-to-end model timings (default: what is left)",
+    )
+    parser.add_argument(
+        "--results", type=Path, help="append each section's results to this file as it finishes"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="WORDS",
+        help="run only the sections whose names contain WORDS (repeatable), e.g. 'end to end'",
     )
     parser.add_argument("--bad-input", metavar="CASE", help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
+    device = args.device or ("cpu" if args.smoke else "cuda")
     faulthandler.enable()  # a crash (SIGSEGV, SIGFPE, abort) prints the Python trace first
     if args.bad_input:
-        return run_bad_input(args.bad_input, args.device)
+        return run_bad_input(args.bad_input, device)
 
     if args.dry_run:
         info = fisher_fast.build_info() if fisher_fast.is_loaded() else "library not built"
         print(f"dry run: torch {torch.__version__}, fisher_fast {fisher_fast.__version__}, {info}")
         print(f"dry run: CUDA available: {torch.cuda.is_available()}; nothing was checked")
         return 0
-    if not torch.cuda.is_available():
+    scale = SMOKE_SCALE if args.smoke else 1
+    chosen = [
+        s
+        for s in sections(scale, args.model_budget_s)
+        if (s.smoke or not args.smoke) and not (s.timing and args.no_timing)
+        if not args.only or any(words in s.name for words in args.only)
+    ]
+    if args.smoke:
+        print(f"smoke run on {device}: {', '.join(s.name for s in chosen)}")
+    elif not torch.cuda.is_available():
         print("error: no CUDA device; run on a GPU machine (or use --dry-run)", file=sys.stderr)
         return 2
-
-    info = fisher_fast.build_info()
-    print(f"build_info: {info}")
-    print(f"device: {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
-    if not info.get("cuda_kernels"):
-        print(
-            "error: fisher_fast was built without CUDA kernels; rebuild with FISHER_FAST_CUDA=1",
-            file=sys.stderr,
-        )
-        return 1
+    else:
+        info = fisher_fast.build_info()
+        print(f"build_info: {info}")
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+        if not info.get("cuda_kernels"):
+            print(
+                "error: fisher_fast was built without CUDA kernels; rebuild with FISHER_FAST_CUDA=1",
+                file=sys.stderr,
+            )
+            return 1
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides
     torch.backends.cudnn.allow_tf32 = False
-
-    check_frechet(args.device)
-    check_per_sample(args.device)
-    check_bad_inputs(args.device)
-    check_opcheck(args.device)
-    check_diag_fim(args.device)
-    check_triton(args.device)
-    check_triton_conv(args.device)
-    if not args.no_timing:
-        time_frechet(args.device)
-        time_per_sample(args.device)
-        time_triton_conv(args.device)
-        time_diag_fim(args.device, args.model_budget_s)
-    return summary()
+    run_sections(chosen, device, args.budget_s, args.results)
+    status = summary()
+    counts = {s: sum(c.status == s for c in CHECKS) for s in ("PASS", "FAIL", "SKIP")}
+    write_results(args.results, f"gpu_check: {counts}", len(CHECKS), len(TIMINGS))
+    return status
 
 
 if __name__ == "__main__":

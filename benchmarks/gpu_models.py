@@ -2,7 +2,10 @@
 need not have timm, torchvision or transformers): ResNet-18 and ResNet-50, a ViT-B/16 with a
 class token and position embeddings added in its forward, and a GPT-2-small-like causal
 decoder whose position ids of shape (1, T) are broadcast and whose head is tied to the token
-embedding. Each builder takes its sizes, so the tests build the same code small on a CPU.
+embedding; and GPT-2's single layers, each alone (:func:`gpt2_layer`): a Linear, the transposed
+Linear of Hugging Face's GPT-2 (``Conv1D``), causal self-attention and the tied head. Each
+builder takes its sizes, so the tests and ``gpu_check.py --smoke`` build the same code small on
+a CPU.
 """
 
 from __future__ import annotations
@@ -148,6 +151,89 @@ class GPT2Like(nn.Module):
         return self.head(self.norm(h))
 
 
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's transposed Linear, y = x W + b with W of shape (in, out), written
+    out here (the GPU machine has no transformers). fisher_fast recognises the original by its
+    class name, its module and ``nf`` (fisher_fast/fim/rules/transposed_linear.py), so this one
+    says it comes from transformers and takes the same rule."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(
+            *x.shape[:-1], self.nf
+        )
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class CausalSelfAttention(nn.Module):
+    """nn.MultiheadAttention over (N, T, D) with a causal mask and no attention weights
+    returned, as in nn.TransformerEncoderLayer (the rule's instrumented path)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        return self.attention(x, x, x, attn_mask=mask, need_weights=False, is_causal=True)[0]
+
+
+class TiedHead(nn.Module):
+    """Token ids (N, T) -> logits (N, T, V): the token embedding, a LayerNorm and the language
+    model head tied to the embedding, GPT-2's two ends without the layers between."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.tokens(ids)))
+
+
+GPT2_LAYER_PATHS = ("linear", "conv1d", "attention", "tied")
+"""The kinds of :func:`gpt2_layer`: nn.Linear, the transposed Linear (Conv1D), causal
+self-attention (nn.MultiheadAttention) and the head tied to the token embedding."""
+
+
+def gpt2_layer(path: str, width: int, size: int) -> nn.Module:
+    """One GPT-2 layer alone, taking (N, T, ``width``) activations (token ids for ``tied``):
+    ``linear`` and ``conv1d`` map ``width`` to ``size`` features, ``attention`` has ``size``
+    heads (output ``width``), ``tied`` has a vocabulary of ``size``."""
+    if path == "linear":
+        return nn.Linear(width, size)
+    if path == "conv1d":
+        return Conv1D(size, width)
+    if path == "attention":
+        return CausalSelfAttention(width, size)
+    if path == "tied":
+        return TiedHead(size, width)
+    raise ValueError(f"no GPT-2 layer {path!r}; one of {', '.join(GPT2_LAYER_PATHS)}")
+
+
+def gpt2_layer_batch(
+    path: str, width: int, size: int, n: int, positions: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples of ``positions`` inputs for :func:`gpt2_layer` and a target class per output
+    position (for :func:`per_sample_losses.lm_loss`), on the CPU."""
+    classes = width if path == "attention" else size
+    if path == "tied":
+        x = torch.randint(0, size, (n, positions), generator=gen)
+    else:
+        x = torch.randn(n, positions, width, generator=gen)
+    return x, torch.randint(0, classes, (n, positions), generator=gen)
+
+
 @dataclass(frozen=True)
 class Workload:
     """A model and how to draw a batch of ``n`` samples for it on a device."""
@@ -188,4 +274,28 @@ def issue_workloads() -> dict[str, Workload]:
         "ResNet-50 224px N=32": Workload(lambda: resnet(50), images(224, 1000), 32, class_loss),
         "ViT-B/16 224px N=32": Workload(lambda: ViT(), images(224, 1000), 32, class_loss),
         "GPT-2 small T=512 N=8": Workload(lambda: GPT2Like(), token_ids(50257, 512), 8, lm_loss),
+    }
+
+
+def small_workloads() -> dict[str, Workload]:
+    """The same models a few hundred times smaller, for ``gpu_check.py --smoke`` on a CPU."""
+    return {
+        "CIFAR ResNet-18 (small)": Workload(
+            lambda: resnet(18, 10, width=4, cifar=True), images(8, 10), 8, class_loss
+        ),
+        "ResNet-50 (small)": Workload(
+            lambda: resnet(50, 10, width=4), images(32, 10), 4, class_loss
+        ),
+        "ViT (small)": Workload(
+            lambda: ViT(image=16, patch=8, dim=16, depth=2, heads=2, classes=10),
+            images(16, 10),
+            4,
+            class_loss,
+        ),
+        "GPT-2 (small)": Workload(
+            lambda: GPT2Like(vocab=97, context=16, dim=16, depth=2, heads=2),
+            token_ids(97, 16),
+            4,
+            lm_loss,
+        ),
     }
