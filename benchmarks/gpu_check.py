@@ -28,8 +28,8 @@ Checks (every CUDA op against the CPU op and a float64 PyTorch reference, on fre
   while ``diag_fim`` does not exist); a tied embedding and head with repeated ids, CUDA against
   CPU and bitwise reproducible (no float atomics).
 * the Triton kernel (``backend="triton"``, fisher_fast/fim/triton_products.py) against the
-  float64 reference, exact float32 (``ieee``, 1e-5) and TF32 (1e-3), and bitwise reproducible;
-  ``diag_fim(backend="triton")`` against the CPU on a small sequence model.
+  float64 reference, exact float32 (``ieee``, 1e-5), TF32 (1e-3) and BF16 (2^-6), and bitwise
+  reproducible; ``diag_fim(backend="triton")`` against the CPU on a small sequence model.
 * the Triton convolution kernels (implicit GEMM and depthwise, fisher_fast/fim/triton_conv.py)
   at ResNet-18 and EfficientNet-B0 layer shapes against float64 per-sample weight gradients, in
   both precisions, bitwise reproducible.
@@ -595,9 +595,15 @@ def check_tied_embedding(device: str) -> None:
 # The Triton kernel
 # ---------------------------------------------------------------------------------------------
 TOL_TF32 = 1e-3  # TF32 inputs (10-bit mantissa), float32 accumulation
+# bfloat16 inputs (8-bit significand, rounded to nearest: each off by up to u = 2^-8), float32
+# accumulation: a squared product of two rounded inputs is off by up to (1 + u)^4 - 1, about
+# 4u = 2^-6, which bounds every entry whose per-sample sums do not cancel (the tests check the
+# entrywise bound with cancellation, tests/triton_helpers.square_sum_bound); random inputs at
+# these shapes give about 2e-3 (float64 emulation of the rounding).
+TOL_BF16 = 2.0**-6
 # Each precision of the Triton products and the error allowed against float64: 3xTF32 splits
 # every input into TF32 high and low parts, so it should reach float32's level.
-TRITON_PRECISIONS = {"ieee": TOL_F32, "tf32x3": TOL_F32, "tf32": TOL_TF32}
+TRITON_PRECISIONS = {"ieee": TOL_F32, "tf32x3": TOL_F32, "tf32": TOL_TF32, "bf16": TOL_BF16}
 
 
 def _triton_square_sum(g: torch.Tensor, x: torch.Tensor, precision: str) -> torch.Tensor:

@@ -12,7 +12,13 @@ import torch
 from call_counter import CallCounter
 from fim_reference import reference_fim
 from torch import nn
-from triton_helpers import DEVICE, needs_triton, samples_far_apart
+from triton_helpers import (
+    BF16_UNIT,
+    DEVICE,
+    needs_triton,
+    samples_far_apart,
+    square_sum_bound,
+)
 
 import fisher_fast
 from fisher_fast.fim import triton_conv
@@ -47,6 +53,26 @@ def _reference(
     return total.reshape(groups, weight_shape[0] // groups, -1)
 
 
+def _bound(
+    x: torch.Tensor, g: torch.Tensor, weight_shape: tuple[int, ...], case: tuple, unit: float
+) -> torch.Tensor:
+    """square_sum_bound of the per-sample weight gradients (a sum over the output positions per
+    entry), from their float64 values and those of |x| and |g|, shaped as the result."""
+    *_, stride, padding, dilation, groups = case
+
+    def per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.stack([
+            torch.nn.grad.conv2d_weight(
+                a[n : n + 1].double().cpu(), weight_shape, b[n : n + 1].double().cpu(),
+                stride, padding, dilation, groups,
+            ).reshape(groups, weight_shape[0] // groups, -1)
+            for n in range(a.shape[0])
+        ])  # fmt: skip
+
+    positions = g.shape[2] * g.shape[3]
+    return square_sum_bound(per_sample(x, g), per_sample(x.abs(), g.abs()), positions, unit)
+
+
 def _inputs(case: tuple, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     n, c, o, h, w, kernel, stride, padding, dilation, groups = case
     weight_shape = (o, c // groups, *kernel)
@@ -72,6 +98,48 @@ def test_matches_float64_per_sample_gradients(
     assert out.dtype == acc and out.shape == reference.shape
     err = float((out.double().cpu() - reference).abs().max())
     assert err <= 1e-5 * float(reference.abs().max()), err
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_stays_within_its_derived_bound(name: str, gen: torch.Generator) -> None:
+    """precision='bf16': the implicit GEMM rounds its inputs to bfloat16 (to nearest even: it
+    gives the float64 sum of torch's bfloat16 roundings within float32's bound), the depthwise
+    kernel (one input channel per group) multiplies in float32 whatever the precision."""
+    case = CASES[name]
+    x, g, weight_shape = _inputs(case, gen)
+    *_, kernel, stride, padding, dilation, groups = case
+    args = (kernel, stride, padding, dilation, groups, torch.float32)
+    out = triton_conv.conv2d_square_sum(x, g, *args, precision="bf16").double().cpu()
+    if case[1] // groups == 1:  # the depthwise kernel
+        rounded, unit = (x, g), 0.0
+    else:
+        rounded, unit = (x.bfloat16(), g.bfloat16()), BF16_UNIT
+        excess = (out - _reference(x, g, weight_shape, case)).abs()
+        excess -= _bound(x, g, weight_shape, case, unit)
+        assert float(excess.max()) <= 0, float(excess.max())
+    excess = (out - _reference(*rounded, weight_shape, case)).abs()
+    excess -= _bound(*rounded, weight_shape, case, 0.0)
+    assert float(excess.max()) <= 0, float(excess.max())
+    if unit:  # and that is not float32's result
+        ieee = triton_conv.conv2d_square_sum(x, g, *args, precision="ieee").double().cpu()
+        assert bool(((out - ieee).abs() > 2 * _bound(x, g, weight_shape, case, 0.0)).any())
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["stride2-ragged", "depthwise"])
+def test_bfloat16_inputs_are_multiplied_exactly(name: str, gen: torch.Generator) -> None:
+    """A bfloat16 model's input and gradient: exact products in the default precision."""
+    case = CASES[name]
+    x, g, weight_shape = _inputs(case, gen)
+    x, g = x.bfloat16(), g.bfloat16()
+    *_, kernel, stride, padding, dilation, groups = case
+    out = triton_conv.conv2d_square_sum(
+        x, g, kernel, stride, padding, dilation, groups, torch.float32
+    )
+    excess = (out.double().cpu() - _reference(x, g, weight_shape, case)).abs()
+    excess -= _bound(x, g, weight_shape, case, 0.0)
+    assert float(excess.max()) <= 0, float(excess.max())
 
 
 @needs_triton

@@ -13,7 +13,13 @@ import torch
 from call_counter import CallCounter
 from fim_reference import reference_fim
 from torch import nn
-from triton_helpers import DEVICE, needs_triton, samples_far_apart
+from triton_helpers import (
+    BF16_UNIT,
+    DEVICE,
+    needs_triton,
+    samples_far_apart,
+    square_sum_bound,
+)
 
 import fisher_fast
 from fisher_fast.fim import triton_conv, triton_products
@@ -23,21 +29,31 @@ def _reference(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nbto,nbti->nboi", g.double(), x.double()).square().sum(0)
 
 
+def _bound(g: torch.Tensor, x: torch.Tensor, input_unit: float) -> torch.Tensor:
+    """square_sum_bound for g (N, B, T, O) and x (N, B, T, I): (B, O, I), float64."""
+    products = torch.einsum("nbto,nbti->nboi", g.double().cpu(), x.double().cpu())
+    magnitudes = torch.einsum("nbto,nbti->nboi", g.double().abs().cpu(), x.double().abs().cpu())
+    return square_sum_bound(products, magnitudes, g.shape[2], input_unit)
+
+
 # Relative error allowed per precision: TF32 keeps 10 of float32's 23 mantissa bits, so one
 # rounded product is off by up to about 2^-11 and its square by twice that; 3xTF32 and exact
 # float32 stay at float32's level. Only a GPU tells them apart (the interpreter computes every
-# product in float32).
+# product in float32). bf16 is checked entry by entry against its derived bound instead
+# (triton_helpers.square_sum_bound).
 BOUND = {"ieee": 1e-5, "tf32x3": 1e-5, "tf32": 5e-3}
+SHAPES = {
+    "tiny": (3, 1, 5, 7, 9),
+    "ragged-tiles": (2, 2, 33, 70, 40),
+    "whole-tiles": (5, 3, 16, 32, 64),
+    "one-position": (4, 1, 1, 3, 5),
+}
 
 
 @needs_triton
 @pytest.mark.parametrize("precision", list(BOUND))
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["acc32", "acc64"])
-@pytest.mark.parametrize(
-    "shape",
-    [(3, 1, 5, 7, 9), (2, 2, 33, 70, 40), (5, 3, 16, 32, 64), (4, 1, 1, 3, 5)],
-    ids=["tiny", "ragged-tiles", "whole-tiles", "one-position"],
-)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_matches_the_float64_products(
     shape: tuple[int, ...], acc: torch.dtype, precision: str, gen: torch.Generator
 ) -> None:
@@ -49,6 +65,76 @@ def test_matches_the_float64_products(
     assert out.dtype == acc and out.shape == (b, o, i)
     worst = float((out.double() - reference).abs().max())
     assert worst <= BOUND[precision] * float(reference.abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["acc32", "acc64"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_bf16_stays_within_its_derived_bound_and_rounds_to_nearest_even(
+    shape: tuple[int, ...], acc: torch.dtype, gen: torch.Generator
+) -> None:
+    """Every entry within square_sum_bound of the float64 sum for inputs rounded by 2^-8; and
+    within float32's bound of the float64 sum of torch's own bfloat16 roundings of the inputs
+    (round to nearest even): the kernel rounds exactly those, and multiplies them exactly."""
+    n, b, t, o, i = shape
+    g = torch.randn(n, b, t, o, generator=gen).to(DEVICE)
+    x = torch.randn(n, b, t, i, generator=gen).to(DEVICE)
+    out = triton_products.square_sum(g, x, acc, "bf16").double().cpu()
+    assert out.shape == (b, o, i)
+    excess = (out - _reference(g, x).cpu()).abs() - _bound(g, x, BF16_UNIT)
+    assert float(excess.max()) <= 0, float(excess.max())
+    g16, x16 = g.bfloat16(), x.bfloat16()
+    excess = (out - _reference(g16, x16).cpu()).abs() - _bound(g16, x16, 0.0)
+    assert float(excess.max()) <= 0, float(excess.max())
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["ragged-tiles", "whole-tiles"])
+def test_bf16_differs_from_ieee_by_more_than_float32_rounding(
+    name: str, gen: torch.Generator
+) -> None:
+    """The bf16 option is no silent float32: on random inputs its result is off from the float64
+    sum by more than float32 arithmetic can be (square_sum_bound with exact inputs), while ieee
+    stays within that; the median entry moves by more than 2^-12 of itself (bfloat16 rounding
+    moves products by up to 2^-7; float32 by 2^-23)."""
+    n, b, t, o, i = SHAPES[name]
+    g = torch.randn(n, b, t, o, generator=gen).to(DEVICE)
+    x = torch.randn(n, b, t, i, generator=gen).to(DEVICE)
+    ieee = triton_products.square_sum(g, x, torch.float32, "ieee").double().cpu()
+    bf16 = triton_products.square_sum(g, x, torch.float32, "bf16").double().cpu()
+    reference, float32_bound = _reference(g, x).cpu(), _bound(g, x, 0.0)
+    assert bool(((ieee - reference).abs() <= float32_bound).all())
+    beyond = (bf16 - reference).abs() > float32_bound
+    assert float(beyond.double().mean()) > 0.9, "bf16 is off by more than float32 allows"
+    assert bool(((bf16 - ieee).abs() > 2 * float32_bound).any())
+    assert float(((bf16 - ieee).abs() / ieee).median()) > 2.0**-12
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", triton_products.PRECISIONS)
+def test_bfloat16_inputs_are_multiplied_exactly_in_every_precision(
+    precision: str, gen: torch.Generator
+) -> None:
+    """A bfloat16 model's tensors (and a bfloat16 / float32 pair, taken in float32): products
+    of bfloat16 numbers are exact in float32, so every precision gives the float64 sum of the
+    same numbers within float32's bound."""
+    g = torch.randn(3, 2, 33, 70, generator=gen).to(DEVICE).bfloat16()
+    x = torch.randn(3, 2, 33, 40, generator=gen).to(DEVICE).bfloat16()
+    for pair in ((g, x), (g, x.float()), (g.float(), x)):
+        out = triton_products.square_sum(*pair, torch.float32, precision).double().cpu()
+        excess = (out - _reference(g, x).cpu()).abs() - _bound(g, x, 0.0)
+        assert float(excess.max()) <= 0, (pair[0].dtype, pair[1].dtype, float(excess.max()))
+
+
+def test_kernel_precision_takes_bf16_for_bfloat16_inputs() -> None:
+    assert triton_products.kernel_precision("ieee", torch.bfloat16) == "bf16"
+    assert triton_products.kernel_precision("ieee", torch.float32) == "ieee"
+    assert triton_products.kernel_precision("bf16", torch.float16) == "bf16"
+    assert triton_products.input_dtype(torch.empty(1).bfloat16(), torch.empty(1).half()) == (
+        torch.float32
+    )
+    with pytest.raises(ValueError, match="triton_precision must be one of"):
+        triton_products.kernel_precision("fp32", torch.bfloat16)
 
 
 @needs_triton
@@ -178,6 +264,116 @@ def test_diag_fim_hands_its_precision_to_every_kernel(
     reference = reference_fim(model, x, y).to(fim.flat.device)
     assert float((fim.flat.double() - reference).abs().max()) <= 1e-5 * float(reference.max())
     assert seen == ["tf32x3"] * 3, seen  # the convolution, then mix and head
+
+
+@needs_triton
+def test_diag_fim_in_bf16_rounds_every_product_within_its_bound(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """triton_precision='bf16' reaches the convolution's kernel and the Linear layers' products,
+    each product stays within its derived bound, and the FIM is not float32's."""
+    precisions: list[object] = []
+    original = triton_conv.conv2d_square_sum
+
+    def conv_spy(*args: object, **kwargs: object) -> object:
+        precisions.append(kwargs["precision"])
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_conv, "conv2d_square_sum", conv_spy)
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = SequenceModel().to(DEVICE)
+    x = torch.randn(6, 3, 17, generator=gen).to(DEVICE)
+    y = torch.randint(4, (6,), generator=gen).to(DEVICE)
+    ieee = fisher_fast.diag_fim(
+        model, (x, y), backend="triton", triton_precision="ieee", progress=False
+    )
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = []
+    square_sum = triton_products.square_sum
+
+    def products_spy(g: torch.Tensor, x: torch.Tensor, *args: object) -> torch.Tensor:
+        out = square_sum(g, x, *args)  # type: ignore[arg-type]
+        calls.append((g.detach(), x.detach(), out, args[-1]))
+        return out
+
+    monkeypatch.setattr(triton_products, "square_sum", products_spy)
+    bf16 = fisher_fast.diag_fim(
+        model, (x, y), backend="triton", triton_precision="bf16", progress=False
+    )
+    assert precisions == ["ieee", "bf16"] and len(calls) == 2, (precisions, len(calls))
+    for g, x_in, out, precision in calls:  # mix and head
+        assert precision == "bf16" and g.dtype == x_in.dtype == torch.float32
+        excess = (out.double().cpu() - _reference(g, x_in).cpu()).abs() - _bound(g, x_in, BF16_UNIT)
+        assert float(excess.max()) <= 0, float(excess.max())
+    reference = reference_fim(model, x, y).to(ieee.flat.device)
+    assert float((ieee.flat.double() - reference).abs().max()) <= 1e-5 * float(reference.max())
+    assert float((bf16.flat.double() - reference).abs().max()) > 1e-5 * float(reference.max())
+
+
+class Conv1D(nn.Module):
+    """A stand-in for Hugging Face's transposed Linear (transformers.pytorch_utils.Conv1D, which
+    the second environment does not install): y = x W + b with W (I, O), recognised by its
+    class name and module as the real one is (rules/transposed_linear.py)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return flat.view(*x.shape[:-1], self.nf)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class AttentionModel(nn.Module):
+    """An embedding Linear, nn.MultiheadAttention (instrumented: no attention weights asked for)
+    and a transposed Linear over (N, T, D), then a head on the mean over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = Conv1D(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.embed(x))
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(torch.tanh(self.mlp(h)).mean(1))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_attention_and_conv1d_hand_a_bfloat16_models_tensors_to_the_kernel(
+    dtype: torch.dtype, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bfloat16 model's attention projections and transposed Linear reach the kernel in
+    bfloat16 (exact products, float32 sums: the torch backend, which widens them, gives the
+    same FIM within float32 rounding); a float32 model's in float32, as before."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = AttentionModel().to(DEVICE, dtype)
+    x = torch.randn(6, 7, 5, generator=gen).to(DEVICE, dtype)
+    y = torch.randint(3, (6,), generator=gen).to(DEVICE)
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    square_sum = triton_products.square_sum
+
+    def spy(g: torch.Tensor, x_in: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append((g.dtype, x_in.dtype))
+        return square_sum(g, x_in, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(triton_products, "square_sum", spy)
+    fim = fisher_fast.diag_fim(model, (x, y), backend="triton", progress=False)
+    plain = fisher_fast.diag_fim(model, (x, y), backend="torch", progress=False)
+    # embed, the four attention products (query, key, value, output) and the Conv1D
+    assert seen == [(dtype, dtype)] * 6, seen
+    paths = fim.meta["paths"]
+    for name in ("attention.in_proj_weight", "attention.out_proj.weight", "mlp.weight"):
+        assert paths[name].startswith("rule"), (name, paths[name])
+    scale = float(plain.flat.abs().max())
+    assert float((fim.flat.double() - plain.flat.double()).abs().max()) <= 1e-5 * scale
 
 
 def test_the_default_precision_follows_torchs_tf32_flag() -> None:

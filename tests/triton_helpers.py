@@ -58,3 +58,43 @@ def samples_far_apart(t: torch.Tensor) -> torch.Tensor:
     far = buffer.as_strided(t.shape, (FAR_STRIDE, *sample), FAR_START)
     far.copy_(t)
     return far
+
+
+BF16_UNIT = 2.0**-8
+"""bfloat16's unit roundoff: 8 significant bits, rounded to nearest, so a rounded input is off
+by at most 2^-8 of itself (bfloat16 keeps float32's exponent range: no extra underflow)."""
+
+FLOAT32_UNIT = 2.0**-23
+"""One float32 ulp per operation: the rounding of float32 sums, doubled so that it also covers
+tensor-core adders that truncate."""
+
+
+def _gamma(count: int) -> float:
+    """gamma_k = k v / (1 - k v), v = FLOAT32_UNIT: the relative error bound of a float32 sum of
+    k + 1 terms in any order, relative to the sum of their magnitudes."""
+    return count * FLOAT32_UNIT / (1 - count * FLOAT32_UNIT)
+
+
+def square_sum_bound(
+    products: torch.Tensor, magnitudes: torch.Tensor, terms: int, input_unit: float
+) -> torch.Tensor:
+    """Entrywise bound on |F^ - F| for F = sum_n P_n^2, P_n = sum_t g_t x_t a sum of ``terms``
+    products per sample, computed with inputs rounded to a relative ``input_unit`` (BF16_UNIT;
+    0 for float32 inputs taken as they are), their products summed in float32 and squared and
+    summed over samples in float32 (or wider).
+
+    ``products`` (N, ...) are the exact P_n and ``magnitudes`` (N, ...) A_n = sum_t |g_t x_t|, in
+    float64. A rounded input pair gives g x (1 + d)(1 + e), |d|, |e| <= u, so each term is off by
+    at most (2u + u^2) |g x|; the product of two bfloat16 numbers is exact in float32, whose sum
+    of the terms adds at most gamma_T of their magnitudes. So |P^_n - P_n| <= e_n with
+    e_n = (2u + u^2 + gamma_T (1 + 2u + u^2)) A_n, hence
+    |sum P^_n^2 - sum P_n^2| <= sum_n e_n (2 |P_n| + e_n), and squaring and summing the N
+    squares in float32 adds at most gamma_{N+1} sum_n (|P_n| + e_n)^2. Where nothing cancels
+    (A_n = |P_n|) this is a relative error of (1 + 2u + u^2)^2 - 1, about 4u = 2^-6 for bfloat16,
+    plus float32's share; cancellation inside P_n scales it by A_n / |P_n|."""
+    eta = 2 * input_unit + input_unit**2
+    err = (eta + _gamma(terms) * (1 + eta)) * magnitudes
+    size = products.abs()
+    return (err * (2 * size + err)).sum(0) + _gamma(products.shape[0] + 1) * (
+        size + err
+    ).square().sum(0)

@@ -21,8 +21,10 @@ grid axis splits the samples into contiguous ranges whose partial sums are added
 afterwards, as in triton_products (``plan_splits``, ``sum_partials``). A sample's start and the
 channel offsets are 64-bit; spatial offsets inside one channel plane stay 32-bit (a layout whose
 height or width stride spans past 2^31 elements is copied contiguous first). Precision of the
-matrix products as in triton_products (``dot_precision``: TF32, 3xTF32 or exact float32);
-squares accumulated in float32 or float64.
+matrix products as in triton_products (``dot_precision``: TF32, 3xTF32, exact float32 or
+inputs rounded to bfloat16; bfloat16 inputs always take the bf16 products, ``kernel_precision``);
+the depthwise kernel multiplies in float32 whatever the precision (vector arithmetic, no matrix
+unit to feed). Squares accumulated in float32 or float64.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from collections.abc import Sequence
 import torch
 
 from fisher_fast.fim.triton_products import (
-    dot_precision,
+    input_dtype,
+    kernel_precision,
     plan_splits,
     sm_count,
     sum_partials,
@@ -42,6 +45,8 @@ from fisher_fast.fim.triton_products import (
 
 if triton is not None:
     import triton.language as tl
+
+    from fisher_fast.fim.triton_products import tile_product
 
 BLOCK_T = 16  # output positions per step of the implicit GEMM (tl.dot needs at least 16)
 DEPTHWISE_TILE = 4096  # channels × positions × kernel offsets held per step of the depthwise kernel
@@ -96,7 +101,7 @@ if triton is not None:
                     mask=mask_t[:, None] & mask_i[None, :] & inside,
                     other=0.0,
                 )  # (BLOCK_T, BLOCK_I): the patches of BLOCK_T positions, gathered
-                product += tl.dot(tl.trans(g_tile), x_tile, input_precision=PRECISION)
+                product += tile_product(g_tile, x_tile, PRECISION)
             wide = product.to(acc.dtype)  # squared in the accumulator's precision
             acc += wide * wide
             x_n += x_sn
@@ -209,8 +214,9 @@ def conv2d_square_sum(
     """(groups, O/groups, C/groups * kh * kw) sum over samples of squared per-sample weight
     gradients of a 2-D convolution; arguments as for ``ops.conv2d_sq_sum`` (see module doc),
     ``precision`` as for ``triton_products.dot_precision`` (the depthwise kernel sums
-    elementwise products in float32 whatever it is), ``splits`` the sample ranges run side by
-    side (None: ``triton_products.plan_splits`` from the tile count and the SM count)."""
+    elementwise products in float32 whatever it is; two input dtypes: both in the wider),
+    ``splits`` the sample ranges run side by side (None: ``triton_products.plan_splits`` from
+    the tile count and the SM count)."""
     in_per_group, out_per_group = _check(x, g, kernel_size, groups)
     if acc_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"the accumulator is float32 or float64, got {acc_dtype}")
@@ -221,8 +227,8 @@ def conv2d_square_sum(
     out = torch.zeros(groups, out_per_group, patch, dtype=acc_dtype, device=g.device)
     if out.numel() == 0 or n == 0 or out_height * out_width == 0:
         return out
-    if g.dtype != x.dtype:
-        g = g.to(x.dtype)
+    dtype = input_dtype(g, x)
+    x, g = x.to(dtype), g.to(dtype)
     x = x if _planes_fit_int32(x) else x.contiguous()
     g = g if _planes_fit_int32(g) else g.contiguous()
     geometry = dict(
@@ -259,7 +265,7 @@ def conv2d_square_sum(
     _implicit_gemm_kernel[(tiles_o, tiles_i, groups * count)](
         x, g, target, n, per_split, groups, out_per_group, patch, in_per_group, *shape,
         *x.stride(), *g.stride(), 0 if count == 1 else target.stride(0), *out.stride(),
-        **geometry, PRECISION=dot_precision(precision),
+        **geometry, PRECISION=kernel_precision(precision, dtype),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=BLOCK_T,
     )  # fmt: skip
     if count > 1:

@@ -7,15 +7,27 @@ it into the accumulator when the sample ends; no per-sample product ever reaches
 every output entry is summed over the samples in the same order (deterministic, no atomics).
 
 Precision of the products (``PRECISIONS``, diag_fim's ``triton_precision``): ``"tf32"`` (inputs
-rounded to TF32, 10-bit mantissa, products summed in float32: the fastest on tensor cores),
+rounded to TF32, 10-bit mantissa, products summed in float32: fast on tensor cores),
 ``"tf32x3"`` (each input split into a TF32 high and low part, three TF32 products: close to
-float32's error at a fraction of float32's cost on tensor cores) or ``"ieee"`` (exact float32
-without tensor cores). By default it follows torch's own flag for float32 matrix products:
-``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32`` is set (the model's own products are
-TF32 then), else ``"ieee"``. The squares are accumulated in float32, or in float64 for a float64
-accumulator; float64 inputs are refused (use the ``kernels`` or ``torch`` backend, which compute
-in float64). Triton's interpreter computes every product in float32 whatever the precision, so
-the precisions differ only on a GPU.
+float32's error at a fraction of float32's cost on tensor cores), ``"ieee"`` (exact float32
+without tensor cores) or ``"bf16"`` (inputs rounded to bfloat16, 8-bit significand, to nearest
+with ties to even, as they are loaded, and multiplied on tensor cores at the BF16 rate with
+float32 accumulation: twice TF32's rate, each input off by up to 2^-8 of itself). By default it
+follows torch's own flag for float32 matrix products: ``"tf32"`` when
+``torch.backends.cuda.matmul.allow_tf32`` is set (the model's own products are TF32 then), else
+``"ieee"``. bfloat16 inputs (a bfloat16 model's tensors) take the bf16 products whatever the
+precision: a product of two bfloat16 numbers is exact in float32, so every precision gives the
+same sums, and these are the numbers the model's own weight gradient multiplies. The squares
+are accumulated in float32, or in float64 for a float64 accumulator; float64 inputs are refused
+(use the ``kernels`` or ``torch`` backend, which compute in float64).
+
+Under Triton's interpreter every product is computed in float32 (numpy), so TF32 and 3xTF32
+differ from exact float32 only on a GPU. The bf16 rounding is emulated there instead, so tests
+see it: the interpreter's own float32 -> bfloat16 cast truncates and its ``tl.dot`` multiplies
+bfloat16 operands as raw integer bit patterns, so under the interpreter the inputs are rounded
+to bfloat16 by integer arithmetic (:func:`_round_to_bf16`, bit for bit the GPU's round to
+nearest even) and multiplied as float32, which is exact for them; on a GPU they are cast with
+``.to(tl.bfloat16)`` and ``tl.dot`` takes bfloat16 operands.
 
 Samples split across the grid: the tile grid alone has (O/BLOCK_O)·(I/BLOCK_I)·B programs, a
 handful for a small layer (a ResNet stem: 3) where a GPU has 132 SMs. When it is smaller than
@@ -50,7 +62,7 @@ except ImportError:  # CPU builds of torch do not ship Triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T = 16  # tl.dot needs at least 16 along each axis
-PRECISIONS = ("tf32", "tf32x3", "ieee")
+PRECISIONS = ("tf32", "tf32x3", "ieee", "bf16")
 INTERPRETER_SMS = 132  # the SM count assumed off CUDA (an H100's), so tests take a GPU's choices
 SPLIT_WAVES = 2  # a split grid aims at this many programs per SM
 MIN_SPLIT_POSITIONS = 128  # samples x positions per split, so its partial's store stays small
@@ -69,6 +81,35 @@ def dot_precision(requested: str | None = None) -> str:
             )
         return requested
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def kernel_precision(requested: str | None, dtype: torch.dtype) -> str:
+    """The PRECISION a product kernel runs for inputs of ``dtype``: ``"bf16"`` for bfloat16
+    inputs (exact products whatever was requested, and the only path by which the interpreter
+    multiplies bfloat16 correctly: see the module docstring), else :func:`dot_precision`."""
+    precision = dot_precision(requested)  # validates ``requested`` in every case
+    return "bf16" if dtype == torch.bfloat16 else precision
+
+
+def input_dtype(g: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype both inputs of a product kernel are given: the wider of the two (bfloat16 and
+    float16 together: float32), so that no input is rounded before the kernel's own precision
+    applies."""
+    return torch.promote_types(g.dtype, x.dtype)
+
+
+def operands(
+    g: torch.Tensor, x: torch.Tensor, work: torch.dtype, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, x) as a rule hands them to ``square_sum`` on ``backend``: in ``work``, except a
+    bfloat16 pair (a bfloat16 model's input and output gradient) on the triton backend, which
+    stays as it is. The kernel multiplies those bfloat16 numbers exactly with float32
+    accumulation, the products the model's own bfloat16 weight gradient sums (up to summation
+    order); widening them first would change no product, only cost a copy and the BF16
+    tensor-core rate. The other backends widen inside anyway."""
+    if backend == "triton" and g.dtype == x.dtype == torch.bfloat16:
+        return g, x
+    return g.to(work), x.to(work)
 
 
 def available() -> bool:
@@ -152,6 +193,34 @@ def plan_splits(
 
 
 if triton is not None:
+    _EMULATE_BF16 = tl.constexpr(INTERPRETED)  # round and multiply bf16 as the interpreter can
+
+    @triton.jit
+    def _round_to_bf16(v):
+        """float32 v rounded to the nearest bfloat16 (ties to even), kept as float32: what
+        ``v.to(tl.bfloat16)`` gives on a GPU, in integer arithmetic that Triton's interpreter
+        runs alike (its own cast truncates). Overflow gives infinity; NaN stays NaN."""
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(v == v, rounded.to(tl.float32, bitcast=True), v)
+
+    @triton.jit
+    def tile_product(g_tile, x_tile, PRECISION: tl.constexpr):
+        """g_tile^T x_tile in float32 for tiles (BLOCK_T, BLOCK_O) and (BLOCK_T, BLOCK_I):
+        ``tl.dot`` in ``PRECISION``, or for ``"bf16"`` on inputs rounded to bfloat16 (to nearest
+        even) with float32 accumulation. Under the interpreter the rounded inputs stay float32
+        and are multiplied as such, exactly (the module docstring says why)."""
+        if PRECISION == "bf16":
+            if _EMULATE_BF16:
+                g_in = _round_to_bf16(g_tile.to(tl.float32))
+                x_in = _round_to_bf16(x_tile.to(tl.float32))
+            else:
+                g_in = g_tile.to(tl.bfloat16)
+                x_in = x_tile.to(tl.bfloat16)
+            product = tl.dot(tl.trans(g_in), x_in, input_precision="ieee")
+        else:
+            product = tl.dot(tl.trans(g_tile), x_tile, input_precision=PRECISION)
+        return product
 
     @triton.jit
     def _square_sum_kernel(
@@ -192,7 +261,7 @@ if triton is not None:
                     mask=mask_t[:, None] & mask_i[None, :],
                     other=0.0,
                 )  # (BLOCK_T, BLOCK_I)
-                product += tl.dot(tl.trans(g_tile), x_tile, input_precision=PRECISION)
+                product += tile_product(g_tile, x_tile, PRECISION)
             wide = product.to(acc.dtype)  # squared in the accumulator's precision
             acc += wide * wide
             g_n += g_sn  # a 64-bit pointer advanced by one sample
@@ -237,8 +306,9 @@ def square_sum(
     splits: int | None = None,
 ) -> torch.Tensor:
     """(B, O, I) sum over samples of squared products g[n,b]^T x[n,b], for g (N, B, T, O) and
-    x (N, B, T, I) in float32, bfloat16 or float16 (any strides); ``precision``: see
-    :func:`dot_precision`; ``splits``: sample ranges run side by side (None: chosen by
+    x (N, B, T, I) in float32, bfloat16 or float16 (any strides; two dtypes: both in the wider,
+    :func:`input_dtype`); ``precision``: see :func:`dot_precision` (bfloat16 inputs:
+    :func:`kernel_precision`); ``splits``: sample ranges run side by side (None: chosen by
     :func:`plan_splits` from the tile count and the device's SM count)."""
     reason = why_not(g.device)
     if reason is not None:
@@ -257,8 +327,8 @@ def square_sum(
         raise ValueError(f"the accumulator is float32 or float64, got {acc_dtype}")
     n, blocks, positions, out_f = g.shape
     in_f = x.shape[-1]
-    if x.dtype != g.dtype:
-        x = x.to(g.dtype)
+    dtype = input_dtype(g, x)
+    g, x = g.to(dtype), x.to(dtype)
     out = torch.empty(blocks, out_f, in_f, dtype=acc_dtype, device=g.device)
     if out.numel() == 0:
         return out
@@ -276,7 +346,7 @@ def square_sum(
     _square_sum_kernel[(tiles[0], tiles[1], blocks * count)](
         g, x, target, n, per_split, blocks, positions, out_f, in_f,
         *g.stride(), *x.stride(), split_stride, *out.stride(),
-        ACC_F64=acc_dtype == torch.float64, PRECISION=dot_precision(precision),
+        ACC_F64=acc_dtype == torch.float64, PRECISION=kernel_precision(precision, dtype),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=BLOCK_T,
     )  # fmt: skip
     if count > 1:

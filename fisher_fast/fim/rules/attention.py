@@ -13,6 +13,10 @@ by ``ctx.square_sum``) once dL/dq, dL/dk, dL/dv and dL/dout are known. Two ways 
   tapping q, k, v and out, so the model's own backward delivers their gradients for free;
 * otherwise, one batched recompute with autograd on q, k, v only (attention mixes positions but
   never samples, so a batched backward gives per-sample gradients).
+
+The recompute runs in the work dtype (float32 or float64). The instrumented tensors are the
+model's own; the products take them in the work dtype, except a bfloat16 model's on the triton
+backend, which stay bfloat16 (triton_products.operands: exact products, float32 accumulation).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisher_fast.fim import triton_products
 from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled
 from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule
 
@@ -140,12 +145,14 @@ def instrument(
 
 
 def _instrumented_grads(
-    call: Call, work: torch.dtype
+    call: Call,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The same four results as :func:`_projection_grads`, read from an instrumented call."""
-    xs = [x.to(work) for x in call.saved["inputs"]]
-    g_proj = [call.grad(k).to(work) for k in range(3)]
-    return xs, g_proj, call.saved["attention"].detach().to(work), call.grad(3).to(work)
+    """The same four results as :func:`_projection_grads`, read from an instrumented call, in
+    the model's dtype: these are the tensors the model's own weight gradients multiply, so
+    the rule hands them to the products through ``triton_products.operands``."""
+    xs = list(call.saved["inputs"])
+    g_proj = [call.grad(k) for k in range(3)]
+    return xs, g_proj, call.saved["attention"].detach(), call.grad(3)
 
 
 def accepts(module: nn.MultiheadAttention, layout: CallLayout) -> bool:
@@ -170,24 +177,27 @@ def accepts(module: nn.MultiheadAttention, layout: CallLayout) -> bool:
     instrument=instrument,
 )
 def attention_rule(module: nn.MultiheadAttention, calls: list[Call], ctx: RuleContext) -> None:
+    work = ctx.work_dtype
     per_call = [
-        _instrumented_grads(c, ctx.work_dtype)
-        if c.saved
-        else _projection_grads(module, c, ctx.work_dtype)
-        for c in calls
+        _instrumented_grads(c) if c.saved else _projection_grads(module, c, work) for c in calls
     ]
+
+    def squares(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(O, I) sum over samples of the squared g^T x, for g (N, T, O) and x (N, T, I)."""
+        g_in, x_in = triton_products.operands(g, x, work, ctx.backend)
+        return ctx.square_sum(g_in.unsqueeze(1), x_in.unsqueeze(1))[0]
 
     weight_rows, bias_rows = [], []
     for j in range(3):  # query, key, value blocks of the packed projection
         x = joined([pc[0][j] for pc in per_call], dim=1)
         g = joined([pc[1][j] for pc in per_call], dim=1)
-        weight_rows.append(ctx.square_sum(g.unsqueeze(1), x.unsqueeze(1))[0])
-        bias_rows.append(g.sum(1))
+        weight_rows.append(squares(g, x))
+        bias_rows.append(g.to(work).sum(1))
     ctx.add("in_proj_weight", torch.cat(weight_rows))
     if module.in_proj_bias is not None:
         ctx.add_bias("in_proj_bias", torch.cat(bias_rows, dim=1))
     a = joined([pc[2] for pc in per_call], dim=1)
     g_out = joined([pc[3] for pc in per_call], dim=1)
-    ctx.add("out_proj.weight", ctx.square_sum(g_out.unsqueeze(1), a.unsqueeze(1))[0])
+    ctx.add("out_proj.weight", squares(g_out, a))
     if module.out_proj.bias is not None:
-        ctx.add_bias("out_proj.bias", g_out.sum(1))
+        ctx.add_bias("out_proj.bias", g_out.to(work).sum(1))
