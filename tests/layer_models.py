@@ -30,3 +30,19 @@ class SqrtHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.sqrt(self.body(x).abs()))
+
+
+class RoutedExperts(nn.Module):
+    """A shared expert on every sample, and a routed one added for the samples whose first
+    feature is positive (data-dependent dispatch on a subset of the batch)."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.shared, self.routed = nn.Linear(features, classes), nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shared(x)
+        to_routed = x[:, 0] > 0
+        if bool(to_routed.any()):
+            out = out.index_put((to_routed,), out[to_routed] + self.routed(x[to_routed]))
+        return out

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from call_counter import CallCounter
 from fim_reference import max_relative_error, reference_fim_batches
+from layer_models import RoutedExperts
 from torch import nn
 
 import fisher_fast
@@ -185,25 +186,10 @@ def test_a_rule_registered_after_a_call_is_used_by_the_next(plans: CallCounter) 
     assert plans.calls == 2 and after.startswith("rule"), after
 
 
-class _Experts(nn.Module):
-    """A routed expert added for the samples whose first feature is positive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared, self.routed = nn.Linear(D, CLASSES), nn.Linear(D, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shared(x)
-        chosen = x[:, 0] > 0
-        if bool(chosen.any()):
-            out = out.index_put((chosen,), out[chosen] + self.routed(x[chosen]))
-        return out
-
-
 @pytest.mark.filterwarnings("ignore::fisher_fast.fim.fallback.PerSampleLoopWarning")
 def test_a_parameter_kept_as_zero_and_then_reached_is_planned_anew(plans: CallCounter) -> None:
     torch.manual_seed(random.randrange(2**31))
-    model = _Experts().double().eval()
+    model = RoutedExperts(D, CLASSES).double().eval()
     x = torch.randn(N, D, dtype=torch.float64)
     x[:, 0] = -x[:, 0].abs()  # no sample routed: the expert is planned as zero
     first = _exact(model, [(x, torch.randint(0, CLASSES, (N,)))])

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from fim_reference import max_relative_error, reference_fim_batches
+from layer_models import RoutedExperts
 from torch import nn
 
 import fisher_fast
@@ -57,22 +58,6 @@ def test_a_module_never_called_is_zero_and_sends_nothing_per_sample() -> None:
     assert all(float(fim[name].abs().max()) == 0.0 for name in spare)
 
 
-class _Experts(nn.Module):
-    """A shared expert on every sample, and a routed one added for the samples whose first
-    feature is positive (data-dependent dispatch on a subset of the batch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared, self.routed = nn.Linear(FEATURES, CLASSES), nn.Linear(FEATURES, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shared(x)
-        to_routed = x[:, 0] > 0
-        if bool(to_routed.any()):
-            out = out.index_put((to_routed,), out[to_routed] + self.routed(x[to_routed]))
-        return out
-
-
 @pytest.mark.filterwarnings("ignore::fisher_fast.fim.fallback.PerSampleLoopWarning")
 @pytest.mark.parametrize("first_used_in", [1, 2])
 def test_an_expert_first_routed_to_in_a_later_batch_gets_its_gradient(first_used_in: int) -> None:
@@ -80,7 +65,7 @@ def test_an_expert_first_routed_to_in_a_later_batch_gets_its_gradient(first_used
     the shared one keeps the layouts it was planned for; the batch that routes samples to it
     reaches it and is planned anew, so nothing of it is lost."""
     torch.manual_seed(random.randrange(2**31))
-    model = _Experts().double()
+    model = RoutedExperts(FEATURES, CLASSES).double()
     xs = [torch.randn(N, FEATURES, dtype=torch.float64) for _ in range(3)]
     for k, x in enumerate(xs):
         x[:, 0] = -x[:, 0].abs() - 0.1  # no sample to the routed expert ...
