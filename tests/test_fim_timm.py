@@ -47,9 +47,20 @@ def _vit_config(**extra: Any) -> dict[str, Any]:
     return dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, **extra)
 
 
-SWIN_CONFIG: dict[str, Any] = dict(
-    img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2)
+SWIN_CONFIG: dict[str, Any] = dict(  # block 1 of stage 0: shifted windows (the mask added)
+    img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(2, 1), num_heads=(1, 2)
 )
+
+
+def _fused_swin() -> nn.Module:
+    """Swin with its experimental fused attention: the bias table's gather, plus the shifted
+    windows' mask, is scaled_dot_product_attention's attention mask."""
+    model = _model("swin_tiny_patch4_window7_224", **SWIN_CONFIG)
+    for module in model.modules():
+        if hasattr(module, "relative_position_bias_table"):
+            module.fused_attn = True
+    return model
+
 
 # name -> (model factory, input side in pixels)
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
@@ -62,8 +73,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     ),
     "convnext": (lambda: _model("convnext_atto"), 32),
     "beit": (lambda: _model("beit_base_patch16_224", **_vit_config()), 16),
+    "beit_no_qkv_bias": (
+        lambda: _model("beit_base_patch16_224", **_vit_config(qkv_bias=False)),
+        16,
+    ),
     "cait": (lambda: _model("cait_xxs24_224", **_vit_config()), 16),
     "swin": (lambda: _model("swin_tiny_patch4_window7_224", **SWIN_CONFIG), 32),
+    "swin_fused": (_fused_swin, 32),
     "mobilenetv3": (lambda: _model("mobilenetv3_small_050"), 32),
     "regnet": (lambda: _model("regnetx_002"), 32),
 }
@@ -113,7 +129,25 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "stages.0.blocks.0.norm.weight": "rule channels_first_layer_norm_rule",
         "stages.0.blocks.0.gamma": "broadcast use expanded to the samples",
     },
-    "beit": {"blocks.0.gamma_1": "broadcast use expanded to the samples"},  # layer scale
+    "beit": {  # layer scale; the attention, re-run per sample for its query and value biases
+        "blocks.0.gamma_1": "broadcast use expanded to the samples",  # (F.linear in its forward),
+        "blocks.0.attn.relative_position_bias_table": (  # takes its bias table along
+            "per-sample gradients of 'blocks.0.attn' (Attention)"
+        ),
+    },
+    "beit_no_qkv_bias": {  # the bias table as scaled_dot_product_attention's mask
+        "blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+        "blocks.0.attn.qkv.weight": "rule linear_rule",
+    },
+    "swin": {  # the bias tables added to the logits of (N·windows, heads, T, T), with the mask
+        "layers.0.blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+        "layers.0.blocks.1.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+        "layers.1.blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+    },
+    "swin_fused": {
+        "layers.0.blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+        "layers.0.blocks.1.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+    },
     "cait": {  # layer scale, in the patch blocks and the class-token blocks
         "blocks.1.gamma_2": "broadcast use expanded to the samples",
         "blocks_token_only.0.gamma_1": "broadcast use expanded to the samples",

@@ -2,8 +2,8 @@
 their use and given the sample axis there when verified exact, else the generic path.
 
 Every case is checked against a float64 per-sample loop, in batches of 4 and 3 samples; the
-uses that cannot be traced (a matrix product, a value leaving the module, a reduction over the
-samples) must be detected and take the per-sample path, still exact.
+uses that cannot be traced (a matrix product, a reduction over the samples) must be detected
+and take the per-sample path, still exact (a value leaving the model: test_fim_relative_bias.py).
 """
 
 from __future__ import annotations
@@ -183,7 +183,20 @@ def test_a_matrix_product_is_not_traced(gen: torch.Generator) -> None:
     model = TokenModel("matmul", blocks=1).double()
     paths = _check(model, *_tokens(gen)).meta["paths"]
     assert paths["blocks.0.gamma_1"] == "per-sample gradients of 'blocks.0' (TokenScaleBlock)"
-    assert paths["blocks.0.gamma_2"] == PATH, "each parameter is traced on its own"
+    # the block is re-run per sample for gamma_1 anyway: gamma_2 joins that re-run
+    assert paths["blocks.0.gamma_2"] == paths["blocks.0.gamma_1"]
+
+
+def test_a_traced_gain_keeps_its_path_beside_another_blocks_re_run(gen: torch.Generator) -> None:
+    """Each parameter is traced on its own: a block re-run per sample (a matrix product with
+    its gain) does not take another block's traced gains with it."""
+    _seeded(gen)
+    model = TokenModel("mul").double()
+    model.blocks[0].use = "matmul"
+    paths = _check(model, *_tokens(gen)).meta["paths"]
+    assert paths["blocks.0.gamma_1"] == "per-sample gradients of 'blocks.0' (TokenScaleBlock)"
+    assert paths["blocks.1.gamma_1"] == PATH, paths
+    assert paths["blocks.1.gamma_2"] == PATH, paths
 
 
 def test_an_axis_that_merely_equals_the_batch_is_not_taken_for_the_samples(
@@ -198,11 +211,13 @@ def test_an_axis_that_merely_equals_the_batch_is_not_taken_for_the_samples(
     assert paths["blocks.0.gamma_1"].startswith("per-sample gradients of 'blocks.0'"), paths
 
 
-def test_a_gain_leaving_its_module_takes_the_per_sample_path(gen: torch.Generator) -> None:
+def test_a_gain_leaving_its_module_is_traced_into_the_parent(gen: torch.Generator) -> None:
+    """The scaled copy returned by its module is added to the samples by the parent: the trace
+    stays open past the module and gives it the sample axis there."""
     _seeded(gen)
     model = EscapeModel().double()
     paths = _check(model, *_tokens(gen)).meta["paths"]
-    assert paths["bias.gain"].startswith("per-sample gradients of"), paths
+    assert paths["bias.gain"] == PATH, paths
 
 
 @pytest.mark.parametrize("fisher", ["mc", "exact"])

@@ -18,8 +18,11 @@ that sample run alone (expansion.verify). Otherwise the batch is planned again w
 
 Candidates: trainable parameters held by one module without a rule (a rule handles its own
 parameters). Those with a leading axis of 1 and at least two axes are expanded as above; any
-other (a layer-scale gain of shape (C,)) is traced through its module's forward instead and
-given the sample axis where it meets the samples (traced_use.py). ``without_traced`` drops the
+other (a layer-scale gain of shape (C,), a relative-position bias table (distances, heads)) is
+traced through its module's forward instead and given the sample axis where it meets the
+samples, k rows per sample where the samples are flattened with their windows (traced_use.py).
+A traced parameter is kept only when every use holds as many rows per sample in the variant
+batch as in the real one (``seen``) before the gradient check. ``without_traced`` drops the
 second kind, for a model that fails with them.
 """
 
@@ -85,7 +88,7 @@ class BroadcastParams(SampleScoped):
     per-sample re-run) with grad enabled. Each backward pass, the per-sample gradients from the
     uses collect in ``pending`` (summed over uses and calls); ``end_pass`` hands each
     parameter's to ``sink``. ``uses`` keeps the uses of the forward passes since ``forget``,
-    for verification; a traced parameter whose tracing failed is in ``failed`` instead.
+    for verification; ``traces`` the traced calls, whose failures ``seen`` leaves out.
     """
 
     def __init__(self, tap: Tap) -> None:
@@ -93,7 +96,7 @@ class BroadcastParams(SampleScoped):
         self.tap = tap
         self.armed: dict[str, tuple[nn.Module, str]] = {}
         self.uses: dict[str, list[Use]] = {}
-        self.failed: dict[str, str] = {}
+        self.traces: list[tuple[str, Trace]] = []
         self.pending: dict[str, torch.Tensor] = {}
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self._handles: list[Any] = []
@@ -103,9 +106,44 @@ class BroadcastParams(SampleScoped):
     def names(self) -> set[str]:
         return set(self.armed)
 
-    def seen(self) -> set[str]:
-        """The parameters given the sample axis at every use since ``forget``."""
-        return set(self.uses) - set(self.failed)
+    def seen(self) -> dict[str, tuple[int, ...]]:
+        """The parameters given the sample axis at every use since ``forget`` (traced ones: no
+        traced call failed, one use at least), each with the rows per sample (k) of its traced
+        uses in order (empty for an expanded one)."""
+        failed = self.failed()
+        blocks: dict[str, tuple[int, ...]] = {name: () for name in self.uses}
+        for name, trace in self.traces:
+            if name in blocks:
+                blocks[name] += tuple(trace.blocks)
+        return {name: ks for name, ks in blocks.items() if name not in failed}
+
+    def failed(self) -> dict[str, str]:
+        """Why tracing failed, for the traced parameters it failed for since ``forget``."""
+        why: dict[str, str] = {}
+        for name, trace in self.traces:
+            if trace.failed is not None:
+                why.setdefault(name, trace.failed)
+        for name, _ in self.traces:
+            if name not in self.uses:
+                why.setdefault(name, "no use of it meets the samples")
+        return why
+
+    def contained(self) -> set[str]:
+        """The parameters used only inside their module's forward since ``forget``: none of
+        their traced values left it (an expanded one's never does)."""
+        left = {name for name, trace in self.traces if trace.left}
+        return set(self.uses) - left
+
+    def end(self, output: Any) -> None:
+        """The model's forward pass returned ``output``: close the traces still open (whose
+        values left their module), failing those with a value in ``output``."""
+        for _, trace in self.traces:
+            trace.end(output)
+
+    def complete(self) -> bool:
+        """Whether no traced call failed since ``forget`` (a later batch's use that could not
+        be given the sample axis would leave its gradient out: that batch is planned anew)."""
+        return all(trace.failed is None for _, trace in self.traces)
 
     def checks(self, name: str) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
         """The tensors of ``name``'s uses, and the map from their gradients to the
@@ -137,7 +175,7 @@ class BroadcastParams(SampleScoped):
         self.forget()
 
     def forget(self) -> None:
-        self.uses, self.failed, self.pending = {}, {}, {}
+        self.uses, self.traces, self.pending = {}, [], {}
 
     def end_pass(self) -> None:
         """Hand this backward pass's per-sample gradients to the sink."""
@@ -161,20 +199,17 @@ class BroadcastParams(SampleScoped):
                 alias = self._use(name, p.expand(self.n, *p.shape[1:]), _as_is)
             else:
                 trace = Trace(self.n, p, functools.partial(self._use, name))
+                self.traces.append((name, trace))
                 alias = trace.alias()
             module._parameters[local] = alias  # type: ignore[assignment]
             swapped.append((name, local, p, trace))
         self._swapped.setdefault(module, []).extend(swapped)
 
     def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        for name, local, p, trace in self._swapped.pop(module, []):
+        for _, local, p, trace in self._swapped.pop(module, []):
             module._parameters[local] = p  # type: ignore[assignment]
             if trace is not None:
                 trace.close(output)
-                if trace.failed is not None:
-                    self.failed.setdefault(name, trace.failed)
-                elif name not in self.uses:
-                    self.failed.setdefault(name, "no use of it meets the samples")
 
     def _use(
         self, name: str, tensor: torch.Tensor, to: Callable[[torch.Tensor], torch.Tensor]

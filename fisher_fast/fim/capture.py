@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fisher_fast.fim.rules import INSTRUMENTED, Call, Instrument, Passes
+from fisher_fast.fim.traced_use import same_function
 
 
 class _Tap(torch.autograd.Function):
@@ -267,7 +268,7 @@ class Capture:
 
     def _tap(self, module: nn.Module, call: Call, tensor: torch.Tensor) -> torch.Tensor:
         """Route tensor's gradient to ``call.grads[k]`` (k: order of taps); return its tap copy."""
-        tapped = _Tap.apply(self._zero(tensor.device), tensor)
+        tapped = same_function(tensor, _Tap.apply(self._zero(tensor.device), tensor))
         tapped.register_hook(self._grad_hook(module, call, len(call.output_meta)))
         call.output_meta.append((tensor.shape, tensor.dtype, tensor.device))
         return tapped

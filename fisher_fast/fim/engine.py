@@ -326,6 +326,7 @@ class _Accumulation:
         broadcast.forget()
         with recording(self.model) as real, self._samples(n):
             output = call_model(self.model, inputs)
+        broadcast.end(output)
         real_seen = expansion.take_seen()
         real_params = broadcast.seen()
         if not expansion.used(real_seen):
@@ -337,7 +338,7 @@ class _Accumulation:
                 recording(self.model) as variant,
                 self._samples(len(index)),
             ):
-                call_model(self.model, select_samples(inputs, n, index))
+                broadcast.end(call_model(self.model, select_samples(inputs, n, index)))
         except Exception as error:
             if expansion.modules or broadcast.names:
                 raise
@@ -356,12 +357,15 @@ class _Accumulation:
                 return None
             expanded = chosen
             expansion.keep_only(expanded)  # empty: only one sample's ids, expanded to themselves
-        seen_params = frozenset(real_params & broadcast.seen())
+        seen_params = frozenset(  # each use as many rows per sample in both batches
+            name for name, blocks in broadcast.seen().items() if real_params.get(name) == blocks
+        )
         reached = frozenset(reached_parameters(output))
         replaced = frozenset(self.hooks.changed)
         plan = make_plan(
-            self.model, real, layouts, frozenset(expanded), seen_params, reached, replaced
-        )
+            self.model, real, layouts, frozenset(expanded), seen_params, reached, replaced,
+            contained=seen_params & frozenset(broadcast.contained()),
+        )  # fmt: skip
         if expanded or plan.broadcast:
             params = [
                 (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
@@ -568,7 +572,12 @@ class _Accumulation:
                     self.broadcast.forget()
                     with self._samples(n):
                         raw = call_model(self.model, inputs)
-                    if not self._conforms(n) or any_reached(raw, self.unused):
+                    self.broadcast.end(raw)
+                    if (
+                        not self._conforms(n)
+                        or not self.broadcast.complete()
+                        or any_reached(raw, self.unused)
+                    ):
                         del raw
                         capture.forget_calls()
                         raw = self._planning_forward(inputs, n)

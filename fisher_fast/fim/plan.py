@@ -106,10 +106,13 @@ class _Planner:
         expanded: frozenset[nn.Module],
         broadcast: frozenset[str],
         replaced: frozenset[str],
+        contained: frozenset[str] = frozenset(),
     ) -> None:
         self.modules = dict(model.named_modules())
         self.expanded = expanded
         self.broadcast = broadcast
+        self.contained = contained
+        self.broadcast_holders: dict[str, str] = {}  # contained broadcast parameter -> holder
         self.recording = recording
         self.layouts = layouts
         self.owners: dict[str, OwnerPlan] = {}
@@ -181,6 +184,8 @@ class _Planner:
             if pname in self.broadcast:
                 plan.paths[pname] = BROADCAST_PATH
                 plan.broadcast.append(pname)
+                if pname in self.contained:
+                    self.broadcast_holders[pname] = mname
                 return
             start = mname
             if rule is None:
@@ -293,6 +298,24 @@ class _Planner:
                 inner.fallback_params = []
                 break
 
+    def join_fallbacks(self) -> None:
+        """A parameter given the sample axis in its module's forward (and only there), whose
+        module is re-run per sample anyway for other parameters (timm BEiT's attention, for
+        its query and value biases), joins that re-run: its traced use would only add work."""
+        for pname, mname in self.broadcast_holders.items():
+            holder = self.modules[mname]
+            for ancestor in self.chain(mname):
+                outer = self.owners.get(ancestor)
+                if outer is None or not outer.fallback_params:
+                    continue
+                if self.contains_uses(outer.module, [holder]):
+                    outer.fallback_params.append(pname[len(ancestor) + 1 :] if ancestor else pname)
+                    self.plan.paths[pname] = (
+                        f"per-sample gradients of {_describe(ancestor, outer.module)}"
+                    )
+                    self.plan.broadcast.remove(pname)
+                break
+
 
 def _common_prefix(names: list[str]) -> str:
     """The nearest common ancestor of dotted module names."""
@@ -313,14 +336,17 @@ def make_plan(
     broadcast: frozenset[str] = frozenset(),
     reached: frozenset[int] | None = None,
     replaced: frozenset[str] = frozenset(),
+    contained: frozenset[str] = frozenset(),
 ) -> Plan:
     """The plan for ``model`` given its recorded calls and their layouts (module docstring);
     ``expanded``: the Embeddings whose broadcast outputs were given the sample axis;
     ``broadcast``: the parameters given the sample axis at their use (broadcast_params.py);
     ``reached``: the ``id`` of every parameter the output's graph reaches (unused.py), None
     to take every parameter as reached; ``replaced``: the names of the modules whose output a
-    forward hook of the user's replaced (hook_watch.py)."""
-    planner = _Planner(model, recording, layouts, expanded, broadcast, replaced)
+    forward hook of the user's replaced (hook_watch.py); ``contained``: those of ``broadcast``
+    used only inside their module's forward, which join a per-sample re-run of it (or of an
+    ancestor) that the plan makes anyway."""
+    planner = _Planner(model, recording, layouts, expanded, broadcast, replaced, contained)
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     first_name: dict[int, str] = {}
     for module_name, module in planner.modules.items():
@@ -332,5 +358,6 @@ def make_plan(
     for key, hs in holders.items():
         planner.handle(first_name[key], hs, reached is None or key in reached)
     planner.merge_nested_fallbacks()
+    planner.join_fallbacks()
     planner.plan.owners = [o for o in planner.owners.values() if o.rule_params or o.fallback_params]
     return planner.plan

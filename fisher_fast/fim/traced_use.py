@@ -10,25 +10,40 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
 * an op on traced values and constants only (a reshape, a permute, a lookup in a constant index
   table, a cast) runs as usual and its result stays traced, remembering how it is computed from
   the parameter (a function f of it);
-* an elementwise op (mul, add, sub, div) between a traced value d = f(p) and a tensor that
-  may carry the samples (it requires grad, or has n entries along axis 0), whose result has the batch's n samples along axis 0 while d is broadcast along
-  it, runs on a tapped view of d given the sample axis (``d.expand(n, ...)``, no copy): the
-  gradient at that view is one slice per sample, and the parameter's per-sample gradients are
-  f's vector-Jacobian products of the slices (vmapped);
-* any other op mixing a traced value with such a tensor (a matrix product, an attention mask),
-  or any op after the module returned, runs on the real values and marks the use as failed: the
-  parameter then takes another path.
+* an op that adds d = f(p) to a tensor that may carry the samples (it requires grad, or has n
+  entries along axis 0) with d broadcast along axis 0 of the result, whose axis 0 holds k·n
+  entries (k = 1: one per sample; k > 1: the samples flattened with k windows each, as
+  ``Sampled(0, k)`` in layout.py), runs on a tapped view of d given that axis
+  (``d.expand(k·n, ...)``, no copy). Such ops: elementwise mul, add, sub, div, and the
+  attention mask of ``scaled_dot_product_attention`` (added to the logits (k·n, heads, L, S);
+  a relative-position bias gathered from its table by a constant index); also an add of d to
+  a constant of k·n rows, k > 1 (a shifted-window mask repeated for the batch's windows, whose
+  sum with the bias then meets the logits). The gradient at the
+  view, summed over each sample's k rows, is one slice per sample, and the parameter's
+  per-sample gradients are f's vector-Jacobian products of the slices (vmapped: for a gathered
+  table, the gather's adjoint, an index_add over the index);
+* any other op mixing a traced value with such a tensor (a matrix product), or any op after the
+  trace was closed, runs on the real values and marks the use as failed: the parameter then
+  takes another path.
+
+A traced value may leave its module (a bias table module whose output its parent adds to the
+logits, HF BEiT's ``relative_position_bias``): the trace then stays open until the engine
+closes it at the end of the model's forward pass (``Trace.end``), and fails if a traced value
+is part of the model's output.
 
 None of this is assumed exact: the engine keeps a traced parameter only when the planning batch
-verifies it (expansion.verify), as for broadcast_params.py.
+verifies it (expansion.verify), as for broadcast_params.py, and when each use holds as many
+entries per sample (k) in the variant batch as in the real one.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -45,6 +60,14 @@ ELEMENTWISE = frozenset(
 )
 
 
+# Elementwise ops that add a constant: a traced value broadcast along axis 0 and added to a
+# constant of k·n rows (k > 1: a shifted-window mask (windows·n, 1, T, T), built from the batch's
+# shape) is given the samples there, as the sum goes on to meet the samples' rows.
+ADDITIVE = frozenset(
+    {torch.add, torch.sub, _T.add, _T.sub, _T.__add__, _T.__radd__, _T.__sub__, _T.__rsub__}
+)
+
+
 class Trace:
     """One call of a parameter's module: the batch's n samples, the parameter, where its
     expanded uses go (``tap``), and why tracing failed (None while it has not)."""
@@ -53,6 +76,8 @@ class Trace:
         self.n, self.param, self.tap = n, param, tap
         self.failed: str | None = None
         self.closed = False
+        self.left = False  # a traced value left the module in its output
+        self.blocks: list[int] = []  # entries per sample (k) of each use, in order
 
     def alias(self) -> torch.Tensor:
         """The traced alias of the parameter (same values, its gradient reaches it)."""
@@ -60,11 +85,20 @@ class Trace:
             return _traced(self.param.as_subclass(torch.Tensor), self, lambda q: q)
 
     def close(self, output: Any) -> None:
-        """The module returned ``output``: a traced value in it escapes the module."""
+        """The module returned ``output``: closed, unless a traced value leaves the module in
+        it (then it stays open until ``end``)."""
+        self.left = self._holds(output)
+        self.closed = not self.left
+
+    def end(self, output: Any) -> None:
+        """The model's forward pass returned ``output``: no traced value may be part of it."""
+        if not self.closed and self._holds(output):
+            self.fail("a value computed from it is part of the model's output")
         self.closed = True
+
+    def _holds(self, output: Any) -> bool:
         leaves, _ = tree_flatten(output)
-        if any(isinstance(v, _Traced) for v in leaves):
-            self.fail("a value computed from it is part of the module's output")
+        return any(isinstance(v, _Traced) and v._trace is self for v in leaves)
 
     def fail(self, why: str) -> None:
         if self.failed is None:
@@ -81,18 +115,19 @@ class Trace:
         if self.closed or not mine:
             self.fail("used after its module returned" if self.closed else "mixed with another")
             return _plain(func, leaves, spec)
-        if not data:
-            if _in_place(func):
-                self.fail(f"changed in place by {func.__name__}")
-                return _plain(func, leaves, spec)
-            return self._traced_result(func, leaves, spec, traced)
-        if func in ELEMENTWISE and len(traced) == 1:
-            d = leaves[traced[0]]
-            shape = _broadcast_shape(leaves)
-            if shape and shape[0] == self.n and (d.dim() < len(shape) or d.shape[0] == 1):
+        if not data and _in_place(func):
+            self.fail(f"changed in place by {func.__name__}")
+            return _plain(func, leaves, spec)
+        shape = _added_shape(func, leaves, spec, traced)
+        if shape is not None and (data or func in ADDITIVE):
+            d, k = leaves[traced[0]], self._per_sample_rows(shape)
+            broadcast = d.dim() < len(shape) or d.shape[0] == 1
+            if broadcast and k is not None and (data or (k > 1 and _has_rows(leaves, shape))):
                 leaves = list(leaves)
-                leaves[traced[0]] = self._expanded(d, shape)
+                leaves[traced[0]] = self._expanded(d, shape, k)
                 return _plain(func, leaves, spec)
+        if not data:
+            return self._traced_result(func, leaves, spec, traced)
         name = getattr(func, "__name__", str(func))
         self.fail(f"{name} combines it with the samples in a way it cannot be traced through")
         return _plain(func, leaves, spec)
@@ -104,10 +139,25 @@ class Trace:
             return False
         return v.requires_grad or (v.dim() >= 1 and v.shape[0] == self.n)
 
-    def _expanded(self, d: _Traced, shape: torch.Size) -> torch.Tensor:
-        """d given the sample axis of an elementwise result of ``shape``, tapped."""
+    def _per_sample_rows(self, shape: torch.Size) -> int | None:
+        """k when axis 0 of ``shape`` holds k entries for each of the n samples, else None.
+        Whether they are each sample's own, k consecutive rows per sample, is not known here:
+        the variant batch must give the same k and the planning batch verifies the gradients."""
+        rows = shape[0]
+        return rows // self.n if rows >= self.n and rows % self.n == 0 else None
+
+    def _expanded(self, d: _Traced, shape: torch.Size, k: int) -> torch.Tensor:
+        """d given axis 0 of a result of ``shape`` (k rows per sample), tapped."""
         value = d.as_subclass(torch.Tensor)
         aligned = value.reshape((1,) * (len(shape) - d.dim()) + tuple(d.shape))
+        to_param = self._to_param(d, value)
+        per_sample = to_param if k == 1 else functools.partial(_block_sums, k, to_param)
+        self.blocks.append(k)
+        return self.tap(aligned.expand(self.n * k, *aligned.shape[1:]), per_sample)
+
+    def _to_param(self, d: _Traced, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The map from the gradients at d's view (n, ...), one slice per sample, to the
+        parameter's per-sample gradients (n, *param.shape)."""
         fn, param, d_shape = d._fn, self.param, tuple(d.shape)
         if _reshaped(value, param):
 
@@ -124,7 +174,7 @@ class Trace:
                 pullback = vjp(fn, param.detach())[1]
                 return vmap(lambda g: pullback(g)[0])(grad.reshape(grad.shape[0], *d_shape))
 
-        return self.tap(aligned.expand(self.n, *aligned.shape[1:]), per_sample)
+        return per_sample
 
     def _traced_result(self, func: Any, leaves: list[Any], spec: Any, traced: list[int]) -> Any:
         """Run an op on traced values and constants; its tensor results stay traced."""
@@ -157,6 +207,58 @@ class _Traced(torch.Tensor):
         leaves, spec = tree_flatten((args, kwargs or {}))
         traced = [i for i, v in enumerate(leaves) if isinstance(v, _Traced)]
         return leaves[traced[0]]._trace.run(func, leaves, spec, traced)
+
+
+def same_function(source: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
+    """``alias``, an identity's result on ``source`` (a module output's tap, capture.py): when
+    ``source`` is traced, the alias is the same function of the parameter, not that of the
+    identity's own ops (a ``detach``, whose vector-Jacobian product would be zero)."""
+    if isinstance(source, _Traced) and isinstance(alias, _Traced):
+        alias._fn = source._fn
+    return alias
+
+
+def _block_sums(
+    k: int, to_param: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor
+) -> torch.Tensor:
+    """Gradients at a view of k·n rows, k consecutive rows per sample: summed over each
+    sample's rows (its windows), then mapped to the parameter by ``to_param``."""
+    return to_param(grad.reshape(grad.shape[0] // k, k, *grad.shape[1:]).sum(1))
+
+
+def _has_rows(leaves: list[Any], shape: torch.Size) -> bool:
+    """Whether a plain tensor among ``leaves`` holds axis 0 of ``shape`` itself."""
+    return any(
+        isinstance(v, torch.Tensor)
+        and not isinstance(v, _Traced)
+        and v.dim() == len(shape)
+        and v.shape[0] == shape[0]
+        for v in leaves
+    )
+
+
+def _added_shape(func: Any, leaves: list[Any], spec: Any, traced: list[int]) -> torch.Size | None:
+    """The shape of the tensor that the one traced value among ``leaves`` is broadcast to and
+    added to (or multiplied with) by ``func``, entry by entry; None for any other op. For
+    ``scaled_dot_product_attention`` with the traced value as the attention mask: the logits'
+    shape, (..., L, S) from the query (..., L, E) and the key (..., S, E)."""
+    if len(traced) != 1:
+        return None
+    if func in ELEMENTWISE:
+        return _broadcast_shape(leaves)
+    if func is not F.scaled_dot_product_attention:
+        return None
+    args, kwargs = tree_unflatten(leaves, spec)
+    named = dict(zip(("query", "key", "value", "attn_mask"), args, strict=False)) | kwargs
+    query, key, mask = named.get("query"), named.get("key"), named.get("attn_mask")
+    if mask is not leaves[traced[0]] or not all(
+        isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key)
+    ):
+        return None
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)
+    logits = (*query.shape[:-1], key.shape[-2])
+    shape = _broadcast_of([logits, (*key.shape[:-2], 1, 1), tuple(mask.shape)])
+    return shape if shape is not None and tuple(shape[-2:]) == logits[-2:] else None
 
 
 def _traced(value: torch.Tensor, trace: Trace, fn: Callable[[torch.Tensor], Any]) -> _Traced:
@@ -206,7 +308,11 @@ def _broadcast_shape(leaves: list[Any]) -> torch.Size | None:
     """The broadcast shape of the tensors among ``leaves``; None when they do not broadcast or
     it has no axes. Computed here rather than by ``torch.broadcast_shapes``, whose Python
     implementation cost a millisecond per batch on ConvNeXt's gains."""
-    shapes = [v.shape for v in leaves if isinstance(v, torch.Tensor)]
+    return _broadcast_of([tuple(v.shape) for v in leaves if isinstance(v, torch.Tensor)])
+
+
+def _broadcast_of(shapes: list[tuple[int, ...]]) -> torch.Size | None:
+    """The broadcast shape of ``shapes``; None when they do not broadcast or it has no axes."""
     size = max((len(s) for s in shapes), default=0)
     out = [1] * size
     for s in shapes:
