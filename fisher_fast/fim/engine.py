@@ -104,10 +104,11 @@ def diag_fim(
             ``generator`` seed. Initialise the group with a timeout
             (``init_process_group(..., timeout=datetime.timedelta(minutes=30))``); an error on
             one rank is raised on every rank as a ``fisher_fast.distributed.RankError``.
-
         triton_precision: the triton backend's matrix products: ``"tf32"`` (fastest),
             ``"tf32x3"`` (three TF32 products per float32 one: error near float32's, on tensor
-            cores), ``"ieee"`` (exact float32, no tensor cores), or ``None`` (default: ``"tf32"``
+            cores), ``"ieee"`` (exact float32, no tensor cores), ``"bf16"`` (inputs rounded
+            to bfloat16, float32 accumulation: relative error up to about 2^-6 per entry), or
+            ``None`` (default: ``"tf32"``
             when ``torch.backends.cuda.matmul.allow_tf32`` is set, as the model's own products
             then are, else ``"ieee"``). Only for ``backend="triton"``.
         reuse_plan: start from the plan the last call on this model object ended with, when
