@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from call_counter import CallCounter
 from fim_reference import (
     float32_bound,
     max_relative_error,
@@ -26,6 +27,7 @@ from fim_reference import (
 from torch import nn
 
 import fisher_fast
+from fisher_fast.fim import engine
 from fisher_fast.fim.check import CheckFailedWarning
 
 VOCAB, T, N = 40, 6, 5
@@ -305,3 +307,25 @@ def test_check_flags_a_wrong_rule() -> None:
         report = fisher_fast.check(model, (x, y), verbose=False)
     assert not report.ok
     assert [r.name for r in report.rows if not r.ok] == ["0.gain"]
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_a_repeated_call_reuses_its_plan_and_stays_exact(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second call on the same model, on other data of the same shapes, starts from the plan
+    the first call kept (fisher_fast/fim/plan_cache.py) and matches the loop on that data."""
+    torch.manual_seed(random.randrange(2**31))
+    model, first, kwargs = PROBLEMS[name]()
+    _, second, _ = PROBLEMS[name]()
+    model = model.double().eval()
+    first, second = _as(torch.float64, first), _as(torch.float64, second)
+    plans = CallCounter(monkeypatch, engine, "make_plan")
+    fisher_fast.diag_fim(model, first, progress=False, dtype=torch.float64, **kwargs)
+    planned = plans.calls  # one plan per attempt: a verification may refuse the first ones
+    assert planned >= 1
+    fim = fisher_fast.diag_fim(model, second, progress=False, dtype=torch.float64, **kwargs)
+    assert plans.calls == planned, "the second call planned again"
+    errors = max_relative_error(fim, reference_fim_batches(model, second, loss="cross_entropy"))
+    worst = max(errors, key=errors.__getitem__)
+    assert errors[worst] <= 1e-10, f"{worst}: {errors[worst]:.2e} via {fim.meta['paths'][worst]}"
