@@ -204,7 +204,7 @@ def test_a_model_with_a_kept_plan_is_freed(plans: CallCounter) -> None:
     """The kept plan names modules by path: it holds neither the model nor its modules."""
     model = _Tokens().eval()
     fisher_fast.diag_fim(model, _data(1), progress=False)
-    assert plan_cache.recall(model) is not None
+    assert plan_cache.recall(model, plan_cache.signature(model)) is not None
     gone = weakref.ref(model)
     del model
     gc.collect()

@@ -224,15 +224,23 @@ class SequenceModel(nn.Module):
         return self.head(torch.tanh(self.mix(h))).mean(1)
 
 
+def _sequence_problem(
+    gen: torch.Generator, n: int
+) -> tuple[SequenceModel, torch.Tensor, torch.Tensor]:
+    """A SequenceModel seeded from ``gen`` and n samples (N, 3, 17) with labels, on DEVICE."""
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = SequenceModel().to(DEVICE)
+    x = torch.randn(n, 3, 17, generator=gen).to(DEVICE)
+    y = torch.randint(4, (n,), generator=gen).to(DEVICE)
+    return model, x, y
+
+
 @needs_triton
 def test_diag_fim_with_the_triton_backend(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kernel = CallCounter(monkeypatch, triton_products, "square_sum")
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-    model = SequenceModel().to(DEVICE)
-    x = torch.randn(10, 3, 17, generator=gen).to(DEVICE)
-    y = torch.randint(4, (10,), generator=gen).to(DEVICE)
+    model, x, y = _sequence_problem(gen, 10)
     fim = fisher_fast.diag_fim(model, (x, y), backend="triton", batch_size=6, progress=False)
     reference = reference_fim(model, x, y).to(fim.flat.device)
     worst = float((fim.flat.double() - reference).abs().max())
@@ -254,10 +262,7 @@ def test_diag_fim_hands_its_precision_to_every_kernel(
             return _original(*args, **kwargs)  # type: ignore[operator]
 
         monkeypatch.setattr(module, name, spy)
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-    model = SequenceModel().to(DEVICE)
-    x = torch.randn(6, 3, 17, generator=gen).to(DEVICE)
-    y = torch.randint(4, (6,), generator=gen).to(DEVICE)
+    model, x, y = _sequence_problem(gen, 6)
     fim = fisher_fast.diag_fim(
         model, (x, y), backend="triton", triton_precision="tf32x3", progress=False
     )
@@ -280,10 +285,7 @@ def test_diag_fim_in_bf16_rounds_every_product_within_its_bound(
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(triton_conv, "conv2d_square_sum", conv_spy)
-    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-    model = SequenceModel().to(DEVICE)
-    x = torch.randn(6, 3, 17, generator=gen).to(DEVICE)
-    y = torch.randint(4, (6,), generator=gen).to(DEVICE)
+    model, x, y = _sequence_problem(gen, 6)
     ieee = fisher_fast.diag_fim(
         model, (x, y), backend="triton", triton_precision="ieee", progress=False
     )

@@ -172,11 +172,12 @@ def _diag_fim(
 
     def local() -> LocalSums | None:
         accumulation = _Accumulation(model, trainable, options)
-        kept = plan_cache.recall(model) if options.reuse_plan else None
+        made_from = plan_cache.signature(model)  # the run leaves it as it is
+        kept = plan_cache.recall(model, made_from) if options.reuse_plan else None
         sums = accumulation.run(data, kept)
         paths.update(accumulation.paths)
         if accumulation.final is not None:
-            plan_cache.keep(model, plan_cache.detach(model, *accumulation.final))
+            plan_cache.keep(model, plan_cache.detach(model, made_from, *accumulation.final))
         return sums
 
     with _model_mode(model, options.mode):

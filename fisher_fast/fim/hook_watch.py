@@ -8,13 +8,13 @@ would silently use it as the gradient at the forward's result. Hooks that only l
 extraction, logging) return None and change nothing, so they must not cost the fast path.
 
 So every module that has forward hooks of its own when diag_fim starts is watched in the
-engine's passes: a hook put before the
-user's records the output tensors the forward returned, one put after them compares. A module
-whose output was replaced or changed in place is in ``changed``; the plan (plan.py) then gives its parameters the
-per-sample path, whose re-run of the module runs its hooks too, and a later batch that adds a
-module to ``changed`` is planned anew. Hooks registered while diag_fim runs are not watched.
-Global forward hooks (``register_module_forward_hook``) run before any hook a module holds, so
-their effect cannot be seen: while one is registered, every module counts as changed.
+engine's passes: a hook put before the user's records the output tensors the forward returned,
+one put after them compares. A module whose output was replaced or changed in place is in
+``changed``; the plan (plan.py) then gives its parameters the per-sample path, whose re-run of
+the module runs its hooks too, and a later batch that adds a module to ``changed`` is planned
+anew. Hooks registered while diag_fim runs are not watched. Global forward hooks
+(``register_module_forward_hook``) run before any hook a module holds, so their effect cannot
+be seen: while one is registered, every module counts as changed, and none is watched.
 """
 
 from __future__ import annotations
@@ -30,12 +30,6 @@ from torch.nn.modules import module as module_globals
 from fisher_fast.fim.layout import flat_leaves
 
 
-def _hooked(model: nn.Module) -> dict[nn.Module, str]:
-    """The modules whose output a hook of the user's may replace, and their names."""
-    every = bool(module_globals._global_forward_hooks)
-    return {m: name for name, m in model.named_modules() if every or m._forward_hooks}
-
-
 class HookWatch:
     """Records the names of the modules whose output a forward hook of the user's replaced.
 
@@ -44,10 +38,12 @@ class HookWatch:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = _hooked(model)
         self.changed: set[str] = set()
+        self.modules: dict[nn.Module, str] = {}  # the watched modules and their names
         if module_globals._global_forward_hooks:  # they run before anything a module holds
-            self.changed = set(self.modules.values())
+            self.changed = {name for name, _ in model.named_modules()}
+        else:
+            self.modules = {m: name for name, m in model.named_modules() if m._forward_hooks}
         # the leaves each call's forward returned (held, so that no new tensor takes their
         # address while a hook runs) and their version counters (in-place changes), a stack
         # per module for recursive calls

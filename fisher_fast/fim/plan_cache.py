@@ -91,11 +91,13 @@ class KeptPlan:
 
 def detach(
     model: nn.Module,
+    made_from: Signature,
     plan: Plan,
     expanded: set[nn.Module],
     broadcast: dict[str, tuple[nn.Module, str]],
 ) -> KeptPlan:
-    """``plan`` (and the engine's expansion state) with every module named by its path."""
+    """``plan`` (and the engine's expansion state) with every module named by its path;
+    ``made_from``: the model's ``signature`` when the call began."""
     path = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
     owners = tuple(
         {f.name: getattr(o, f.name) for f in dataclasses.fields(o) if f.name != "module"}
@@ -103,7 +105,7 @@ def detach(
     )
     ties = tuple(_KeptTie(t.name, path[id(t.embedding)], path[id(t.head)]) for t in plan.ties)
     return KeptPlan(
-        signature=signature(model),
+        signature=made_from,
         plan=dataclasses.replace(plan, owners=[], ties=[]),
         owners=owners,
         ties=ties,
@@ -115,12 +117,13 @@ def detach(
 _KEPT: weakref.WeakKeyDictionary[nn.Module, KeptPlan] = weakref.WeakKeyDictionary()
 
 
-def recall(model: nn.Module) -> KeptPlan | None:
-    """The plan kept for ``model``, if nothing it was made from has changed since."""
+def recall(model: nn.Module, now: Signature) -> KeptPlan | None:
+    """The plan kept for ``model``, if nothing it was made from has changed since (``now``:
+    the model's ``signature``)."""
     kept = _KEPT.get(model)
     if kept is None:
         return None
-    if kept.signature != signature(model):
+    if kept.signature != now:
         del _KEPT[model]
         return None
     return kept

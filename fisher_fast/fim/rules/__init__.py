@@ -265,24 +265,30 @@ def _instance_forward_agrees(module: nn.Module, spec: RuleSpec) -> bool:
     own = module.__dict__.get("forward")
     if own is None or getattr(own, INSTRUMENTED, False):
         return True
-    if spec.example is None or module.training:
-        return False
     cls = type(module)
-    return reproduces(
-        module,
-        f"instance forward {id(own)}",
-        lambda x: cls.forward(module, x),
-        spec.example(module),
-        forward=own,
+    return _verified(
+        module, spec, f"instance forward {id(own)}", lambda x: cls.forward(module, x), own
     )
 
 
 def _same_as(module: nn.Module, base: type[nn.Module], spec: RuleSpec) -> bool:
     """Whether ``module`` (a subclass of ``base`` with its own forward) computes base.forward."""
+    return _verified(module, spec, f"as {base.__name__}", lambda x: base.forward(module, x))
+
+
+def _verified(
+    module: nn.Module,
+    spec: RuleSpec,
+    check: str,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> bool:
+    """Whether ``forward`` (by default the module's class's) reproduces ``reference`` on the
+    rule's example input (lookalike.reproduces); False without ``RuleSpec.example`` or in
+    training mode (a check could change running statistics)."""
     if spec.example is None or module.training:
         return False
-    shape = spec.example(module)
-    return reproduces(module, f"as {base.__name__}", lambda x: base.forward(module, x), shape)
+    return reproduces(module, check, reference, spec.example(module), forward)
 
 
 def joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
