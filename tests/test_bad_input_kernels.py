@@ -465,7 +465,7 @@ def _system_includes(paths: list[Path]) -> set[str]:
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to preprocess")
-@pytest.mark.parametrize("source", ["csrc/cpu/conv_sq_cpu.cpp", "csrc/cpu/frechet_cpu.cpp"])
+@pytest.mark.parametrize("source", ["csrc/cpu/sq_sum_tiles_cpu.cpp", "csrc/cpu/frechet_cpu.cpp"])
 def test_target_clones_only_on_x86_64(source: str, tmp_path: Path) -> None:
     """Preprocessed as for another architecture, the kernels ask for no x86 clones (GCC has no
     avx512f / avx2 targets on aarch64, where the build failed). System and torch headers are

@@ -148,9 +148,10 @@ def test_frechet_sums_input_checks() -> None:
 
 # per_sample_sq_sum
 
-# (N, B, T, O, I): one position, several blocks, one output, one sample, a larger case that
-# spans several threads' sample ranges and several scratch steps, and one whose per-sample
-# product exceeds the CPU kernel's scratch (one sample per step).
+# (N, B, T, O, I): one position, several blocks, one output, one sample, a small result whose
+# samples the CPU kernel splits between threads, a result of several row tiles (300 rows of 500
+# columns), a long sequence (tiles of few rows), and a result large enough that threads own
+# tiles of it instead of samples.
 PS_SHAPES = [
     (5, 1, 1, 3, 4),
     (7, 3, 2, 4, 5),
@@ -158,6 +159,8 @@ PS_SHAPES = [
     (1, 1, 4, 3, 2),
     (300, 2, 5, 16, 12),
     (5, 2, 3, 300, 500),
+    (3, 1, 700, 40, 9),
+    (4, 3, 6, 130, 300),
 ]
 
 
@@ -205,6 +208,38 @@ def test_per_sample_sq_sum_non_contiguous_inputs(gen: torch.Generator, device: s
     torch.testing.assert_close(
         ops.per_sample_sq_sum(g, x_strided), ops.per_sample_sq_sum(g, x), rtol=1e-6, atol=0
     )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "shape", [(7, 3, 2, 4, 5), (4, 3, 6, 130, 300), (2, 1, 3, 301, 700)], ids=str
+)
+def test_per_sample_sq_sum_independent_of_threads(
+    threads: int, shape: tuple[int, ...], gen: torch.Generator
+) -> None:
+    """Whichever way the CPU kernel cuts the work (samples or tiles between threads), the sums
+    are the float64 reference's."""
+    g, x = per_sample_inputs(shape, torch.float64, gen, "cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = ops.per_sample_sq_sum(g, x, torch.float64)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, reference_per_sample_sq_sum(g, x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("empty", ["positions", "outputs", "inputs"])
+def test_per_sample_sq_sum_of_empty_axes(empty: str) -> None:
+    """No positions give zeros; no outputs or inputs give an empty result of the right shape."""
+    t, o, i = (
+        (0 if empty == "positions" else 3),
+        (0 if empty == "outputs" else 4),
+        (0 if empty == "inputs" else 5),
+    )
+    got = ops.per_sample_sq_sum(torch.ones(2, 1, t, o), torch.ones(2, 1, t, i), torch.float32)
+    assert got.shape == (1, o, i)
+    assert not got.any()
 
 
 def test_per_sample_sq_sum_of_no_samples(device: str) -> None:

@@ -2,16 +2,10 @@
 // per-sample weight gradients of a 2-D convolution, without an im2col tensor of the batch.
 //
 // The result is accumulated transposed, (groups, I/groups, O/groups) with I = C * kernel_h *
-// kernel_w, and cut into tiles of patch rows (weight columns). Work items are tiles; each thread
-// takes a run of them and walks over the samples in chunks: it transposes the chunk's output
-// gradients G[n,b] (O_g × L) once into L × O_g, then for each of its tiles and each sample writes
-// the tile's patch rows U (rows × L) into a small buffer (patch_rows), forms the product
-// U · G[n,b]ᵀ (rows × O_g) with one micro-kernel call (gemm_nn) and adds its squares to the tile,
-// a contiguous block of the result. When the result is small, each thread takes all tiles for
-// its own range of samples, with its own accumulator (summed at the end), so every gradient is
-// transposed once; otherwise threads own disjoint tiles and share no accumulator. Memory: the
-// result plus, per thread, one chunk of transposed gradients, one patch tile and one product tile,
-// whatever N.
+// kernel_w, by the tiled loop of sq_sum_tiles.h: per sample, the output gradient G[n,b]
+// (O_g × L) is transposed once into L × O_g (the chunk operand), and each tile of patch rows U
+// (rows × L) is either read from the input (a 1×1 convolution without stride or padding) or
+// written into a small buffer (patch_rows), then multiplied by it and squared in cache.
 //
 // Depthwise convolutions (one input and one output channel per group) take a direct path
 // instead: per channel and sample, the input is copied once into a zero-padded buffer and each
@@ -21,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -30,137 +23,10 @@
 
 #include "fisher_fast/checks.h"
 #include "fisher_fast/conv_patches.h"
-#include "fisher_fast/gemm_nn.h"
-
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
+#include "fisher_fast/sq_sum_tiles.h"
 
 namespace fisher_fast {
 namespace {
-
-constexpr int64_t kTileBytes = 256 << 10;      // patch tile and product tile, each (L2-resident)
-constexpr int64_t kChunkBytes = 512 << 10;     // transposed output gradients held per thread
-constexpr int64_t kSplitAccBytes = 512 << 10;  // results up to this: split samples
-constexpr int64_t kMinRows = 16;               // fewer patch rows per tile than this: split samples
-constexpr int64_t kBlock = 16;                 // transpose block
-
-// Per-ISA clones (resolved at load time) where the compiler supports them for x86-64; a plain
-// function on other architectures, where these target names do not exist.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FF_CLONES
-#endif
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// acc[j] += prod[j]^2 for j < size.
-template <typename compute_t, typename acc_t>
-FF_CLONES void square_add(const compute_t* __restrict prod, acc_t* __restrict acc, int64_t size) {
-#pragma omp simd
-  for (int64_t j = 0; j < size; ++j) {
-    const acc_t v = static_cast<acc_t>(prod[j]);
-    acc[j] += v * v;
-  }
-}
-
-// dst (cols × rows) = src (rows × cols)ᵀ, both contiguous, in cache-sized blocks; float32 moves
-// 4×4 blocks through SSE registers (baseline on x86-64), the rest goes element by element.
-template <typename T>
-void transpose_block(const T* __restrict src, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
-                     int64_t c0, int64_t c1, T* __restrict dst) {
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
-  }
-}
-
-#if defined(__SSE__)
-void transpose_block(const float* __restrict src, int64_t rows, int64_t cols, int64_t r0,
-                     int64_t r1, int64_t c0, int64_t c1, float* __restrict dst) {
-  const int64_t r4 = r0 + (r1 - r0) / 4 * 4, c4 = c0 + (c1 - c0) / 4 * 4;
-  for (int64_t r = r0; r < r4; r += 4) {
-    for (int64_t c = c0; c < c4; c += 4) {
-      __m128 a = _mm_loadu_ps(src + r * cols + c), b = _mm_loadu_ps(src + (r + 1) * cols + c);
-      __m128 e = _mm_loadu_ps(src + (r + 2) * cols + c), d = _mm_loadu_ps(src + (r + 3) * cols + c);
-      _MM_TRANSPOSE4_PS(a, b, e, d);
-      _mm_storeu_ps(dst + c * rows + r, a);
-      _mm_storeu_ps(dst + (c + 1) * rows + r, b);
-      _mm_storeu_ps(dst + (c + 2) * rows + r, e);
-      _mm_storeu_ps(dst + (c + 3) * rows + r, d);
-    }
-  }
-  transpose_block<float>(src, rows, cols, r0, r4, c4, c1, dst);  // right edge
-  transpose_block<float>(src, rows, cols, r4, r1, c0, c1, dst);  // bottom edge
-}
-#endif
-
-template <typename T>
-void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      transpose_block(src, rows, cols, r0, std::min(rows, r0 + kBlock), c0,
-                      std::min(cols, c0 + kBlock), dst);
-    }
-  }
-}
-
-// (groups, rows, cols) -> (groups, cols, rows), in cache blocks and in parallel over blocks of
-// rows: ATen's copy of a transposed view walks one operand a column at a time through memory,
-// which cost more than the products themselves for the widest layers (512 × 4608 per group).
-template <typename T>
-at::Tensor transposed_groups(const at::Tensor& src) {
-  const int64_t groups = src.size(0), rows = src.size(1), cols = src.size(2);
-  auto dst = at::empty({groups, cols, rows}, src.options());
-  const T* s = src.data_ptr<T>();
-  T* d = dst.data_ptr<T>();
-  const int64_t row_blocks = ceil_div(rows, kBlock);
-  at::parallel_for(0, groups * row_blocks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / row_blocks, r0 = item % row_blocks * kBlock;
-      const int64_t r1 = std::min(rows, r0 + kBlock);
-      for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-        transpose_block(s + b * rows * cols, rows, cols, r0, r1, c0, std::min(cols, c0 + kBlock),
-                        d + b * rows * cols);
-      }
-    }
-  });
-  return dst;
-}
-
-// How the (groups × weight columns × samples) work is cut into items.
-struct Plan {
-  int64_t rows;    // patch rows (weight columns) per tile
-  int64_t tiles;   // tiles per group
-  int64_t splits;  // sample ranges, each with its own accumulator
-  int64_t chunk;   // samples whose transposed gradients a thread holds at once
-};
-
-Plan make_plan(int64_t n, int64_t groups, int64_t out_g, int64_t in_g, int64_t positions,
-               int64_t elem, int64_t threads) {
-  const int64_t by_patches = kTileBytes / std::max<int64_t>(1, positions * elem);
-  const int64_t by_product = kTileBytes / std::max<int64_t>(1, out_g * elem);
-  int64_t rows = std::clamp<int64_t>(std::min(by_patches, by_product), 1, in_g);
-  int64_t tiles = ceil_div(in_g, rows);
-  const int64_t chunk =
-      std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, positions * out_g * elem));
-  // A small result: every thread takes all tiles for its own share of the samples (each output
-  // gradient is then transposed once, by one thread), with its own accumulator.
-  if (groups * out_g * in_g * elem <= kSplitAccBytes && n >= threads) {
-    return {ceil_div(in_g, tiles), tiles, threads, chunk};
-  }
-  // Otherwise threads own tiles, in whole rounds of items (each thread takes one contiguous
-  // range of items, so an uneven count leaves threads idle at the end) unless there are many.
-  if (groups * tiles < 16 * threads) {
-    const int64_t per_group = ceil_div(ceil_div(groups * tiles, threads) * threads, groups);
-    tiles = std::max(tiles, std::min(per_group, ceil_div(in_g, kMinRows)));
-  }
-  rows = ceil_div(in_g, tiles);
-  tiles = ceil_div(in_g, rows);
-  const int64_t splits =
-      groups * tiles >= threads ? 1 : std::min(n, ceil_div(threads, groups * tiles));
-  return {rows, tiles, std::max<int64_t>(1, splits), chunk};
-}
 
 // Output size along one axis of a convolution with `pad` zeros before an input of `size` and
 // `after` zeros past its end, 0 when the kernel's reach exceeds the padded input. The caller
@@ -348,66 +214,35 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
     return out;
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const Plan plan = make_plan(n, groups, out_g, in_g, positions, at::elementSize(compute), threads);
+  const int64_t chunk_elems = positions * out_g;  // a sample's transposed gradient (L × O_g)
+  const TilePlan plan =
+      plan_tiles(n, groups, in_g, out_g, positions, chunk_elems, at::elementSize(compute), threads);
   checked_mul(plan.splits, groups * in_g * out_g, "the per-thread accumulators' size");
   auto acc = at::zeros({plan.splits, groups, in_g, out_g}, x.options().dtype(acc_dtype));
   const bool direct = geo.patches_are_input();
-  const int64_t items = plan.splits * groups * plan.tiles;
-  const int64_t per_split = ceil_div(n, plan.splits);
-  gemm_nn_uses_brgemm();  // probe the micro-kernel outside the parallel region
-
   AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
+    const compute_t* x_data = xc.data_ptr<compute_t>();
+    const compute_t* g_data = gc.data_ptr<compute_t>();
+    const auto load = [&](int64_t s, int64_t b, compute_t* chunk) {
+      transpose(g_data + (s * out_ch + b * out_g) * positions, out_g, positions, chunk);
+    };
+    // Patch rows (rows × L) of the sample's group times its transposed gradient (L × O_g).
+    const auto factors = [&](int64_t s, int64_t b, int64_t r0, int64_t r1, const compute_t* chunk,
+                             compute_t* scratch) {
+      const compute_t* x_group = x_data + (s * channels + b * (channels / groups)) * image;
+      if (direct) return TileFactors<compute_t>{x_group + r0 * positions, chunk};
+      patch_rows(x_group, geo, r0, r1, scratch);
+      return TileFactors<compute_t>{scratch, chunk};
+    };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_acc", [&] {
-      using acc_t = scalar_t;
-      const compute_t* x_data = xc.data_ptr<compute_t>();
-      const compute_t* g_data = gc.data_ptr<compute_t>();
-      acc_t* acc_data = acc.data_ptr<acc_t>();
-      at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
-        std::vector<compute_t> grads(plan.chunk * positions * out_g);
-        std::vector<compute_t> patches(direct ? 0 : plan.rows * positions);
-        std::vector<compute_t> prod(plan.rows * out_g);
-        // Runs of consecutive tiles of one (split, group).
-        for (int64_t item = first; item < last;) {
-          const int64_t split = item / (groups * plan.tiles);
-          const int64_t b = item / plan.tiles % groups, t0 = item % plan.tiles;
-          const int64_t t1 = std::min(plan.tiles, t0 + (last - item));
-          const int64_t s_end = std::min(n, (split + 1) * per_split);
-          for (int64_t c0 = split * per_split; c0 < s_end; c0 += plan.chunk) {
-            const int64_t c1 = std::min(s_end, c0 + plan.chunk);
-            for (int64_t s = c0; s < c1; ++s) {
-              transpose(g_data + (s * out_ch + b * out_g) * positions, out_g, positions,
-                        grads.data() + (s - c0) * positions * out_g);
-            }
-            for (int64_t t = t0; t < t1; ++t) {
-              const int64_t r0 = t * plan.rows, r1 = std::min(in_g, r0 + plan.rows);
-              acc_t* acc_tile = acc_data + ((split * groups + b) * in_g + r0) * out_g;
-              for (int64_t s = c0; s < c1; ++s) {
-                const compute_t* x_group =
-                    x_data + (s * channels + b * (channels / groups)) * image;
-                const compute_t* u = x_group + r0 * positions;
-                if (!direct) {
-                  patch_rows(x_group, geo, r0, r1, patches.data());
-                  u = patches.data();
-                }
-                gemm_nn(r1 - r0, out_g, positions, u, positions,
-                        grads.data() + (s - c0) * positions * out_g, out_g, prod.data(), out_g);
-                square_add(prod.data(), acc_tile, (r1 - r0) * out_g);
-              }
-            }
-          }
-          item += t1 - t0;
-        }
-        gemm_nn_release();
-      });
+      tiled_sq_sum<compute_t, scalar_t>(plan, n, groups, in_g, out_g, positions, chunk_elems,
+                                        acc.data_ptr<scalar_t>(), load, factors);
     });
   });
   // (splits, groups, I_g, O_g) -> (groups, O_g, I_g)
   const at::Tensor summed = plan.splits == 1 ? acc[0] : acc.sum(0);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_transpose",
-                             [&] { out = transposed_groups<scalar_t>(summed); });
-  return out;
+  return transposed_blocks(summed);
 }
 
 }  // namespace

@@ -1,46 +1,20 @@
 // CPU kernel of fisher_fast::per_sample_sq_sum: out[b] = sum_n (g[n,b]^T x[n,b])^2.
 //
-// Threads take disjoint ranges of samples. Each computes the per-sample products of a few
-// samples at a time into a scratch buffer sized to stay in cache (one batched matrix product),
-// squares them into its own accumulator, and the accumulators are summed at the end. Memory is
-// bounded by threads x (accumulator + scratch), independent of the number of samples.
+// The tiled loop of sq_sum_tiles.h with, per sample and block, the output gradient g[n,b]
+// (T × O) transposed once into O × T (the chunk operand) and the input x[n,b] (T × I) read in
+// place: each tile of rows of g[n,b]^T is multiplied by x[n,b] with one micro-kernel call and its
+// squares are added to the result while the product is in cache. Memory: the result per split
+// plus, per thread, one chunk of transposed gradients and one product tile, whatever N.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "fisher_fast/checks.h"
+#include "fisher_fast/sq_sum_tiles.h"
 
 namespace fisher_fast {
 namespace {
-
-constexpr int64_t kScratchBytes = 1 << 20;  // per-thread per-sample-product scratch (~L2 size)
-
-template <typename acc_t>
-void square_accumulate(const float* __restrict prod, acc_t* __restrict acc, int64_t samples,
-                       int64_t size) {
-  for (int64_t s = 0; s < samples; ++s) {
-    const float* p = prod + s * size;
-#pragma omp simd
-    for (int64_t j = 0; j < size; ++j) {
-      const acc_t v = static_cast<acc_t>(p[j]);
-      acc[j] += v * v;
-    }
-  }
-}
-
-template <typename acc_t>
-void square_accumulate(const double* __restrict prod, acc_t* __restrict acc, int64_t samples,
-                       int64_t size) {
-  for (int64_t s = 0; s < samples; ++s) {
-    const double* p = prod + s * size;
-#pragma omp simd
-    for (int64_t j = 0; j < size; ++j) acc[j] += static_cast<acc_t>(p[j] * p[j]);
-  }
-}
 
 at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
                                  at::ScalarType acc_dtype) {
@@ -54,39 +28,41 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
            "acc_dtype must be float32 or float64, got ", acc_dtype);
   FF_CHECK_SAME_DEVICE(g, x, "g", "x");
 
-  const int64_t n = g.size(0), blocks = g.size(1), out_f = g.size(3), in_f = x.size(3);
+  const int64_t n = g.size(0), blocks = g.size(1), positions = g.size(2);
+  const int64_t out_f = g.size(3), in_f = x.size(3);
+  checked_mul(checked_mul(blocks, out_f, "the result's size"), in_f, "the result's size");
+  if (n == 0 || positions == 0 || out_f == 0 || in_f == 0) {
+    return at::zeros({blocks, out_f, in_f}, g.options().dtype(acc_dtype));
+  }
   // Products run in float32 for reduced-precision inputs and in the input's own type otherwise.
   const auto compute = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto gt = g.to(compute).transpose(2, 3);  // (N, B, O, T)
-  const auto xc = x.to(compute);
-  const int64_t prod_size = blocks * out_f * in_f;
-  const int64_t elem = compute == at::kDouble ? 8 : 4;
-  const int64_t per_step =
-      std::max<int64_t>(1, kScratchBytes / std::max<int64_t>(1, prod_size * elem));
-
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  auto acc = at::zeros({threads, blocks, out_f, in_f}, g.options().dtype(acc_dtype));
-  if (n == 0) return acc.sum(0);
-  const int64_t per_thread = (n + threads - 1) / threads;
-
+  const auto gc = g.to(compute).contiguous();
+  const auto xc = x.to(compute).contiguous();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk_elems = out_f * positions;  // a sample's transposed gradient (O × T)
+  const TilePlan plan =
+      plan_tiles(n, blocks, out_f, in_f, positions, chunk_elems, at::elementSize(compute), threads);
+  checked_mul(plan.splits, blocks * out_f * in_f, "the per-thread accumulators' size");
+  auto acc = at::zeros({plan.splits, blocks, out_f, in_f}, g.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES(compute, "per_sample_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
+    const compute_t* g_data = gc.data_ptr<compute_t>();
+    const compute_t* x_data = xc.data_ptr<compute_t>();
+    const auto load = [&](int64_t s, int64_t b, compute_t* chunk) {
+      transpose(g_data + (s * blocks + b) * positions * out_f, positions, out_f, chunk);
+    };
+    // Rows [r0, r1) of g[s,b]^T (rows × T) times x[s,b] (T × I).
+    const auto factors = [&](int64_t s, int64_t b, int64_t r0, int64_t, const compute_t* chunk,
+                             compute_t*) {
+      return TileFactors<compute_t>{chunk + r0 * positions,
+                                    x_data + (s * blocks + b) * positions * in_f};
+    };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "per_sample_sq_sum_cpu_acc", [&] {
-      using acc_t = scalar_t;
-      at::parallel_for(0, threads, 1, [&](int64_t t_first, int64_t t_last) {
-        for (int64_t t = t_first; t < t_last; ++t) {
-          acc_t* my_acc = acc[t].data_ptr<acc_t>();
-          const int64_t lo = t * per_thread, hi = std::min(n, lo + per_thread);
-          for (int64_t s0 = lo; s0 < hi; s0 += per_step) {
-            const int64_t s1 = std::min(hi, s0 + per_step);
-            const auto prod = at::matmul(gt.slice(0, s0, s1), xc.slice(0, s0, s1)).contiguous();
-            square_accumulate<acc_t>(prod.data_ptr<compute_t>(), my_acc, s1 - s0, prod_size);
-          }
-        }
-      });
+      tiled_sq_sum<compute_t, scalar_t>(plan, n, blocks, out_f, in_f, positions, chunk_elems,
+                                        acc.data_ptr<scalar_t>(), load, factors);
     });
   });
-  return acc.sum(0);
+  return plan.splits == 1 ? acc[0] : acc.sum(0);
 }
 
 }  // namespace
