@@ -151,7 +151,9 @@ def test_frechet_sums_input_checks() -> None:
 # (N, B, T, O, I): one position, several blocks, one output, one sample, a small result whose
 # samples the CPU kernel splits between threads, a result of several row tiles (300 rows of 500
 # columns), a long sequence (tiles of few rows), and a result large enough that threads own
-# tiles of it instead of samples.
+# tiles of it instead of samples; the last two on either side of the CPU kernel's switch from
+# products in registers (up to 16 positions) to micro-kernel calls, with rows and columns that
+# leave partial blocks of 4 rows and 16 columns.
 PS_SHAPES = [
     (5, 1, 1, 3, 4),
     (7, 3, 2, 4, 5),
@@ -161,6 +163,8 @@ PS_SHAPES = [
     (5, 2, 3, 300, 500),
     (3, 1, 700, 40, 9),
     (4, 3, 6, 130, 300),
+    (5, 1, 16, 7, 37),
+    (5, 1, 17, 7, 37),
 ]
 
 

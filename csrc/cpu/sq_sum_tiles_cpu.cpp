@@ -40,6 +40,70 @@ FF_CLONES void square_add_impl(const compute_t* __restrict prod, acc_t* __restri
   }
 }
 
+// acc (rows × width) += (a (rows × k, row stride lda) · b (k × width, row stride ldb))², for a
+// short k: blocks of kFusedRows rows × kFusedCols columns whose sums are formed in registers
+// across k and squared there, so no product tile is written and each row of b is read once per
+// block of rows. A micro-kernel call with so few terms per product spends more on writing and
+// re-reading its product than on the products themselves.
+constexpr int64_t kFusedRows = 4;
+constexpr int64_t kFusedMaxPositions = 16;  // up to here the fused loop beat gemm_nn + square_add
+constexpr int64_t kFusedCols = 16;
+
+// One block of kRows rows and kCols columns (kCols <= kFusedCols; whole blocks have it fixed, so
+// the column loops become vector instructions on registers).
+template <typename compute_t, typename acc_t, int64_t kRows, int64_t kCols>
+inline void product_square_add_block(int64_t k, const compute_t* __restrict a, int64_t lda,
+                                     const compute_t* __restrict b, int64_t ldb,
+                                     acc_t* __restrict acc, int64_t ldc, int64_t cols = kCols) {
+  compute_t v[kRows][kFusedCols] = {};
+  for (int64_t l = 0; l < k; ++l) {
+    const compute_t* bl = b + l * ldb;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const compute_t ar = a[r * lda + l];
+#pragma omp simd
+      for (int64_t j = 0; j < (kCols > 0 ? kCols : cols); ++j) v[r][j] += ar * bl[j];
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < (kCols > 0 ? kCols : cols); ++j) {
+      acc[r * ldc + j] += static_cast<acc_t>(v[r][j]) * static_cast<acc_t>(v[r][j]);
+    }
+  }
+}
+
+// Rows [0, kRows) of the result, every column, a block of kFusedCols columns at a time: each
+// result row is walked in order, and b (k × width, in cache) is read once per kRows rows.
+template <typename compute_t, typename acc_t, int64_t kRows>
+inline void product_square_add_rows(int64_t width, int64_t k, const compute_t* a, int64_t lda,
+                                    const compute_t* b, int64_t ldb, acc_t* acc) {
+  const int64_t whole = width / kFusedCols * kFusedCols;
+  for (int64_t j0 = 0; j0 < whole; j0 += kFusedCols) {
+    product_square_add_block<compute_t, acc_t, kRows, kFusedCols>(k, a, lda, b + j0, ldb, acc + j0,
+                                                                  width);
+  }
+  if (whole < width) {  // the last columns, fewer than a block
+    product_square_add_block<compute_t, acc_t, kRows, 0>(k, a, lda, b + whole, ldb, acc + whole,
+                                                         width, width - whole);
+  }
+}
+
+template <typename compute_t, typename acc_t>
+FF_CLONES void product_square_add_impl(int64_t rows, int64_t width, int64_t k,
+                                       const compute_t* __restrict a, int64_t lda,
+                                       const compute_t* __restrict b, int64_t ldb,
+                                       acc_t* __restrict acc) {
+  int64_t r = 0;
+  for (; r + kFusedRows <= rows; r += kFusedRows) {
+    product_square_add_rows<compute_t, acc_t, kFusedRows>(width, k, a + r * lda, lda, b, ldb,
+                                                          acc + r * width);
+  }
+  for (; r < rows; ++r) {
+    product_square_add_rows<compute_t, acc_t, 1>(width, k, a + r * lda, lda, b, ldb,
+                                                 acc + r * width);
+  }
+}
+
 // dst (cols × rows) = src (rows × cols)ᵀ over rows [r0, r1) and columns [c0, c1); float32 moves
 // 4×4 blocks through SSE registers (baseline on x86-64), the rest goes element by element.
 template <typename T>
@@ -152,7 +216,8 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
   at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) {
     std::vector<compute_t> chunk(plan.chunk * chunk_elems);
     std::vector<compute_t> scratch(plan.rows * positions);
-    std::vector<compute_t> prod(plan.rows * width);
+    const bool fused = positions <= kFusedMaxPositions;
+    std::vector<compute_t> prod(fused ? 0 : plan.rows * width);
     // Runs of consecutive tiles of one (split, block).
     for (int64_t item = first; item < last;) {
       const int64_t split = item / (blocks * plan.tiles);
@@ -168,8 +233,13 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
           for (int64_t s = c0; s < c1; ++s) {
             const auto f =
                 factors(s, b, r0, r1, chunk.data() + (s - c0) * chunk_elems, scratch.data());
-            gemm_nn(r1 - r0, width, positions, f.a, positions, f.b, width, prod.data(), width);
-            square_add(prod.data(), acc_tile, (r1 - r0) * width);
+            if (fused) {
+              product_square_add_impl(r1 - r0, width, positions, f.a, positions, f.b, width,
+                                      acc_tile);
+            } else {
+              gemm_nn(r1 - r0, width, positions, f.a, positions, f.b, width, prod.data(), width);
+              square_add(prod.data(), acc_tile, (r1 - r0) * width);
+            }
           }
         }
       }

@@ -6,7 +6,10 @@
 // is acc[b] = sum_s P[s,b]², elementwise (height × width per block). The result is cut into tiles
 // of rows; for each tile and sample one micro-kernel call (gemm_nn) forms the tile's rows of P in
 // a small buffer and their squares are added to the tile, a contiguous block of the result, while
-// both are in cache: no per-sample product of the whole layer is ever written to memory.
+// both are in cache: no per-sample product of the whole layer is ever written to memory. With
+// 16 positions or fewer the products are instead summed and squared in registers, blocks of 4 × 16
+// entries at a time (measured on this project's layer shapes: 0.73-0.98x the time of the
+// micro-kernel and squaring pass there, 1.2-1.6x at 24-48 positions on wide layers).
 //
 // Work items are (split, block, tile). Each split owns a range of samples and its own
 // accumulator; threads take runs of items and walk their samples in chunks, first loading each
