@@ -246,6 +246,25 @@ def test_per_sample_sq_sum_of_empty_axes(empty: str) -> None:
     assert not got.any()
 
 
+@pytest.mark.parametrize(
+    "shape", [(6, 2, 5, 7, 9), (3, 1, 40, 300, 500), (3, 2, 5, 300, 500)], ids=str
+)
+def test_per_sample_sq_sum_of_gradients_stored_positions_innermost(
+    shape: tuple[int, ...], gen: torch.Generator, device: str
+) -> None:
+    """A gradient stored (N, B, O, T) and viewed as (N, B, T, O), as a language model's loss over
+    transposed logits gives it, is read in place by the CPU kernel: same sums."""
+    g, x = per_sample_inputs(shape, torch.float64, gen, device)
+    stored = g.transpose(2, 3).contiguous().transpose(2, 3)
+    assert stored.transpose(2, 3).is_contiguous() and not stored.is_contiguous()
+    torch.testing.assert_close(
+        ops.per_sample_sq_sum(stored, x, torch.float64).cpu(),
+        reference_per_sample_sq_sum(g, x),
+        rtol=1e-12,
+        atol=0,
+    )
+
+
 def test_per_sample_sq_sum_of_no_samples(device: str) -> None:
     g = torch.zeros(0, 2, 3, 4, device=device)
     x = torch.zeros(0, 2, 3, 5, device=device)

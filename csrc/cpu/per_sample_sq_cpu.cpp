@@ -1,10 +1,11 @@
 // CPU kernel of fisher_fast::per_sample_sq_sum: out[b] = sum_n (g[n,b]^T x[n,b])^2.
 //
 // The tiled loop of sq_sum_tiles.h with, per sample and block, the output gradient g[n,b]
-// (T × O) transposed once into O × T (the chunk operand) and the input x[n,b] (T × I) read in
-// place: each tile of rows of g[n,b]^T is multiplied by x[n,b] with one micro-kernel call and its
-// squares are added to the result while the product is in cache. Memory: the result per split
-// plus, per thread, one chunk of transposed gradients and one product tile, whatever N.
+// (T × O) transposed once into O × T (the chunk operand; read in place where g is stored with
+// the positions innermost) and the input x[n,b] (T × I) read in place: each tile of rows of
+// g[n,b]^T is multiplied by x[n,b] with one micro-kernel call and its squares are added to the
+// result while the product is in cache. Memory: the result per split plus, per thread, one chunk of
+// transposed gradients and one product tile, whatever N.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
@@ -36,10 +37,15 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
   }
   // Products run in float32 for reduced-precision inputs and in the input's own type otherwise.
   const auto compute = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto gc = g.to(compute).contiguous();
+  // A gradient laid out with the positions innermost (a language model's loss over logits
+  // transposed to (N, V, T) gives one) holds g[n,b]^T already: its rows are read in place.
+  // Otherwise each sample's gradient is transposed into the chunk buffer.
+  const auto gt = g.to(compute).transpose(2, 3);  // (N, B, O, T)
+  const bool transposed_input = gt.is_contiguous();
+  const auto gc = transposed_input ? gt : g.to(compute).contiguous();
   const auto xc = x.to(compute).contiguous();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk_elems = out_f * positions;  // a sample's transposed gradient (O × T)
+  const int64_t chunk_elems = transposed_input ? 0 : out_f * positions;
   const TilePlan plan =
       plan_tiles(n, blocks, out_f, in_f, positions, chunk_elems, at::elementSize(compute), threads);
   checked_mul(plan.splits, blocks * out_f * in_f, "the per-thread accumulators' size");
@@ -49,13 +55,16 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
     const compute_t* g_data = gc.data_ptr<compute_t>();
     const compute_t* x_data = xc.data_ptr<compute_t>();
     const auto load = [&](int64_t s, int64_t b, compute_t* chunk) {
-      transpose(g_data + (s * blocks + b) * positions * out_f, positions, out_f, chunk);
+      if (!transposed_input) {
+        transpose(g_data + (s * blocks + b) * positions * out_f, positions, out_f, chunk);
+      }
     };
     // Rows [r0, r1) of g[s,b]^T (rows × T) times x[s,b] (T × I).
     const auto factors = [&](int64_t s, int64_t b, int64_t r0, int64_t, const compute_t* chunk,
                              compute_t*) {
-      return TileFactors<compute_t>{chunk + r0 * positions,
-                                    x_data + (s * blocks + b) * positions * in_f};
+      const int64_t first_row = transposed_input ? (s * blocks + b) * out_f + r0 : r0;
+      const compute_t* rows = (transposed_input ? g_data : chunk) + first_row * positions;
+      return TileFactors<compute_t>{rows, x_data + (s * blocks + b) * positions * in_f};
     };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "per_sample_sq_sum_cpu_acc", [&] {
       tiled_sq_sum<compute_t, scalar_t>(plan, n, blocks, out_f, in_f, positions, chunk_elems,
