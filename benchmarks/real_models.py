@@ -83,12 +83,13 @@ def timm_model(name: str, **config: Any) -> Callable[[], torch.nn.Module]:
 
 @dataclass(frozen=True)
 class Spec:
-    """A benchmark model: its builder, whether it is a language model (a token per position)
-    and whether it takes images (else token ids, passed as ``input_ids``)."""
+    """A benchmark model: its builder, whether it is a language model (a token per position),
+    whether it takes images (else token ids, passed as ``input_ids``) and their side in pixels."""
 
     build: Callable[[], torch.nn.Module]
     lm: bool = False
     images: bool = False
+    pixels: int = PIXELS
 
 
 MODELS: dict[str, Spec] = {
@@ -96,6 +97,7 @@ MODELS: dict[str, Spec] = {
     "llama": Spec(llama),
     "gpt2-tied": Spec(gpt2, lm=True),
     "resnet18": Spec(timm_model("resnet18"), images=True),
+    "resnet18-224": Spec(timm_model("resnet18"), images=True, pixels=224),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
     "vit": Spec(timm_model("vit_tiny_patch16_224", img_size=PIXELS, patch_size=8), images=True),
     "convnext": Spec(timm_model("convnext_atto"), images=True),
@@ -160,7 +162,7 @@ def methods(model: torch.nn.Module, batches: list[tuple[Any, torch.Tensor]], lm:
 def make_batches(spec: Spec, count: int) -> list[tuple[Any, torch.Tensor]]:
     if spec.images:
         return [
-            (torch.randn(N, 3, PIXELS, PIXELS), torch.randint(0, CLASSES, (N,)))
+            (torch.randn(N, 3, spec.pixels, spec.pixels), torch.randint(0, CLASSES, (N,)))
             for _ in range(count)
         ]
     return [
@@ -304,7 +306,7 @@ def main() -> None:
         slow = sorted({p for p in paths.values() if p.startswith("per-sample")})
         print(
             f"{name}: {args.batches} batch(es) of N={N}, "
-            + (f"{PIXELS}x{PIXELS} px" if spec.images else f"T={T}")
+            + (f"{spec.pixels}x{spec.pixels} px" if spec.images else f"T={T}")
             + f", {args.threads} threads, "
             f"{args.rounds} rounds, medians"
         )
