@@ -326,7 +326,7 @@ class _Accumulation:
         expansion, broadcast = self.expansion, self.broadcast
         expansion.take_seen()
         broadcast.forget()
-        with recording(self.model) as real, self._samples(n):
+        with recording(self.model, track_uses=True) as real, self._samples(n):
             output = call_model(self.model, inputs)
         broadcast.end(output)
         real_seen = expansion.take_seen()
@@ -482,8 +482,13 @@ class _Accumulation:
         rule = plan.rule if used else None
         passes = self.capture.passes
 
+        owned = {*plan.rule_params, *plan.fallback_params}
+
         def add(local: str, value: torch.Tensor) -> None:
             name = plan.global_name(local)
+            if local not in owned:  # another path fills it (a parameter also used elsewhere)
+                plan.module.get_parameter(local)  # a name that is no parameter is still an error
+                return
             if name in views:
                 views[name] += value.reshape(views[name].shape)
             elif name not in skipped and plan.module.get_parameter(local).requires_grad:
@@ -493,7 +498,7 @@ class _Accumulation:
                 )
 
         def target(local: str) -> torch.Tensor | None:
-            return views.get(plan.global_name(local))
+            return views.get(plan.global_name(local)) if local in owned else None
 
         o = self.options
         ctx = RuleContext(

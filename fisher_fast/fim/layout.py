@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from fisher_fast.fim.param_uses import ParamUses, Uses, model_params
+
 
 @dataclass(frozen=True)
 class Sampled:
@@ -105,6 +107,7 @@ class Record:
 @dataclass
 class Recording:
     calls: dict[nn.Module, list[Record]] = field(default_factory=dict)
+    uses: Uses = field(default_factory=dict)  # direct parameter uses, when tracked (param_uses.py)
 
 
 def flat_leaves(tree: Any) -> list[Any]:
@@ -128,8 +131,9 @@ def _structure(tree: Any) -> Any:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module) -> Iterator[Recording]:
-    """Record every module call of ``model`` (inputs, outputs, the calls around it)."""
+def recording(model: nn.Module, track_uses: bool = False) -> Iterator[Recording]:
+    """Record every module call of ``model`` (inputs, outputs, the calls around it) and, with
+    ``track_uses``, the calls around every direct use of a parameter (param_uses.py)."""
     rec = Recording()
     stack: list[nn.Module] = []
     handles = []
@@ -152,7 +156,11 @@ def recording(model: nn.Module) -> Iterator[Recording]:
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     try:
-        yield rec
+        if track_uses:
+            with ParamUses(model_params(model), stack, rec.uses):
+                yield rec
+        else:
+            yield rec
     finally:
         for h in handles:
             h.remove()

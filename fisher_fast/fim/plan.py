@@ -3,8 +3,9 @@
 diag_fim records every module call of the first batch twice (the real batch and a variant of
 another size, see layout.py), so each call's sample axis is known. A parameter is then handled
 
-1. by its module's **rule**, when the module holds it alone, runs, and every one of its calls
-   has a layout the rule is exact on (or by an ancestor's rule that lists it in
+1. by its module's **rule**, when the module holds it alone, runs, every one of its calls
+   has a layout the rule is exact on, and the forward uses the parameter nowhere but directly
+   in those calls (param_uses.py; or by an ancestor's rule that lists it in
    ``extra_params``, as nn.MultiheadAttention does for ``out_proj``); or, for a parameter
    broadcast over the samples by its module's own forward (a ViT's class token, a layer-scale
    gain), by its gradient at its use given the sample axis, once verified
@@ -36,6 +37,7 @@ from torch import nn
 from fisher_fast.fim.broadcast_params import PATH as BROADCAST_PATH
 from fisher_fast.fim.expansion import PATH_SUFFIX, as_expanded
 from fisher_fast.fim.layout import CallLayout, Recording, Unknown
+from fisher_fast.fim.param_uses import innermost
 from fisher_fast.fim.rules import RuleSpec, find_rule
 from fisher_fast.fim.unused import PATH as UNUSED_PATH
 
@@ -109,6 +111,7 @@ class _Planner:
         contained: frozenset[str] = frozenset(),
     ) -> None:
         self.modules = dict(model.named_modules())
+        self.names = {module: name for name, module in self.modules.items()}
         self.expanded = expanded
         self.broadcast = broadcast
         self.contained = contained
@@ -129,6 +132,26 @@ class _Planner:
 
     def ran(self, module: nn.Module) -> bool:
         return bool(self.recording.calls.get(module))
+
+    def stray_use(self, p: nn.Parameter, readers: set[nn.Module]) -> str | None:
+        """Where ``p`` is used other than directly in a call of ``readers`` (the modules whose
+        calls the rule reads), None when nowhere (param_uses.py)."""
+        for module in innermost(self.recording.uses.get(id(p), [])):
+            if module not in readers:
+                return (
+                    f"also used in {_describe(self.names[module], module)}.forward"
+                    if module is not None
+                    else "also used outside the model's forward"
+                )
+        return None
+
+    def encloses_uses(self, ancestor: nn.Module, p: nn.Parameter) -> bool:
+        """Every direct use of ``p`` happens inside a call of ``ancestor``."""
+        return all(ancestor in stack for stack in self.recording.uses.get(id(p), []))
+
+    def use_sites(self, p: nn.Parameter) -> list[str]:
+        """The names of the innermost module calls of ``p``'s direct uses."""
+        return [self.names[m] for m in innermost(self.recording.uses.get(id(p), [])) if m]
 
     def rule_fits(self, module: nn.Module, rule: RuleSpec | None) -> bool:
         if rule is None or module in self.replaced:
@@ -169,10 +192,13 @@ class _Planner:
             plan.paths[pname] = UNUSED_PATH
             plan.unused.append(pname)
             return
+        p = holders[0][1]._parameters[holders[0][2]]
+        assert p is not None
         if len(holders) == 1:
             mname, module, local = holders[0]
             rule = find_rule(module)
-            if self.ran(module) and self.rule_fits(module, rule):
+            stray = self.stray_use(p, {module})
+            if self.ran(module) and self.rule_fits(module, rule) and stray is None:
                 assert rule is not None
                 o = self.owner(mname)
                 o.rule = rule
@@ -187,13 +213,15 @@ class _Planner:
                 if pname in self.contained:
                     self.broadcast_holders[pname] = mname
                 return
-            start = mname
+            start = _common_prefix([mname, *self.use_sites(p)])
             if rule is None:
                 no_rule = f"no rule for {type(module).__name__}"
             elif not self.ran(module):
                 no_rule = f"used outside {type(module).__name__}.forward"
             elif module in self.replaced:
                 no_rule = f"a forward hook replaces the output of {type(module).__name__}"
+            elif stray is not None:
+                no_rule = stray
             else:
                 no_rule = f"{rule.name} does not fit the layout of its calls"
             if not self.ran(module):
@@ -207,6 +235,7 @@ class _Planner:
                         a_rule is not None
                         and rel in a_rule.extra_params
                         and self.rule_fits(a, a_rule)
+                        and self.stray_use(p, {a}) is None
                     ):
                         o = self.owner(ancestor)
                         o.rule = a_rule
@@ -215,10 +244,10 @@ class _Planner:
                         return
                     break
         else:
-            if self.tie(pname, holders):
+            if self.tie(pname, p, holders):
                 return
             names = [h[0] for h in holders]
-            start = _common_prefix(names)
+            start = _common_prefix([*names, *self.use_sites(p)])
             no_rule = "shared by " + ", ".join(f"{h[0]}.{h[2]}" if h[0] else h[2] for h in holders)
         plan.unsupported[pname] = no_rule
         reasons = []
@@ -228,7 +257,7 @@ class _Planner:
             if not self.ran(a):
                 continue
             why = self.separable(a)
-            if why is None and not self.contains_uses(a, mods):
+            if why is None and not (self.contains_uses(a, mods) and self.encloses_uses(a, p)):
                 why = "some uses of the parameter happen outside its calls"
             if why is None:
                 o = self.owner(ancestor)
@@ -243,7 +272,7 @@ class _Planner:
             else "no module containing it runs in the forward pass"
         )
 
-    def tie(self, pname: str, holders: list[tuple[str, nn.Module, str]]) -> bool:
+    def tie(self, pname: str, p: nn.Parameter, holders: list[tuple[str, nn.Module, str]]) -> bool:
         """Plan a weight shared by one nn.Embedding and one nn.Linear (both ``weight``) through
         their rules and the cross term, when both rules fit; False to take the generic path."""
         by_kind = {
@@ -260,6 +289,8 @@ class _Planner:
             return False
         parts = [(e_name, embedding, find_rule(embedding)), (h_name, head, find_rule(head))]
         if not all(self.ran(m) and self.rule_fits(m, r) for _, m, r in parts):
+            return False
+        if self.stray_use(p, {embedding, head}) is not None:
             return False
         for name, _, rule in parts:
             o = self.owner(name)
