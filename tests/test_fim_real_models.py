@@ -261,6 +261,12 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     assert paths["transformer.wpe.weight"] == (
         "rule embedding_rule on its broadcast output expanded to the samples"
     )
+    model, data, kwargs = t5_shared_embedding()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
+    assert paths["shared.weight"] == (
+        "rules embedding_rule (the calls of 2 embeddings joined) and linear_rule, tied (with "
+        "their cross term)"
+    )
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"

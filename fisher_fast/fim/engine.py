@@ -39,9 +39,9 @@ from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
 from fisher_fast.fim.products import compute_dtype
 from fisher_fast.fim.reduce import LocalSums, reduce_sums, should_reduce
 from fisher_fast.fim.result import DiagFIM
-from fisher_fast.fim.rules import Call, RuleContext, find_rule
+from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
-from fisher_fast.fim.rules.tied import TiedCross
+from fisher_fast.fim.rules.tied import SharedWeight
 from fisher_fast.fim.unused import any_reached, reached_parameters
 
 
@@ -441,13 +441,13 @@ class _Accumulation:
         self.paths = {n: plan.paths[n] for n in names}
         self.unused = [params[n] for n in plan.unused if n in params]
         work = compute_dtype(self.options.dtype)
-        ties: dict[nn.Module, Callable[[list[Call], int], None]] = {}
+        shared: dict[nn.Module, SharedWeight] = {}
         for tie in plan.ties:
-            cross = TiedCross(views[tie.name], work)
-            ties[tie.embedding], ties[tie.head] = cross.embedding_calls, cross.head_calls
+            group = SharedWeight(views[tie.name], work, tie.embeddings, tie.head)
+            shared |= {m: group for m in (*tie.embeddings, tie.head) if m is not None}
         covered = True
         for o in plan.owners:
-            process = self._processor(o, views, skipped, ties.get(o.module))
+            process = self._processor(o, views, skipped, shared.get(o.module))
             self.planned.append(o)
             instrument = o.rule.instrument if o.rule is not None else None
             covered &= self.capture.set_process(o.module, process, instrument)
@@ -468,10 +468,10 @@ class _Accumulation:
         plan: OwnerPlan,
         views: dict[str, torch.Tensor],
         skipped: set[str],
-        tied: Callable[[list[Call], int], None] | None,
+        shared: SharedWeight | None,
     ) -> Any:
-        """The function that turns one module's calls into accumulator updates (``tied``: the
-        cross term's collector, for a module sharing its weight, see rules/tied.py)."""
+        """The function that turns one module's calls into accumulator updates (``shared``: the
+        collector of the modules sharing its weight, see rules/tied.py)."""
         fallback_params = [p for p in plan.fallback_params if plan.global_name(p) not in skipped]
         fallback = (
             make_fallback_rule(plan.name, fallback_params, plan.layouts, self.capture.paused)
@@ -515,9 +515,10 @@ class _Accumulation:
             if rule is not None:
                 given = with_expanded_ids(calls, passes.n_samples) if plan.expanded else calls
                 as_rule = rule_calls(rule, given, plan.layouts, passes.n_samples)
-                rule.compute(module, as_rule, ctx)
-                if tied is not None:
-                    tied(as_rule, passes.n_samples)
+                if shared is None:
+                    rule.compute(module, as_rule, ctx)
+                else:
+                    shared.arrive(module, as_rule, passes.n_samples, _applied(rule, module, ctx))
             if fallback is not None:
                 fallback(module, calls, ctx)
             self.processed.append(plan)
@@ -623,6 +624,11 @@ class _Accumulation:
             conforms(o.module, self.capture.calls.get(o.module, []), o.layouts, n)
             for o in self.planned
         )
+
+
+def _applied(rule: RuleSpec, module: nn.Module, ctx: RuleContext) -> Callable[[list[Call]], None]:
+    """``rule`` on ``module``'s behalf, given its calls."""
+    return lambda calls: rule.compute(module, calls, ctx)
 
 
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

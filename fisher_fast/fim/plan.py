@@ -15,7 +15,8 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
    whose calls are per-sample separable: each input and output is per sample along one axis or
    the same for every sample. A parameter shared by several modules starts from their nearest
    common ancestor, so its per-sample gradient is summed over every use before it is squared
-   (except an Embedding tied to one Linear head: both rules, plus their cross term). A module
+   (except Embeddings sharing a weight, alone or with one Linear head: their rules, the
+   embeddings' calls joined, plus the cross term with the head, rules/tied.py). A module
    re-run per sample inside an ancestor that is re-run anyway joins the ancestor's re-run;
 3. and when not even the whole model's call is separable, it is an error naming the parameter
    and why.
@@ -63,12 +64,12 @@ class OwnerPlan:
 
 @dataclass(frozen=True)
 class Tie:
-    """A weight shared by an nn.Embedding and an nn.Linear head, both handled by their rules,
-    plus the cross term of rules/tied.py."""
+    """A weight shared by nn.Embeddings and at most one nn.Linear head, all handled by their
+    rules: the embeddings' calls joined, plus the cross term with the head (rules/tied.py)."""
 
     name: str  # the parameter's name in the result
-    embedding: nn.Embedding
-    head: nn.Linear
+    embeddings: tuple[nn.Embedding, ...]
+    head: nn.Linear | None
 
 
 @dataclass
@@ -273,35 +274,40 @@ class _Planner:
         )
 
     def tie(self, pname: str, p: nn.Parameter, holders: list[tuple[str, nn.Module, str]]) -> bool:
-        """Plan a weight shared by one nn.Embedding and one nn.Linear (both ``weight``) through
-        their rules and the cross term, when both rules fit; False to take the generic path."""
-        by_kind = {
-            kind: [h for h in holders if isinstance(h[1], kind) and h[2] == "weight"]
-            for kind in (nn.Embedding, nn.Linear)
-        }
-        if len(holders) != 2 or any(len(found) != 1 for found in by_kind.values()):
+        """Plan a weight shared by nn.Embeddings and at most one nn.Linear head (each holding it
+        as ``weight``) through their rules (rules/tied.py), when every rule fits and the forward
+        uses the weight only in their calls; holders that never run are left out (T5's
+        ``shared``, whose weight its encoder and decoder embeddings use). False to take the
+        generic path."""
+        running = [h for h in holders if self.ran(h[1])]
+        embeddings = [h for h in running if type(h[1]) is nn.Embedding and h[2] == "weight"]
+        heads = [h for h in running if isinstance(h[1], nn.Linear) and h[2] == "weight"]
+        if not embeddings or len(heads) > 1 or len(embeddings) + len(heads) != len(running):
             return False
-        (e_name, embedding, _), (h_name, head, _) = by_kind[nn.Embedding][0], by_kind[nn.Linear][0]
-        assert isinstance(embedding, nn.Embedding) and isinstance(head, nn.Linear)
-        if embedding.padding_idx is not None or embedding.max_norm is not None:
+        for _, e, _ in embeddings:
+            assert isinstance(e, nn.Embedding)
+            if e.padding_idx is not None or e.max_norm is not None or e.scale_grad_by_freq:
+                return False
+        if not all(self.rule_fits(m, find_rule(m)) for _, m, _ in running):
             return False
-        if embedding.scale_grad_by_freq:
+        if self.stray_use(p, {m for _, m, _ in running}) is not None:
             return False
-        parts = [(e_name, embedding, find_rule(embedding)), (h_name, head, find_rule(head))]
-        if not all(self.ran(m) and self.rule_fits(m, r) for _, m, r in parts):
-            return False
-        if self.stray_use(p, {embedding, head}) is not None:
-            return False
-        for name, _, rule in parts:
+        for name, module, _ in running:
             o = self.owner(name)
-            o.rule = rule
+            o.rule = find_rule(module)
             o.rule_params.append("weight")
             o.aliases["weight"] = pname
-        self.plan.ties.append(Tie(pname, embedding, head))
+        head = heads[0][1] if heads else None
+        assert head is None or isinstance(head, nn.Linear)
+        tied = tuple(e for _, e, _ in embeddings)
+        self.plan.ties.append(Tie(pname, tied, head))  # type: ignore[arg-type]
+        joined = f" (the calls of {len(tied)} embeddings joined)" if len(tied) > 1 else ""
         self.plan.paths[pname] = (
-            "rules embedding_rule and linear_rule, tied (with their cross term)"
+            f"rules embedding_rule{joined} and linear_rule, tied (with their cross term)"
+            if head is not None
+            else f"rule embedding_rule{joined}"
         )
-        if embedding in self.expanded:
+        if any(e in self.expanded for e in tied):
             self.plan.paths[pname] += f", the embedding {PATH_SUFFIX}"
         return True
 

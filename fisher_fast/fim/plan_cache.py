@@ -60,8 +60,8 @@ def signature(model: nn.Module) -> Signature:
 @dataclass(frozen=True)
 class _KeptTie:
     name: str
-    embedding: str  # module paths
-    head: str
+    embeddings: tuple[str, ...]  # module paths
+    head: str | None
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,10 @@ class KeptPlan:
         """The plan on ``model``'s modules, the expanded Embeddings, the broadcast parameters."""
         get = model.get_submodule
         owners = [OwnerPlan(module=get(str(o["name"])), **o) for o in self.owners]  # type: ignore[arg-type]
-        ties = [Tie(t.name, get(t.embedding), get(t.head)) for t in self.ties]  # type: ignore[arg-type]
+        ties = [
+            Tie(t.name, tuple(get(e) for e in t.embeddings), get(t.head) if t.head else None)  # type: ignore[arg-type, misc]
+            for t in self.ties
+        ]
         plan = dataclasses.replace(self.plan, owners=owners, ties=ties)
         broadcast = {name: (get(path), local) for name, path, local in self.broadcast}
         return plan, [get(path) for path in self.expanded], broadcast
@@ -103,7 +106,14 @@ def detach(
         {f.name: getattr(o, f.name) for f in dataclasses.fields(o) if f.name != "module"}
         for o in plan.owners
     )
-    ties = tuple(_KeptTie(t.name, path[id(t.embedding)], path[id(t.head)]) for t in plan.ties)
+    ties = tuple(
+        _KeptTie(
+            t.name,
+            tuple(path[id(e)] for e in t.embeddings),
+            path[id(t.head)] if t.head is not None else None,
+        )
+        for t in plan.ties
+    )
     return KeptPlan(
         signature=made_from,
         plan=dataclasses.replace(plan, owners=[], ties=[]),
