@@ -103,6 +103,25 @@ def t5_shared_embedding() -> Problem:
     return model, data, {"loss": _lm_loss}
 
 
+def t5_padded() -> Problem:
+    """Two encoder layers that share the first one's position bias, and padded samples: the
+    bias table's gradient from the second layer arrives summed over the samples."""
+    tf = _hf()
+    cfg = tf.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
+        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = tf.T5ForConditionalGeneration(cfg)
+
+    def batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        mask = torch.ones(N, T, dtype=torch.long)
+        mask[0, -2:] = mask[2, -1:] = 0
+        x = {"input_ids": _tokens(), "attention_mask": mask, "decoder_input_ids": _tokens()}
+        return x, _tokens()
+
+    return model, [batch() for _ in range(2)], {"loss": _lm_loss}
+
+
 # -- torch.nn --------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Token + broadcast position embeddings (ids of shape (1, T)), nn.TransformerEncoder in
@@ -187,7 +206,7 @@ def tied_embedding_and_head() -> Problem:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
-        bert, gpt2_tied_head, llama, vit, t5_shared_embedding, encoder_batch_first,
+        bert, gpt2_tied_head, llama, vit, t5_shared_embedding, t5_padded, encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,
     )

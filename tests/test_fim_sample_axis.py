@@ -33,6 +33,15 @@ class BucketTable(nn.Module):
         return self.head((scores.softmax(-1) @ x).mean(1))
 
 
+class BucketMix(BucketTable):
+    """The same table, multiplied into the samples by a matrix product (not added to them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buckets = torch.arange(T)[:, None] - torch.arange(T)[None] + T - 1
+        mixed = self.bias(buckets)[..., 0].softmax(-1) @ self.proj(x)
+        return self.head(mixed.mean(1))
+
+
 class Windows(nn.Module):
     """Samples flattened with windows into axis 0: (N·W, T, D), as window attention does."""
 
@@ -142,8 +151,31 @@ class DictOut(TupleOut):
         return {"features": x, "logits": self.head(x)}
 
 
-SEQUENCE_MODELS = [BucketTable, Windows, Tokens, TwoLayouts]
-FLAT_MODELS = [Mixture, WithParameterOnly, WeightNormed, TupleOut, DictOut]
+class TableAndFeatures(nn.Module):
+    """Returns per-sample features and a table made from its parameter alone, which its parent
+    then uses again: the table's gradient arrives summed over the samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, D) / D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = torch.tanh(self.weight)
+        return x @ table, table
+
+
+class ReusedTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.producer, self.head = nn.Linear(D, D), TableAndFeatures(), nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, table = self.producer(self.inp(x))
+        return self.head(torch.tanh(features) @ table)
+
+
+SEQUENCE_MODELS = [BucketTable, BucketMix, Windows, Tokens, TwoLayouts]
+FLAT_MODELS = [Mixture, WithParameterOnly, WeightNormed, TupleOut, DictOut, ReusedTable]
 
 
 def _data(sequence: bool) -> list[tuple[Any, torch.Tensor]]:
@@ -173,11 +205,29 @@ def test_flattened_samples_keep_the_rules() -> None:
         assert all(paths[n].startswith("rule") for n in names), paths
 
 
-def test_a_call_without_samples_goes_to_the_enclosing_module() -> None:
+def test_a_table_output_reused_later_goes_to_the_enclosing_module() -> None:
+    """The producer's call is not per-sample separable: re-running it per sample would give
+    each sample the gradient at the table summed over all samples."""
+    model = ReusedTable().double().eval()
+    paths = fisher_fast.diag_fim(model, _data(False), progress=False).meta["paths"]
+    assert paths["producer.weight"] == "per-sample gradients of the model (ReusedTable)"
+
+
+def test_a_bucket_table_is_traced_to_where_it_meets_the_samples() -> None:
+    """The Embedding's rule cannot use a call without samples; its table is traced through the
+    lookup to the scores it is added to, where it gets the sample axis."""
     paths = fisher_fast.diag_fim(BucketTable().double().eval(), _data(True), progress=False).meta[
         "paths"
     ]
-    assert paths["bias.weight"] == "per-sample gradients of the model (BucketTable)"
+    assert paths["bias.weight"] == "broadcast use expanded to the samples"
+    assert paths["proj.weight"] == "rule linear_rule"
+
+
+def test_a_call_without_samples_goes_to_the_enclosing_module() -> None:
+    paths = fisher_fast.diag_fim(BucketMix().double().eval(), _data(True), progress=False).meta[
+        "paths"
+    ]
+    assert paths["bias.weight"] == "per-sample gradients of the model (BucketMix)"
     assert paths["proj.weight"] == "rule linear_rule"
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from torch import nn
 from fisher_fast.fim.rules import find_rule
 from fisher_fast.fim.sample_scope import SampleScoped
 from fisher_fast.fim.traced_use import Trace
+
+if TYPE_CHECKING:
+    from fisher_fast.fim.plan import Plan
 
 PATH = "broadcast use expanded to the samples"
 
@@ -58,6 +61,26 @@ def broadcast_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         for ((name, module, local),) in (h for h in holders.values() if len(h) == 1)
         if find_rule(module) is None
     }
+
+
+def lookup_candidates(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
+    """{global name: (Embedding, "weight")} for the Embeddings with a rule whose weight ``plan``
+    sends to per-sample gradients although the Embedding holds it alone: their ids lack the
+    sample axis (T5's relative-position buckets (T, T), looked up once for every sample), so the
+    rule cannot use their calls. Their table is then traced through the lookup by a constant
+    index to where it meets the samples (traced_use.py), verified as every traced parameter."""
+    found: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in model.named_modules():
+        pname = f"{name}.weight" if name else "weight"
+        if (
+            isinstance(module, nn.Embedding)
+            and pname in plan.unsupported
+            and plan.paths.get(pname, "").startswith("per-sample gradients")
+            and sum(p is module.weight for _, p in model.named_parameters(remove_duplicate=False))
+            == 1
+        ):
+            found[pname] = (module, "weight")
+    return found
 
 
 def without_traced(

@@ -24,7 +24,12 @@ from fisher_fast import _library
 from fisher_fast import distributed as dist_env
 from fisher_fast._version import __version__
 from fisher_fast.fim import plan_cache, triton_products
-from fisher_fast.fim.broadcast_params import BroadcastParams, broadcast_candidates, without_traced
+from fisher_fast.fim.broadcast_params import (
+    BroadcastParams,
+    broadcast_candidates,
+    lookup_candidates,
+    without_traced,
+)
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
@@ -42,7 +47,7 @@ from fisher_fast.fim.result import DiagFIM
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
 from fisher_fast.fim.rules.tied import SharedWeight
-from fisher_fast.fim.unused import any_reached, reached_parameters
+from fisher_fast.fim.unused import any_reached, graph_nodes, reached_parameters
 
 
 def diag_fim(
@@ -275,6 +280,30 @@ class _Accumulation:
             if not self.capture.owns(module):
                 self.capture.add_owner(Owner(name, module))
         embeddings, params = expandable(self.model), broadcast_candidates(self.model)
+        output, plan = self._plan_attempts(inputs, n, index, embeddings, params)
+        looked_up = lookup_candidates(self.model, plan)
+        if looked_up:  # planned again with those tables traced (kept only where verified)
+            del output
+            output, plan = self._plan_attempts(inputs, n, index, embeddings, params | looked_up)
+        if self._adopt(plan):
+            return output
+        del output
+        self.capture.forget_calls()
+        self.broadcast.forget()
+        with self._samples(n):
+            return call_model(self.model, inputs)
+
+    def _plan_attempts(
+        self,
+        inputs: Any,
+        n: int,
+        index: list[int],
+        embeddings: list[nn.Module],
+        params: dict[str, tuple[nn.Module, str]],
+    ) -> tuple[Any, Plan]:
+        """The first batch's forward pass and plan with ``embeddings`` expanded and ``params``
+        given the sample axis at their use; then without the traced parameters, then without
+        any, while the sample axis given is not verified exact or makes the model fail."""
         attempts = [(embeddings, params), (embeddings, without_traced(params)), ([], {})]
         attempts = [a for k, a in enumerate(attempts) if a not in attempts[:k]]
         planned = None
@@ -288,16 +317,8 @@ class _Accumulation:
                 if k == len(attempts) - 1:
                     raise
             if planned is not None:
-                break
-        assert planned is not None  # the last attempt expands nothing, so it is not refused
-        output, plan = planned
-        if self._adopt(plan):
-            return output
-        del output
-        self.capture.forget_calls()
-        self.broadcast.forget()
-        with self._samples(n):
-            return call_model(self.model, inputs)
+                return planned
+        raise AssertionError("the last attempt expands nothing, so it is not refused")
 
     def _resume(self, kept: plan_cache.KeptPlan) -> None:
         """Start from the plan a previous call on this model ended with (plan_cache.py): the
@@ -351,7 +372,8 @@ class _Accumulation:
                 "the batch's number of samples is split per sample, so give inputs shared by "
                 "all samples another first axis (e.g. 1)"
             ) from error
-        layouts = Layouts(real, variant, n, index)
+        loss_graph = graph_nodes(select_output(output, self.options.output))
+        layouts = Layouts(real, variant, n, index, loss_graph)
         expanded: set[nn.Module] = set()
         if expansion.modules:
             chosen = validated(real_seen, expansion.take_seen(), layouts.__getitem__, n)

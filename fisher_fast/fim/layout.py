@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +44,12 @@ class Sampled:
 
 @dataclass(frozen=True)
 class Broadcast:
-    """No sample axis: the same tensor for every sample (shape kept to check later batches)."""
+    """No sample axis: the same tensor for every sample (shape kept to check later batches);
+    ``differentiable``: it requires grad (an output's gradient, if any, then arrives summed
+    over the samples)."""
 
     shape: tuple[int, ...]
+    differentiable: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ class CallLayout:
                     return f"{where} {i}: {v.why}"
                 if isinstance(v, Sampled) and v.k != 1:
                     return f"{where} {i} holds {v.k} entries per sample along axis {v.axis}"
+                if where == "output" and isinstance(v, Broadcast) and v.differentiable:
+                    return (
+                        f"output {i} is the same for every sample and carries a gradient, which "
+                        "arrives summed over the samples (a table shared by later calls)"
+                    )
         if not any(isinstance(v, Sampled) for v in self.outputs):
             return "no output has a sample axis (it is the same for every sample)"
         return None
@@ -196,8 +204,16 @@ _PLAIN = (
 )  # fmt: skip
 
 
-def compare(real: Any, variant: Any, n: int, index: list[int]) -> LeafLayout:
-    """The layout of one tensor seen as ``real`` (n samples) and ``variant`` (samples index)."""
+def compare(
+    real: Any,
+    variant: Any,
+    n: int,
+    index: list[int],
+    reaches_loss: Callable[[torch.Tensor], bool] | None = None,
+) -> LeafLayout:
+    """The layout of one tensor seen as ``real`` (n samples) and ``variant`` (samples index);
+    ``reaches_loss``: whether a gradient flows to the tensor from the loss (None: whenever it
+    requires grad), for a Broadcast's ``differentiable``."""
     if not isinstance(real, torch.Tensor):
         if isinstance(real, _PLAIN) or real is Ellipsis:
             return None
@@ -211,7 +227,8 @@ def compare(real: Any, variant: Any, n: int, index: list[int]) -> LeafLayout:
     changed = [a for a in range(real.dim()) if real.shape[a] != variant.shape[a]]
     if not changed:
         if _close(real, variant):
-            return Broadcast(tuple(real.shape))
+            flows = real.requires_grad and (reaches_loss is None or reaches_loss(real))
+            return Broadcast(tuple(real.shape), flows)
         return Unknown("same shape for any number of samples but values that depend on them")
     if len(changed) > 1:
         return Unknown(f"axes {changed} all change with the number of samples")
@@ -254,9 +271,24 @@ class Layouts(Mapping[nn.Module, list["CallLayout | Unknown"]]):
     variant's), computed when first asked for: planning only asks about the modules that hold
     parameters and, where those need it, their ancestors."""
 
-    def __init__(self, real: Recording, variant: Recording, n: int, index: list[int]) -> None:
+    def __init__(
+        self,
+        real: Recording,
+        variant: Recording,
+        n: int,
+        index: list[int],
+        loss_graph: set[Any] | None = None,
+    ) -> None:
+        """``loss_graph``: the autograd nodes of the tensor the loss is computed on (None: take
+        every output that requires grad as reaching the loss)."""
         self.real, self.variant, self.n, self.index = real, variant, n, index
+        self.loss_graph = loss_graph
         self._done: dict[nn.Module, list[CallLayout | Unknown]] = {}
+
+    def _reaches_loss(self, t: torch.Tensor) -> bool:
+        if self.loss_graph is None or t.grad_fn is None:  # a leaf that requires grad: assume so
+            return True
+        return t.grad_fn in self.loss_graph
 
     def __getitem__(self, module: nn.Module) -> list[CallLayout | Unknown]:
         if module not in self._done:
@@ -286,7 +318,10 @@ class Layouts(Mapping[nn.Module, list["CallLayout | Unknown"]]):
             result.append(
                 CallLayout(
                     [compare(a, b, n, index) for a, b in zip(r.inputs, v.inputs, strict=True)],
-                    [compare(a, b, n, index) for a, b in zip(r.outputs, v.outputs, strict=True)],
+                    [
+                        compare(a, b, n, index, self._reaches_loss)
+                        for a, b in zip(r.outputs, v.outputs, strict=True)
+                    ],
                 )
             )
         return result

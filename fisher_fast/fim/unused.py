@@ -22,24 +22,26 @@ from fisher_fast.fim.layout import flat_leaves
 PATH = "unused by the forward pass (zero)"
 
 
-def reached_parameters(output: Any) -> set[int]:
-    """The ``id`` of every tensor whose gradient accumulator the autograd graph of ``output``
-    (a tensor, or nested tuples, lists and dicts of them) reaches: the leaves its gradient
-    would flow to."""
+def graph_nodes(output: Any) -> set[Any]:
+    """Every node of the autograd graph of ``output`` (a tensor, or nested tuples, lists and
+    dicts of them): the functions its gradient would flow through."""
     roots = [t.grad_fn for t in flat_leaves(output) if isinstance(t, torch.Tensor)]
     stack = [node for node in roots if node is not None]
     seen = set(stack)
-    found: set[int] = set()
     while stack:
         node = stack.pop()
-        variable = getattr(node, "variable", None)  # only gradient accumulators have one
-        if variable is not None:
-            found.add(id(variable))
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return found
+    return seen
+
+
+def reached_parameters(output: Any) -> set[int]:
+    """The ``id`` of every tensor whose gradient accumulator the autograd graph of ``output``
+    reaches: the leaves its gradient would flow to."""
+    variables = (getattr(node, "variable", None) for node in graph_nodes(output))
+    return {id(v) for v in variables if v is not None}  # only accumulators have a variable
 
 
 def any_reached(output: Any, params: Iterable[torch.Tensor]) -> bool:
