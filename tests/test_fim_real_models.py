@@ -104,8 +104,8 @@ def t5_shared_embedding() -> Problem:
 
 
 def t5_padded() -> Problem:
-    """Two encoder layers that share the first one's position bias, and padded samples: the
-    bias table's gradient from the second layer arrives summed over the samples."""
+    """Two encoder layers that share the first one's position bias, and padded samples (the
+    attention mask selects from the bias per sample)."""
     tf = _hf()
     cfg = tf.T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
@@ -286,6 +286,11 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
         "rules embedding_rule (the calls of 2 embeddings joined) and linear_rule, tied (with "
         "their cross term)"
     )
+    model, data, kwargs = t5_padded()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
+    for stack in ("encoder", "decoder"):
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        assert paths[bias] == "broadcast use expanded to the samples"
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"

@@ -186,6 +186,46 @@ def test_a_bias_in_the_models_output_keeps_the_per_sample_path(gen: torch.Genera
     assert paths["attn.bias_table.table"].startswith("per-sample gradients of"), paths
 
 
+class PaddedBiasAttention(nn.Module):
+    """Attention over tokens (N, T, C) whose bias (1, heads, T, T) is masked per sample before it
+    meets the logits (a token with a negative first feature is padding), as Hugging Face's T5
+    does: ``torch.where(mask, bias, min)`` or ``bias.masked_fill(~mask, min)``."""
+
+    def __init__(self, select: str) -> None:
+        super().__init__()
+        self.select = select
+        self.qkv, self.head = nn.Linear(C, 3 * C), nn.Linear(C, 3)
+        self.table = nn.Parameter(torch.randn((2 * SIDE - 1) ** 2, HEADS))
+        self.register_buffer("index", _relative_index(SIDE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, T, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(T, T, -1).permute(2, 0, 1).unsqueeze(0)
+        keep = (x[..., 0] > 0)[:, None, None, :]  # (N, 1, 1, T): a padding mask per sample
+        low = torch.finfo(x.dtype).min
+        if self.select == "where":
+            masked = torch.where(keep, bias, low)
+        else:
+            masked = bias.masked_fill(~keep, low)
+        logits = q @ k.transpose(-2, -1) * (C // HEADS) ** -0.5 + masked
+        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(n, T, C)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("select", ["where", "masked_fill"])
+def test_a_table_masked_per_sample_is_traced(select: str, gen: torch.Generator) -> None:
+    _seeded(gen)
+    data = [
+        (torch.randn(N, T, C, generator=gen, dtype=torch.float64), torch.randint(0, 3, (N,)))
+        for _ in range(2)
+    ]
+    for x, _ in data:
+        x[:, 0, 0] = x[:, 0, 0].abs() + 0.1  # every sample keeps at least one token
+    paths = _exact(PaddedBiasAttention(select), data)
+    assert paths["table"] == PATH, paths
+
+
 # -- Hugging Face transformers -------------------------------------------------------------------
 def _hf() -> Any:
     return pytest.importorskip("transformers")

@@ -18,7 +18,10 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
   attention mask of ``scaled_dot_product_attention`` (added to the logits (k·n, heads, L, S);
   a relative-position bias gathered from its table by a constant index); also an add of d to
   a constant of k·n rows, k > 1 (a shifted-window mask repeated for the batch's windows, whose
-  sum with the bias then meets the logits). The gradient at the
+  sum with the bias then meets the logits); and a selection entry by entry by a condition that
+  carries the samples, with d as one of the operands (``torch.where(padding_mask, bias, min)``,
+  ``masked_fill``, as Hugging Face's T5 applies its attention mask to its position bias). The
+  gradient at the
   view, summed over each sample's k rows, is one slice per sample, and the parameter's
   per-sample gradients are f's vector-Jacobian products of the slices (vmapped: for a gathered
   table, the gather's adjoint, an index_add over the index);
@@ -66,6 +69,13 @@ ELEMENTWISE = frozenset(
 ADDITIVE = frozenset(
     {torch.add, torch.sub, _T.add, _T.sub, _T.__add__, _T.__radd__, _T.__sub__, _T.__rsub__}
 )
+
+
+# Ops that pick each entry of their result from one operand, by a condition (a padding mask
+# applied to a bias: ``torch.where(mask, bias, min)``), as ELEMENTWISE ops combine them: op ->
+# position of the condition among its positional arguments (it must not be the traced value).
+SELECTING = {torch.where: 0, _T.where: 1, torch.masked_fill: 1, _T.masked_fill: 1}
+_CONDITION_KEYS = ("condition", "mask")
 
 
 class Trace:
@@ -239,13 +249,23 @@ def _has_rows(leaves: list[Any], shape: torch.Size) -> bool:
 
 def _added_shape(func: Any, leaves: list[Any], spec: Any, traced: list[int]) -> torch.Size | None:
     """The shape of the tensor that the one traced value among ``leaves`` is broadcast to and
-    added to (or multiplied with) by ``func``, entry by entry; None for any other op. For
+    added to (or multiplied with, or selected from) by ``func``, entry by entry; None for any
+    other op. For
     ``scaled_dot_product_attention`` with the traced value as the attention mask: the logits'
     shape, (..., L, S) from the query (..., L, E) and the key (..., S, E)."""
     if len(traced) != 1:
         return None
     if func in ELEMENTWISE:
         return _broadcast_shape(leaves)
+    if func in SELECTING:
+        args, kwargs = tree_unflatten(leaves, spec)
+        at = SELECTING[func]
+        condition = (
+            args[at]
+            if len(args) > at
+            else next((kwargs[k] for k in _CONDITION_KEYS if k in kwargs), None)
+        )
+        return None if condition is leaves[traced[0]] else _broadcast_shape(leaves)
     if func is not F.scaled_dot_product_attention:
         return None
     args, kwargs = tree_unflatten(leaves, spec)
