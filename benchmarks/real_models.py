@@ -1,8 +1,10 @@
 """diag_fim on third-party models, over the floor and torch.func vmap(grad), interleaved.
 
 Models are built from small configs with random weights (no downloads): from Hugging Face
-transformers a BERT-style encoder classifier, a Llama-style decoder classifier and a GPT-2-style
-language model with its tied head (per-sample loss: cross-entropy summed over the positions);
+transformers a BERT-style encoder classifier, a Llama-style decoder classifier, a GPT-2-style
+language model with its tied head and a T5 encoder-decoder (shared embedding tied to the head,
+relative position biases; the same ids on both sides) (language models' per-sample loss:
+cross-entropy summed over the positions);
 from timm ResNet-18, EfficientNet-B0, a ViT and ConvNeXt-atto (timm needs torchvision, which imports only in
 the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
 calls each method once, in turn, on the same batches, after one warm-up call each; medians over
@@ -73,6 +75,24 @@ def gpt2() -> torch.nn.Module:
     return tf.GPT2LMHeadModel(cfg)
 
 
+class T5OnOneSequence(torch.nn.Module):
+    """A T5 encoder-decoder reading the same token ids on both sides (so that every method,
+    the peers included, takes one ids tensor): shared token embedding tied to the head,
+    relative position biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        tf = importlib.import_module("transformers")
+        cfg = tf.T5Config(
+            vocab_size=VOCAB, d_model=WIDTH, d_kv=WIDTH // HEADS, d_ff=4 * WIDTH, num_layers=LAYERS,
+            num_decoder_layers=LAYERS, num_heads=HEADS, decoder_start_token_id=0,
+        )  # fmt: skip
+        self.t5 = tf.T5ForConditionalGeneration(cfg)
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return self.t5(input_ids=input_ids, decoder_input_ids=input_ids)
+
+
 def timm_model(name: str, **config: Any) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         timm = importlib.import_module("timm")
@@ -96,6 +116,7 @@ MODELS: dict[str, Spec] = {
     "bert": Spec(bert),
     "llama": Spec(llama),
     "gpt2-tied": Spec(gpt2, lm=True),
+    "t5": Spec(T5OnOneSequence, lm=True),
     "resnet18": Spec(timm_model("resnet18"), images=True),
     "resnet18-224": Spec(timm_model("resnet18"), images=True, pixels=224),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
