@@ -315,6 +315,40 @@ def test_check_reports_every_parameter_with_its_path(capsys: pytest.CaptureFixtu
     assert "positions.weight" in printed and "all parameters agree" in printed
 
 
+class _NormThenTokens(nn.Module):
+    """A convolution and BatchNorm whose output is read as tokens, ``flatten(2).transpose(1, 2)``
+    (LeViT, XCiT, lambda layers): the gradient reaching the norm then has strides that make
+    PyTorch's CPU BatchNorm backward wrong for a batch of one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.head(torch.tanh(tokens).mean(1))
+
+
+def test_check_is_not_fooled_by_a_batch_of_one() -> None:
+    """The reference loop runs each sample as a batch of two copies of itself."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _NormThenTokens().double().eval()
+    model.norm.running_mean.normal_()
+    model.norm.running_var.uniform_(0.5, 1.5)
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert fisher_fast.check(model, (x, y), samples=6, batch_size=3, verbose=False).ok
+
+
+def test_check_names_a_model_it_cannot_copy() -> None:
+    """A tensor with autograd history kept on the model (a cache of an eval-mode forward) makes
+    the copy for the reference loop fail: a clear error, not deepcopy's."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    model.cache = model[0].weight * 2  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="autograd history"):
+        fisher_fast.check(model, (torch.randn(4, 4), torch.randint(0, 3, (4,))), verbose=False)
+
+
 @pytest.mark.usefixtures("rule_registry")
 def test_check_flags_a_wrong_rule() -> None:
     class Scale(nn.Module):

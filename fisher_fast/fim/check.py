@@ -77,7 +77,8 @@ def check(
 
     diag_fim runs on the model as it is, in batches of ``batch_size`` (more than one batch, so
     that the plan made from the first is used on the others); the loop runs on a float64 copy,
-    one sample and one backward pass at a time. ``fisher`` is "empirical" or "exact".
+    one sample (as a batch of two copies of itself) and one backward pass at a time. ``fisher``
+    is "empirical" or "exact".
     ``tolerance`` (relative to the largest entry): default 1e-4 for a float32 or lower
     precision model, 1e-9 for float64. Prints the report (``verbose``), warns with
     :class:`CheckFailedWarning` when a parameter disagrees, and returns it.
@@ -85,6 +86,7 @@ def check(
     if fisher not in ("empirical", "exact"):
         raise ValueError(f"check supports fisher='empirical' or 'exact', got {fisher!r}")
     chunks = _first_samples(data, samples, batch_size)
+    copied = _float64_copy(model)  # before diag_fim's forward passes fill any cache of the model
     fim = diag_fim(  # a fresh plan, which the next diag_fim call on the model starts from
         model,
         chunks,
@@ -95,7 +97,7 @@ def check(
         progress=False,
         reuse_plan=False,
     )
-    reference = _per_sample_loop(model, chunks, loss, fisher, output)
+    reference = _per_sample_loop(copied, chunks, loss, fisher, output)
     scale = max(float(r.abs().max()) for r in reference.values())
     if scale == 0:
         raise ValueError("the per-sample loop gives an all-zero FIM on these samples; use others")
@@ -146,25 +148,42 @@ def _to64(value: Any) -> Any:
     return value.double().cpu() if value.is_floating_point() else value.cpu()
 
 
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 CPU copy of ``model`` in eval mode, for the reference loop."""
+    try:
+        copied = copy.deepcopy(model)
+    except RuntimeError as error:
+        raise ValueError(
+            "fisher_fast.check needs a copy of the model, and copying failed: the model holds a "
+            "tensor computed with autograd history (a cache filled by an earlier forward pass, "
+            "e.g. an attention-bias cache of an eval-mode model) "
+            f"({error}). Clear that cache, or run check before any forward pass"
+        ) from error
+    return copied.double().eval().cpu()
+
+
 def _per_sample_loop(
-    model: nn.Module, chunks: list[tuple[Any, Any]], loss: LossSpec, fisher: str, output: OutputSpec
+    m: nn.Module, chunks: list[tuple[Any, Any]], loss: LossSpec, fisher: str, output: OutputSpec
 ) -> dict[str, torch.Tensor]:
-    m = copy.deepcopy(model).double().eval()
-    m.cpu()
+    """The float64 FIM of ``m`` (a copy of the model, _float64_copy) by a loop over samples, each
+    run as a batch of two copies of itself whose loss is halved: one sample's gradient, without
+    the batch of one in which PyTorch's CPU BatchNorm backward (eval mode) returns wrong
+    gradients for some output-gradient strides (a transpose after the norm, as LeViT, XCiT or
+    lambda layers have)."""
     params = {n: p for n, p in m.named_parameters() if p.requires_grad}
     total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
     count = 0
     for inputs, targets in chunks:
         n = batch_size_of(inputs)
         for i in range(n):
-            one = tree_map(_to64, select_samples(inputs, n, [i]))
-            y = None if targets is None else _to64(targets[i : i + 1])
+            twice = tree_map(_to64, select_samples(inputs, n, [i, i]))
+            y = None if targets is None else _to64(targets[[i, i]])
             with torch.enable_grad():
-                out = select_output(call_model(m, one), output)
+                out = select_output(call_model(m, twice), output)
                 objs = list(objectives(out, y, loss, fisher, 1, None))
                 for j, obj in enumerate(objs):
                     grads = torch.autograd.grad(
-                        obj,
+                        obj / 2,
                         list(params.values()),
                         allow_unused=True,
                         retain_graph=j < len(objs) - 1,
