@@ -151,6 +151,33 @@ class DictOut(TupleOut):
         return {"features": x, "logits": self.head(x)}
 
 
+class _OldStyleSquare(torch.autograd.Function):
+    """An autograd.Function without ``setup_context``, which torch.func transforms refuse."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OldStyleFunction(nn.Module):
+    """A layer whose parameter enters an old-style autograd.Function: vmap cannot run it, and
+    its per-sample gradients come one sample at a time by plain backward passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(D, D) / D)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_OldStyleSquare.apply(x @ self.mix))
+
+
 class TableAndFeatures(nn.Module):
     """Returns per-sample features and a table made from its parameter alone, which its parent
     then uses again: the table's gradient arrives summed over the samples."""
@@ -175,7 +202,9 @@ class ReusedTable(nn.Module):
 
 
 SEQUENCE_MODELS = [BucketTable, BucketMix, Windows, Tokens, TwoLayouts]
-FLAT_MODELS = [Mixture, WithParameterOnly, WeightNormed, TupleOut, DictOut, ReusedTable]
+FLAT_MODELS = [
+    Mixture, WithParameterOnly, WeightNormed, TupleOut, DictOut, ReusedTable, OldStyleFunction,
+]  # fmt: skip
 
 
 def _data(sequence: bool) -> list[tuple[Any, torch.Tensor]]:

@@ -122,17 +122,26 @@ def _grads(
             for v, lay in zip(values, lays, strict=True)
         ]
 
+    by_autograd = _one_sample(module, spec, layout, constants, autograd=True)
     per_sample = [
-        one(params, sample(leaves, layout.inputs, i), sample(grads, layout.outputs, i))
+        by_autograd(params, sample(leaves, layout.inputs, i), sample(grads, layout.outputs, i))
         for i in part
     ]
     return {k: torch.stack([g[k] for g in per_sample]).to(work) for k in params}
 
 
 def _one_sample(
-    module: nn.Module, spec: Any, layout: CallLayout, constants: dict[str, torch.Tensor]
+    module: nn.Module,
+    spec: Any,
+    layout: CallLayout,
+    constants: dict[str, torch.Tensor],
+    autograd: bool = False,
 ) -> Callable[[dict[str, torch.Tensor], list[Any], list[torch.Tensor]], dict[str, torch.Tensor]]:
-    """The vjp of one sample: inputs and output gradients come without their sample axis."""
+    """The vector-Jacobian product of one sample: inputs and output gradients come without
+    their sample axis. By ``torch.func.vjp`` (which vmap batches), or with ``autograd`` by a
+    plain backward pass, for the one-sample-at-a-time path: it also runs what torch.func
+    refuses (an autograd.Function without ``setup_context``, a module that changes a
+    parameter's ``.data`` while it runs)."""
 
     def restore(values: list[Any], leaf_layouts: list[Any]) -> list[Any]:
         return [
@@ -157,7 +166,22 @@ def _one_sample(
             out, _ = tree_flatten(result)
             return tuple(v for v in out if isinstance(v, torch.Tensor) and v.is_floating_point())
 
-        pullback = vjp(forward, p)[1]
-        return pullback(tuple(restore(grads, layout.outputs)))[0]
+        cotangents = tuple(restore(grads, layout.outputs))
+        if not autograd:
+            pullback = vjp(forward, p)[1]
+            return pullback(cotangents)[0]
+        inputs = {k: v.detach().requires_grad_() for k, v in p.items()}
+        pairs = [
+            (o, g) for o, g in zip(forward(inputs), cotangents, strict=True) if o.requires_grad
+        ]
+        if not pairs:  # no output depends on the parameters
+            return {k: torch.zeros_like(v) for k, v in inputs.items()}
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], list(inputs.values()), [g for _, g in pairs], allow_unused=True
+        )
+        return {
+            k: torch.zeros_like(v) if g is None else g
+            for (k, v), g in zip(inputs.items(), found, strict=True)
+        }
 
     return one
