@@ -340,6 +340,20 @@ def test_check_is_not_fooled_by_a_batch_of_one() -> None:
     assert fisher_fast.check(model, (x, y), samples=6, batch_size=3, verbose=False).ok
 
 
+def test_batches_of_one_sample_are_not_fooled_either() -> None:
+    """diag_fim over batches of one sample equals diag_fim over batches of three (which check
+    verifies above): the gradient reaching the norm is made contiguous for a batch of one."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _NormThenTokens().double().eval()
+    model.norm.running_mean.normal_()
+    model.norm.running_var.uniform_(0.5, 1.5)
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    kwargs = {"dtype": torch.float64, "progress": False}
+    ones = fisher_fast.diag_fim(model, (x, y), batch_size=1, **kwargs)
+    threes = fisher_fast.diag_fim(model, (x, y), batch_size=3, **kwargs)
+    assert relative_error(ones.flat, threes.flat.double()) <= 1e-12
+
+
 def test_check_names_a_model_it_cannot_copy() -> None:
     """A tensor with autograd history kept on the model (a cache of an eval-mode forward) makes
     the copy for the reference loop fail: a clear error, not deepcopy's."""

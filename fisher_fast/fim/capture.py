@@ -43,6 +43,11 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if grad.dim() > 1 and grad.shape[0] == 1 and not grad.is_contiguous():
+            # A batch of one: PyTorch's CPU BatchNorm and InstanceNorm backward (eval mode)
+            # return wrong gradients for some strides of their output gradient (a transpose
+            # after the norm gives (C, 1, W·C, C)); a contiguous copy (one sample) avoids it.
+            grad = grad.contiguous()
         return grad.new_zeros(()), grad
 
 
