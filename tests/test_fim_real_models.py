@@ -92,26 +92,24 @@ def vit() -> Problem:
     return tf.ViTForImageClassification(cfg), data, {}
 
 
-def t5_shared_embedding() -> Problem:
-    tf = _hf()
-    cfg = tf.T5Config(
-        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
-        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+def _t5(layers: int) -> nn.Module:
+    cfg = _hf().T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=layers,
+        num_decoder_layers=layers, num_heads=2, relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
     )  # fmt: skip
-    model = tf.T5ForConditionalGeneration(cfg)
+    return _hf().T5ForConditionalGeneration(cfg)
+
+
+def t5_shared_embedding() -> Problem:
     data = [({"input_ids": _tokens(), "decoder_input_ids": _tokens()}, _tokens()) for _ in range(2)]
-    return model, data, {"loss": _lm_loss}
+    return _t5(1), data, {"loss": _lm_loss}
 
 
 def t5_padded() -> Problem:
     """Two encoder layers that share the first one's position bias, and padded samples (the
     attention mask selects from the bias per sample)."""
-    tf = _hf()
-    cfg = tf.T5Config(
-        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
-        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
-    )  # fmt: skip
-    model = tf.T5ForConditionalGeneration(cfg)
+    model = _t5(2)
 
     def batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         mask = torch.ones(N, T, dtype=torch.long)
