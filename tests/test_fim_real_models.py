@@ -82,6 +82,19 @@ def llama() -> Problem:
     return tf.LlamaForSequenceClassification(cfg), data, {}
 
 
+def gemma() -> Problem:
+    """Gemma's scaled token embedding (rows times sqrt(hidden)) tied to its head, padding_idx 0,
+    and its (1 + weight) norms."""
+    tf = _hf()
+    cfg = tf.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = tf.GemmaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model, [({"input_ids": _tokens()}, _tokens()) for _ in range(2)], {"loss": _lm_loss}
+
+
 def vit() -> Problem:
     tf = _hf()
     cfg = tf.ViTConfig(
@@ -204,7 +217,8 @@ def tied_embedding_and_head() -> Problem:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
-        bert, gpt2_tied_head, llama, vit, t5_shared_embedding, t5_padded, encoder_batch_first,
+        bert, gpt2_tied_head, llama, gemma, vit, t5_shared_embedding, t5_padded,
+        encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,
     )
@@ -289,6 +303,12 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     for stack in ("encoder", "decoder"):
         bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         assert paths[bias] == "broadcast use expanded to the samples"
+    model, data, kwargs = gemma()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
+    assert paths["model.embed_tokens.weight"].startswith(
+        "rules scaled_embedding_rule and linear_rule, tied"
+    )
+    assert not any(p.startswith("per-sample") for p in paths.values()), paths
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"

@@ -83,3 +83,71 @@ def test_a_plan_kept_between_calls_joins_the_calls_again() -> None:
     fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
     errors = max_relative_error(fim, reference_fim_batches(model, data))
     assert max(errors.values()) <= 1e-10, errors
+
+
+# -- embeddings that scale their rows (Gemma's) and padding rows --------------------------------
+class ScaledEmbedding(nn.Embedding):
+    """Rows times a constant buffer, as Gemma's ``GemmaTextScaledWordEmbedding`` returns."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.register_buffer("scale", torch.tensor(D**0.5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.scale
+
+
+class ShiftedEmbedding(nn.Embedding):
+    """Rows plus one: not a scaling, so no rule of the embedding's applies."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) + 1.0
+
+
+class LanguageModel(nn.Module):
+    """Token embedding (any class), a mixing layer, and a head tied to the embedding or not."""
+
+    def __init__(self, embedding: nn.Embedding, tied: bool) -> None:
+        super().__init__()
+        self.embed, self.mix = embedding, nn.Linear(D, D)
+        self.head = nn.Linear(D, VOCAB, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(ids))).mean(1))[:, :CLASSES]
+
+
+EMBEDDINGS = {
+    "scaled": (lambda: ScaledEmbedding(VOCAB, D), "rules scaled_embedding_rule and linear_rule"),
+    "scaled, padding 0": (
+        lambda: ScaledEmbedding(VOCAB, D, padding_idx=0),
+        "rules scaled_embedding_rule and linear_rule",
+    ),
+    "plain, padding 0": (
+        lambda: nn.Embedding(VOCAB, D, padding_idx=0),
+        "rules embedding_rule and linear_rule",
+    ),
+    "shifted": (lambda: ShiftedEmbedding(VOCAB, D), "per-sample gradients of"),
+}
+
+
+@pytest.mark.parametrize("kind", list(EMBEDDINGS))
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_scaled_and_padded_embeddings(kind: str, tied: bool) -> None:
+    """A scaling subclass has a rule of its own, also tied to a head; padding rows add no cross
+    term; a subclass that computes anything else goes per sample. All exact."""
+    torch.manual_seed(random.randrange(2**31))
+    make, tied_path = EMBEDDINGS[kind]
+    model = LanguageModel(make(), tied).double()
+    data = _data()
+    for ids, _ in data:
+        ids[:, 0] = 0  # every sample holds the padding row
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64, reuse_plan=False)
+    errors = max_relative_error(fim, reference_fim_batches(model, data))
+    assert max(errors.values()) <= 1e-10, errors
+    path = fim.meta["paths"]["embed.weight"]
+    if tied or kind == "shifted":
+        assert path.startswith(tied_path), path
+    else:
+        assert path == tied_path.split(" and ")[0].replace("rules", "rule"), path

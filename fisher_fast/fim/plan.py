@@ -40,6 +40,7 @@ from fisher_fast.fim.expansion import PATH_SUFFIX, as_expanded
 from fisher_fast.fim.layout import CallLayout, Recording, Unknown
 from fisher_fast.fim.param_uses import innermost
 from fisher_fast.fim.rules import RuleSpec, find_rule
+from fisher_fast.fim.rules.scaled_embedding import row_scale
 from fisher_fast.fim.unused import PATH as UNUSED_PATH
 
 
@@ -274,21 +275,27 @@ class _Planner:
         )
 
     def tie(self, pname: str, p: nn.Parameter, holders: list[tuple[str, nn.Module, str]]) -> bool:
-        """Plan a weight shared by nn.Embeddings and at most one nn.Linear head (each holding it
-        as ``weight``) through their rules (rules/tied.py), when every rule fits and the forward
+        """Plan a weight shared by Embeddings (nn.Embedding, or a subclass scaling its rows by a
+        constant, all by the same one) and at most one nn.Linear head (each holding it as
+        ``weight``) through their rules (rules/tied.py), when every rule fits and the forward
         uses the weight only in their calls; holders that never run are left out (T5's
         ``shared``, whose weight its encoder and decoder embeddings use). False to take the
         generic path."""
         running = [h for h in holders if self.ran(h[1])]
-        embeddings = [h for h in running if type(h[1]) is nn.Embedding and h[2] == "weight"]
+        embeddings = [h for h in running if isinstance(h[1], nn.Embedding) and h[2] == "weight"]
         heads = [h for h in running if isinstance(h[1], nn.Linear) and h[2] == "weight"]
         if not embeddings or len(heads) > 1 or len(embeddings) + len(heads) != len(running):
             return False
         for _, e, _ in embeddings:
             assert isinstance(e, nn.Embedding)
-            if e.padding_idx is not None or e.max_norm is not None or e.scale_grad_by_freq:
+            if e.max_norm is not None or e.scale_grad_by_freq:
                 return False
+        if len({e.padding_idx for _, e, _ in embeddings}) != 1:
+            return False
         if not all(self.rule_fits(m, find_rule(m)) for _, m, _ in running):
+            return False
+        scales = {row_scale(e) for _, e, _ in embeddings}  # one rule for all of them: one scale
+        if len(scales) != 1 or None in scales:
             return False
         if self.stray_use(p, {m for _, m, _ in running}) is not None:
             return False
@@ -302,10 +309,12 @@ class _Planner:
         tied = tuple(e for _, e, _ in embeddings)
         self.plan.ties.append(Tie(pname, tied, head))  # type: ignore[arg-type]
         joined = f" (the calls of {len(tied)} embeddings joined)" if len(tied) > 1 else ""
+        embedding_rule = find_rule(tied[0])
+        assert embedding_rule is not None
         self.plan.paths[pname] = (
-            f"rules embedding_rule{joined} and linear_rule, tied (with their cross term)"
+            f"rules {embedding_rule.name}{joined} and linear_rule, tied (with their cross term)"
             if head is not None
-            else f"rule embedding_rule{joined}"
+            else f"rule {embedding_rule.name}{joined}"
         )
         if any(e in self.expanded for e in tied):
             self.plan.paths[pname] += f", the embedding {PATH_SUFFIX}"

@@ -316,5 +316,6 @@ from fisher_fast.fim.rules import (  # noqa: E402, F401
     norm_variants,
     recurrent,
     rms_norm,
+    scaled_embedding,
     transposed_linear,
 )

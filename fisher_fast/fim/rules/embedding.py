@@ -20,7 +20,7 @@ from fisher_fast.fim.rows import runs, scatter_runs, sum_runs
 from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule
 
 
-def _without_padding(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def without_padding(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """g (N, T, D) with the positions holding ``padding_idx`` zeroed (a fixed-size where, where
     dropping them would make the number of positions depend on the ids)."""
     if module.padding_idx is None:
@@ -30,6 +30,14 @@ def _without_padding(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -
 
 @register_rule(nn.Embedding, layout="positionwise")
 def embedding_rule(module: nn.Embedding, calls: list[Call], ctx: RuleContext) -> None:
+    add_row_squares(module, calls, ctx, 1.0)
+
+
+def add_row_squares(
+    module: nn.Embedding, calls: list[Call], ctx: RuleContext, output_scale: float
+) -> None:
+    """The rule for a lookup whose output is the rows times ``output_scale`` (see module doc):
+    the output gradients are scaled by it before they are summed per (row, sample)."""
     target = ctx.target("weight") if module.weight.requires_grad else None
     dim = module.weight.shape[1]
     n = calls[0].input.shape[0]
@@ -37,7 +45,7 @@ def embedding_rule(module: nn.Embedding, calls: list[Call], ctx: RuleContext) ->
     if target is None or idx.numel() == 0:
         return
     g = joined([c.grad().reshape(n, -1, dim) for c in calls], dim=1).to(ctx.work_dtype)
-    g = _without_padding(module, idx, g)
+    g = without_padding(module, idx, g if output_scale == 1.0 else g * output_scale)
     sample = torch.arange(n, device=idx.device).unsqueeze(1)
     keys = (idx * n + sample).reshape(-1)  # row-major over (v, sample)
     order = torch.argsort(keys, stable=True)

@@ -15,8 +15,10 @@ b_n[v] = sum_s gH[n, s, v] x[n, s], so
 
 where the rows b_n[ids[n, t]] = sum_s gH[n, s, ids[n, t]] x[n, s] are one gather and one
 batched product ((N, Te, Th) @ (N, Th, D)), added to the accumulator's rows in place
-(rows.add_rows: a fixed order, no host sync). Used only for Embeddings without padding_idx,
-max_norm or scale_grad_by_freq (plan.py checks).
+(rows.add_rows: a fixed order, no host sync); positions holding padding_idx get no embedding
+gradient, so they add no cross term either. Used only for Embeddings without max_norm or
+scale_grad_by_freq, with one padding_idx and one row scale (plan.py checks; a scaled
+embedding's a_n carries its scale, scaled_embedding.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torch import nn
 
 from fisher_fast.fim.rows import add_rows
 from fisher_fast.fim.rules import Call, joined
+from fisher_fast.fim.rules.embedding import without_padding
+from fisher_fast.fim.rules.scaled_embedding import row_scale
 
 Compute = Callable[[list[Call]], None]  # a module's rule applied to calls
 
@@ -42,12 +46,15 @@ class SharedWeight:
         self,
         target: torch.Tensor,
         work: torch.dtype,
-        embeddings: Sequence[nn.Module],
+        embeddings: Sequence[nn.Embedding],
         head: nn.Module | None,
     ) -> None:
         self.target = target  # the accumulator's view of the shared weight, (V, D)
         self.work = work
         self.embeddings = list(embeddings)
+        scale = row_scale(self.embeddings[0])  # the same for all (plan.py)
+        assert scale is not None
+        self.row_scale = scale  # the embeddings' rows are scaled by it (scaled_embedding.py)
         self.head = head
         self._calls: dict[nn.Module, list[Call]] = {}
         self._compute: dict[nn.Module, Compute] = {}
@@ -75,10 +82,12 @@ class SharedWeight:
         n, (vocab, dim) = self._n, self.target.shape
         ids = joined([c.input.reshape(n, -1) for c in embedding_calls], dim=1)
         g_e = joined([c.grad().reshape(n, -1, dim) for c in embedding_calls], dim=1).to(self.work)
+        g_e = without_padding(self.embeddings[0], ids, g_e)  # one padding_idx for all (plan.py)
         x = joined([c.input.reshape(n, -1, dim) for c in head_calls], dim=1).to(self.work)
         g_h = joined([c.grad().reshape(n, -1, vocab) for c in head_calls], dim=1).to(self.work)
         t_e = ids.shape[1]
         picked = g_h.gather(2, ids[:, None, :].expand(n, g_h.shape[1], t_e))  # (N, Th, Te)
         rows = torch.bmm(picked.transpose(1, 2), x)  # (N, Te, D): b_n[ids[n, t]]
-        terms = (g_e * rows).mul_(2).reshape(-1, rows.shape[-1]).to(self.target.dtype)
+        terms = (g_e * rows).mul_(2 * self.row_scale).reshape(-1, rows.shape[-1])
+        terms = terms.to(self.target.dtype)
         add_rows(self.target, ids.reshape(-1), terms)  # into the accumulator: no V × D temporary
