@@ -2,8 +2,9 @@
 
 Models are built from small configs with random weights (no downloads): from Hugging Face
 transformers a BERT-style encoder classifier, a Llama-style decoder classifier, a GPT-2-style
-language model with its tied head and a T5 encoder-decoder (shared embedding tied to the head,
-relative position biases; the same ids on both sides) (language models' per-sample loss:
+language model with its tied head, a T5 encoder-decoder (shared embedding tied to the head,
+relative position biases; the same ids on both sides) and a Gemma language model (scaled token
+embedding tied to the head, padding_idx 0) (language models' per-sample loss:
 cross-entropy summed over the positions);
 from timm ResNet-18, EfficientNet-B0, a ViT and ConvNeXt-atto (timm needs torchvision, which imports only in
 the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
@@ -75,6 +76,16 @@ def gpt2() -> torch.nn.Module:
     return tf.GPT2LMHeadModel(cfg)
 
 
+def gemma() -> torch.nn.Module:
+    tf = importlib.import_module("transformers")
+    cfg = tf.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS // 2, head_dim=WIDTH // HEADS, intermediate_size=4 * WIDTH,
+        max_position_embeddings=T, tie_word_embeddings=True,
+    )  # fmt: skip
+    return tf.GemmaForCausalLM(cfg)
+
+
 class T5OnOneSequence(torch.nn.Module):
     """A T5 encoder-decoder reading the same token ids on both sides (so that every method,
     the peers included, takes one ids tensor): shared token embedding tied to the head,
@@ -117,6 +128,7 @@ MODELS: dict[str, Spec] = {
     "llama": Spec(llama),
     "gpt2-tied": Spec(gpt2, lm=True),
     "t5": Spec(T5OnOneSequence, lm=True),
+    "gemma": Spec(gemma, lm=True),
     "resnet18": Spec(timm_model("resnet18"), images=True),
     "resnet18-224": Spec(timm_model("resnet18"), images=True, pixels=224),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
