@@ -216,13 +216,16 @@ def test_per_sample_sq_sum_non_contiguous_inputs(gen: torch.Generator, device: s
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
-    "shape", [(7, 3, 2, 4, 5), (4, 3, 6, 130, 300), (2, 1, 3, 301, 700)], ids=str
+    "shape",
+    [(7, 3, 2, 4, 5), (4, 3, 6, 130, 300), (2, 1, 3, 301, 700), (2, 1, 20, 700, 301)],
+    ids=str,
 )
 def test_per_sample_sq_sum_independent_of_threads(
     threads: int, shape: tuple[int, ...], gen: torch.Generator
 ) -> None:
-    """Whichever way the CPU kernel cuts the work (samples or tiles between threads), the sums
-    are the float64 reference's."""
+    """Whichever way the CPU kernel cuts the work (samples or tiles between threads, the result
+    formed as it is or transposed for a layer with fewer inputs than outputs), the sums are the
+    float64 reference's."""
     g, x = per_sample_inputs(shape, torch.float64, gen, "cpu")
     before = torch.get_num_threads()
     try:
