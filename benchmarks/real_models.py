@@ -9,7 +9,8 @@ cross-entropy summed over the positions);
 from timm ResNet-18, EfficientNet-B0, a ViT and ConvNeXt-atto (timm needs torchvision, which imports only in
 the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
 calls each method once, in turn, on the same batches, after one warm-up call each; medians over
-rounds. The floor is one forward and one backward pass of the summed loss per batch (the
+rounds, and the median over rounds of each round's ratio to that round's floor (on a machine
+whose speed drifts between rounds, the steadier of the two). The floor is one forward and one backward pass of the summed loss per batch (the
 parameters' batch gradient). With ``--batches B`` every method covers B batches of N samples.
 diag_fim is timed twice: ``fisher_fast_new_plan`` plans on its first batch (a second, small
 forward pass and the layout checks), as a first call on a model does, so one batch shows that
@@ -341,14 +342,21 @@ def main() -> None:
             f"{name}: {args.batches} batch(es) of N={N}, "
             + (f"{spec.pixels}x{spec.pixels} px" if spec.images else f"T={T}")
             + f", {args.threads} threads, "
-            f"{args.rounds} rounds, medians"
+            f"{args.rounds} rounds, medians (and the median of each round's ratio to its own "
+            "floor, steadier on a machine whose speed drifts)"
         )
         for m in calls:
             if m in failed:
                 print(f"  {m:<26} fails: {failed[m]}")
             else:
                 median = statistics.median(times[m])
-                print(f"  {m:<26} {median * 1e3:9.1f} ms  {median / floor:6.2f}x floor")
+                per_round = statistics.median(
+                    t / f for t, f in zip(times[m], times["floor"], strict=True)
+                )
+                print(
+                    f"  {m:<26} {median * 1e3:9.1f} ms  {median / floor:6.2f}x floor"
+                    f"  (rounds: {per_round:.2f}x)"
+                )
         print(f"  per-sample paths: {slow}")
 
 

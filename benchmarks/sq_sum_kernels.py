@@ -75,11 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="time the layers whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pairs = {name: linear_pair(*shape) for name, shape in LINEAR.items()}
     pairs |= {name: conv_pair(*shape) for name, shape in CONV.items()}
+    pairs = {name: pair for name, pair in pairs.items() if args.only in name}
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in pairs}
     for _ in range(2):  # warm-up
         for kernel, baseline in pairs.values():
@@ -99,7 +101,8 @@ def main() -> None:
         total[0], total[1] = total[0] + k, total[1] + b
         print(f"{name:24s} {k * 1e3:8.2f} {b * 1e3:12.2f} {k / b:6.2f}")
     for kind, (k, b) in totals.items():
-        print(f"{'all ' + kind + ' layers':24s} {k * 1e3:8.2f} {b * 1e3:12.2f} {k / b:6.2f}")
+        if b > 0:
+            print(f"{'all ' + kind + ' layers':24s} {k * 1e3:8.2f} {b * 1e3:12.2f} {k / b:6.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ TORCH_LIBRARY(fisher_fast, m) {
   // g: (N, B, T, O), x: (N, B, T, I), same dtype and device; B independent blocks (groups).
   // Returns (B, O, I) in acc_dtype (float32 or float64). Per-sample products are never stored.
   m.def("per_sample_sq_sum(Tensor g, Tensor x, ScalarType acc_dtype) -> Tensor");
+  // In place (CPU only): acc += the same sums, in acc's dtype (float32 or float64); acc is
+  // contiguous with B * O * I elements (any shape), so a running total needs no result of its own.
+  m.def("per_sample_sq_sum_(Tensor(a!) acc, Tensor g, Tensor x) -> ()");
 
   // Sum over samples of the squared per-sample weight gradients of a 2-D convolution (CPU only):
   // out[b] = sum_n (G[n,b] U[n,b]^T)^2 with U the im2col patches of x, never materialised.
@@ -24,6 +27,12 @@ TORCH_LIBRARY(fisher_fast, m) {
   m.def(
       "conv2d_sq_sum(Tensor x, Tensor g, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, ScalarType acc_dtype) -> Tensor");
+  // In place: acc += the same sums, in acc's dtype (float32 or float64); acc is contiguous with
+  // the weight's O * C/groups * kernel_h * kernel_w elements (any shape, the weight's say), so
+  // a running total needs no result tensor of its own.
+  m.def(
+      "conv2d_sq_sum_(Tensor(a!) acc, Tensor x, Tensor g, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> ()");
 
   // In place, for a linear layer without extra axes (CPU only): weight_acc += (g∘g)ᵀ (x∘x) and
   // bias_acc += column sums of g∘g, the sums over samples of the squared per-sample gradients.

@@ -40,6 +40,15 @@ def per_sample_sq_sum(
     return _op("per_sample_sq_sum")(g, x, acc_dtype)
 
 
+def per_sample_sq_sum_(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """In place (CPU only): ``acc += per_sample_sq_sum(g, x)`` in ``acc``'s dtype, with no result
+    tensor of its own (a running total fills nothing fresh, so no new pages are touched).
+
+    acc: contiguous float32 or float64 with B * O * I elements (any shape).
+    """
+    _op("per_sample_sq_sum_")(acc, g, x)
+
+
 def conv2d_sq_sum(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -61,6 +70,27 @@ def conv2d_sq_sum(
     """
     return _op("conv2d_sq_sum")(
         x, g, list(kernel_size), list(stride), list(padding), list(dilation), groups, acc_dtype
+    )
+
+
+def conv2d_sq_sum_(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> None:
+    """In place: ``acc += conv2d_sq_sum(x, g, ...)`` in ``acc``'s dtype (CPU only), with no
+    result tensor of its own.
+
+    acc: contiguous float32 or float64 with the weight's O * C/groups * kh * kw elements (any
+    shape, the weight's say).
+    """
+    _op("conv2d_sq_sum_")(
+        acc, x, g, list(kernel_size), list(stride), list(padding), list(dilation), groups
     )
 
 
@@ -140,6 +170,13 @@ def _check_acc_dtype(acc_dtype: torch.dtype) -> None:
     _check(
         acc_dtype in (torch.float32, torch.float64),
         lambda: f"acc_dtype must be float32 or float64, got {_dtype_name(acc_dtype)}",
+    )
+
+
+def _check_inplace_acc(acc: torch.Tensor) -> None:
+    _check(
+        acc.dtype in (torch.float32, torch.float64),
+        lambda: f"acc must be float32 or float64, got {_dtype_name(acc.dtype)}",
     )
 
 
@@ -270,6 +307,23 @@ if _library.is_loaded():
         _check_same_device(g, x, "g", "x")
         return g.new_empty((g.shape[1], g.shape[3], x.shape[3]), dtype=acc_dtype)
 
+    @torch.library.register_fake("fisher_fast::per_sample_sq_sum_")
+    def _per_sample_sq_sum_inplace_fake(
+        acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor
+    ) -> None:
+        _check_inplace_acc(acc)
+        result = _per_sample_sq_sum_fake(g, x, acc.dtype)
+        _check_same_device(acc, g, "acc", "g")
+        _check_contiguous(acc, "acc")
+        _check(
+            acc.numel() == result.numel(),
+            lambda: (
+                f"acc has {acc.numel()} elements but g {_sizes(g)} and x {_sizes(x)} give "
+                f"{result.numel()} (B * O * I); pass an accumulator shaped like the result "
+                "(B, O, I)"
+            ),
+        )
+
     @torch.library.register_fake("fisher_fast::conv2d_sq_sum")
     def _conv2d_sq_sum_fake(
         x: torch.Tensor,
@@ -329,6 +383,31 @@ if _library.is_loaded():
             _checked_mul(out_ch, columns, "the result's size"), 8, "the result's size in bytes"
         )
         return x.new_empty((groups, out_ch // groups, columns), dtype=acc_dtype)
+
+    @torch.library.register_fake("fisher_fast::conv2d_sq_sum_")
+    def _conv2d_sq_sum_inplace_fake(
+        acc: torch.Tensor,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> None:
+        _check_inplace_acc(acc)
+        args = (kernel_size, stride, padding, dilation, groups)
+        result = _conv2d_sq_sum_fake(x, g, *args, acc.dtype)
+        _check_same_device(acc, x, "acc", "x")
+        _check_contiguous(acc, "acc")
+        _check(
+            acc.numel() == result.numel(),
+            lambda: (
+                f"acc has {acc.numel()} elements but the weight of this convolution has "
+                f"{result.numel()} (O = {g.shape[1]} times C/groups * kernel_h * kernel_w = "
+                f"{result.shape[2]}); pass an accumulator shaped like the weight"
+            ),
+        )
 
     @torch.library.register_fake("fisher_fast::linear_sq_sum_")
     def _linear_sq_sum_fake(

@@ -165,6 +165,17 @@ PS_SHAPES = [
     (4, 3, 6, 130, 300),
     (5, 1, 16, 7, 37),
     (5, 1, 17, 7, 37),
+    # one sample's transposed gradient over the chunk buffer: each tile reloads the chunks
+    (5, 1, 300, 500, 600),
+]
+
+
+# (input dtype, accumulator dtype) pairs the product-square-sum ops are checked with.
+INPUT_ACC_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float64),
 ]
 
 
@@ -234,6 +245,51 @@ def test_per_sample_sq_sum_independent_of_threads(
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, reference_per_sample_sq_sum(g, x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    # samples split between threads (a small result); tiles owned by threads, as it is and
+    # transposed (fewer inputs than outputs); more positions than are summed in registers
+    [(7, 3, 2, 4, 5), (4, 1, 6, 700, 300), (4, 1, 6, 300, 700), (3, 2, 40, 130, 90)],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype, acc_dtype", INPUT_ACC_DTYPES)
+def test_per_sample_sq_sum_in_place_adds_to_the_accumulator(
+    shape: tuple[int, ...], dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    g, x = per_sample_inputs(shape, dtype, gen, "cpu")
+    start = torch.rand(shape[1], shape[3], shape[4], generator=gen, dtype=acc_dtype)
+    acc = start.clone()
+    ops.per_sample_sq_sum_(acc, g, x)
+    expected = start.double() + reference_per_sample_sq_sum(g, x)
+    rtol = 1e-12 if dtype == acc_dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(acc.double(), expected, rtol=rtol, atol=rtol * expected.max().item())
+
+
+def test_per_sample_sq_sum_in_place_of_gradients_stored_positions_innermost(
+    gen: torch.Generator,
+) -> None:
+    g_t = torch.randn(5, 1, 300, 9, generator=gen, dtype=torch.float64)  # (N, B, O, T)
+    g, x = g_t.transpose(2, 3), torch.randn(5, 1, 9, 200, generator=gen, dtype=torch.float64)
+    acc = torch.ones(300, 200, dtype=torch.float64)  # a weight-shaped accumulator
+    ops.per_sample_sq_sum_(acc, g, x)
+    torch.testing.assert_close(acc, 1 + reference_per_sample_sq_sum(g, x)[0], rtol=1e-12, atol=0)
+
+
+def test_per_sample_sq_sum_in_place_input_checks() -> None:
+    g, x = torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 5)
+    with pytest.raises(RuntimeError, match="acc must be float32 or float64, got Half"):
+        ops.per_sample_sq_sum_(torch.zeros(4, 5, dtype=torch.float16), g, x)
+    with pytest.raises(RuntimeError, match=r"acc has 21 elements but g .* give 20 \(B \* O \* I\)"):
+        ops.per_sample_sq_sum_(torch.zeros(3, 7), g, x)
+    with pytest.raises(RuntimeError, match="acc must be contiguous"):
+        ops.per_sample_sq_sum_(torch.zeros(5, 4).t(), g, x)
+    with pytest.raises(RuntimeError, match="g and x must share one dtype"):
+        ops.per_sample_sq_sum_(torch.zeros(4, 5), g, x.double())
+    acc = torch.full((4, 5), 3.0)
+    ops.per_sample_sq_sum_(acc, g[:0], x[:0])  # no samples: nothing to add
+    assert bool((acc == 3).all())
 
 
 @pytest.mark.parametrize("empty", ["positions", "outputs", "inputs"])
@@ -321,6 +377,11 @@ CONV_CASES = [
     ConvCase(2, 2, (3, 3), 3, (2, 2), padding=(3, 2)),
     ConvCase(1, 2, (5, 1), 3, (3, 1), padding=(1, 0)),
     ConvCase(70, 40, (6, 6), 48, (3, 3), padding=(1, 1)),
+    # late layers' few positions (summed in registers) over more samples than one register
+    # group: output channels that end in a partial vector, and a result large enough in float64
+    # for threads to own tiles rather than samples
+    ConvCase(37, 24, (4, 4), 37, (3, 3), stride=(2, 2), padding=(1, 1)),
+    ConvCase(20, 64, (2, 2), 128, (3, 3), padding=(1, 1)),
     # depthwise (the direct path): a late layer's 2x2 with a 5x5 kernel, stride and dilation,
     # padding wider than the reach, 1x1, enough channels for every thread, and channel blocks
     # of 16 with a partial last one (40 = 16 + 16 + 8) on a 7x7 kernel over 4x4 outputs
@@ -357,15 +418,6 @@ def reference_conv2d_sq_sum(x: torch.Tensor, g: torch.Tensor, case: ConvCase) ->
         (grad,) = torch.autograd.grad(y, w, gi[None])
         total += grad.square()
     return total.reshape(case.groups, case.out // case.groups, -1)
-
-
-# (input dtype, accumulator dtype) pairs the product-square-sum ops are checked with.
-INPUT_ACC_DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float64),
-]
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
@@ -434,6 +486,40 @@ def test_conv2d_sq_sum_input_checks() -> None:
         ops.conv2d_sq_sum(x, g, (3, 3), (0, 1), (0, 0), (1, 1), 1)
     with pytest.raises(RuntimeError, match="acc_dtype must be float32 or float64, got Half"):
         ops.conv2d_sq_sum(x, g, *geometry, 1, torch.float16)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("dtype, acc_dtype", INPUT_ACC_DTYPES)
+def test_conv2d_sq_sum_in_place_adds_to_the_accumulator(
+    case: ConvCase, dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    x, g = conv_inputs(case, dtype, gen)
+    weight_shape = (case.out, case.c // case.groups, *case.kernel)
+    start = torch.rand(weight_shape, generator=gen, dtype=acc_dtype)
+    acc = start.clone()
+    ops.conv2d_sq_sum_(acc, x, g, *conv_args(case))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    reference = reference_conv2d_sq_sum(x, g, case).reshape(weight_shape)
+    error = (acc.double() - start.double() - reference).abs()
+    bound = rtol * reference_conv2d_sq_sum(x.abs(), g.abs(), case).reshape(weight_shape)
+    bound += 1e-7 if acc_dtype == torch.float32 else 1e-15  # rounding of the start values
+    assert bool((error <= bound).all()), f"worst error over bound {(error / bound).max():.3g}"
+
+
+def test_conv2d_sq_sum_in_place_input_checks() -> None:
+    x, g = torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3)
+    geometry = ((3, 3), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(RuntimeError, match="acc must be float32 or float64, got Half"):
+        ops.conv2d_sq_sum_(torch.zeros(6, 2, 3, 3, dtype=torch.float16), x, g, *geometry, 2)
+    with pytest.raises(RuntimeError, match="acc has 100 elements but the weight of this"):
+        ops.conv2d_sq_sum_(torch.zeros(100), x, g, *geometry, 2)
+    with pytest.raises(RuntimeError, match="acc must be contiguous"):
+        ops.conv2d_sq_sum_(torch.zeros(36, 3).t(), x, g, *geometry, 2)
+    with pytest.raises(RuntimeError, match=r"groups \(3\) must divide"):
+        ops.conv2d_sq_sum_(torch.zeros(6, 2, 3, 3), x, g, *geometry, 3)
+    acc = torch.full((6, 2, 3, 3), 2.0)
+    ops.conv2d_sq_sum_(acc, x[:0], g[:0], *geometry, 2)  # no samples: nothing to add
+    assert bool((acc == 2).all())
 
 
 # linear_sq_sum_ (CPU only, in place)
@@ -589,6 +675,28 @@ def test_opcheck_conv2d_sq_sum(gen: torch.Generator) -> None:
         torch.library.opcheck(
             torch.ops.fisher_fast.conv2d_sq_sum.default,
             (x, g, list(kernel), list(stride), list(padding), list(dilation), groups, acc),
+        )
+
+
+def test_opcheck_sq_sums_in_place(gen: torch.Generator) -> None:
+    for shape, dtype, acc in [
+        (PS_SHAPES[0], torch.float32, torch.float32),
+        (PS_SHAPES[1], torch.float64, torch.float64),
+        (PS_SHAPES[3], torch.bfloat16, torch.float64),
+    ]:
+        g, x = per_sample_inputs(shape, dtype, gen, "cpu")
+        total = torch.zeros(shape[1], shape[3], shape[4], dtype=acc)
+        torch.library.opcheck(torch.ops.fisher_fast.per_sample_sq_sum_.default, (total, g, x))
+    for case, dtype, acc in [
+        (CONV_CASES[0], torch.float32, torch.float32),
+        (CONV_CASES[3], torch.float64, torch.float64),
+    ]:
+        x, g = conv_inputs(case, dtype, gen)
+        kernel, stride, padding, dilation, groups = conv_args(case)
+        total = torch.zeros(case.out, case.c // groups, *kernel, dtype=acc)
+        torch.library.opcheck(
+            torch.ops.fisher_fast.conv2d_sq_sum_.default,
+            (total, x, g, list(kernel), list(stride), list(padding), list(dilation), groups),
         )
 
 

@@ -1,11 +1,12 @@
 // CPU kernel of fisher_fast::conv2d_sq_sum: out[b] = sum_n (G[n,b] U[n,b]ᵀ)^2, the squared
 // per-sample weight gradients of a 2-D convolution, without an im2col tensor of the batch.
 //
-// The result is accumulated transposed, (groups, I/groups, O/groups) with I = C * kernel_h *
-// kernel_w, by the tiled loop of sq_sum_tiles.h: per sample, the output gradient G[n,b]
-// (O_g × L) is transposed once into L × O_g (the chunk operand), and each tile of patch rows U
-// (rows × L) is either read from the input (a 1×1 convolution without stride or padding) or
-// written into a small buffer (patch_rows), then multiplied by it and squared in cache.
+// The result is summed in tiles of (I/groups) × (O/groups), I = C * kernel_h * kernel_w, by the
+// tiled loop of sq_sum_tiles.h, and written transposed into (groups, O/groups, I/groups): per
+// sample, the output gradient G[n,b] (O_g × L) is transposed once into L × O_g (the chunk
+// operand), and each tile of patch rows U (rows × L) is either read from the input (a 1×1
+// convolution without stride or padding) or written into a small buffer (patch_rows), then
+// multiplied by it and squared in cache.
 //
 // Depthwise convolutions (one input and one output channel per group) take a direct path
 // instead: per channel and sample, the input is copied once into a zero-padded buffer and each
@@ -15,6 +16,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -128,7 +130,7 @@ constexpr int64_t kLanes = 16;
 
 template <typename compute_t, typename acc_t>
 void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry& geo, int64_t n,
-                      int64_t channels, acc_t* out) {
+                      int64_t channels, acc_t* out, bool accumulate) {
   const int64_t hp = padded_size(geo.out_height, geo.stride_h, geo.kernel_h, geo.dilation_h);
   const int64_t wp = padded_size(geo.out_width, geo.stride_w, geo.kernel_w, geo.dilation_w);
   const int64_t image = geo.height * geo.width, positions = geo.positions();
@@ -179,46 +181,46 @@ void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry
         square_add(prod.data(), acc.data(), taps * kLanes);
       }
       for (int64_t l = 0; l < lanes; ++l) {
-        for (int64_t t = 0; t < taps; ++t) out[(c0 + l) * taps + t] = acc[t * kLanes + l];
+        for (int64_t t = 0; t < taps; ++t) {
+          acc_t& dst = out[(c0 + l) * taps + t];
+          dst = (accumulate ? dst : acc_t(0)) + acc[t * kLanes + l];
+        }
       }
     }
   });
 }
 
-at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
-                             at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups, at::ScalarType acc_dtype) {
-  check_inputs(x, g, kernel, stride, padding, dilation, groups, acc_dtype);
-  const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
+// out (groups, O_g, I_g elements, contiguous, float32 or float64) = the sums, or += with
+// `accumulate`, for checked, nonempty inputs.
+void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, const at::Tensor& g,
+                        const ConvGeometry& geo, int64_t groups) {
   const int64_t n = x.size(0), channels = x.size(1), out_ch = g.size(1);
   const int64_t out_g = out_ch / groups, in_g = channels / groups * geo.kernel_size();
   const int64_t positions = geo.positions(), image = geo.height * geo.width;
-  // Empty dimensions: the sums are zeros (or empty), and the planning below needs at least one
-  // weight column, one output channel, one sample and one position.
-  if (n == 0 || positions == 0 || in_g == 0 || out_g == 0) {
-    return at::zeros({groups, out_g, in_g}, x.options().dtype(acc_dtype));
-  }
+  const auto acc_dtype = out.scalar_type();
   // Products run in float32 for reduced-precision inputs and in float64 for float64 inputs.
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto xc = x.to(compute).contiguous();
   const auto gc = g.to(compute).contiguous();
   if (use_depthwise(geo, channels, out_ch, groups)) {
-    auto out = at::zeros({groups, 1, in_g}, x.options().dtype(acc_dtype));
     AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_depthwise", [&] {
       using compute_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_depthwise_acc", [&] {
         depthwise_sq_sum(xc.data_ptr<compute_t>(), gc.data_ptr<compute_t>(), geo, n, channels,
-                         out.data_ptr<scalar_t>());
+                         out.data_ptr<scalar_t>(), accumulate);
       });
     });
-    return out;
+    return;
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk_elems = positions * out_g;  // a sample's transposed gradient (L × O_g)
   const TilePlan plan =
       plan_tiles(n, groups, in_g, out_g, positions, chunk_elems, at::elementSize(compute), threads);
   checked_mul(plan.splits, groups * in_g * out_g, "the per-thread accumulators' size");
-  auto acc = at::zeros({plan.splits, groups, in_g, out_g}, x.options().dtype(acc_dtype));
+  // Threads that split the samples each sum into a copy of their own (a small result).
+  at::Tensor sums = plan.splits == 1 ? out
+                                     : at::empty({plan.splits, groups, out_g, in_g},
+                                                 x.options().dtype(acc_dtype));
   const bool direct = geo.patches_are_input();
   AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
@@ -237,16 +239,55 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
     };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_acc", [&] {
       tiled_sq_sum<compute_t, scalar_t>(plan, n, groups, in_g, out_g, positions, chunk_elems,
-                                        acc.data_ptr<scalar_t>(), load, factors);
+                                        sums.data_ptr<scalar_t>(), /*transposed=*/true,
+                                        accumulate && plan.splits == 1, load, factors);
     });
   });
-  // (splits, groups, I_g, O_g) -> (groups, O_g, I_g)
-  const at::Tensor summed = plan.splits == 1 ? acc[0] : acc.sum(0);
-  return transposed_blocks(summed);
+  if (plan.splits > 1) {
+    const auto total = sums.sum(0).view(out.sizes());
+    accumulate ? out.add_(total) : out.copy_(total);
+  }
+}
+
+at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, at::ScalarType acc_dtype) {
+  check_inputs(x, g, kernel, stride, padding, dilation, groups, acc_dtype);
+  const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
+  const int64_t out_g = g.size(1) / groups, in_g = x.size(1) / groups * geo.kernel_size();
+  // Empty dimensions: the sums are zeros (or empty), and the planning needs at least one weight
+  // column, one output channel, one sample and one position.
+  if (x.size(0) == 0 || geo.positions() == 0 || in_g == 0 || out_g == 0) {
+    return at::zeros({groups, out_g, in_g}, x.options().dtype(acc_dtype));
+  }
+  auto out = at::empty({groups, out_g, in_g}, x.options().dtype(acc_dtype));
+  conv2d_sq_sum_into(out, /*accumulate=*/false, x, g, geo, groups);
+  return out;
+}
+
+void conv2d_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::Tensor& g,
+                               at::IntArrayRef kernel, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  FF_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
+           "acc must be float32 or float64, got ", acc.scalar_type());
+  check_inputs(x, g, kernel, stride, padding, dilation, groups, acc.scalar_type());
+  const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
+  const int64_t out_g = g.size(1) / groups, in_g = x.size(1) / groups * geo.kernel_size();
+  FF_CHECK_SAME_DEVICE(acc, x, "acc", "x");
+  FF_CHECK_CONTIGUOUS(acc, "acc");
+  FF_CHECK(acc.numel() == groups * out_g * in_g, "acc has ", acc.numel(),
+           " elements but the weight of this convolution has ", groups * out_g * in_g,
+           " (O = ", g.size(1), " times C/groups * kernel_h * kernel_w = ", in_g,
+           "); pass an accumulator shaped like the weight");
+  if (x.size(0) == 0 || geo.positions() == 0 || in_g == 0 || out_g == 0) return;
+  conv2d_sq_sum_into(acc, /*accumulate=*/true, x, g, geo, groups);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_fast, CPU, m) { m.impl("conv2d_sq_sum", &conv2d_sq_sum_cpu); }
+TORCH_LIBRARY_IMPL(fisher_fast, CPU, m) {
+  m.impl("conv2d_sq_sum", &conv2d_sq_sum_cpu);
+  m.impl("conv2d_sq_sum_", &conv2d_sq_sum_inplace_cpu);
+}
 
 }  // namespace fisher_fast

@@ -4,11 +4,12 @@
 // (T × O) transposed once into O × T (the chunk operand; read in place where g is stored with
 // the positions innermost) and the input x[n,b] (T × I) read in place (or the other way round,
 // x transposed and g read in place, when the layer has fewer inputs than outputs): each tile of
-// rows of g[n,b]^T is multiplied by x[n,b] with one micro-kernel call and its squares are added to
-// the result while the product is in cache. Memory: the result per split plus, per thread, one
-// chunk of transposed gradients and one product tile, whatever N.
+// rows of g[n,b]^T is multiplied by x[n,b] and its squares are summed over the samples while the
+// tile is in cache. Memory: the result per split plus, per thread, one chunk of transposed
+// gradients and a tile or two, whatever N.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -18,8 +19,7 @@
 namespace fisher_fast {
 namespace {
 
-at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
-                                 at::ScalarType acc_dtype) {
+void check_inputs(const at::Tensor& g, const at::Tensor& x, at::ScalarType acc_dtype) {
   FF_CHECK(g.dim() == 4 && x.dim() == 4, "g and x must be 4-D (N, B, T, O) and (N, B, T, I); got ",
            g.sizes(), " and ", x.sizes());
   FF_CHECK(g.size(0) == x.size(0) && g.size(1) == x.size(1) && g.size(2) == x.size(2), "g ",
@@ -29,13 +29,17 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
   FF_CHECK(acc_dtype == at::kFloat || acc_dtype == at::kDouble,
            "acc_dtype must be float32 or float64, got ", acc_dtype);
   FF_CHECK_SAME_DEVICE(g, x, "g", "x");
+  checked_mul(checked_mul(g.size(1), g.size(3), "the result's size"), x.size(3),
+              "the result's size");
+}
 
+// out (B × O × I elements, contiguous, float32 or float64) = the sums, or += with
+// `accumulate`, for checked, nonempty inputs.
+void per_sample_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& g,
+                            const at::Tensor& x) {
   const int64_t n = g.size(0), blocks = g.size(1), positions = g.size(2);
   const int64_t out_f = g.size(3), in_f = x.size(3);
-  checked_mul(checked_mul(blocks, out_f, "the result's size"), in_f, "the result's size");
-  if (n == 0 || positions == 0 || out_f == 0 || in_f == 0) {
-    return at::zeros({blocks, out_f, in_f}, g.options().dtype(acc_dtype));
-  }
+  const auto acc_dtype = out.scalar_type();
   // Products run in float32 for reduced-precision inputs and in the input's own type otherwise.
   const auto compute = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // A gradient laid out with the positions innermost (a language model's loss over logits
@@ -46,9 +50,10 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
   const auto xc = x.to(compute).contiguous();
   // The micro-kernel forms rows × width products; a narrow width wastes its vector lanes (24 or
   // 40 columns ran 1.3-1.7x slower than the other way round), so the wider side of the layer
-  // is the width: the result is then formed transposed, x[n,b]^T g[n,b] (I × O), and
-  // transposed back at the end. The row operand (T × rows per sample) is transposed into the
-  // chunk buffer, unless it is g stored positions-innermost; the width operand is read in place.
+  // is the width: the result is then formed transposed, x[n,b]^T g[n,b] (I × O), each tile
+  // transposed back as it is written out. The row operand (T × rows per sample) is transposed into
+  // the chunk buffer, unless it is g stored positions-innermost; the width operand is read in
+  // place.
   const bool swapped = in_f < out_f && !g_rows_in_place;
   const int64_t height = swapped ? in_f : out_f, width = swapped ? out_f : in_f;
   const at::Tensor& row_operand = swapped ? xc : gc;
@@ -58,7 +63,10 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
   const TilePlan plan = plan_tiles(n, blocks, height, width, positions, chunk_elems,
                                    at::elementSize(compute), threads);
   checked_mul(plan.splits, blocks * out_f * in_f, "the per-thread accumulators' size");
-  auto acc = at::zeros({plan.splits, blocks, height, width}, g.options().dtype(acc_dtype));
+  // Threads that split the samples each sum into a copy of their own (a small result).
+  at::Tensor sums = plan.splits == 1 ? out
+                                     : at::empty({plan.splits, blocks, out_f, in_f},
+                                                 g.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES(compute, "per_sample_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
     const compute_t* row_data = row_operand.data_ptr<compute_t>();
@@ -77,15 +85,47 @@ at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
     };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "per_sample_sq_sum_cpu_acc", [&] {
       tiled_sq_sum<compute_t, scalar_t>(plan, n, blocks, height, width, positions, chunk_elems,
-                                        acc.data_ptr<scalar_t>(), load, factors);
+                                        sums.data_ptr<scalar_t>(), swapped,
+                                        accumulate && plan.splits == 1, load, factors);
     });
   });
-  const at::Tensor summed = plan.splits == 1 ? acc[0] : acc.sum(0);
-  return swapped ? transposed_blocks(summed) : summed;
+  if (plan.splits > 1) {
+    const auto total = sums.sum(0).view(out.sizes());
+    accumulate ? out.add_(total) : out.copy_(total);
+  }
+}
+
+at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
+                                 at::ScalarType acc_dtype) {
+  check_inputs(g, x, acc_dtype);
+  const int64_t blocks = g.size(1), out_f = g.size(3), in_f = x.size(3);
+  if (g.size(0) == 0 || g.size(2) == 0 || out_f == 0 || in_f == 0) {
+    return at::zeros({blocks, out_f, in_f}, g.options().dtype(acc_dtype));
+  }
+  auto out = at::empty({blocks, out_f, in_f}, g.options().dtype(acc_dtype));
+  per_sample_sq_sum_into(out, /*accumulate=*/false, g, x);
+  return out;
+}
+
+void per_sample_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& g, const at::Tensor& x) {
+  FF_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
+           "acc must be float32 or float64, got ", acc.scalar_type());
+  check_inputs(g, x, acc.scalar_type());
+  FF_CHECK_SAME_DEVICE(acc, g, "acc", "g");
+  FF_CHECK_CONTIGUOUS(acc, "acc");
+  const int64_t blocks = g.size(1), out_f = g.size(3), in_f = x.size(3);
+  FF_CHECK(acc.numel() == blocks * out_f * in_f, "acc has ", acc.numel(), " elements but g ",
+           g.sizes(), " and x ", x.sizes(), " give ", blocks * out_f * in_f,
+           " (B * O * I); pass an accumulator shaped like the result (B, O, I)");
+  if (g.size(0) == 0 || g.size(2) == 0 || out_f == 0 || in_f == 0) return;
+  per_sample_sq_sum_into(acc, /*accumulate=*/true, g, x);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fisher_fast, CPU, m) { m.impl("per_sample_sq_sum", &per_sample_sq_sum_cpu); }
+TORCH_LIBRARY_IMPL(fisher_fast, CPU, m) {
+  m.impl("per_sample_sq_sum", &per_sample_sq_sum_cpu);
+  m.impl("per_sample_sq_sum_", &per_sample_sq_sum_inplace_cpu);
+}
 
 }  // namespace fisher_fast

@@ -183,7 +183,8 @@ def test_r2_is_one_for_a_perfect_model_and_zero_for_the_mean(gen) -> None:
     assert perfect.r2 == pytest.approx(1.0) and perfect.mse == pytest.approx(0.0)
     mean = torch.full_like(y, float(y.mean()))
     flat = evaluate_regression(torch.nn.Identity(), Pairs(mean, y), "cpu")
-    assert flat.r2 == pytest.approx(0.0, abs=1e-9)
+    # The mean and the prediction's errors are float32: their rounding moves R² by up to ~1e-8.
+    assert flat.r2 == pytest.approx(0.0, abs=1e-7)
     assert flat.mse == pytest.approx(float((y - y.mean()).square().mean()), rel=1e-6)
 
 

@@ -3,19 +3,21 @@
 //
 // Each sample s and block b (a convolution group, an independent block of a linear layer) has a
 // product P[s,b] = A[s,b] · B[s,b] of A (height × positions) and B (positions × width); the result
-// is acc[b] = sum_s P[s,b]², elementwise (height × width per block). The result is cut into tiles
-// of rows; for each tile and sample one micro-kernel call (gemm_nn) forms the tile's rows of P in
-// a small buffer and their squares are added to the tile, a contiguous block of the result, while
-// both are in cache: no per-sample product of the whole layer is ever written to memory. With
-// 16 positions or fewer the products are instead summed and squared in registers, blocks of 4 × 16
-// entries at a time (measured on this project's layer shapes: 0.73-0.98x the time of the
-// micro-kernel and squaring pass there, 1.2-1.6x at 24-48 positions on wide layers).
+// is out[b] = sum_s P[s,b]², elementwise (height × width per block, or its transpose). The result
+// is cut into tiles of rows, and each tile is summed over every sample in a buffer that stays in
+// cache before it is written out (transposed, if asked): no per-sample product of the whole layer
+// is ever written to memory, and the result is written once. With more than 16 positions, one
+// micro-kernel call (gemm_nn) per tile and sample forms the tile's rows of P in a small buffer
+// and their squares are added while both are in cache. With 16 or fewer, the products of a
+// group of up to 16 samples are formed in registers, blocks of 4 rows × 32 float32 (16 float64)
+// columns, and their squares summed there too.
 //
-// Work items are (split, block, tile). Each split owns a range of samples and its own
-// accumulator; threads take runs of items and walk their samples in chunks, first loading each
-// sample's per-chunk operand (a transposed gradient, say) into a buffer, then running their tiles
-// over the chunk. Memory: the result per split plus, per thread, one chunk and two tiles,
-// whatever N.
+// Work items are (split, block, tile). Each split owns a range of samples and its own copy of the
+// result; threads take runs of items and walk their samples in chunks, first loading each
+// sample's per-chunk operand (a transposed gradient, say) into a buffer (once per run of tiles
+// when one chunk holds the split's samples), then building each sample's factors for the tile.
+// Memory: the result per split plus, per thread, one chunk, a group's scratch factors and a tile
+// or two, whatever N.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -58,11 +60,13 @@ template <typename T>
 using Factors = c10::function_ref<TileFactors<T>(int64_t s, int64_t b, int64_t r0, int64_t r1,
                                                  const T* chunk, T* scratch)>;
 
-// acc (plan.splits, blocks, height, width) += the squared products of every sample, as above.
+// out (plan.splits, blocks, height, width) = the sums over each split's samples of their squared
+// products, as above; (plan.splits, blocks, width, height) with `transposed`; += with
+// `accumulate`. Every element of out is written.
 template <typename compute_t, typename acc_t>
 void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t height, int64_t width,
-                  int64_t positions, int64_t chunk_elems, acc_t* acc, LoadChunk<compute_t> load,
-                  Factors<compute_t> factors);
+                  int64_t positions, int64_t chunk_elems, acc_t* out, bool transposed,
+                  bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors);
 
 // acc[j] += prod[j]² for j < size.
 template <typename compute_t, typename acc_t>
@@ -71,10 +75,5 @@ void square_add(const compute_t* prod, acc_t* acc, int64_t size);
 // dst (cols × rows) = src (rows × cols)ᵀ, both contiguous, in cache-sized blocks.
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst);
-
-// (blocks, rows, cols) -> (blocks, cols, rows) for a float32 or float64 tensor, contiguous, in
-// cache blocks and in parallel: ATen's copy of a transposed view walks one operand a column at a
-// time through memory, which cost more than the products themselves for the widest layers.
-at::Tensor transposed_blocks(const at::Tensor& src);
 
 }  // namespace fisher_fast

@@ -105,14 +105,9 @@ def _grad_blocks(conv: nn.modules.conv._ConvNd, g: torch.Tensor) -> torch.Tensor
 FusedOp = Callable[..., torch.Tensor]  # the signature of ops.conv2d_sq_sum
 
 
-def _fused_square_sum(
-    conv: nn.modules.conv._ConvNd,
-    x: torch.Tensor,
-    g: torch.Tensor,
-    acc_dtype: torch.dtype,
-    op: FusedOp,
-) -> torch.Tensor:
-    """Weight-shaped sum over samples of squared per-sample weight gradients, by a fused ``op``.
+def _fused_args(conv: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor) -> tuple:
+    """The arguments of a fused op, ``(x, g, kernel, stride, padding, dilation, groups)``, as a
+    2-D convolution with zero padding before the input.
 
     x: (N, C, *spatial) layer input, g: (N, C_out, *out_spatial) output gradient, 1-D or 2-D.
     Zero padding goes to the op as the count before the input (the output size implies the rest);
@@ -126,8 +121,7 @@ def _fused_square_sum(
     if len(kernel) == 1:  # as a 2-D image of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
         kernel, stride, dilation, before = (1, *kernel), (1, *stride), (1, *dilation), [0, *before]
-    total = op(x, g, kernel, stride, before, dilation, conv.groups, acc_dtype)
-    return total.reshape(conv.weight.shape)
+    return x, g, kernel, stride, before, dilation, conv.groups
 
 
 def _fused_op(conv: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> FusedOp | None:
@@ -144,9 +138,15 @@ def _fused_op(conv: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> None:
     op = _fused_op(module, calls, ctx) if module.weight.requires_grad else None
+    target = ctx.target("weight") if op is ops.conv2d_sq_sum else None
     if op is not None:
-        call = calls[0]
-        ctx.add("weight", _fused_square_sum(module, call.input, call.grad(), ctx.acc_dtype, op))
+        args = _fused_args(module, calls[0].input, calls[0].grad())
+        if target is not None and target.is_contiguous():
+            # Straight into the running total: a weight-sized result, fresh memory on every
+            # call, cost page faults of the order of the products on late layers.
+            ops.conv2d_sq_sum_(target, *args)
+        else:
+            ctx.add("weight", op(*args, ctx.acc_dtype).reshape(module.weight.shape))
     elif module.weight.requires_grad:
         n = calls[0].input.shape[0]
         kernel = math.prod(module.kernel_size)
