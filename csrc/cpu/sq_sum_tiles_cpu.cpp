@@ -288,7 +288,8 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
   // 512-channel gradient over 4 positions is 8 KiB) would put every sample's rows in the same
   // cache sets, which a group's reads, all samples at once, then evict from each other.
   const int64_t pad = 64 / static_cast<int64_t>(sizeof(compute_t));
-  const int64_t chunk_stride = chunk_elems + pad, scratch_stride = scratch_elems + pad;
+  const auto padded = [&](int64_t elems) { return elems == 0 ? 0 : elems + pad; };
+  const int64_t chunk_stride = padded(chunk_elems), scratch_stride = padded(scratch_elems);
   const int64_t group = fused
                             ? std::clamp<int64_t>(kTileBytes / std::max<int64_t>(1, scratch_bytes),
                                                   1, std::min(kFusedSamples, plan.chunk))

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fisher_fast import ops
 from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled, Unknown
 from fisher_fast.fim.products import compute_dtype, square_sum
 from fisher_fast.fim.rules.lookalike import reproduces
@@ -109,23 +108,6 @@ class RuleContext:
         return square_sum(
             g, x, self.acc_dtype, self.backend, triton_precision=self.triton_precision
         )
-
-    def add_square_sum(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
-        """Add ``square_sum(g, x)`` (one block: g (N, 1, T, O), x (N, 1, T, I)) to parameter
-        ``name``'s (O, I)-element accumulator. The kernels backend on the CPU sums straight into
-        the accumulator (ops.per_sample_sq_sum_): a result tensor the size of the weight, fresh
-        memory on every call, cost page faults of the order of the products on large layers."""
-        target = self.target(name)
-        if (
-            target is not None
-            and self.backend == "kernels"
-            and g.device.type == "cpu"
-            and g.shape[2] > 1
-            and target.is_contiguous()
-        ):
-            ops.per_sample_sq_sum_(target, g, x)
-        else:
-            self.add(name, self.square_sum(g, x)[0])
 
     def add_bias(self, name: str, per_sample: torch.Tensor) -> None:
         """Add sum over samples of squares of a (N, *shape) per-sample gradient."""

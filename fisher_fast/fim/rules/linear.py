@@ -39,7 +39,7 @@ def linear_rule(module: nn.Linear, calls: list[Call], ctx: RuleContext) -> None:
             _factored(module, g2, x[:, 0], ctx)
         return
     if module.weight.requires_grad:
-        ctx.add_square_sum("weight", g.unsqueeze(1), x.unsqueeze(1))
+        ctx.add("weight", ctx.square_sum(g.unsqueeze(1), x.unsqueeze(1))[0])
     if module.bias is not None and module.bias.requires_grad:
         ctx.add_bias(
             "bias", sum_over_calls(calls, lambda c: _positions(c.grad()).to(ctx.work_dtype).sum(1))
