@@ -176,10 +176,12 @@ def _check_acc_dtype(acc_dtype: torch.dtype) -> None:
 
 
 def _check_inplace_acc(acc: torch.Tensor) -> None:
+    """Mirror of FF_CHECK_ACCUMULATOR in csrc/include/fisher_fast/checks.h."""
     _check(
         acc.dtype in (torch.float32, torch.float64),
         lambda: f"acc must be float32 or float64, got {_dtype_name(acc.dtype)}",
     )
+    _check_contiguous(acc, "acc")
 
 
 def _checked(value: int, what: str, a: int, b: int, op: str) -> int:
@@ -316,7 +318,6 @@ if _library.is_loaded():
         _check_inplace_acc(acc)
         result = _per_sample_sq_sum_fake(g, x, acc.dtype)
         _check_same_device(acc, g, "acc", "g")
-        _check_contiguous(acc, "acc")
         _check(
             acc.numel() == result.numel(),
             lambda: (
@@ -401,7 +402,6 @@ if _library.is_loaded():
         args = (kernel_size, stride, padding, dilation, groups)
         result = _conv2d_sq_sum_fake(x, g, *args, acc.dtype)
         _check_same_device(acc, x, "acc", "x")
-        _check_contiguous(acc, "acc")
         _check(
             acc.numel() == result.numel(),
             lambda: (

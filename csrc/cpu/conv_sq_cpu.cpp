@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -191,12 +190,18 @@ void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry
 }
 
 // out (groups, O_g, I_g elements, contiguous, float32 or float64) = the sums, or += with
-// `accumulate`, for checked, nonempty inputs.
+// `accumulate`, for checked inputs.
 void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, const at::Tensor& g,
                         const ConvGeometry& geo, int64_t groups) {
   const int64_t n = x.size(0), channels = x.size(1), out_ch = g.size(1);
   const int64_t out_g = out_ch / groups, in_g = channels / groups * geo.kernel_size();
   const int64_t positions = geo.positions(), image = geo.height * geo.width;
+  // Empty dimensions: the sums are zeros (or empty), and the planning needs at least one weight
+  // column, one output channel, one sample and one position.
+  if (n == 0 || positions == 0 || in_g == 0 || out_g == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
   const auto acc_dtype = out.scalar_type();
   // Products run in float32 for reduced-precision inputs and in float64 for float64 inputs.
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -216,11 +221,6 @@ void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, c
   const int64_t chunk_elems = positions * out_g;  // a sample's transposed gradient (L × O_g)
   const TilePlan plan =
       plan_tiles(n, groups, in_g, out_g, positions, chunk_elems, at::elementSize(compute), threads);
-  checked_mul(plan.splits, groups * in_g * out_g, "the per-thread accumulators' size");
-  // Threads that split the samples each sum into a copy of their own (a small result).
-  at::Tensor sums = plan.splits == 1 ? out
-                                     : at::empty({plan.splits, groups, out_g, in_g},
-                                                 x.options().dtype(acc_dtype));
   const bool direct = geo.patches_are_input();
   AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
@@ -238,15 +238,10 @@ void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, c
       return TileFactors<compute_t>{scratch, chunk};
     };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_acc", [&] {
-      tiled_sq_sum<compute_t, scalar_t>(plan, n, groups, in_g, out_g, positions, chunk_elems,
-                                        sums.data_ptr<scalar_t>(), /*transposed=*/true,
-                                        accumulate && plan.splits == 1, load, factors);
+      tiled_sq_sum<compute_t, scalar_t>(plan, n, groups, in_g, out_g, positions, chunk_elems, out,
+                                        /*transposed=*/true, accumulate, load, factors);
     });
   });
-  if (plan.splits > 1) {
-    const auto total = sums.sum(0).view(out.sizes());
-    accumulate ? out.add_(total) : out.copy_(total);
-  }
 }
 
 at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef kernel,
@@ -255,11 +250,6 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
   check_inputs(x, g, kernel, stride, padding, dilation, groups, acc_dtype);
   const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
   const int64_t out_g = g.size(1) / groups, in_g = x.size(1) / groups * geo.kernel_size();
-  // Empty dimensions: the sums are zeros (or empty), and the planning needs at least one weight
-  // column, one output channel, one sample and one position.
-  if (x.size(0) == 0 || geo.positions() == 0 || in_g == 0 || out_g == 0) {
-    return at::zeros({groups, out_g, in_g}, x.options().dtype(acc_dtype));
-  }
   auto out = at::empty({groups, out_g, in_g}, x.options().dtype(acc_dtype));
   conv2d_sq_sum_into(out, /*accumulate=*/false, x, g, geo, groups);
   return out;
@@ -268,18 +258,15 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
 void conv2d_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::Tensor& g,
                                at::IntArrayRef kernel, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  FF_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
-           "acc must be float32 or float64, got ", acc.scalar_type());
+  FF_CHECK_ACCUMULATOR(acc);
   check_inputs(x, g, kernel, stride, padding, dilation, groups, acc.scalar_type());
   const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
   const int64_t out_g = g.size(1) / groups, in_g = x.size(1) / groups * geo.kernel_size();
   FF_CHECK_SAME_DEVICE(acc, x, "acc", "x");
-  FF_CHECK_CONTIGUOUS(acc, "acc");
   FF_CHECK(acc.numel() == groups * out_g * in_g, "acc has ", acc.numel(),
            " elements but the weight of this convolution has ", groups * out_g * in_g,
            " (O = ", g.size(1), " times C/groups * kernel_h * kernel_w = ", in_g,
            "); pass an accumulator shaped like the weight");
-  if (x.size(0) == 0 || geo.positions() == 0 || in_g == 0 || out_g == 0) return;
   conv2d_sq_sum_into(acc, /*accumulate=*/true, x, g, geo, groups);
 }
 

@@ -10,7 +10,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "fisher_fast/checks.h"
@@ -34,11 +33,15 @@ void check_inputs(const at::Tensor& g, const at::Tensor& x, at::ScalarType acc_d
 }
 
 // out (B × O × I elements, contiguous, float32 or float64) = the sums, or += with
-// `accumulate`, for checked, nonempty inputs.
+// `accumulate`, for checked inputs.
 void per_sample_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& g,
                             const at::Tensor& x) {
   const int64_t n = g.size(0), blocks = g.size(1), positions = g.size(2);
   const int64_t out_f = g.size(3), in_f = x.size(3);
+  if (n == 0 || positions == 0 || out_f == 0 || in_f == 0) {  // the sums are zeros (or empty)
+    if (!accumulate) out.zero_();
+    return;
+  }
   const auto acc_dtype = out.scalar_type();
   // Products run in float32 for reduced-precision inputs and in the input's own type otherwise.
   const auto compute = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -62,11 +65,6 @@ void per_sample_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& 
   const int64_t chunk_elems = g_rows_in_place ? 0 : height * positions;
   const TilePlan plan = plan_tiles(n, blocks, height, width, positions, chunk_elems,
                                    at::elementSize(compute), threads);
-  checked_mul(plan.splits, blocks * out_f * in_f, "the per-thread accumulators' size");
-  // Threads that split the samples each sum into a copy of their own (a small result).
-  at::Tensor sums = plan.splits == 1 ? out
-                                     : at::empty({plan.splits, blocks, out_f, in_f},
-                                                 g.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES(compute, "per_sample_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
     const compute_t* row_data = row_operand.data_ptr<compute_t>();
@@ -84,40 +82,28 @@ void per_sample_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& 
       return TileFactors<compute_t>{rows, width_data + (s * blocks + b) * positions * width};
     };
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "per_sample_sq_sum_cpu_acc", [&] {
-      tiled_sq_sum<compute_t, scalar_t>(plan, n, blocks, height, width, positions, chunk_elems,
-                                        sums.data_ptr<scalar_t>(), swapped,
-                                        accumulate && plan.splits == 1, load, factors);
+      tiled_sq_sum<compute_t, scalar_t>(plan, n, blocks, height, width, positions, chunk_elems, out,
+                                        swapped, accumulate, load, factors);
     });
   });
-  if (plan.splits > 1) {
-    const auto total = sums.sum(0).view(out.sizes());
-    accumulate ? out.add_(total) : out.copy_(total);
-  }
 }
 
 at::Tensor per_sample_sq_sum_cpu(const at::Tensor& g, const at::Tensor& x,
                                  at::ScalarType acc_dtype) {
   check_inputs(g, x, acc_dtype);
-  const int64_t blocks = g.size(1), out_f = g.size(3), in_f = x.size(3);
-  if (g.size(0) == 0 || g.size(2) == 0 || out_f == 0 || in_f == 0) {
-    return at::zeros({blocks, out_f, in_f}, g.options().dtype(acc_dtype));
-  }
-  auto out = at::empty({blocks, out_f, in_f}, g.options().dtype(acc_dtype));
+  auto out = at::empty({g.size(1), g.size(3), x.size(3)}, g.options().dtype(acc_dtype));
   per_sample_sq_sum_into(out, /*accumulate=*/false, g, x);
   return out;
 }
 
 void per_sample_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& g, const at::Tensor& x) {
-  FF_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
-           "acc must be float32 or float64, got ", acc.scalar_type());
+  FF_CHECK_ACCUMULATOR(acc);
   check_inputs(g, x, acc.scalar_type());
   FF_CHECK_SAME_DEVICE(acc, g, "acc", "g");
-  FF_CHECK_CONTIGUOUS(acc, "acc");
   const int64_t blocks = g.size(1), out_f = g.size(3), in_f = x.size(3);
   FF_CHECK(acc.numel() == blocks * out_f * in_f, "acc has ", acc.numel(), " elements but g ",
            g.sizes(), " and x ", x.sizes(), " give ", blocks * out_f * in_f,
            " (B * O * I); pass an accumulator shaped like the result (B, O, I)");
-  if (g.size(0) == 0 || g.size(2) == 0 || out_f == 0 || in_f == 0) return;
   per_sample_sq_sum_into(acc, /*accumulate=*/true, g, x);
 }
 

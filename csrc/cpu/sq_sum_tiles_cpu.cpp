@@ -1,11 +1,13 @@
 // The tiled loop of sq_sum_tiles.h and its helpers: the plan, the squaring, the transposes.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "fisher_fast/checks.h"
 #include "fisher_fast/gemm_nn.h"
 #include "fisher_fast/sq_sum_tiles.h"
 
@@ -274,8 +276,15 @@ TilePlan plan_tiles(int64_t n, int64_t blocks, int64_t height, int64_t width, in
 
 template <typename compute_t, typename acc_t>
 void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t height, int64_t width,
-                  int64_t positions, int64_t chunk_elems, acc_t* out, bool transposed,
+                  int64_t positions, int64_t chunk_elems, at::Tensor& out, bool transposed,
                   bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors) {
+  // Threads that split the samples each sum into a copy of their own (a small result), folded
+  // into out at the end.
+  checked_mul(plan.splits, out.numel(), "the per-thread accumulators' size");
+  const bool split = plan.splits > 1;
+  at::Tensor sums = split ? at::empty({plan.splits, out.numel()}, out.options()) : out;
+  acc_t* sums_data = sums.data_ptr<acc_t>();
+  const bool add_tiles = accumulate && !split;
   const int64_t items = plan.splits * blocks * plan.tiles;
   const int64_t per_split = ceil_div(n, plan.splits);
   gemm_nn_uses_brgemm();  // probe the micro-kernel outside the parallel region
@@ -300,23 +309,23 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
     std::vector<compute_t> prod(fused ? 0 : plan.rows * width);
     // The tile's sums: in place in the result when they are its final values as they stand,
     // else in a buffer emitted into it at the end.
-    const bool buffered = transposed || accumulate;
+    const bool buffered = transposed || add_tiles;
     std::vector<acc_t> tile_buffer(buffered ? plan.rows * width : 0);
     std::vector<const compute_t*> a(group), b(group);
     int64_t loaded = -1;  // the (split, block, first sample) whose chunk operands are loaded
     for (int64_t item = first; item < last; ++item) {
-      const int64_t split = item / (blocks * plan.tiles);
+      const int64_t part = item / (blocks * plan.tiles);
       const int64_t blk = item / plan.tiles % blocks, t = item % plan.tiles;
       const int64_t r0 = t * plan.rows, r1 = std::min(height, r0 + plan.rows);
-      acc_t* result = out + (split * blocks + blk) * height * width;
+      acc_t* result = sums_data + (part * blocks + blk) * height * width;
       acc_t* tile = buffered ? tile_buffer.data() : result + r0 * width;
       std::fill(tile, tile + (r1 - r0) * width, acc_t(0));
-      const int64_t s_end = std::min(n, (split + 1) * per_split);
-      for (int64_t c0 = split * per_split; c0 < s_end; c0 += plan.chunk) {
+      const int64_t s_end = std::min(n, (part + 1) * per_split);
+      for (int64_t c0 = part * per_split; c0 < s_end; c0 += plan.chunk) {
         const int64_t c1 = std::min(s_end, c0 + plan.chunk);
-        if (loaded != (split * blocks + blk) * n + c0) {
+        if (loaded != (part * blocks + blk) * n + c0) {
           for (int64_t s = c0; s < c1; ++s) load(s, blk, chunk.data() + (s - c0) * chunk_stride);
-          loaded = (split * blocks + blk) * n + c0;
+          loaded = (part * blocks + blk) * n + c0;
         }
         for (int64_t g0 = c0; g0 < c1; g0 += group) {
           const int64_t g1 = std::min(c1, g0 + group);
@@ -336,17 +345,21 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
       }
       if (buffered) {
         emit_tile(tile, r1 - r0, width, result + (transposed ? r0 : r0 * width), height, transposed,
-                  accumulate);
+                  add_tiles);
       }
     }
     gemm_nn_release();
   });
+  if (split) {
+    const auto total = sums.sum(0).view(out.sizes());
+    accumulate ? out.add_(total) : out.copy_(total);
+  }
 }
 
-#define FF_INSTANTIATE(compute_t, acc_t)                                                      \
-  template void tiled_sq_sum<compute_t, acc_t>(const TilePlan&, int64_t, int64_t, int64_t,    \
-                                               int64_t, int64_t, int64_t, acc_t*, bool, bool, \
-                                               LoadChunk<compute_t>, Factors<compute_t>);     \
+#define FF_INSTANTIATE(compute_t, acc_t)                                                           \
+  template void tiled_sq_sum<compute_t, acc_t>(const TilePlan&, int64_t, int64_t, int64_t,         \
+                                               int64_t, int64_t, int64_t, at::Tensor&, bool, bool, \
+                                               LoadChunk<compute_t>, Factors<compute_t>);          \
   template void square_add<compute_t, acc_t>(const compute_t*, acc_t*, int64_t);
 FF_INSTANTIATE(float, float)
 FF_INSTANTIATE(float, double)

@@ -16,6 +16,12 @@
   FF_CHECK(at::isFloatingType((t).scalar_type()), name, \
            " must be float16, bfloat16, float32 or float64, got ", (t).scalar_type())
 
+// An accumulator an in-place op adds into: float32 or float64, and contiguous.
+#define FF_CHECK_ACCUMULATOR(acc)                                                   \
+  FF_CHECK((acc).scalar_type() == at::kFloat || (acc).scalar_type() == at::kDouble, \
+           "acc must be float32 or float64, got ", (acc).scalar_type());            \
+  FF_CHECK_CONTIGUOUS(acc, "acc")
+
 #define FF_CHECK_SAME_DEVICE(a, b, name_a, name_b)                                         \
   FF_CHECK((a).device() == (b).device(), name_a, " is on ", (a).device(), " but ", name_b, \
            " is on ", (b).device(), "; move both to one device")

@@ -60,12 +60,12 @@ template <typename T>
 using Factors = c10::function_ref<TileFactors<T>(int64_t s, int64_t b, int64_t r0, int64_t r1,
                                                  const T* chunk, T* scratch)>;
 
-// out (plan.splits, blocks, height, width) = the sums over each split's samples of their squared
-// products, as above; (plan.splits, blocks, width, height) with `transposed`; += with
-// `accumulate`. Every element of out is written.
+// out (blocks × height × width elements, contiguous, of acc_t) = the sums over all samples of
+// their squared products, as above, each block stored (height, width), or (width, height) with
+// `transposed`; += with `accumulate`. Every element of out is written.
 template <typename compute_t, typename acc_t>
 void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t height, int64_t width,
-                  int64_t positions, int64_t chunk_elems, acc_t* out, bool transposed,
+                  int64_t positions, int64_t chunk_elems, at::Tensor& out, bool transposed,
                   bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors);
 
 // acc[j] += prod[j]² for j < size.
