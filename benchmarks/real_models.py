@@ -6,7 +6,7 @@ language model with its tied head, a T5 encoder-decoder (shared embedding tied t
 relative position biases; the same ids on both sides) and a Gemma language model (scaled token
 embedding tied to the head, padding_idx 0) (language models' per-sample loss:
 cross-entropy summed over the positions);
-from timm ResNet-18, EfficientNet-B0, a ViT and ConvNeXt-atto (timm needs torchvision, which imports only in
+from timm ResNet-18, EfficientNet-B0, a ViT, ConvNeXt-atto, BEiT and EVA-02 (timm needs torchvision, which imports only in
 the second environment of ``make timm-check``, torch 2.14.1 with torchvision 0.29.1). Every round
 calls each method once, in turn, on the same batches, after one warm-up call each; medians over
 rounds, and the median over rounds of each round's ratio to that round's floor (on a machine
@@ -50,6 +50,7 @@ SEED = 0
 N, T, VOCAB, CLASSES = 16, 128, 2000, 4
 WIDTH, LAYERS, HEADS = 128, 2, 4
 PIXELS = 64  # side of the timm models' input images
+TINY_VIT = dict(img_size=PIXELS, patch_size=8, embed_dim=192, depth=12, num_heads=3)
 
 
 def bert() -> torch.nn.Module:
@@ -135,6 +136,10 @@ MODELS: dict[str, Spec] = {
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
     "vit": Spec(timm_model("vit_tiny_patch16_224", img_size=PIXELS, patch_size=8), images=True),
     "convnext": Spec(timm_model("convnext_atto"), images=True),
+    # BEiT and EVA-02 at the ViT's size: F.linear on the qkv Linear's weight with the query and
+    # value biases concatenated (linear_calls.py); EVA-02 with rotary position embeddings
+    "beit": Spec(timm_model("beit_base_patch16_224", **TINY_VIT), images=True),
+    "eva02": Spec(timm_model("eva02_tiny_patch14_224", img_size=PIXELS, patch_size=8), images=True),
 }
 
 

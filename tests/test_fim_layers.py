@@ -73,15 +73,16 @@ class UsesChildWeight(nn.Module):
 
 
 class BorrowsChildWeight(nn.Module):
-    """Holds no parameter of its own and uses its child's weight without calling the child, so
-    the plan goes to it, an ancestor of the parameter's owner."""
+    """Holds no parameter of its own and uses its child's weight without calling the child (in
+    a matrix product: ``F.linear`` would be routed through the child, linear_calls.py), so the
+    plan goes to it, an ancestor of the parameter's owner."""
 
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(torch.nn.functional.linear(x, self.proj.weight, self.proj.bias))
+        return torch.tanh(x @ self.proj.weight.T + self.proj.bias)
 
 
 class SmallCNN(nn.Module):

@@ -77,6 +77,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         lambda: _model("beit_base_patch16_224", **_vit_config(qkv_bias=False)),
         16,
     ),
+    "eva02": (lambda: _model("eva02_tiny_patch14_224", **_vit_config()), 16),
+    "swinv2": (lambda: _model("swinv2_tiny_window8_256", **SWIN_CONFIG), 32),
     "cait": (lambda: _model("cait_xxs24_224", **_vit_config()), 16),
     "swin": (lambda: _model("swin_tiny_patch4_window7_224", **SWIN_CONFIG), 32),
     "swin_fused": (_fused_swin, 32),
@@ -129,11 +131,17 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "stages.0.blocks.0.norm.weight": "rule channels_first_layer_norm_rule",
         "stages.0.blocks.0.gamma": "broadcast use expanded to the samples",
     },
-    "beit": {  # layer scale; the attention, re-run per sample for its query and value biases
-        "blocks.0.gamma_1": "broadcast use expanded to the samples",  # (F.linear in its forward),
-        "blocks.0.attn.relative_position_bias_table": (  # takes its bias table along
-            "per-sample gradients of 'blocks.0.attn' (Attention)"
-        ),
+    "beit": {  # layer scale; F.linear(x, qkv.weight, cat((q_bias, k_bias, v_bias))) routed
+        "blocks.0.gamma_1": "broadcast use expanded to the samples",  # through qkv, the biases
+        "blocks.0.attn.qkv.weight": "rule linear_rule",  # traced together to their sum
+        "blocks.0.attn.q_bias": "broadcast use expanded to the samples",
+        "blocks.1.attn.v_bias": "broadcast use expanded to the samples",
+        "blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",
+    },
+    "eva02": {  # the same routed call, with rotary position embeddings
+        "blocks.0.attn.qkv.weight": "rule linear_rule",
+        "blocks.1.attn.q_bias": "broadcast use expanded to the samples",
+        "blocks.1.attn.v_bias": "broadcast use expanded to the samples",
     },
     "beit_no_qkv_bias": {  # the bias table as scaled_dot_product_attention's mask
         "blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",

@@ -28,7 +28,6 @@ second kind, for a model that fails with them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from torch import nn
 
 from fisher_fast.fim.rules import find_rule
 from fisher_fast.fim.sample_scope import SampleScoped
-from fisher_fast.fim.traced_use import Trace
+from fisher_fast.fim.traced_use import PerSample, Trace
 
 if TYPE_CHECKING:
     from fisher_fast.fim.plan import Plan
@@ -95,13 +94,9 @@ def _expanded_whole(module: nn.Module, local: str) -> bool:
     return p is not None and p.dim() >= 2 and p.shape[0] == 1
 
 
-# A tapped tensor given the sample axis, and the map from its gradient to the parameter's
+# A tapped tensor given the sample axis, and the map from its gradient to one parameter's
 # per-sample gradients (n, ...): one per use of a parameter in a forward pass.
 Use = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
-def _as_is(grad: torch.Tensor) -> torch.Tensor:
-    return grad
 
 
 class BroadcastParams(SampleScoped):
@@ -123,7 +118,8 @@ class BroadcastParams(SampleScoped):
         self.pending: dict[str, torch.Tensor] = {}
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self._handles: list[Any] = []
-        self._swapped: dict[nn.Module, list[tuple[str, str, torch.Tensor, Trace | None]]] = {}
+        # module -> a stack (one per running call) of its swapped (local name, parameter) and trace
+        self._swapped: dict[nn.Module, list[tuple[list[tuple[str, Any]], Trace | None]]] = {}
 
     @property
     def names(self) -> set[str]:
@@ -137,7 +133,7 @@ class BroadcastParams(SampleScoped):
         blocks: dict[str, tuple[int, ...]] = {name: () for name in self.uses}
         for name, trace in self.traces:
             if name in blocks:
-                blocks[name] += tuple(trace.blocks)
+                blocks[name] += tuple(trace.blocks[name])
         return {name: ks for name, ks in blocks.items() if name not in failed}
 
     def failed(self) -> dict[str, str]:
@@ -211,39 +207,58 @@ class BroadcastParams(SampleScoped):
     def _swap(self, module: nn.Module, args: Any) -> None:
         if self.n is None or not torch.is_grad_enabled():
             return
-        swapped = []
+        mine: dict[str, tuple[str, torch.Tensor]] = {}
         for name, (holder, local) in self.armed.items():
-            if holder is not module:
-                continue
-            p = module._parameters[local]
-            assert p is not None
-            trace = None
-            if _expanded_whole(module, local):
-                alias = self._use(name, p.expand(self.n, *p.shape[1:]), _as_is)
-            else:
-                trace = Trace(self.n, p, functools.partial(self._use, name))
+            param = module._parameters[local] if holder is module else None
+            if param is not None:
+                mine[name] = (local, param)
+        traced = {
+            name: p for name, (local, p) in mine.items() if not _expanded_whole(module, local)
+        }
+        trace = Trace(self.n, traced, self._use) if traced else None  # one for all: see Trace
+        swapped = []
+        for name, (local, p) in mine.items():
+            if name in traced:
+                assert trace is not None
                 self.traces.append((name, trace))
-                alias = trace.alias()
+                alias = trace.alias(name)
+            else:
+                alias = self._use(p.expand(self.n, *p.shape[1:]), _named(name), frozenset({name}))
             module._parameters[local] = alias  # type: ignore[assignment]
-            swapped.append((name, local, p, trace))
-        self._swapped.setdefault(module, []).extend(swapped)
+            swapped.append((local, p))
+        self._swapped.setdefault(module, []).append((swapped, trace))
 
     def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        for _, local, p, trace in self._swapped.pop(module, []):
-            module._parameters[local] = p  # type: ignore[assignment]
-            if trace is not None:
-                trace.close(output)
+        calls = self._swapped.get(module)
+        if not calls:  # swapped nothing (no grad, or not in the engine's passes)
+            return
+        swapped, trace = calls.pop()
+        if not calls:
+            del self._swapped[module]
+        for local, p in swapped:
+            module._parameters[local] = p
+        if trace is not None:
+            trace.close(output)
 
-    def _use(
-        self, name: str, tensor: torch.Tensor, to: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        """The tapped alias of one use; its per-sample gradients (``to``) go to ``pending``."""
+    def _use(self, tensor: torch.Tensor, to: PerSample, names: frozenset[str]) -> torch.Tensor:
+        """The tapped alias of one use of the parameters ``names``; their per-sample
+        gradients (``to``) go to ``pending``."""
 
         def collect(grad: torch.Tensor) -> None:
-            per_sample = to(grad)
-            before = self.pending.get(name)
-            self.pending[name] = per_sample if before is None else before + per_sample
+            for name, per_sample in to(grad).items():
+                before = self.pending.get(name)
+                self.pending[name] = per_sample if before is None else before + per_sample
 
         view = self.tap(tensor, collect)
-        self.uses.setdefault(name, []).append((view, to))
+        for name in names:
+            self.uses.setdefault(name, []).append((view, _component(to, name)))
         return view
+
+
+def _named(name: str) -> PerSample:
+    """The PerSample of a parameter expanded whole: the gradient at its view is its own."""
+    return lambda grad: {name: grad}
+
+
+def _component(to: PerSample, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda grad: to(grad)[name]

@@ -38,6 +38,7 @@ from fisher_fast.fim.fallback import make_fallback_rule
 from fisher_fast.fim.finite_guard import FiniteGuard
 from fisher_fast.fim.hook_watch import HookWatch
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
+from fisher_fast.fim.linear_calls import LinearCalls
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
@@ -263,6 +264,7 @@ class _Accumulation:
         self.unused: list[nn.Parameter] = []  # planned as zero: checked on every batch
         self.expansion = Expansion()
         self.broadcast = BroadcastParams(self.capture.tap_tensor)
+        self.linear_calls = LinearCalls(model)
         self.hooks = HookWatch(model)
         self.plan: Plan | None = None  # the plan in use
         # at the end of the data: the plan, expanded Embeddings and broadcast parameters in use
@@ -325,6 +327,7 @@ class _Accumulation:
         first batch is then checked against it as every later batch is, and planned anew when
         it does not conform."""
         plan, expanded, broadcast = kept.attach(self.model)
+        self.linear_calls.arm(plan.linear_calls)
         for o in plan.owners:
             if not self.capture.owns(o.module):
                 self.capture.add_owner(Owner(o.name, o.module))
@@ -347,8 +350,14 @@ class _Accumulation:
         expansion, broadcast = self.expansion, self.broadcast
         expansion.take_seen()
         broadcast.forget()
-        with recording(self.model, track_uses=True) as real, self._samples(n):
+        self.linear_calls.disarm()  # found again below
+        with (
+            recording(self.model, track_uses=True) as real,
+            self._samples(n),
+            self.linear_calls.finding(real.stack) as routes,
+        ):
             output = call_model(self.model, inputs)
+        self.linear_calls.arm(routes)  # the same calls routed in every later pass
         broadcast.end(output)
         real_seen = expansion.take_seen()
         real_params = broadcast.seen()
@@ -390,6 +399,7 @@ class _Accumulation:
             self.model, real, layouts, frozenset(expanded), seen_params, reached, replaced,
             contained=seen_params & frozenset(broadcast.contained()),
         )  # fmt: skip
+        plan.linear_calls = routes
         if expanded or plan.broadcast:
             params = [
                 (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
@@ -559,6 +569,7 @@ class _Accumulation:
             self.capture.installed(),
             self.expansion.installed(),
             self.broadcast.installed(),
+            self.linear_calls.installed(),
             tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
         ):
             if kept is not None:

@@ -116,6 +116,7 @@ class Record:
 class Recording:
     calls: dict[nn.Module, list[Record]] = field(default_factory=dict)
     uses: Uses = field(default_factory=dict)  # direct parameter uses, when tracked (param_uses.py)
+    stack: list[nn.Module] = field(default_factory=list)  # the module calls running now
 
 
 def flat_leaves(tree: Any) -> list[Any]:
@@ -143,7 +144,7 @@ def recording(model: nn.Module, track_uses: bool = False) -> Iterator[Recording]
     """Record every module call of ``model`` (inputs, outputs, the calls around it) and, with
     ``track_uses``, the calls around every direct use of a parameter (param_uses.py)."""
     rec = Recording()
-    stack: list[nn.Module] = []
+    stack = rec.stack
     handles = []
 
     def pre(module: nn.Module, args: Any, kwargs: Any) -> None:

@@ -61,9 +61,11 @@ def _carries_gradient(result: Any) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(result))
 
 
-# torch's Python wrappers that may stand between a torch function's caller and this mode
+# torch's Python wrappers that may stand between a torch function's caller and this mode, and
+# the mode that routes a model's F.linear calls (linear_calls.py: the call is the model's)
 _WRAPPERS = frozenset(
     {"torch.overrides", "torch.nn.functional", "torch.functional", "torch._tensor", __name__}
+    | {"fisher_fast.fim.linear_calls"}
 )
 
 

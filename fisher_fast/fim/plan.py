@@ -9,7 +9,9 @@ another size, see layout.py), so each call's sample axis is known. A parameter i
    ``extra_params``, as nn.MultiheadAttention does for ``out_proj``); or, for a parameter
    broadcast over the samples by its module's own forward (a ViT's class token, a layer-scale
    gain), by its gradient at its use given the sample axis, once verified
-   (broadcast_params.py, traced_use.py);
+   (broadcast_params.py, traced_use.py). ``F.linear`` on an nn.Linear's weight, outside that
+   Linear, is routed through the Linear while the model runs (linear_calls.py), so it is one
+   of the Linear's calls;
 2. else by **per-sample gradients** (torch.func, fallback.py) of the nearest module, starting
    from its own and going up to the whole model, that contains every use of the parameter and
    whose calls are per-sample separable: each input and output is per sample along one axis or
@@ -86,6 +88,9 @@ class Plan:
     unused: list[str] = field(default_factory=list)  # zero: not reached by the output (unused.py)
     # modules whose output a forward hook of the user's replaced: no rule (hook_watch.py)
     replaced: frozenset[str] = frozenset()
+    # caller path -> the Linears whose F.linear calls in it are routed through them
+    # (linear_calls.py), set by the engine
+    linear_calls: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:

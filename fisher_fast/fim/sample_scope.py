@@ -3,7 +3,8 @@
 Both kinds (broadcast Embedding outputs, expansion.py; broadcast parameters,
 broadcast_params.py) act only inside ``samples(n)``, the engine's own forward passes of a batch
 of n samples (not a fallback's per-sample re-run), and are removed when the pass over the data
-ends (``installed``).
+ends (``installed``), as are the hooks that route F.linear calls (linear_calls.py), which act
+in every pass.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ import contextlib
 from collections.abc import Iterator
 
 
-class SampleScoped:
-    """Hooks active inside ``samples(n)`` only (``n`` is None outside), disarmed on leaving
-    ``installed()``. Subclasses register their hooks and define ``disarm``."""
-
-    def __init__(self) -> None:
-        self.n: int | None = None
+class Armed:
+    """Hooks of the engine's on the model, removed on leaving ``installed()`` (the pass over
+    the data). Subclasses register their hooks and define ``disarm``."""
 
     def disarm(self) -> None:
         raise NotImplementedError
@@ -28,6 +26,14 @@ class SampleScoped:
             yield
         finally:
             self.disarm()
+
+
+class SampleScoped(Armed):
+    """Hooks active inside ``samples(n)`` only (``n`` is None outside), disarmed on leaving
+    ``installed()``."""
+
+    def __init__(self) -> None:
+        self.n: int | None = None
 
     @contextlib.contextmanager
     def samples(self, n: int | None) -> Iterator[None]:

@@ -34,6 +34,12 @@ logits, HF BEiT's ``relative_position_bias``): the trace then stays open until t
 closes it at the end of the model's forward pass (``Trace.end``), and fails if a traced value
 is part of the model's output.
 
+The parameters a module holds are traced together, in one trace per call of it, so that an op
+may combine them (BEiT's ``torch.cat((q_bias, k_bias, v_bias))``, added to the output of the
+query-key-value projection, linear_calls.py): a value remembers which of them it is computed
+from, and the vector-Jacobian products at its use give each of those its per-sample gradients.
+A failure of the trace counts for all of them.
+
 None of this is assumed exact: the engine keeps a traced parameter only when the planning batch
 verifies it (expansion.verify), as for broadcast_params.py, and when each use holds as many
 entries per sample (k) in the variant batch as in the real one.
@@ -50,9 +56,13 @@ import torch.nn.functional as F
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-# (tensor given the sample axis, its gradient -> the parameter's per-sample gradients) ->
-# the tapped alias the op uses instead
-Tap = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+# The map from the gradient at a tensor given the sample axis to the per-sample gradients
+# (n, *shape) of each traced parameter it is computed from, by name.
+PerSample = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+# (tensor given the sample axis, its PerSample, the names it maps to) -> the tapped alias the
+# op uses instead
+Tap = Callable[[torch.Tensor, PerSample, frozenset[str]], torch.Tensor]
 
 _T = torch.Tensor
 ELEMENTWISE = frozenset(
@@ -79,20 +89,24 @@ _CONDITION_KEYS = ("condition", "mask")
 
 
 class Trace:
-    """One call of a parameter's module: the batch's n samples, the parameter, where its
-    expanded uses go (``tap``), and why tracing failed (None while it has not)."""
+    """One call of a module whose parameters ``params`` (name -> tensor) are traced together
+    (so that an op may combine them, as ``torch.cat((q_bias, k_bias, v_bias))`` does): the
+    batch's n samples, where their expanded uses go (``tap``), and why tracing failed (None
+    while it has not; a failure counts for all of them)."""
 
-    def __init__(self, n: int, param: torch.Tensor, tap: Tap) -> None:
-        self.n, self.param, self.tap = n, param, tap
+    def __init__(self, n: int, params: dict[str, torch.Tensor], tap: Tap) -> None:
+        self.n, self.params, self.tap = n, params, tap
         self.failed: str | None = None
         self.closed = False
         self.left = False  # a traced value left the module in its output
-        self.blocks: list[int] = []  # entries per sample (k) of each use, in order
+        # entries per sample (k) of each use of each parameter, in order
+        self.blocks: dict[str, list[int]] = {name: [] for name in params}
 
-    def alias(self) -> torch.Tensor:
-        """The traced alias of the parameter (same values, its gradient reaches it)."""
+    def alias(self, name: str) -> torch.Tensor:
+        """The traced alias of parameter ``name`` (same values, its gradient reaches it)."""
         with torch._C.DisableTorchFunctionSubclass():
-            return _traced(self.param.as_subclass(torch.Tensor), self, lambda q: q)
+            value = self.params[name].as_subclass(torch.Tensor)
+            return _traced(value, self, lambda qs: qs[name], frozenset({name}))
 
     def close(self, output: Any) -> None:
         """The module returned ``output``: closed, unless a traced value leaves the module in
@@ -160,29 +174,36 @@ class Trace:
         """d given axis 0 of a result of ``shape`` (k rows per sample), tapped."""
         value = d.as_subclass(torch.Tensor)
         aligned = value.reshape((1,) * (len(shape) - d.dim()) + tuple(d.shape))
-        to_param = self._to_param(d, value)
-        per_sample = to_param if k == 1 else functools.partial(_block_sums, k, to_param)
-        self.blocks.append(k)
-        return self.tap(aligned.expand(self.n * k, *aligned.shape[1:]), per_sample)
+        to_params = self._to_params(d, value)
+        per_sample = to_params if k == 1 else functools.partial(_block_sums, k, to_params)
+        for name in d._deps:
+            self.blocks[name].append(k)
+        return self.tap(aligned.expand(self.n * k, *aligned.shape[1:]), per_sample, d._deps)
 
-    def _to_param(self, d: _Traced, value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _to_params(self, d: _Traced, value: torch.Tensor) -> PerSample:
         """The map from the gradients at d's view (n, ...), one slice per sample, to the
-        parameter's per-sample gradients (n, *param.shape)."""
-        fn, param, d_shape = d._fn, self.param, tuple(d.shape)
-        if _reshaped(value, param):
+        per-sample gradients (n, *shape) of each parameter d is computed from."""
+        fn, d_shape, names = d._fn, tuple(d.shape), sorted(d._deps)
+        params = [self.params[name] for name in names]
+        if len(names) == 1 and _reshaped(value, params[0]):
+            (name,), (param,) = names, params
 
-            def per_sample(grad: torch.Tensor) -> torch.Tensor:
+            def reshaped(grad: torch.Tensor) -> dict[str, torch.Tensor]:
                 """d holds the parameter's entries in its own order: the gradients at the
                 view, reshaped, are the parameter's (the vector-Jacobian product of a reshape)."""
-                return grad.reshape(grad.shape[0], *param.shape)
+                return {name: grad.reshape(grad.shape[0], *param.shape)}
 
-        else:
+            return reshaped
 
-            def per_sample(grad: torch.Tensor) -> torch.Tensor:
-                """(n, *aligned[1:]) gradients at the view -> (n, *param.shape) of the
-                parameter: f's vector-Jacobian products, one per sample."""
-                pullback = vjp(fn, param.detach())[1]
-                return vmap(lambda g: pullback(g)[0])(grad.reshape(grad.shape[0], *d_shape))
+        def of_params(*qs: torch.Tensor) -> Any:
+            return fn(dict(zip(names, qs, strict=True)))
+
+        def per_sample(grad: torch.Tensor) -> dict[str, torch.Tensor]:
+            """(n, *aligned[1:]) gradients at the view -> (n, *shape) of each parameter:
+            f's vector-Jacobian products, one per sample."""
+            pullback = vjp(of_params, *(p.detach() for p in params))[1]
+            grads = vmap(pullback)(grad.reshape(grad.shape[0], *d_shape))
+            return dict(zip(names, grads, strict=True))
 
         return per_sample
 
@@ -190,25 +211,28 @@ class Trace:
         """Run an op on traced values and constants; its tensor results stay traced."""
         out = _plain(func, leaves, spec)
         fns = {i: leaves[i]._fn for i in traced}
+        deps = frozenset().union(*(leaves[i]._deps for i in traced))
         frozen = list(leaves)
 
-        def replay(q: torch.Tensor) -> Any:
-            return _plain(func, [fns[i](q) if i in fns else v for i, v in enumerate(frozen)], spec)
+        def replay(qs: dict[str, torch.Tensor]) -> Any:
+            return _plain(func, [fns[i](qs) if i in fns else v for i, v in enumerate(frozen)], spec)
 
         results, out_spec = tree_flatten(out)
         if not any(isinstance(r, torch.Tensor) for r in results):
             return out
         for k, r in enumerate(results):
             if isinstance(r, torch.Tensor):
-                results[k] = _traced(r, self, _part(replay, k))
+                results[k] = _traced(r, self, _part(replay, k), deps)
         return tree_unflatten(results, out_spec)
 
 
 class _Traced(torch.Tensor):
-    """A value computed from a traced parameter: ``_fn`` recomputes it from the parameter."""
+    """A value computed from traced parameters: ``_fn`` recomputes it from them (a dict by
+    name), ``_deps`` names those it reads."""
 
     _trace: Trace
-    _fn: Callable[[torch.Tensor], torch.Tensor]
+    _fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    _deps: frozenset[str]
 
     @classmethod
     def __torch_function__(
@@ -224,16 +248,14 @@ def same_function(source: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
     ``source`` is traced, the alias is the same function of the parameter, not that of the
     identity's own ops (a ``detach``, whose vector-Jacobian product would be zero)."""
     if isinstance(source, _Traced) and isinstance(alias, _Traced):
-        alias._fn = source._fn
+        alias._fn, alias._deps = source._fn, source._deps
     return alias
 
 
-def _block_sums(
-    k: int, to_param: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor
-) -> torch.Tensor:
+def _block_sums(k: int, to_params: PerSample, grad: torch.Tensor) -> dict[str, torch.Tensor]:
     """Gradients at a view of k·n rows, k consecutive rows per sample: summed over each
-    sample's rows (its windows), then mapped to the parameter by ``to_param``."""
-    return to_param(grad.reshape(grad.shape[0] // k, k, *grad.shape[1:]).sum(1))
+    sample's rows (its windows), then mapped to the parameters by ``to_params``."""
+    return to_params(grad.reshape(grad.shape[0] // k, k, *grad.shape[1:]).sum(1))
 
 
 def _has_rows(leaves: list[Any], shape: torch.Size) -> bool:
@@ -281,17 +303,24 @@ def _added_shape(func: Any, leaves: list[Any], spec: Any, traced: list[int]) -> 
     return shape if shape is not None and tuple(shape[-2:]) == logits[-2:] else None
 
 
-def _traced(value: torch.Tensor, trace: Trace, fn: Callable[[torch.Tensor], Any]) -> _Traced:
+def _traced(
+    value: torch.Tensor,
+    trace: Trace,
+    fn: Callable[[dict[str, torch.Tensor]], Any],
+    deps: frozenset[str],
+) -> _Traced:
     alias = value.as_subclass(_Traced)
-    alias._trace, alias._fn = trace, fn
+    alias._trace, alias._fn, alias._deps = trace, fn, deps
     return alias
 
 
-def _part(replay: Callable[[torch.Tensor], Any], k: int) -> Callable[[torch.Tensor], Any]:
-    """The function computing result k of a replayed op from the parameter."""
+def _part(
+    replay: Callable[[dict[str, torch.Tensor]], Any], k: int
+) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """The function computing result k of a replayed op from the parameters."""
 
-    def part(q: torch.Tensor) -> Any:
-        return tree_flatten(replay(q))[0][k]
+    def part(qs: dict[str, torch.Tensor]) -> Any:
+        return tree_flatten(replay(qs))[0][k]
 
     return part
 

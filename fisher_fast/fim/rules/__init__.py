@@ -232,6 +232,11 @@ def register_matched_rule(matches: Callable[[nn.Module], bool], spec: RuleSpec) 
     _generation += 1
 
 
+def rule_of_class(cls: type[nn.Module]) -> RuleSpec | None:
+    """The rule registered for ``cls`` itself (None when none is)."""
+    return _RULES.get(cls)
+
+
 def find_rule(module: nn.Module) -> RuleSpec | None:
     """The rule for this module's class; a subclass inherits it if it keeps forward(), or if its
     own forward is verified to compute the same (``RuleSpec.example``, eval mode only: a check
