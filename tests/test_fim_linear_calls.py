@@ -144,3 +144,13 @@ def test_the_model_is_left_as_it_was(gen: torch.Generator) -> None:
     _check(model, x, y)
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
     assert torch.equal(model(x), before)
+
+
+def test_a_linear_with_a_hook_of_the_users_is_not_routed(gen: torch.Generator) -> None:
+    """A forward hook on the Linear (here doubling its output) would run on a routed call that
+    the model itself never makes: that Linear's calls are left as they are."""
+    model, x, y = _problem(gen)
+    model.blocks[0].qkv.register_forward_hook(lambda m, args, out: 2 * out)
+    paths = _check(model, x, y).meta["paths"]
+    assert paths["blocks.0.qkv.weight"] == "per-sample gradients of 'blocks.0' (QkvAttention)"
+    assert paths["blocks.1.qkv.weight"] == RULE, paths

@@ -10,7 +10,9 @@ the Linear's call:
     F.linear(x, lin.weight, b) = lin(x) + b     (lin without a bias, b not None)
     F.linear(x, lin.weight, lin.bias) = lin(x)  (lin.bias None or not)
 
-and not otherwise (without a bias, a Linear that has one would add it). The Linear's call is
+and not otherwise (without a bias, a Linear that has one would add it), nor for a Linear with
+forward hooks of the user's, or while global ones are registered (they would run on a call the
+model never makes). The Linear's call is
 then an ordinary module call: recorded with its layouts, tapped, its weight handled by the
 Linear rule; the caller's bias ``b``, computed from its own parameters, is added entry by entry,
 which traced_use.py gives the sample axis. The result equals the functional call's up to
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 from torch.overrides import TorchFunctionMode
 
 from fisher_fast.fim.rules import find_rule, rule_of_class
@@ -52,7 +55,7 @@ class LinearCalls(Armed):
         self.linears = {
             id(m.weight): m
             for m in model.modules()
-            if isinstance(m, nn.Linear) and isinstance(m.weight, nn.Parameter)
+            if isinstance(m, nn.Linear) and isinstance(m.weight, nn.Parameter) and _unhooked(m)
         }
         self._routable: dict[int, bool] = {}
         self._ruled: dict[int, bool] = {}
@@ -132,6 +135,18 @@ class LinearCalls(Armed):
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         self._modes.pop().__exit__(None, None, None)
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its forward alone: no forward hook of the user's on it
+    (taken when diag_fim starts, before its own) and no global one, which would run on a routed
+    call that the model itself never makes (and might change its output)."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
 
 
 class _Route(TorchFunctionMode):
