@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch.nn.functional as F
 from torch import nn
@@ -52,13 +52,7 @@ class LinearCalls(Armed):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.names = {id(m): name for name, m in model.named_modules()}
-        self.linears = {
-            id(m.weight): m
-            for m in model.modules()
-            if isinstance(m, nn.Linear) and isinstance(m.weight, nn.Parameter) and _unhooked(m)
-        }
-        self._routable: dict[int, bool] = {}
-        self._ruled: dict[int, bool] = {}
+        self.linears = {id(m.weight): m for m in model.modules() if _routable(m)}
         self._handles: list[Any] = []
         self._modes: list[_Route] = []
         self._running: dict[int, int] = {}  # id of a routed Linear -> its calls running now
@@ -71,8 +65,10 @@ class LinearCalls(Armed):
         found: dict[str, set[str]] = {}
 
         def route(lin: nn.Linear) -> bool:
-            # the Linear's own forward's call is not routed: the Linear, a caller with a rule
-            if not stack or not self.routable(lin) or self.ruled(stack[-1]):
+            # not in a module with a rule, which reads its calls as they are (nn.MultiheadAttention's
+            # handles its out_proj's weight, which its forward passes to F.linear), the Linear's
+            # own forward's call included
+            if not stack or find_rule(stack[-1]) is not None:
                 return False
             found.setdefault(self.names[id(stack[-1])], set()).add(self.names[id(lin)])
             return True
@@ -102,20 +98,6 @@ class LinearCalls(Armed):
             handle.remove()
         self._handles = []
 
-    def routable(self, lin: nn.Linear) -> bool:
-        """Whether ``lin(x)`` computes ``F.linear(x, lin.weight, lin.bias)``: an nn.Linear
-        with the base class's rule (a subclass only when its forward is verified to match)."""
-        if id(lin) not in self._routable:
-            self._routable[id(lin)] = find_rule(lin) is rule_of_class(nn.Linear)
-        return self._routable[id(lin)]
-
-    def ruled(self, caller: nn.Module) -> bool:
-        """Whether ``caller`` has a rule, which reads its calls as they are (nn.MultiheadAttention's
-        handles the weight of its ``out_proj``, which its forward passes to F.linear)."""
-        if id(caller) not in self._ruled:
-            self._ruled[id(caller)] = find_rule(caller) is not None
-        return self._ruled[id(caller)]
-
     def _started(self, module: nn.Module, args: Any) -> None:
         self._running[id(module)] = self._running.get(id(module), 0) + 1
 
@@ -137,10 +119,16 @@ class LinearCalls(Armed):
         self._modes.pop().__exit__(None, None, None)
 
 
-def _unhooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs its forward alone: no forward hook of the user's on it
-    (taken when diag_fim starts, before its own) and no global one, which would run on a routed
-    call that the model itself never makes (and might change its output)."""
+def _routable(module: nn.Module) -> TypeGuard[nn.Linear]:
+    """Whether ``module(x)`` computes ``F.linear(x, module.weight, module.bias)`` and nothing
+    else: an nn.Linear with the base class's rule (a subclass only when its forward is verified
+    to match), with no forward hook of the user's on it (taken when diag_fim starts, before its
+    own) and no global one, which would run on a routed call that the model itself never makes
+    (and might change its output)."""
+    if not isinstance(module, nn.Linear) or not isinstance(module.weight, nn.Parameter):
+        return False
+    if find_rule(module) is not rule_of_class(nn.Linear):
+        return False
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
