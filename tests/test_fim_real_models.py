@@ -334,42 +334,59 @@ def test_check_reports_every_parameter_with_its_path(capsys: pytest.CaptureFixtu
 
 
 class _NormThenTokens(nn.Module):
-    """A convolution and BatchNorm whose output is read as tokens, ``flatten(2).transpose(1, 2)``
+    """A convolution and a norm whose output is read as tokens, ``flatten(2).transpose(1, 2)``
     (LeViT, XCiT, lambda layers): the gradient reaching the norm then has strides that make
     PyTorch's CPU BatchNorm backward wrong for a batch of one sample."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: nn.Module | None = None, inplace: bool = False) -> None:
         super().__init__()
-        self.conv, self.norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv, self.norm = nn.Conv2d(3, 4, 3, padding=1), norm or nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True) if inplace else nn.Identity()
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.norm(self.conv(x)).flatten(2).transpose(1, 2)
+        tokens = self.act(self.norm(self.conv(x))).flatten(2).transpose(1, 2)
         return self.head(torch.tanh(tokens).mean(1))
+
+
+def _with_running_statistics(model: _NormThenTokens) -> _NormThenTokens:
+    model = model.double().eval()
+    if model.norm.running_mean is not None:
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 1.5)
+    return model
 
 
 def test_check_is_not_fooled_by_a_batch_of_one() -> None:
     """The reference loop runs each sample as a batch of two copies of itself."""
     torch.manual_seed(random.randrange(2**31))
-    model = _NormThenTokens().double().eval()
-    model.norm.running_mean.normal_()
-    model.norm.running_var.uniform_(0.5, 1.5)
+    model = _with_running_statistics(_NormThenTokens())
     x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     assert fisher_fast.check(model, (x, y), samples=6, batch_size=3, verbose=False).ok
 
 
-def test_batches_of_one_sample_are_not_fooled_either() -> None:
+_NORMS = {
+    "trainable": lambda: nn.BatchNorm2d(4),
+    "frozen": lambda: nn.BatchNorm2d(4).requires_grad_(False),
+    "no parameters": lambda: nn.BatchNorm2d(4, affine=False),
+    "instance norm": lambda: nn.InstanceNorm2d(4, track_running_stats=True),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace relu after"])
+@pytest.mark.parametrize("norm", list(_NORMS))
+def test_batches_of_one_sample_are_not_fooled_either(norm: str, inplace: bool) -> None:
     """diag_fim over batches of one sample equals diag_fim over batches of three (which check
-    verifies above): the gradient reaching the norm is made contiguous for a batch of one."""
+    verifies above): the gradient reaching the norm is made contiguous for a batch of one, by
+    the norm's tap, or by a hook when no rule taps it (its parameters frozen, or none)."""
     torch.manual_seed(random.randrange(2**31))
-    model = _NormThenTokens().double().eval()
-    model.norm.running_mean.normal_()
-    model.norm.running_var.uniform_(0.5, 1.5)
+    model = _with_running_statistics(_NormThenTokens(_NORMS[norm](), inplace))
     x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     kwargs = {"dtype": torch.float64, "progress": False}
     ones = fisher_fast.diag_fim(model, (x, y), batch_size=1, **kwargs)
     threes = fisher_fast.diag_fim(model, (x, y), batch_size=3, **kwargs)
     assert relative_error(ones.flat, threes.flat.double()) <= 1e-12
+    assert not model.norm._forward_hooks  # the hook is removed with the others
 
 
 def test_check_names_a_model_it_cannot_copy() -> None:

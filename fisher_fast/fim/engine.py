@@ -40,6 +40,7 @@ from fisher_fast.fim.hook_watch import HookWatch
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.linear_calls import LinearCalls
 from fisher_fast.fim.losses import LossSpec, objectives
+from fisher_fast.fim.one_sample_norms import OneSampleNorms
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
 from fisher_fast.fim.products import compute_dtype
@@ -265,6 +266,7 @@ class _Accumulation:
         self.expansion = Expansion()
         self.broadcast = BroadcastParams(self.capture.tap_tensor)
         self.linear_calls = LinearCalls(model)
+        self.one_sample_norms = OneSampleNorms(model)
         self.hooks = HookWatch(model)
         self.plan: Plan | None = None  # the plan in use
         # at the end of the data: the plan, expanded Embeddings and broadcast parameters in use
@@ -340,7 +342,11 @@ class _Accumulation:
     def _samples(self, n: int) -> Iterator[None]:
         """The engine's own forward passes of a batch of n samples: broadcast Embedding outputs
         and broadcast parameters get the sample axis (when planned so)."""
-        with self.expansion.samples(n), self.broadcast.samples(n):
+        with (
+            self.expansion.samples(n),
+            self.broadcast.samples(n),
+            self.one_sample_norms.samples(n),
+        ):
             yield
 
     def _plan_batch(self, inputs: Any, n: int, index: list[int]) -> tuple[Any, Plan] | None:
@@ -570,6 +576,7 @@ class _Accumulation:
             self.expansion.installed(),
             self.broadcast.installed(),
             self.linear_calls.installed(),
+            self.one_sample_norms.installed(),
             tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
         ):
             if kept is not None:

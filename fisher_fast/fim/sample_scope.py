@@ -1,7 +1,7 @@
 """What the engine's hooks that give broadcast tensors the sample axis have in common.
 
-Both kinds (broadcast Embedding outputs, expansion.py; broadcast parameters,
-broadcast_params.py) act only inside ``samples(n)``, the engine's own forward passes of a batch
+They (broadcast Embedding outputs, expansion.py; broadcast parameters, broadcast_params.py;
+norms in a batch of one sample, one_sample_norms.py) act only inside ``samples(n)``, the engine's own forward passes of a batch
 of n samples (not a fallback's per-sample re-run), and are removed when the pass over the data
 ends (``installed``), as are the hooks that route F.linear calls (linear_calls.py), which act
 in every pass.
