@@ -140,6 +140,11 @@ MODELS: dict[str, Spec] = {
     # value biases concatenated (linear_calls.py); EVA-02 with rotary position embeddings
     "beit": Spec(timm_model("beit_base_patch16_224", **TINY_VIT), images=True),
     "eva02": Spec(timm_model("eva02_tiny_patch14_224", img_size=PIXELS, patch_size=8), images=True),
+    # Swin V2: cosine attention with a logit scale, and a position-bias MLP run on a constant
+    # coordinate table (traced from its call, broadcast_params.py)
+    "swinv2": Spec(
+        timm_model("swinv2_tiny_window8_256", img_size=PIXELS, window_size=8), images=True
+    ),
 }
 
 

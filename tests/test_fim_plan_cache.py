@@ -196,8 +196,12 @@ def test_a_parameter_kept_as_zero_and_then_reached_is_planned_anew(plans: CallCo
     assert float(first["routed.weight"].abs().max()) == 0.0
     routed = x.clone()
     routed[0, 0] = 1.0
+    assert plans.calls == 1
     second = _exact(model, [(routed, torch.randint(0, CLASSES, (N,)))])
-    assert plans.calls == 2 and float(second["routed.weight"].abs().max()) > 0.0
+    # planned anew: once, or twice where the expert's one-row call is the same in the real and
+    # the variant batch, so looks like a call on a constant table, and the batch is planned
+    # once more with its parameters traced (which fails: they meet the samples in a matmul)
+    assert plans.calls in (2, 3) and float(second["routed.weight"].abs().max()) > 0.0
 
 
 def test_a_model_with_a_kept_plan_is_freed(plans: CallCounter) -> None:

@@ -165,6 +165,19 @@ def test_a_table_added_to_window_logits_is_traced(
     assert paths["attn.qkv.weight"] == "rule linear_rule"
 
 
+def test_an_index_as_long_as_the_batch_is_still_an_index(gen: torch.Generator) -> None:
+    """A first batch of T² samples: the flattened relative-position index has as many entries
+    along its axis 0 as the batch has samples, and is still read as an index, not as the
+    samples (Swin V2's last stage: 2 x 2 tokens, 16 samples)."""
+    _seeded(gen)
+    data = [
+        (torch.randn(T * T - i, 2 * SIDE, 2 * SIDE, 4, generator=gen, dtype=torch.float64),
+         torch.randint(3, (T * T - i,), generator=gen))
+        for i in range(2)
+    ]  # fmt: skip
+    assert _exact(WindowModel(), data)["attn.table"] == PATH
+
+
 def test_a_matrix_product_with_the_table_keeps_the_per_sample_path(gen: torch.Generator) -> None:
     _seeded(gen)
     paths = _exact(WindowModel("matmul"), _data(gen))
@@ -242,13 +255,14 @@ def _beit(attention: str, shared: bool) -> nn.Module:
     return tf.BeitForImageClassification(config)
 
 
-def _swin() -> nn.Module:
+def _swin(version: str = "", heads: tuple[int, int] = (1, 2)) -> nn.Module:
+    """Hugging Face Swin (``version`` "") or Swin V2 ("v2") from a small config."""
     tf = _hf()
-    config = tf.SwinConfig(
+    config = getattr(tf, f"Swin{version}Config")(
         image_size=16, patch_size=2, window_size=2, embed_dim=8, depths=[2, 1],
-        num_heads=[1, 2], num_labels=3,
+        num_heads=list(heads), num_labels=3,
     )  # fmt: skip
-    return tf.SwinForImageClassification(config)
+    return getattr(tf, f"Swin{version}ForImageClassification")(config)
 
 
 _BEIT_TABLES = [
@@ -273,6 +287,19 @@ HF_MODELS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
             f"swin.encoder.layers.0.blocks.{i}.attention.relative_position_bias"
             ".relative_position_bias_table"
             for i in (0, 1)  # block 1: shifted windows, with the mask
+        ],
+    ),
+    "swinv2": (  # a position-bias MLP run on a constant table; the logit scale
+        lambda: _swin("v2", heads=(2, 2)),
+        [
+            f"swinv2.encoder.layers.0.blocks.{i}.attention.self.{p}"
+            for i in (0, 1)
+            for p in (
+                "continuous_position_bias_mlp.0.weight",
+                "continuous_position_bias_mlp.0.bias",
+                "continuous_position_bias_mlp.2.weight",
+                "logit_scale",
+            )
         ],
     ),
 }

@@ -71,6 +71,34 @@ class Escaping(nn.Module):
         return 2 * self.gain
 
 
+class PositionMLPBlock(nn.Module):
+    """Swin V2's continuous position bias, on tokens: an MLP with an in-place ReLU, run on a
+    constant table of coordinates (T, 2), whose output (T, C) is added to every sample's
+    tokens; ``use`` "constant" instead adds the MLP's output into a constant in place."""
+
+    def __init__(self, use: str = "mlp", tokens: int = 5) -> None:
+        super().__init__()
+        self.use = use
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(inplace=True), nn.Linear(8, C))
+        self.register_buffer("coords", torch.linspace(-1, 1, 2 * tokens).reshape(tokens, 2))
+        self.mix = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.mlp(self.coords)
+        if self.use == "constant":
+            bias = self.coords.new_zeros(bias.shape).add_(bias)
+        return torch.tanh(self.mix(x) + bias)
+
+
+class PositionMLPModel(nn.Module):
+    def __init__(self, use: str = "mlp") -> None:
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(4, C), PositionMLPBlock(use), nn.Linear(C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)).mean(1))
+
+
 class TokenModel(nn.Module):
     """Token blocks on (N, T, C), or on (T, N, C) with ``sequence_first``."""
 
@@ -218,6 +246,29 @@ def test_a_gain_leaving_its_module_is_traced_into_the_parent(gen: torch.Generato
     model = EscapeModel().double()
     paths = _check(model, *_tokens(gen)).meta["paths"]
     assert paths["bias.gain"] == PATH, paths
+
+
+def test_an_mlp_on_a_constant_table_is_traced_from_its_call(gen: torch.Generator) -> None:
+    """The MLP's Linears see no sample, so their rule cannot use their calls: their parameters
+    are traced together from the MLP's call (the first Linear's value goes into the second),
+    through the in-place ReLU, to the tokens they are added to."""
+    _seeded(gen)
+    model = PositionMLPModel().double()
+    paths = _check(model, *_tokens(gen)).meta["paths"]
+    for name in ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"):
+        assert paths[f"block.{name}"] == PATH, paths
+    assert paths["block.mix.weight"] == "rule linear_rule"
+
+
+def test_a_traced_value_added_into_a_constant_in_place_is_not_traced(
+    gen: torch.Generator,
+) -> None:
+    """The constant would hold traced values without being traced: the block is re-run per
+    sample instead."""
+    _seeded(gen)
+    model = PositionMLPModel("constant").double()
+    paths = _check(model, *_tokens(gen)).meta["paths"]
+    assert paths["block.mlp.0.weight"].startswith("per-sample gradients of 'block'"), paths
 
 
 @pytest.mark.parametrize("fisher", ["mc", "exact"])

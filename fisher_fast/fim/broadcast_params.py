@@ -21,8 +21,12 @@ parameters). Those with a leading axis of 1 and at least two axes are expanded a
 other (a layer-scale gain of shape (C,), a relative-position bias table (distances, heads)) is
 traced through its module's forward instead and given the sample axis where it meets the
 samples, k rows per sample where the samples are flattened with their windows (traced_use.py).
-A traced parameter is kept only when every use holds as many rows per sample in the variant
-batch as in the real one (``seen``) before the gradient check. ``without_traced`` drops the
+The parameters of a module with a rule whose calls see no sample (T5's relative-position
+Embedding, Swin V2's position-bias MLP on a constant coordinate table) are traced too, once the
+first plan finds them (``lookup_candidates``): from the largest module around them all of whose
+parameters are such, so that an MLP's Linears share one trace. A traced parameter is kept only
+when every use holds as many rows per sample in the variant batch as in the real one (``seen``)
+before the gradient check. ``without_traced`` drops the
 second kind, for a model that fails with them.
 """
 
@@ -63,22 +67,24 @@ def broadcast_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def lookup_candidates(model: nn.Module, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
-    """{global name: (Embedding, "weight")} for the Embeddings with a rule whose weight ``plan``
-    sends to per-sample gradients although the Embedding holds it alone: their ids lack the
-    sample axis (T5's relative-position buckets (T, T), looked up once for every sample), so the
-    rule cannot use their calls. Their table is then traced through the lookup by a constant
-    index to where it meets the samples (traced_use.py), verified as every traced parameter."""
+    """{global name: (holder, local name)} for the parameters of modules with a rule that
+    ``plan`` sends to per-sample gradients although the module holds them alone, because no
+    call of the module sees a sample (``plan.sampleless``): T5's relative-position Embedding,
+    looked up with a (T, T) bucket table once for every sample; Swin V2's position-bias MLP,
+    run on a constant coordinate table. Their values are then traced through those calls to
+    where they meet the samples (traced_use.py), verified as every traced parameter."""
     found: dict[str, tuple[nn.Module, str]] = {}
-    for name, module in model.named_modules():
-        pname = f"{name}.weight" if name else "weight"
-        if (
-            isinstance(module, nn.Embedding)
-            and pname in plan.unsupported
-            and plan.paths.get(pname, "").startswith("per-sample gradients")
-            and sum(p is module.weight for _, p in model.named_parameters(remove_duplicate=False))
+    for pname in plan.sampleless:
+        holder_name, _, local = pname.rpartition(".")
+        holder = model.get_submodule(holder_name)
+        if plan.paths.get(pname, "").startswith("per-sample gradients") and (
+            sum(
+                p is holder._parameters[local]
+                for _, p in model.named_parameters(remove_duplicate=False)
+            )
             == 1
         ):
-            found[pname] = (module, "weight")
+            found[pname] = (holder, local)
     return found
 
 
@@ -109,9 +115,11 @@ class BroadcastParams(SampleScoped):
     for verification; ``traces`` the traced calls, whose failures ``seen`` leaves out.
     """
 
-    def __init__(self, tap: Tap) -> None:
+    def __init__(self, model: nn.Module, tap: Tap) -> None:
         super().__init__()
         self.tap = tap
+        self._parent = {child: module for module in model.modules() for child in module.children()}
+        self._root: dict[nn.Module, nn.Module] = {}  # holder -> the module whose call traces it
         self.armed: dict[str, tuple[nn.Module, str]] = {}
         self.uses: dict[str, list[Use]] = {}
         self.traces: list[tuple[str, Trace]] = []
@@ -119,7 +127,9 @@ class BroadcastParams(SampleScoped):
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self._handles: list[Any] = []
         # module -> a stack (one per running call) of its swapped (local name, parameter) and trace
-        self._swapped: dict[nn.Module, list[tuple[list[tuple[str, Any]], Trace | None]]] = {}
+        self._swapped: dict[
+            nn.Module, list[tuple[list[tuple[nn.Module, str, Any]], Trace | None]]
+        ] = {}
 
     @property
     def names(self) -> set[str]:
@@ -175,12 +185,41 @@ class BroadcastParams(SampleScoped):
         return [t for t, _ in uses], per_sample
 
     def arm(self, params: dict[str, tuple[nn.Module, str]]) -> None:
-        """Hook exactly the holders of ``params``."""
+        """Hook the modules whose calls swap the parameters of ``params``: their holders, or
+        for holders with a rule, the largest module around them whose parameters all are
+        such (``_roots``)."""
         self.disarm()
         self.armed = dict(params)
+        self._root = self._roots(params)
+        for root in {id(m): m for m in self._root.values()}.values():
+            self._handles.append(root.register_forward_pre_hook(self._swap, prepend=True))
+            self._handles.append(root.register_forward_hook(self._restore, always_call=True))
+
+    def _roots(self, params: dict[str, tuple[nn.Module, str]]) -> dict[nn.Module, nn.Module]:
+        """holder -> the module whose call swaps its parameters in ``params``: the holder
+        itself, but for a holder with a rule (its parameters' calls see no sample), the largest
+        module around it all of whose trainable parameters are in ``params``, held by modules
+        with a rule (Swin V2's ``cpb_mlp``, a Sequential of two Linears and a ReLU): the
+        parameters inside it are traced together from its call, so that the value of one
+        Linear may go into the next."""
+        armed = {id(m._parameters[local]) for m, local in params.values()}
+
+        def all_armed(module: nn.Module) -> bool:
+            return all(
+                id(p) in armed and find_rule(m) is not None
+                for m in module.modules()
+                for p in m._parameters.values()
+                if p is not None and p.requires_grad
+            )
+
+        roots = {}
         for holder in {id(m): m for m, _ in params.values()}.values():
-            self._handles.append(holder.register_forward_pre_hook(self._swap, prepend=True))
-            self._handles.append(holder.register_forward_hook(self._restore, always_call=True))
+            root = holder
+            if find_rule(holder) is not None:
+                while (parent := self._parent.get(root)) is not None and all_armed(parent):
+                    root = parent
+            roots[holder] = root
+        return roots
 
     def keep_only(self, names: set[str], sink: Callable[[str, torch.Tensor], None]) -> None:
         """Keep the expansion of ``names`` only, their squares going to ``sink``."""
@@ -207,25 +246,27 @@ class BroadcastParams(SampleScoped):
     def _swap(self, module: nn.Module, args: Any) -> None:
         if self.n is None or not torch.is_grad_enabled():
             return
-        mine: dict[str, tuple[str, torch.Tensor]] = {}
+        mine: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
         for name, (holder, local) in self.armed.items():
-            param = module._parameters[local] if holder is module else None
+            param = holder._parameters[local] if self._root[holder] is module else None
             if param is not None:
-                mine[name] = (local, param)
+                mine[name] = (holder, local, param)
         traced = {
-            name: p for name, (local, p) in mine.items() if not _expanded_whole(module, local)
+            name: p
+            for name, (holder, local, p) in mine.items()
+            if not _expanded_whole(holder, local)
         }
         trace = Trace(self.n, traced, self._use) if traced else None  # one for all: see Trace
         swapped = []
-        for name, (local, p) in mine.items():
+        for name, (holder, local, p) in mine.items():
             if name in traced:
                 assert trace is not None
                 self.traces.append((name, trace))
                 alias = trace.alias(name)
             else:
                 alias = self._use(p.expand(self.n, *p.shape[1:]), _named(name), frozenset({name}))
-            module._parameters[local] = alias  # type: ignore[assignment]
-            swapped.append((local, p))
+            holder._parameters[local] = alias  # type: ignore[assignment]
+            swapped.append((holder, local, p))
         self._swapped.setdefault(module, []).append((swapped, trace))
 
     def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -235,8 +276,8 @@ class BroadcastParams(SampleScoped):
         swapped, trace = calls.pop()
         if not calls:
             del self._swapped[module]
-        for local, p in swapped:
-            module._parameters[local] = p
+        for holder, local, p in swapped:
+            holder._parameters[local] = p
         if trace is not None:
             trace.close(output)
 

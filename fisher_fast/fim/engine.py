@@ -264,7 +264,7 @@ class _Accumulation:
         self.paths: dict[str, str] = {}
         self.unused: list[nn.Parameter] = []  # planned as zero: checked on every batch
         self.expansion = Expansion()
-        self.broadcast = BroadcastParams(self.capture.tap_tensor)
+        self.broadcast = BroadcastParams(model, self.capture.tap_tensor)
         self.linear_calls = LinearCalls(model)
         self.one_sample_norms = OneSampleNorms(model)
         self.hooks = HookWatch(model)

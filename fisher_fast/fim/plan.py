@@ -39,7 +39,7 @@ from torch import nn
 
 from fisher_fast.fim.broadcast_params import PATH as BROADCAST_PATH
 from fisher_fast.fim.expansion import PATH_SUFFIX, as_expanded
-from fisher_fast.fim.layout import CallLayout, Recording, Unknown
+from fisher_fast.fim.layout import Broadcast, CallLayout, Recording, Unknown
 from fisher_fast.fim.param_uses import innermost
 from fisher_fast.fim.rules import RuleSpec, find_rule
 from fisher_fast.fim.rules.scaled_embedding import row_scale
@@ -91,6 +91,10 @@ class Plan:
     # caller path -> the Linears whose F.linear calls in it are routed through them
     # (linear_calls.py), set by the engine
     linear_calls: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # held alone by a module with a rule whose every call sees no sample (a lookup by a
+    # constant table of ids, an MLP on a constant coordinate table): traceable to where their
+    # result meets the samples (broadcast_params.lookup_candidates)
+    sampleless: list[str] = field(default_factory=list)
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -168,6 +172,15 @@ class _Planner:
             calls = [as_expanded(c) if isinstance(c, CallLayout) else c for c in calls]
         return all(rule.accepts(module, c) for c in calls)
 
+    def sees_no_samples(self, module: nn.Module) -> bool:
+        """Every call of ``module`` has only inputs and outputs without a sample axis."""
+        calls = self.layouts.get(module, [])
+        return bool(calls) and all(
+            isinstance(c, CallLayout)
+            and all(v is None or isinstance(v, Broadcast) for v in [*c.inputs, *c.outputs])
+            for c in calls
+        )
+
     def separable(self, module: nn.Module) -> str | None:
         """None when every call of ``module`` is per-sample separable, else why not."""
         for i, layout in enumerate(self.layouts.get(module, [])):
@@ -220,6 +233,8 @@ class _Planner:
                 if pname in self.contained:
                     self.broadcast_holders[pname] = mname
                 return
+            if rule is not None and self.ran(module) and self.sees_no_samples(module):
+                plan.sampleless.append(pname)
             start = _common_prefix([mname, *self.use_sites(p)])
             if rule is None:
                 no_rule = f"no rule for {type(module).__name__}"

@@ -25,6 +25,11 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
   view, summed over each sample's k rows, is one slice per sample, and the parameter's
   per-sample gradients are f's vector-Jacobian products of the slices (vmapped: for a gathered
   table, the gather's adjoint, an index_add over the index);
+* an op that changes a traced value in place (``nn.ReLU(inplace=True)`` between the Linears of
+  Swin V2's position-bias MLP) runs in place, and the value then stands for its result; one
+  that would change a parameter's own memory, or a constant, fails the trace;
+* an integer tensor that an indexing op reads (``table[index]``, ``F.embedding``) is an index,
+  not the samples, whatever the size of its axis 0;
 * any other op mixing a traced value with such a tensor (a matrix product), or any op after the
   trace was closed, runs on the real values and marks the use as failed: the parameter then
   takes another path.
@@ -49,7 +54,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +86,15 @@ ADDITIVE = frozenset(
 )
 
 
+# Ops that read a tensor at integer indices: an integer tensor among their arguments is an
+# index, not the samples, even when its first axis happens to equal the batch's size (Swin's
+# relative-position index of T² entries for T tokens per window, T5's (T, T) bucket table). An
+# index that does carry the samples (token ids (n, T)) gives a result with a row per sample,
+# which is not broadcast where it meets the samples, so it is not traced through that use.
+INDEXING = frozenset(
+    {_T.__getitem__, torch.index_select, _T.index_select, torch.take, _T.take, F.embedding}
+)
+
 # Ops that pick each entry of their result from one operand, by a condition (a padding mask
 # applied to a bias: ``torch.where(mask, bias, min)``), as ELEMENTWISE ops combine them: op ->
 # position of the condition among its positional arguments (it must not be the traced value).
@@ -106,7 +120,7 @@ class Trace:
         """The traced alias of parameter ``name`` (same values, its gradient reaches it)."""
         with torch._C.DisableTorchFunctionSubclass():
             value = self.params[name].as_subclass(torch.Tensor)
-            return _traced(value, self, lambda qs: qs[name], frozenset({name}))
+            return _traced(value, self, lambda qs: qs[name], frozenset({name}), fresh=True)
 
     def close(self, output: Any) -> None:
         """The module returned ``output``: closed, unless a traced value leaves the module in
@@ -134,14 +148,20 @@ class Trace:
             return self._run(func, leaves, spec, traced)
 
     def _run(self, func: Any, leaves: list[Any], spec: Any, traced: list[int]) -> Any:
-        data = [v for v in leaves if isinstance(v, torch.Tensor) and self._is_data(v)]
+        indices = func in INDEXING
+        data = [
+            v
+            for v in leaves
+            if isinstance(v, torch.Tensor)
+            and self._is_data(v)
+            and not (indices and _integer_index(v))
+        ]
         mine = all(leaves[i]._trace is self for i in traced)
         if self.closed or not mine:
             self.fail("used after its module returned" if self.closed else "mixed with another")
             return _plain(func, leaves, spec)
-        if not data and _in_place(func):
-            self.fail(f"changed in place by {func.__name__}")
-            return _plain(func, leaves, spec)
+        if not data and _in_place(func, leaves, spec):
+            return self._in_place(func, leaves, spec, traced)
         shape = _added_shape(func, leaves, spec, traced)
         if shape is not None and (data or func in ADDITIVE):
             d, k = leaves[traced[0]], self._per_sample_rows(shape)
@@ -155,6 +175,27 @@ class Trace:
         name = getattr(func, "__name__", str(func))
         self.fail(f"{name} combines it with the samples in a way it cannot be traced through")
         return _plain(func, leaves, spec)
+
+    def _in_place(self, func: Any, leaves: list[Any], spec: Any, traced: list[int]) -> Any:
+        """An in-place op on traced values and constants (``nn.ReLU(inplace=True)`` between
+        two Linears of a position-bias MLP): allowed on a value computed from the parameters,
+        which then stands for the op's result; not on a parameter's own memory, nor on a
+        constant (it would hold traced values without being traced)."""
+        target = leaves[0]
+        name = getattr(func, "__name__", str(func))
+        if not traced or traced[0] != 0 or self._shares_a_parameter(target):
+            self.fail(f"changed in place by {name}")
+            return _plain(func, leaves, spec)
+        result = self._traced_result(func, leaves, spec, traced)
+        if not isinstance(result, _Traced):
+            self.fail(f"changed in place by {name}")
+            return result
+        target._fn, target._deps = result._fn, result._deps
+        return target
+
+    def _shares_a_parameter(self, value: torch.Tensor) -> bool:
+        memory = value.untyped_storage().data_ptr()
+        return any(p.untyped_storage().data_ptr() == memory for p in self.params.values())
 
     def _is_data(self, v: torch.Tensor) -> bool:
         """Whether a plain tensor may carry the samples: it requires grad (an activation) or
@@ -222,7 +263,8 @@ class Trace:
             return out
         for k, r in enumerate(results):
             if isinstance(r, torch.Tensor):
-                results[k] = _traced(r, self, _part(replay, k), deps)
+                fresh = all(r is not v for v in leaves)  # not an argument returned as is
+                results[k] = _traced(r, self, _part(replay, k), deps, fresh)
         return tree_unflatten(results, out_spec)
 
 
@@ -308,8 +350,18 @@ def _traced(
     trace: Trace,
     fn: Callable[[dict[str, torch.Tensor]], Any],
     deps: frozenset[str],
+    fresh: bool = False,
 ) -> _Traced:
-    alias = value.as_subclass(_Traced)
+    """``value`` as a traced value. A ``fresh`` tensor (no one else holds it) becomes one
+    itself rather than through an alias: an alias is a view, and a view made inside a custom
+    Function (a module output's tap, capture.py) may not be changed in place afterwards, as
+    ``nn.ReLU(inplace=True)`` does."""
+    alias: _Traced
+    if fresh and type(value) is torch.Tensor:
+        value.__class__ = _Traced
+        alias = cast(_Traced, value)
+    else:
+        alias = value.as_subclass(_Traced)
     alias._trace, alias._fn, alias._deps = trace, fn, deps
     return alias
 
@@ -345,9 +397,21 @@ def _reshaped(value: torch.Tensor, param: torch.Tensor) -> bool:
     )
 
 
-def _in_place(func: Any) -> bool:
+def _integer_index(v: torch.Tensor) -> bool:
+    """Whether ``v`` can only be an index (an integer dtype; bool and uint8 may be masks)."""
+    return not (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype in _MASKS)
+
+
+_MASKS = frozenset({torch.bool, torch.uint8})
+
+
+def _in_place(func: Any, leaves: list[Any], spec: Any) -> bool:
+    """Whether ``func`` changes its first argument in place (``relu_``, ``add_``, ``+=``, or a
+    functional op called with ``inplace=True``)."""
     name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
+    if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS:
+        return True
+    return tree_unflatten(leaves, spec)[1].get("inplace") is True
 
 
 _IN_PLACE_OPERATORS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__"})
