@@ -51,10 +51,6 @@ SWIN_CONFIG: dict[str, Any] = dict(  # block 1 of stage 0: shifted windows (the 
     img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(2, 1), num_heads=(1, 2)
 )
 
-# Two heads: with one, the logit scale (1, 1, 1) is expanded whole as a class token would be,
-# which breaks the attention, and the blocks take the per-sample path (exact, slower)
-SWIN_V2_CONFIG = SWIN_CONFIG | dict(num_heads=(2, 2))
-
 
 def _fused_swin() -> nn.Module:
     """Swin with its experimental fused attention: the bias table's gather, plus the shifted
@@ -82,8 +78,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         16,
     ),
     "eva02": (lambda: _model("eva02_tiny_patch14_224", **_vit_config()), 16),
-    "swinv2": (lambda: _model("swinv2_tiny_window8_256", **SWIN_V2_CONFIG), 32),
-    "swinv2_one_head": (lambda: _model("swinv2_tiny_window8_256", **SWIN_CONFIG), 32),
+    "swinv2": (lambda: _model("swinv2_tiny_window8_256", **SWIN_CONFIG), 32),
     "cait": (lambda: _model("cait_xxs24_224", **_vit_config()), 16),
     "swin": (lambda: _model("swin_tiny_patch4_window7_224", **SWIN_CONFIG), 32),
     "swin_fused": (_fused_swin, 32),
@@ -158,11 +153,13 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "layers.1.blocks.0.attn.relative_position_bias_table": "broadcast use expanded to the samples",
     },
     "swinv2": {  # the position-bias MLP on a constant table, traced from cpb_mlp's call
-        # through the ReLU (in place) to the logits; the logit scale; q/v biases via the cat
+        # through the ReLU (in place) to the logits; the logit scale (with one head, (1, 1, 1),
+        # traced rather than expanded whole as a class token); q/v biases via the cat
         "layers.0.blocks.1.attn.cpb_mlp.0.weight": "broadcast use expanded to the samples",
         "layers.0.blocks.1.attn.cpb_mlp.0.bias": "broadcast use expanded to the samples",
         "layers.0.blocks.1.attn.cpb_mlp.2.weight": "broadcast use expanded to the samples",
         "layers.0.blocks.1.attn.logit_scale": "broadcast use expanded to the samples",
+        "layers.1.blocks.0.attn.logit_scale": "broadcast use expanded to the samples",
         "layers.0.blocks.1.attn.q_bias": "broadcast use expanded to the samples",
         "layers.1.blocks.0.attn.v_bias": "broadcast use expanded to the samples",
         "layers.1.blocks.0.attn.qkv.weight": "rule linear_rule",

@@ -121,6 +121,7 @@ class BroadcastParams(SampleScoped):
         self._parent = {child: module for module in model.modules() for child in module.children()}
         self._root: dict[nn.Module, nn.Module] = {}  # holder -> the module whose call traces it
         self.armed: dict[str, tuple[nn.Module, str]] = {}
+        self.expands_whole = True
         self.uses: dict[str, list[Use]] = {}
         self.traces: list[tuple[str, Trace]] = []
         self.pending: dict[str, torch.Tensor] = {}
@@ -184,12 +185,14 @@ class BroadcastParams(SampleScoped):
 
         return [t for t, _ in uses], per_sample
 
-    def arm(self, params: dict[str, tuple[nn.Module, str]]) -> None:
+    def arm(self, params: dict[str, tuple[nn.Module, str]], expands_whole: bool = True) -> None:
         """Hook the modules whose calls swap the parameters of ``params``: their holders, or
         for holders with a rule, the largest module around them whose parameters all are
-        such (``_roots``)."""
+        such (``_roots``). ``expands_whole``: parameters with a leading axis of 1 are expanded
+        whole (else traced as the others are)."""
         self.disarm()
         self.armed = dict(params)
+        self.expands_whole = expands_whole
         self._root = self._roots(params)
         for root in {id(m): m for m in self._root.values()}.values():
             self._handles.append(root.register_forward_pre_hook(self._swap, prepend=True))
@@ -223,7 +226,8 @@ class BroadcastParams(SampleScoped):
 
     def keep_only(self, names: set[str], sink: Callable[[str, torch.Tensor], None]) -> None:
         """Keep the expansion of ``names`` only, their squares going to ``sink``."""
-        self.arm({n: hm for n, hm in self.armed.items() if n in names} if names else {})
+        kept = {n: hm for n, hm in self.armed.items() if n in names} if names else {}
+        self.arm(kept, self.expands_whole)
         self.sink = sink
 
     def disarm(self) -> None:
@@ -254,7 +258,7 @@ class BroadcastParams(SampleScoped):
         traced = {
             name: p
             for name, (holder, local, p) in mine.items()
-            if not _expanded_whole(holder, local)
+            if not (self.expands_whole and _expanded_whole(holder, local))
         }
         trace = Trace(self.n, traced, self._use) if traced else None  # one for all: see Trace
         swapped = []

@@ -306,15 +306,23 @@ class _Accumulation:
         params: dict[str, tuple[nn.Module, str]],
     ) -> tuple[Any, Plan]:
         """The first batch's forward pass and plan with ``embeddings`` expanded and ``params``
-        given the sample axis at their use; then without the traced parameters, then without
-        any, while the sample axis given is not verified exact or makes the model fail."""
-        attempts = [(embeddings, params), (embeddings, without_traced(params)), ([], {})]
+        given the sample axis at their use; then with those of a leading axis of 1 traced
+        rather than expanded whole (Swin V2's logit scale with one head, (1, 1, 1)); then
+        without the traced parameters, then without any, while the sample axis given is not
+        verified exact or makes the model fail."""
+        whole = without_traced(params)
+        attempts = [
+            (embeddings, params, True),
+            (embeddings, params, not whole),  # the same as the first when none is expanded whole
+            (embeddings, whole, True),
+            ([], {}, True),
+        ]
         attempts = [a for k, a in enumerate(attempts) if a not in attempts[:k]]
         planned = None
-        for k, (modules, candidates) in enumerate(attempts):
+        for k, (modules, candidates, expands_whole) in enumerate(attempts):
             self.capture.forget_calls()
             self.expansion.arm(modules)
-            self.broadcast.arm(candidates)
+            self.broadcast.arm(candidates, expands_whole)
             try:
                 planned = self._plan_batch(inputs, n, index)
             except Exception:
@@ -334,7 +342,7 @@ class _Accumulation:
             if not self.capture.owns(o.module):
                 self.capture.add_owner(Owner(o.name, o.module))
         self.expansion.arm(expanded)
-        self.broadcast.arm(broadcast)
+        self.broadcast.arm(broadcast, plan.expands_whole)
         self._adopt(plan)  # no forward has run yet, so an instrument it drops costs nothing
         self.capture.keep_only({o.module for o in self.planned})
 
@@ -406,6 +414,7 @@ class _Accumulation:
             contained=seen_params & frozenset(broadcast.contained()),
         )  # fmt: skip
         plan.linear_calls = routes
+        plan.expands_whole = broadcast.expands_whole
         if expanded or plan.broadcast:
             params = [
                 (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast

@@ -95,6 +95,9 @@ class Plan:
     # constant table of ids, an MLP on a constant coordinate table): traceable to where their
     # result meets the samples (broadcast_params.lookup_candidates)
     sampleless: list[str] = field(default_factory=list)
+    # whether parameters of ``broadcast`` with a leading axis of 1 are expanded whole (else
+    # traced as the others are), set by the engine
+    expands_whole: bool = True
 
 
 def direct_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
