@@ -18,7 +18,7 @@ from torch import nn
 
 import fisher_fast
 from fisher_fast.fim.broadcast_params import PATH
-from fisher_fast.fim.traced_use import _broadcast_shape
+from fisher_fast.fim.traced_use import _broadcast_shape, _selection
 
 N, C = 7, 6
 
@@ -299,3 +299,52 @@ def test_the_broadcast_shape_of_an_op_is_torchs() -> None:
             expected = None
         leaves = [torch.empty(s) for s in shapes] + [2.0, None]
         assert _broadcast_shape(leaves) == expected, shapes
+
+
+def _by_vjp(fn: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], grad: torch.Tensor):
+    """Per-sample vector-Jacobian products of ``fn`` at ``params``, one sample at a time."""
+    names = sorted(params)
+    leaves = [params[k].clone().requires_grad_(True) for k in names]
+    out = fn(dict(zip(names, leaves, strict=True)))
+    rows = [torch.autograd.grad(out, leaves, g, retain_graph=True) for g in grad]
+    return {k: torch.stack([r[i] for r in rows]) for i, k in enumerate(names)}
+
+
+def test_a_selection_maps_gradients_by_index_add(gen: torch.Generator) -> None:
+    """A concatenation with a constant (BEiT's query, zero key and value biases) and a gather
+    by a constant index with repeats (a bias table): the map equals the vjp per sample."""
+    a = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    index = torch.randint(0, 5, (7,), generator=gen)
+    zeros = torch.zeros(2, dtype=torch.float32)
+
+    def fn(qs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat((qs["a"].t().reshape(-1), zeros, qs["b"][index]))
+
+    grad = torch.randn(3, 21, generator=gen, dtype=torch.float64)
+    per_sample = _selection(fn, (21,), ["a", "b"], [a, b])
+    assert per_sample is not None
+    got, expected = per_sample(grad), _by_vjp(fn, {"a": a, "b": b}, grad)
+    for name in ("a", "b"):
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda qs: qs["a"] + 1,
+        lambda qs: 2 * qs["a"],
+        lambda qs: qs["a"].flip(0) - qs["a"],
+        lambda qs: torch.sigmoid(qs["a"]),
+        lambda qs: qs["a"][:1] + 1,
+    ],
+    ids=["plus one", "doubled", "difference", "sigmoid", "one entry plus one"],
+)
+def test_what_is_not_a_selection_gets_no_selection_map(
+    fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], gen: torch.Generator
+) -> None:
+    """Values computed otherwise than by moving entries are told apart by their codes (the
+    vector-Jacobian product serves them instead), on many draws of the codes."""
+    a = torch.randn(3, generator=gen, dtype=torch.float64)
+    shape = tuple(fn({"a": a}).shape)
+    assert all(_selection(fn, shape, ["a"], [a]) is None for _ in range(200))

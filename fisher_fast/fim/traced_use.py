@@ -86,6 +86,17 @@ ADDITIVE = frozenset(
 )
 
 
+# Ops whose result's entries are entries of their inputs, moved or repeated (a reshape, a
+# permute, a gather by a constant index, a concatenation): a value computed from the parameters
+# by these alone is a selection of their entries, whose vector-Jacobian product is an index_add
+# (``_selection``), with no per-batch vjp or vmap.
+SELECTIONS = frozenset(
+    {_T.view, _T.reshape, torch.reshape, _T.permute, torch.permute, _T.transpose}
+    | {torch.transpose, _T.contiguous, _T.unsqueeze, torch.unsqueeze, _T.squeeze, torch.squeeze}
+    | {_T.expand, _T.flatten, torch.flatten, _T.__getitem__, torch.index_select}
+    | {_T.index_select, torch.cat, torch.concat, torch.stack, _T.repeat, F.embedding}
+)
+
 # Ops that read a tensor at integer indices: an integer tensor among their arguments is an
 # index, not the samples, even when its first axis happens to equal the batch's size (Swin's
 # relative-position index of T² entries for T tokens per window, T5's (T, T) bucket table). An
@@ -120,7 +131,7 @@ class Trace:
         """The traced alias of parameter ``name`` (same values, its gradient reaches it)."""
         with torch._C.DisableTorchFunctionSubclass():
             value = self.params[name].as_subclass(torch.Tensor)
-            return _traced(value, self, lambda qs: qs[name], frozenset({name}), fresh=True)
+            return _traced(value, self, lambda qs: qs[name], frozenset({name}), True, fresh=True)
 
     def close(self, output: Any) -> None:
         """The module returned ``output``: closed, unless a traced value leaves the module in
@@ -190,7 +201,7 @@ class Trace:
         if not isinstance(result, _Traced):
             self.fail(f"changed in place by {name}")
             return result
-        target._fn, target._deps = result._fn, result._deps
+        target._fn, target._deps, target._selects = result._fn, result._deps, result._selects
         return target
 
     def _shares_a_parameter(self, value: torch.Tensor) -> bool:
@@ -235,6 +246,10 @@ class Trace:
                 return {name: grad.reshape(grad.shape[0], *param.shape)}
 
             return reshaped
+        if d._selects:
+            selected = _selection(fn, d_shape, names, params)
+            if selected is not None:
+                return selected
 
         def of_params(*qs: torch.Tensor) -> Any:
             return fn(dict(zip(names, qs, strict=True)))
@@ -253,6 +268,7 @@ class Trace:
         out = _plain(func, leaves, spec)
         fns = {i: leaves[i]._fn for i in traced}
         deps = frozenset().union(*(leaves[i]._deps for i in traced))
+        selects = func in SELECTIONS and all(leaves[i]._selects for i in traced)
         frozen = list(leaves)
 
         def replay(qs: dict[str, torch.Tensor]) -> Any:
@@ -264,7 +280,7 @@ class Trace:
         for k, r in enumerate(results):
             if isinstance(r, torch.Tensor):
                 fresh = all(r is not v for v in leaves)  # not an argument returned as is
-                results[k] = _traced(r, self, _part(replay, k), deps, fresh)
+                results[k] = _traced(r, self, _part(replay, k), deps, selects, fresh)
         return tree_unflatten(results, out_spec)
 
 
@@ -275,6 +291,7 @@ class _Traced(torch.Tensor):
     _trace: Trace
     _fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     _deps: frozenset[str]
+    _selects: bool  # computed by SELECTIONS alone: its entries are the parameters' or constants
 
     @classmethod
     def __torch_function__(
@@ -290,7 +307,7 @@ def same_function(source: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
     ``source`` is traced, the alias is the same function of the parameter, not that of the
     identity's own ops (a ``detach``, whose vector-Jacobian product would be zero)."""
     if isinstance(source, _Traced) and isinstance(alias, _Traced):
-        alias._fn, alias._deps = source._fn, source._deps
+        alias._fn, alias._deps, alias._selects = source._fn, source._deps, source._selects
     return alias
 
 
@@ -350,6 +367,7 @@ def _traced(
     trace: Trace,
     fn: Callable[[dict[str, torch.Tensor]], Any],
     deps: frozenset[str],
+    selects: bool,
     fresh: bool = False,
 ) -> _Traced:
     """``value`` as a traced value. A ``fresh`` tensor (no one else holds it) becomes one
@@ -362,8 +380,86 @@ def _traced(
         alias = cast(_Traced, value)
     else:
         alias = value.as_subclass(_Traced)
-    alias._trace, alias._fn, alias._deps = trace, fn, deps
+    alias._trace, alias._fn, alias._deps, alias._selects = trace, fn, deps, selects
     return alias
+
+
+_BLOCK = 2**22  # each code lies in a block of its own, at a random offset within it
+
+
+def _codes(total: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``total`` distinct float64 integer codes, code i in block ``b[i]`` of _BLOCK values (b a
+    random permutation) at a random offset in it, and the entry of each block: a value that is
+    not one of the codes (a code plus one, twice a code) is in some block but hits that
+    block's code with a chance of 1 in 2^22."""
+    blocks = torch.randperm(total, device=device)
+    offsets = torch.randint(0, _BLOCK, (total,), device=device)
+    codes = (blocks * _BLOCK + offsets).to(torch.float64)
+    entry_of_block = torch.empty_like(blocks)
+    entry_of_block[blocks] = torch.arange(total, device=device)
+    return codes, entry_of_block
+
+
+def _selection(
+    fn: Callable[[dict[str, torch.Tensor]], Any],
+    d_shape: tuple[int, ...],
+    names: list[str],
+    params: list[torch.Tensor],
+) -> PerSample | None:
+    """The per-sample map of a value that is a selection of the parameters' entries (and of
+    constants): which entry of which parameter each of its entries is, found by computing it
+    from distinct random codes (``_codes``) in place of the parameters, and from the
+    parameters: an entry is a parameter entry's when the codes give its code, a constant's when
+    both give the same value. The gradients at the value's entries, added into
+    the parameter entries they are (index_add), are then the per-sample gradients. None when
+    the codes do not come out so (an op that is not a selection after all, or that refuses
+    float64 codes); the planning batch verifies the map as any other."""
+    total = sum(p.numel() for p in params)
+    if total >= 2**31:  # codes below 2^53, exact in float64
+        return None
+    device = params[0].device
+    codes, entry_of_block = _codes(total, device)
+    values = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+    outs = []
+    for inputs in (codes, values):
+        qs, start = {}, 0
+        for name, p in zip(names, params, strict=True):
+            qs[name] = inputs[start : start + p.numel()].reshape(p.shape)
+            start += p.numel()
+        try:
+            with torch.no_grad():
+                out = fn(qs)
+        except (RuntimeError, TypeError):
+            return None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != d_shape:
+            return None
+        outs.append(out.to(torch.float64).reshape(-1))
+    got_codes, got_values = outs
+    block = torch.div(got_codes, _BLOCK, rounding_mode="floor").long().clamp(0, total - 1)
+    index = entry_of_block[block]
+    from_params = got_codes == codes[index]
+    if not bool((from_params | (got_codes == got_values)).all()):
+        return None
+    positions = from_params.nonzero().squeeze(1)
+    entries = index[positions]
+    bounds, start = [], 0
+    for p in params:
+        mine = (entries >= start) & (entries < start + p.numel())
+        bounds.append((positions[mine], entries[mine] - start, p))
+        start += p.numel()
+
+    def per_sample(grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(n, *d_shape) gradients at the value -> (n, *shape) of each parameter: each entry's
+        gradient added into the parameter entry it is."""
+        flat = grad.reshape(grad.shape[0], -1)
+        out = {}
+        for name, (at, entry, p) in zip(names, bounds, strict=True):
+            total_grad = flat.new_zeros(flat.shape[0], p.numel())
+            total_grad.index_add_(1, entry, flat[:, at])
+            out[name] = total_grad.reshape(flat.shape[0], *p.shape).to(p.dtype)
+        return out
+
+    return per_sample
 
 
 def _part(
