@@ -23,8 +23,9 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
   ``masked_fill``, as Hugging Face's T5 applies its attention mask to its position bias). The
   gradient at the
   view, summed over each sample's k rows, is one slice per sample, and the parameter's
-  per-sample gradients are f's vector-Jacobian products of the slices (vmapped: for a gathered
-  table, the gather's adjoint, an index_add over the index);
+  per-sample gradients are f's vector-Jacobian products of the slices: vmapped, or, when f
+  only moves entries (SELECTIONS: a reshape, a gather by a constant index, a concatenation),
+  one index_add of the slices into the entries they are (``_selection``);
 * an op that changes a traced value in place (``nn.ReLU(inplace=True)`` between the Linears of
   Swin V2's position-bias MLP) runs in place, and the value then stands for its result; one
   that would change a parameter's own memory, or a constant, fails the trace;
