@@ -99,6 +99,26 @@ class PositionMLPModel(nn.Module):
         return self.head(self.block(self.embed(x)).mean(1))
 
 
+class WindowMajorBias(nn.Module):
+    """A gain returned by its module and added to the tokens by the parent (traced, and not
+    contained in its module); then the tokens as windows laid out window after window,
+    (W·N, T, C), plus a bias from an MLP on a constant table: that bias's W rows per sample are
+    not a block per sample, so the planning batch's gradient check refuses its trace."""
+
+    def __init__(self, windows: int = 2, tokens: int = 3) -> None:
+        super().__init__()
+        self.windows, self.tokens = windows, tokens
+        self.embed, self.gain, self.head = nn.Linear(4, C), Escaping(), nn.Linear(C, 3)
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, C))
+        self.register_buffer("coords", torch.linspace(-1, 1, 2 * tokens).reshape(tokens, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, w, t = x.shape[0], self.windows, self.tokens
+        h = (self.embed(x) + self.gain(x)).reshape(n, w, t, C).transpose(0, 1)
+        h = torch.tanh(h.reshape(w * n, t, C) + self.mlp(self.coords))
+        return self.head(h.reshape(w, n, t, C).transpose(0, 1).mean((1, 2)))
+
+
 class TokenModel(nn.Module):
     """Token blocks on (N, T, C), or on (T, N, C) with ``sequence_first``."""
 
@@ -269,6 +289,18 @@ def test_a_traced_value_added_into_a_constant_in_place_is_not_traced(
     model = PositionMLPModel("constant").double()
     paths = _check(model, *_tokens(gen)).meta["paths"]
     assert paths["block.mlp.0.weight"].startswith("per-sample gradients of 'block'"), paths
+
+
+def test_a_refused_lookup_keeps_the_first_plans_traced_parameters(gen: torch.Generator) -> None:
+    """The MLP's parameters, found by the first plan, make the second plan's gradient check
+    fail: the first plan's traced gain is kept all the same, and the MLP takes the per-sample
+    path (the whole model's re-run, as its value meets the samples only there)."""
+    _seeded(gen)
+    x = torch.randn(N, 6, 4, generator=gen, dtype=torch.float64)
+    paths = _check(WindowMajorBias().double(), x, torch.randint(3, (N,), generator=gen))
+    paths = paths.meta["paths"]
+    assert paths["gain.gain"] == PATH, paths
+    assert paths["mlp.0.weight"].startswith("per-sample gradients"), paths
 
 
 @pytest.mark.parametrize("fisher", ["mc", "exact"])

@@ -127,7 +127,8 @@ class BroadcastParams(SampleScoped):
         self.pending: dict[str, torch.Tensor] = {}
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self._handles: list[Any] = []
-        # module -> a stack (one per running call) of its swapped (local name, parameter) and trace
+        # root -> a stack (one per running call) of its swapped (holder, local name, parameter) and
+        # trace
         self._swapped: dict[
             nn.Module, list[tuple[list[tuple[nn.Module, str, Any]], Trace | None]]
         ] = {}

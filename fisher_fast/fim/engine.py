@@ -286,9 +286,9 @@ class _Accumulation:
         embeddings, params = expandable(self.model), broadcast_candidates(self.model)
         output, plan = self._plan_attempts(inputs, n, index, embeddings, params)
         looked_up = lookup_candidates(self.model, plan)
-        if looked_up:  # planned again with those tables traced (kept only where verified)
+        if looked_up:  # planned again with those traced too (kept only where verified)
             del output
-            output, plan = self._plan_attempts(inputs, n, index, embeddings, params | looked_up)
+            output, plan = self._plan_attempts(inputs, n, index, embeddings, params, looked_up)
         if self._adopt(plan):
             return output
         del output
@@ -304,19 +304,20 @@ class _Accumulation:
         index: list[int],
         embeddings: list[nn.Module],
         params: dict[str, tuple[nn.Module, str]],
+        looked_up: dict[str, tuple[nn.Module, str]] | None = None,
     ) -> tuple[Any, Plan]:
         """The first batch's forward pass and plan with ``embeddings`` expanded and ``params``
-        given the sample axis at their use; then with those of a leading axis of 1 traced
-        rather than expanded whole (Swin V2's logit scale with one head, (1, 1, 1)); then
-        without the traced parameters, then without any, while the sample axis given is not
-        verified exact or makes the model fail."""
-        whole = without_traced(params)
-        attempts = [
-            (embeddings, params, True),
-            (embeddings, params, not whole),  # the same as the first when none is expanded whole
-            (embeddings, whole, True),
-            ([], {}, True),
-        ]
+        given the sample axis at their use (first with ``looked_up`` as well, when given); each
+        also with those of a leading axis of 1 traced rather than expanded whole (Swin V2's
+        logit scale with one head, (1, 1, 1)); then without the traced parameters, then without
+        any, while the sample axis given is not verified exact or makes the model fail."""
+
+        def both_ways(candidates: dict[str, tuple[nn.Module, str]]) -> list[Any]:
+            expanded = not without_traced(candidates)  # then the two are the same
+            return [(embeddings, candidates, True), (embeddings, candidates, expanded)]
+
+        attempts = both_ways(params | looked_up) if looked_up else []
+        attempts += [*both_ways(params), (embeddings, without_traced(params), True), ([], {}, True)]
         attempts = [a for k, a in enumerate(attempts) if a not in attempts[:k]]
         planned = None
         for k, (modules, candidates, expands_whole) in enumerate(attempts):
@@ -349,7 +350,8 @@ class _Accumulation:
     @contextlib.contextmanager
     def _samples(self, n: int) -> Iterator[None]:
         """The engine's own forward passes of a batch of n samples: broadcast Embedding outputs
-        and broadcast parameters get the sample axis (when planned so)."""
+        and broadcast parameters get the sample axis (when planned so), and a batch of one its
+        norms' contiguous output gradients (one_sample_norms.py)."""
         with (
             self.expansion.samples(n),
             self.broadcast.samples(n),
