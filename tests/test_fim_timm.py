@@ -183,3 +183,13 @@ def test_timm_layers_take_the_fast_paths(name: str, gen: torch.Generator) -> Non
     paths = fisher_fast.diag_fim(model, data[:1], progress=False).meta["paths"]
     for parameter, path in FAST_PATHS[name].items():
         assert paths[parameter] == path, f"{parameter}: {paths[parameter]}"
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "efficientvit_m0"])
+def test_an_eval_mode_bias_cache_is_refused_by_name(name: str) -> None:
+    """LeViT and EfficientViT keep their gathered attention biases in ``attention_bias_cache``
+    in eval mode; the gradient would reach the biases in one pass only (module_state.py)."""
+    model = _model(name, img_size=64).eval()
+    data = (torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="attention_bias_cache"):
+        fisher_fast.diag_fim(model, data, progress=False)

@@ -40,6 +40,7 @@ from fisher_fast.fim.hook_watch import HookWatch
 from fisher_fast.fim.layout import Layouts, recording, select_samples, variant_indices
 from fisher_fast.fim.linear_calls import LinearCalls
 from fisher_fast.fim.losses import LossSpec, objectives
+from fisher_fast.fim.module_state import KeptHistoryError, refuse_kept_history
 from fisher_fast.fim.one_sample_norms import OneSampleNorms
 from fisher_fast.fim.options import FimOptions, OutputSpec, select_output
 from fisher_fast.fim.plan import OwnerPlan, Plan, direct_owners, make_plan
@@ -326,6 +327,8 @@ class _Accumulation:
             self.broadcast.arm(candidates, expands_whole)
             try:
                 planned = self._plan_batch(inputs, n, index)
+            except KeptHistoryError:
+                raise
             except Exception:
                 if k == len(attempts) - 1:
                     raise
@@ -373,6 +376,7 @@ class _Accumulation:
             self.linear_calls.finding(real.stack) as routes,
         ):
             output = call_model(self.model, inputs)
+        refuse_kept_history(self.model)  # a cache its forward filled (module_state.py)
         self.linear_calls.arm(routes)  # the same calls routed in every later pass
         broadcast.end(output)
         real_seen = expansion.take_seen()
@@ -590,6 +594,7 @@ class _Accumulation:
             self.one_sample_norms.installed(),
             tqdm(total=total, unit="sample", desc="diag_fim", disable=not o.progress) as bar,
         ):
+            refuse_kept_history(self.model)  # kept by an earlier call of the user's
             if kept is not None:
                 self._resume(kept)
             for inputs, targets in batches(data, o.batch_size):
