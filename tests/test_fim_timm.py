@@ -72,6 +72,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
         16,
     ),
     "convnext": (lambda: _model("convnext_atto"), 32),
+    "convnextv2": (lambda: _model("convnextv2_atto"), 32),
     "beit": (lambda: _model("beit_base_patch16_224", **_vit_config()), 16),
     "beit_no_qkv_bias": (
         lambda: _model("beit_base_patch16_224", **_vit_config(qkv_bias=False)),
@@ -130,6 +131,10 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "stem.1.weight": "rule channels_first_layer_norm_rule",
         "stages.0.blocks.0.norm.weight": "rule channels_first_layer_norm_rule",
         "stages.0.blocks.0.gamma": "broadcast use expanded to the samples",
+    },
+    "convnextv2": {  # the global response norm's gains, in torch.addcmul
+        "stages.0.blocks.0.mlp.grn.weight": "broadcast use expanded to the samples",
+        "stages.0.blocks.0.mlp.grn.bias": "broadcast use expanded to the samples",
     },
     "beit": {  # layer scale; F.linear(x, qkv.weight, cat((q_bias, k_bias, v_bias))) routed
         "blocks.0.gamma_1": "broadcast use expanded to the samples",  # through qkv, the biases

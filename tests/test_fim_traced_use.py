@@ -119,6 +119,26 @@ class WindowMajorBias(nn.Module):
         return self.head(h.reshape(w, n, t, C).transpose(0, 1).mean((1, 2)))
 
 
+class ResponseNormBlock(nn.Module):
+    """ConvNeXt V2's global response norm on (N, H, W, C): each channel's spatial norm over its
+    mean across channels, then ``x + torch.addcmul(bias, weight, x * x_n)``, both gains
+    traced through the addcmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, C, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(C))
+        self.bias = nn.Parameter(torch.randn(C))
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).permute(0, 2, 3, 1)
+        x_g = h.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + 1e-6)
+        h = h + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), h * x_n)
+        return self.head(torch.tanh(h).mean((1, 2)))
+
+
 class TokenModel(nn.Module):
     """Token blocks on (N, T, C), or on (T, N, C) with ``sequence_first``."""
 
@@ -216,6 +236,13 @@ def test_convnext_gain_reshaped_to_channels_is_traced(gen: torch.Generator) -> N
     paths = _check(model, x, torch.randint(3, (N,), generator=gen)).meta["paths"]
     assert paths["block.gamma"] == PATH
     assert paths["block.conv_dw.weight"] == "rule conv_rule"
+
+
+def test_gains_in_an_addcmul_are_traced(gen: torch.Generator) -> None:
+    _seeded(gen)
+    x = torch.randn(N, 2, 4, 4, generator=gen, dtype=torch.float64)
+    paths = _check(ResponseNormBlock().double(), x, torch.randint(3, (N,), generator=gen))
+    assert paths.meta["paths"]["weight"] == PATH and paths.meta["paths"]["bias"] == PATH
 
 
 def test_gain_on_the_input_is_traced(gen: torch.Generator) -> None:

@@ -20,9 +20,10 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
   a constant of k·n rows, k > 1 (a shifted-window mask repeated for the batch's windows, whose
   sum with the bias then meets the logits); and a selection entry by entry by a condition that
   carries the samples, with d as one of the operands (``torch.where(padding_mask, bias, min)``,
-  ``masked_fill``, as Hugging Face's T5 applies its attention mask to its position bias). The
-  gradient at the
-  view, summed over each sample's k rows, is one slice per sample, and the parameter's
+  ``masked_fill``, as Hugging Face's T5 applies its attention mask to its position bias);
+  ``torch.addcmul`` runs as its product and its sum, each traced (ConvNeXt V2's global response
+  norm). The gradient at the view, summed over each sample's k rows, is one slice per sample,
+  and the parameter's
   per-sample gradients are f's vector-Jacobian products of the slices: vmapped, or, when f
   only moves entries (SELECTIONS: a reshape, a gather by a constant index, a concatenation),
   one index_add of the slices into the entries they are (``_selection``);
@@ -298,9 +299,24 @@ class _Traced(torch.Tensor):
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
+        if func in _ADDCMUL:  # as its elementwise ops, each traced (ConvNeXt V2's GRN)
+            return _addcmul(*args, **(kwargs or {}))
         leaves, spec = tree_flatten((args, kwargs or {}))
         traced = [i for i, v in enumerate(leaves) if isinstance(v, _Traced)]
         return leaves[traced[0]]._trace.run(func, leaves, spec, traced)
+
+
+_ADDCMUL = frozenset({torch.addcmul, _T.addcmul})
+
+
+def _addcmul(
+    input: torch.Tensor, tensor1: torch.Tensor, tensor2: torch.Tensor, *, value: float = 1
+) -> torch.Tensor:
+    """``input + value · tensor1 · tensor2`` by its elementwise ops, so that a traced value
+    among them meets the samples in a product or a sum that traces it (ConvNeXt V2's global
+    response norm: ``torch.addcmul(bias, weight, x * x_n)``, both parameters traced)."""
+    product = tensor1 * tensor2
+    return input + (product if value == 1 else value * product)
 
 
 def same_function(source: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
