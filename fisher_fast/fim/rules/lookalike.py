@@ -63,4 +63,7 @@ def _agrees(
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         return False
     tol = 1e-2 if example.element_size() <= 2 else 1e-5
-    return bool(torch.allclose(got.double(), expected.double(), rtol=tol, atol=tol * 1e-2))
+    # rounding is relative to the output's scale: an entry near zero (an activation's kink, a
+    # large normalised value cancelled by the bias) may differ by more than its own size
+    scale = float(expected.double().abs().max()) if expected.numel() else 0.0
+    return bool(torch.allclose(got.double(), expected.double(), rtol=tol, atol=tol * 1e-2 * scale))
