@@ -145,6 +145,9 @@ MODELS: dict[str, Spec] = {
     "swinv2": Spec(
         timm_model("swinv2_tiny_window8_256", img_size=PIXELS, window_size=8), images=True
     ),
+    # weight-standardised convolutions (the weight transformed in the layer's own forward) with
+    # group norms followed by an activation
+    "resnetv2-bit": Spec(timm_model("resnetv2_50x1_bit"), images=True),
 }
 
 

@@ -62,6 +62,32 @@ class BatchNormAct(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
+class QuickGELU(nn.Module):
+    """An elementwise activation torch has no class for (Hugging Face's QuickGELUActivation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Centred(nn.Module):
+    """Not elementwise: each entry minus the mean over its channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(1, keepdim=True)
+
+
+class GroupNormActivation(nn.GroupNorm):
+    """Hugging Face's BitGroupNormActivation: the activation is ``activation``, with no ``drop``."""
+
+    def __init__(self, channels: int, activation: nn.Module) -> None:
+        super().__init__(2, channels)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.activation(x)
+
+
 class ScaledLinear(nn.Linear):
     """A Linear subclass with other math (a weight transform)."""
 
@@ -105,6 +131,14 @@ CASES = {
     ),
     "batch_norm_softmax": (  # not an elementwise activation: not recognised
         lambda: _image_model(BatchNormAct(C, nn.Softmax(dim=1))), (N, 3, 5, 5), "1",
+        "per-sample gradients",
+    ),
+    "group_norm_activation_quick_gelu": (
+        lambda: _image_model(GroupNormActivation(C, QuickGELU())), (N, 3, 5, 5), "1",
+        "rule norm_act_rule",
+    ),
+    "group_norm_activation_centred": (  # an activation mixing entries: not recognised
+        lambda: _image_model(GroupNormActivation(C, Centred())), (N, 3, 5, 5), "1",
         "per-sample gradients",
     ),
     "plain_linear": (

@@ -105,6 +105,19 @@ def vit() -> Problem:
     return tf.ViTForImageClassification(cfg), data, {}
 
 
+def bit() -> Problem:
+    """BiT: weight-standardised convolutions with dynamic "same" padding, group norms then
+    activations (BitGroupNormActivation)."""
+    tf = _hf()
+    cfg = tf.BitConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4, num_labels=3,
+        global_padding="SAME",
+    )  # fmt: skip
+    model = tf.BitForImageClassification(cfg)
+    data = [({"pixel_values": torch.randn(N, 3, 17, 17)}, _classes()) for _ in range(2)]
+    return model, data, {}
+
+
 def _t5(layers: int) -> nn.Module:
     cfg = _hf().T5Config(
         vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=layers,
@@ -217,7 +230,7 @@ def tied_embedding_and_head() -> Problem:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
-        bert, gpt2_tied_head, llama, gemma, vit, t5_shared_embedding, t5_padded,
+        bert, gpt2_tied_head, llama, gemma, vit, bit, t5_shared_embedding, t5_padded,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,
@@ -312,6 +325,11 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     model, data, _ = llama()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
     assert paths["model.layers.0.input_layernorm.weight"] == "rule matched_rms_rule"
+    model, data, _ = bit()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
+    assert paths["bit.embedder.convolution.weight"] == "rule standardised_conv_rule"
+    assert paths["bit.encoder.stages.1.layers.0.norm2.weight"] == "rule norm_act_rule"
+    assert not any(p.startswith("per-sample") for p in paths.values()), paths
     model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
     paths = fisher_fast.diag_fim(model, (torch.randn(N, 4), _classes()), progress=False).meta[
         "paths"

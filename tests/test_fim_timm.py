@@ -12,6 +12,8 @@ failure.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +65,29 @@ def _fused_swin() -> nn.Module:
 
 
 # name -> (model factory, input side in pixels)
+def _resnetv2_bit() -> nn.Module:
+    """BiT's ResNet-V2: weight-standardised convolutions (StdConv2d) after GroupNormAct."""
+    _timm()
+    layers = importlib.import_module("timm.layers")
+    resnetv2 = importlib.import_module("timm.models.resnetv2")
+    return resnetv2.ResNetV2(
+        layers=[1, 1, 1, 1], channels=(16, 32, 64, 128), stem_chs=16, num_classes=CLASSES,
+        stem_type="fixed", norm_layer=functools.partial(layers.GroupNormAct, num_groups=4),
+        conv_layer=functools.partial(layers.StdConv2d, eps=1e-8),
+    )  # fmt: skip
+
+
+def _nf_resnet() -> nn.Module:
+    """A normaliser-free ResNet: ScaledStdConv2d, a learned gain per output channel."""
+    _timm()
+    nfnet = importlib.import_module("timm.models.nfnet")
+    config = nfnet.NfCfg(
+        depths=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_chs=16, bottle_ratio=0.25,
+        group_size=None, act_layer="relu", attn_layer=None,
+    )  # fmt: skip
+    return nfnet.NormFreeNet(config, num_classes=CLASSES)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet18": (lambda: _model("resnet18"), 32),
     "efficientnet_b0": (lambda: _model("efficientnet_b0"), 32),
@@ -85,6 +110,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "swin_fused": (_fused_swin, 32),
     "mobilenetv3": (lambda: _model("mobilenetv3_small_050"), 32),
     "regnet": (lambda: _model("regnetx_002"), 32),
+    "resnetv2_bit": (_resnetv2_bit, 32),
+    "nf_resnet": (_nf_resnet, 32),
 }
 
 
@@ -179,6 +206,16 @@ FAST_PATHS: dict[str, dict[str, str]] = {
     },
     "mobilenetv3": {"classifier.weight": "rule linear_rule"},  # timm's Linear subclass
     "regnet": {"stem.bn.weight": "rule norm_act_rule"},
+    "resnetv2_bit": {  # weight standardisation; group norms then ReLU
+        "stem.conv.weight": "rule standardised_conv_rule",
+        "stages.1.blocks.0.conv2.weight": "rule standardised_conv_rule",
+        "stages.1.blocks.0.norm2.weight": "rule norm_act_rule",
+    },
+    "nf_resnet": {  # scaled weight standardisation with a gain
+        "stages.2.0.conv2.weight": "rule standardised_conv_rule",
+        "stages.2.0.conv2.gain": "rule standardised_conv_rule",
+        "stages.2.0.downsample.conv.bias": "rule standardised_conv_rule",
+    },
 }
 
 

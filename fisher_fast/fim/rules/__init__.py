@@ -322,5 +322,6 @@ from fisher_fast.fim.rules import (  # noqa: E402, F401
     recurrent,
     rms_norm,
     scaled_embedding,
+    standardised_conv,
     transposed_linear,
 )

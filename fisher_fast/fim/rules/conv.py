@@ -23,7 +23,7 @@ from torch import nn
 
 from fisher_fast import ops
 from fisher_fast.fim import triton_conv
-from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule, sum_over_calls
+from fisher_fast.fim.rules import Call, RuleContext, joined, register_rule
 from fisher_fast.fim.work_memory import work_bytes
 
 # Patches of a few samples at a time on the CPU: small enough to stay in the allocator's reused
@@ -124,47 +124,66 @@ def _fused_args(conv: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor)
     return x, g, kernel, stride, before, dilation, conv.groups
 
 
-def _fused_op(conv: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> FusedOp | None:
+def _fused_op(
+    conv: nn.modules.conv._ConvNd, calls: int, x: torch.Tensor, ctx: RuleContext
+) -> FusedOp | None:
     """The fused implementation for this layer and backend, or None for the chunked im2col path."""
-    if len(calls) != 1 or len(conv.kernel_size) > 2:
+    if calls != 1 or len(conv.kernel_size) > 2:
         return None
-    if ctx.backend == "kernels" and calls[0].input.device.type == "cpu":
+    if ctx.backend == "kernels" and x.device.type == "cpu":
         return ops.conv2d_sq_sum
     if ctx.backend == "triton":
         return functools.partial(triton_conv.conv2d_square_sum, precision=ctx.triton_precision)
     return None
 
 
+def weight_square_sum(
+    conv: nn.modules.conv._ConvNd,
+    inputs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    ctx: RuleContext,
+) -> torch.Tensor:
+    """Sum over samples of the squared weight gradient of ``conv`` (its shape, ``ctx.acc_dtype``)
+    for calls with these inputs (N, C, *spatial) and output gradients (N, C_out, *out_spatial),
+    the gradient summed over the calls per sample."""
+    op = _fused_op(conv, len(inputs), inputs[0], ctx)
+    if op is not None:
+        return op(*_fused_args(conv, inputs[0], grads[0]), ctx.acc_dtype).reshape(conv.weight.shape)
+    n = inputs[0].shape[0]
+    kernel = math.prod(conv.kernel_size)
+    per_sample = sum(x[:1].numel() for x in inputs) * kernel * 4
+    # At least two samples per thread, so the CPU kernel's threads all get work.
+    budget = work_bytes(conv.weight.device, UNFOLD_CHUNK_BYTES)
+    step = max(2 * torch.get_num_threads(), budget // max(1, per_sample))
+    total = torch.zeros(conv.weight.shape, dtype=ctx.acc_dtype, device=conv.weight.device)
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        x = joined([unfold(conv, x[part]) for x in inputs], dim=2)
+        g = joined([_grad_blocks(conv, g[part]) for g in grads], dim=2)
+        total += ctx.square_sum(g, x).reshape(conv.weight.shape)
+    return total
+
+
+def bias_square_sum(grads: list[torch.Tensor], ctx: RuleContext) -> None:
+    """Add the bias's sum over samples of squared gradients, from the output gradients."""
+    spatial = tuple(range(2, grads[0].dim()))
+    per_sample = grads[0].to(ctx.work_dtype).sum(spatial)
+    for g in grads[1:]:
+        per_sample = per_sample + g.to(ctx.work_dtype).sum(spatial)
+    ctx.add_bias("bias", per_sample)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_rule(module: nn.modules.conv._ConvNd, calls: list[Call], ctx: RuleContext) -> None:
-    op = _fused_op(module, calls, ctx) if module.weight.requires_grad else None
-    target = ctx.target("weight") if op is ops.conv2d_sq_sum else None
-    if op is not None:
-        args = _fused_args(module, calls[0].input, calls[0].grad())
+    inputs, grads = [c.input for c in calls], [c.grad() for c in calls]
+    if module.weight.requires_grad:
+        op = _fused_op(module, len(calls), inputs[0], ctx)
+        target = ctx.target("weight") if op is ops.conv2d_sq_sum else None
         if target is not None and target.is_contiguous():
             # Straight into the running total: a weight-sized result, fresh memory on every
             # call, cost page faults of the order of the products on late layers.
-            ops.conv2d_sq_sum_(target, *args)
+            ops.conv2d_sq_sum_(target, *_fused_args(module, inputs[0], grads[0]))
         else:
-            ctx.add("weight", op(*args, ctx.acc_dtype).reshape(module.weight.shape))
-    elif module.weight.requires_grad:
-        n = calls[0].input.shape[0]
-        kernel = math.prod(module.kernel_size)
-        per_sample = sum(c.input[:1].numel() for c in calls) * kernel * 4
-        # At least two samples per thread, so the CPU kernel's threads all get work.
-        budget = work_bytes(module.weight.device, UNFOLD_CHUNK_BYTES)
-        step = max(2 * torch.get_num_threads(), budget // max(1, per_sample))
-        total = torch.zeros(module.weight.shape, dtype=ctx.acc_dtype, device=module.weight.device)
-        for start in range(0, n, step):
-            part = slice(start, start + step)
-            xs = [unfold(module, c.input[part]) for c in calls]
-            gs = [_grad_blocks(module, c.grad()[part]) for c in calls]
-            x = joined(xs, dim=2)
-            g = joined(gs, dim=2)
-            total += ctx.square_sum(g, x).reshape(module.weight.shape)
-        ctx.add("weight", total)
+            ctx.add("weight", weight_square_sum(module, inputs, grads, ctx))
     if module.bias is not None and module.bias.requires_grad:
-        spatial = tuple(range(2, 2 + len(module.kernel_size)))
-        ctx.add_bias(
-            "bias", sum_over_calls(calls, lambda c: c.grad().to(ctx.work_dtype).sum(spatial))
-        )
+        bias_square_sum(grads, ctx)

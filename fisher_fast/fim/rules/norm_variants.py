@@ -1,11 +1,14 @@
 """Normalisation variants of other libraries that torch has no class for, verified (lookalike.py).
 
-* **Normalisation followed by an activation** (timm's ``BatchNormAct2d``, ``GroupNormAct``): a
-  BatchNorm or GroupNorm subclass with ``drop`` and ``act`` submodules, computing
+* **Normalisation followed by an activation** (timm's ``BatchNormAct2d``, ``GroupNormAct``,
+  Hugging Face's ``BitGroupNormActivation``): a BatchNorm or GroupNorm subclass with an ``act``
+  (or ``activation``) submodule and optionally a ``drop`` one, computing
   ``act(drop(norm(x)))``. The gradient at the affine output is the activation's vector-Jacobian
   product at the recomputed pre-activation, taken once for the whole batch: the activation
-  (one of torch's parameter-free elementwise activations, or Identity) treats every sample alone,
-  so this equals the per-sample products stacked.
+  treats every entry alone, so this equals the per-sample products stacked. It is one of
+  torch's parameter-free elementwise activations, or a parameter-free module (Hugging Face's
+  ``GELUActivation``, ``QuickGELUActivation``) verified to commute with a random permutation
+  of its input's entries, which an activation that mixes entries (a softmax, a centring) fails.
 * **Channels-first LayerNorm** (timm's ``LayerNorm2d``): an nn.LayerNorm subclass over one axis
   whose forward normalises axis 1 of an (N, C, H, W) input (a permute around F.layer_norm).
 
@@ -15,6 +18,7 @@ the formula on a random input, so a variant with other math takes the exact gene
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,15 +71,45 @@ def _affine(module: nn.Module, x_hat: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _activation(module: nn.Module) -> nn.Module | None:
+    """The module's ``act`` submodule (timm), else its ``activation`` one (Hugging Face)."""
+    for name in ("act", "activation"):
+        act = getattr(module, name, None)
+        if isinstance(act, nn.Module):
+            return act
+    return None
+
+
+def _is_elementwise(module: nn.Module, act: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether ``act`` (parameter-free) acts on each entry alone: one of torch's elementwise
+    activations, or a module whose output on a random input, its entries permuted at random,
+    is its output on that input permuted the same way (checked once, for ``module``)."""
+    if any(True for _ in act.parameters()):
+        return False
+    if type(act) in ELEMENTWISE_ACTIVATIONS:
+        return True
+    perm = torch.randperm(math.prod(shape), generator=torch.Generator().manual_seed(1))
+
+    def permuted(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten()[perm.to(x.device)].reshape(shape)
+
+    return reproduces(
+        module,
+        "elementwise activation",
+        lambda x: permuted(act(x.clone())),
+        shape,
+        forward=lambda x: act(permuted(x)),
+    )
+
+
 def _is_norm_act(module: nn.Module) -> bool:
-    """A BatchNorm/GroupNorm subclass with its own forward, parameter-free ``drop`` and ``act``
-    from the lists above, eval mode, affine, whose forward is act(drop(norm(x)))."""
-    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    """A BatchNorm/GroupNorm subclass with its own forward, an elementwise ``act`` (or
+    ``activation``) and an optional parameter-free ``drop``, eval mode, affine, whose forward is
+    act(drop(norm(x)))."""
+    act, drop = _activation(module), getattr(module, "drop", nn.Identity())
     if not isinstance(module, _NORMS) or type(module).forward in (b.forward for b in _BASES):
         return False
-    if module.training or not isinstance(act, nn.Module) or any(True for _ in act.parameters()):
-        return False
-    if type(act) not in ELEMENTWISE_ACTIVATIONS or type(drop) not in _DROPOUTS:
+    if module.training or act is None or type(drop) not in _DROPOUTS:
         return False
     if getattr(module, "weight", None) is None:
         return False
@@ -94,6 +128,8 @@ def _is_norm_act(module: nn.Module) -> bool:
         assert isinstance(module, nn.GroupNorm)
         channels, spatial = module.num_channels, 2
     shape = (2, channels, *(3,) * spatial)
+    if not _is_elementwise(module, act, shape):
+        return False
 
     def reference(x: torch.Tensor) -> torch.Tensor:
         return act(_affine(module, _normalise(module, x)))
@@ -116,7 +152,8 @@ def _pre_activation_grad(
     module: nn.Module, c: Call, x_hat: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """The gradient at the affine output: the activation's VJP at the recomputed input."""
-    act = module.get_submodule("act")
+    act = _activation(module)
+    assert act is not None
     z = _affine(module, x_hat)
     g = c.grad().to(z.dtype)
     backward = _BACKWARD.get(type(act))
