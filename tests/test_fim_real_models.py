@@ -105,6 +105,19 @@ def vit() -> Problem:
     return tf.ViTForImageClassification(cfg), data, {}
 
 
+def mpnet() -> Problem:
+    """MPNet: a relative-position bias looked up by a bucket table, expanded to the batch and
+    copied, then added to every layer's logits in place."""
+    tf = _hf()
+    cfg = tf.MPNetConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, num_labels=3, pad_token_id=1,
+    )  # fmt: skip
+    model = tf.MPNetForSequenceClassification(cfg)
+    data = [({"input_ids": _tokens(low=2)}, _classes()) for _ in range(2)]
+    return model, data, {}
+
+
 def bit() -> Problem:
     """BiT: weight-standardised convolutions with dynamic "same" padding, group norms then
     activations (BitGroupNormActivation)."""
@@ -230,7 +243,7 @@ def tied_embedding_and_head() -> Problem:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
-        bert, gpt2_tied_head, llama, gemma, vit, bit, t5_shared_embedding, t5_padded,
+        bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, t5_shared_embedding, t5_padded,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,
@@ -330,6 +343,11 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     assert paths["bit.embedder.convolution.weight"] == "rule standardised_conv_rule"
     assert paths["bit.encoder.stages.1.layers.0.norm2.weight"] == "rule norm_act_rule"
     assert not any(p.startswith("per-sample") for p in paths.values()), paths
+    model, data, _ = mpnet()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
+    assert paths["mpnet.encoder.relative_attention_bias.weight"] == (
+        "broadcast use expanded to the samples"
+    )
     model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
     paths = fisher_fast.diag_fim(model, (torch.randn(N, 4), _classes()), progress=False).meta[
         "paths"

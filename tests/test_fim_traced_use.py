@@ -74,7 +74,10 @@ class Escaping(nn.Module):
 class PositionMLPBlock(nn.Module):
     """Swin V2's continuous position bias, on tokens: an MLP with an in-place ReLU, run on a
     constant table of coordinates (T, 2), whose output (T, C) is added to every sample's
-    tokens; ``use`` "constant" instead adds the MLP's output into a constant in place."""
+    tokens; ``use`` "constant" instead adds the MLP's output into a constant in place;
+    "expanded" expands it to the batch first, copies it and adds it to the tokens in place
+    (MPNet's position bias); "expanded_flipped" reverses the expanded rows, so that sample i
+    reads row n - 1 - i (the same values: still a per-sample model)."""
 
     def __init__(self, use: str = "mlp", tokens: int = 5) -> None:
         super().__init__()
@@ -87,6 +90,13 @@ class PositionMLPBlock(nn.Module):
         bias = self.mlp(self.coords)
         if self.use == "constant":
             bias = self.coords.new_zeros(bias.shape).add_(bias)
+        if self.use.startswith("expanded"):
+            bias = bias.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous()
+            if self.use == "expanded_flipped":
+                bias = bias.flip(0)
+            h = self.mix(x)
+            h += bias
+            return torch.tanh(h)
         return torch.tanh(self.mix(x) + bias)
 
 
@@ -305,6 +315,23 @@ def test_an_mlp_on_a_constant_table_is_traced_from_its_call(gen: torch.Generator
     for name in ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"):
         assert paths[f"block.{name}"] == PATH, paths
     assert paths["block.mix.weight"] == "rule linear_rule"
+
+
+def test_a_value_expanded_to_the_batch_is_given_the_samples_there(gen: torch.Generator) -> None:
+    """Expanded from one row to one per sample and copied (MPNet's position bias), then added to
+    the tokens in place: the trace gives the value the samples at the expansion."""
+    _seeded(gen)
+    paths = _check(PositionMLPModel("expanded").double(), *_tokens(gen)).meta["paths"]
+    for name in ("mlp.0.weight", "mlp.2.bias"):
+        assert paths[f"block.{name}"] == PATH, paths
+
+
+def test_expanded_rows_that_are_not_one_per_sample_are_refused(gen: torch.Generator) -> None:
+    """With the expanded rows reversed, row i is sample n - 1 - i's: the planning batch's
+    gradient check refuses the trace, and the block is re-run per sample."""
+    _seeded(gen)
+    paths = _check(PositionMLPModel("expanded_flipped").double(), *_tokens(gen)).meta["paths"]
+    assert paths["block.mlp.0.weight"].startswith("per-sample gradients of 'block'"), paths
 
 
 def test_a_traced_value_added_into_a_constant_in_place_is_not_traced(

@@ -27,6 +27,10 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
   per-sample gradients are f's vector-Jacobian products of the slices: vmapped, or, when f
   only moves entries (SELECTIONS: a reshape, a gather by a constant index, a concatenation),
   one index_add of the slices into the entries they are (``_selection``);
+* an expansion of a traced value whose axis 0 grows from one row to k rows per sample
+  (MPNet's ``bias.expand((batch, -1, T, T)).contiguous()``, later added to the logits in
+  place) gives it the samples there: the tapped view, expanded as asked, goes on as a plain
+  tensor;
 * an op that changes a traced value in place (``nn.ReLU(inplace=True)`` between the Linears of
   Swin V2's position-bias MLP) runs in place, and the value then stands for its result; one
   that would change a parameter's own memory, or a constant, fails the trace;
@@ -98,6 +102,10 @@ SELECTIONS = frozenset(
     | {_T.expand, _T.flatten, torch.flatten, _T.__getitem__, torch.index_select}
     | {_T.index_select, torch.cat, torch.concat, torch.stack, _T.repeat, F.embedding}
 )
+
+# Ops that broadcast a tensor to a larger shape without copying: one whose axis 0 grows from one
+# row to k rows per sample gives a traced value the samples (``_expanded_to_samples``).
+EXPANSIONS = frozenset({_T.expand, _T.expand_as, _T.broadcast_to, torch.broadcast_to})
 
 # Ops that read a tensor at integer indices: an integer tensor among their arguments is an
 # index, not the samples, even when its first axis happens to equal the batch's size (Swin's
@@ -183,6 +191,10 @@ class Trace:
                 leaves = list(leaves)
                 leaves[traced[0]] = self._expanded(d, shape, k)
                 return _plain(func, leaves, spec)
+        if not data and func in EXPANSIONS and len(traced) == 1:
+            expanded = self._expanded_to_samples(func, leaves, spec, leaves[traced[0]])
+            if expanded is not None:
+                return expanded
         if not data:
             return self._traced_result(func, leaves, spec, traced)
         name = getattr(func, "__name__", str(func))
@@ -233,6 +245,19 @@ class Trace:
         for name in d._deps:
             self.blocks[name].append(k)
         return self.tap(aligned.expand(self.n * k, *aligned.shape[1:]), per_sample, d._deps)
+
+    def _expanded_to_samples(
+        self, func: Any, leaves: list[Any], spec: Any, d: _Traced
+    ) -> torch.Tensor | None:
+        """An expansion of d whose axis 0 goes from one row to k rows per sample (MPNet's
+        ``bias.expand((batch, -1, T, T)).contiguous()``, added later to the logits in place):
+        d is given the samples there, the tapped view expanded as asked. None for any other
+        expansion, which stays traced."""
+        shape = _plain(func, leaves, spec).shape
+        k = self._per_sample_rows(shape) if shape else None
+        if k is None or (d.dim() == len(shape) and d.shape[0] != 1):
+            return None
+        return self._expanded(d, shape, k).expand(shape)
 
     def _to_params(self, d: _Traced, value: torch.Tensor) -> PerSample:
         """The map from the gradients at d's view (n, ...), one slice per sample, to the
