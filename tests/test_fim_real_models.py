@@ -118,6 +118,38 @@ def mpnet() -> Problem:
     return model, data, {}
 
 
+class _PooledClassifier(nn.Module):
+    """A vision tower (Hugging Face ``*VisionModel``) with a Linear on its pooled output."""
+
+    def __init__(self, tower: nn.Module, width: int) -> None:
+        super().__init__()
+        self.tower, self.head = tower, nn.Linear(width, 3)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tower(pixel_values=pixel_values).pooler_output)
+
+
+def _vision_tower(config: str, model: str) -> Problem:
+    tf = _hf()
+    cfg = getattr(tf, config)(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24,
+    )  # fmt: skip
+    data = [({"pixel_values": torch.randn(N, 3, 8, 8)}, _classes()) for _ in range(2)]
+    return _PooledClassifier(getattr(tf, model)(cfg), 16), data, {}
+
+
+def clip_vision() -> Problem:
+    """CLIP's vision tower: a class embedding of shape (D,), expanded to the batch."""
+    return _vision_tower("CLIPVisionConfig", "CLIPVisionModel")
+
+
+def siglip_vision() -> Problem:
+    """SigLIP's vision tower: attention pooling with a probe repeated for the batch, the query
+    of an nn.MultiheadAttention."""
+    return _vision_tower("SiglipVisionConfig", "SiglipVisionModel")
+
+
 def bit() -> Problem:
     """BiT: weight-standardised convolutions with dynamic "same" padding, group norms then
     activations (BitGroupNormActivation)."""
@@ -243,7 +275,8 @@ def tied_embedding_and_head() -> Problem:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
-        bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, t5_shared_embedding, t5_padded,
+        bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, clip_vision, siglip_vision,
+        t5_shared_embedding, t5_padded,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,
@@ -348,6 +381,14 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     assert paths["mpnet.encoder.relative_attention_bias.weight"] == (
         "broadcast use expanded to the samples"
     )
+    for problem, name in [
+        (clip_vision, "tower.embeddings.class_embedding"),
+        (siglip_vision, "tower.head.probe"),
+    ]:
+        model, data, _ = problem()
+        paths = fisher_fast.diag_fim(model.eval(), data, progress=False).meta["paths"]
+        assert paths[name] == "broadcast use expanded to the samples", name
+        assert not any(p.startswith("per-sample") for p in paths.values()), paths
     model = nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3))
     paths = fisher_fast.diag_fim(model, (torch.randn(N, 4), _classes()), progress=False).meta[
         "paths"

@@ -76,8 +76,9 @@ class PositionMLPBlock(nn.Module):
     constant table of coordinates (T, 2), whose output (T, C) is added to every sample's
     tokens; ``use`` "constant" instead adds the MLP's output into a constant in place;
     "expanded" expands it to the batch first, copies it and adds it to the tokens in place
-    (MPNet's position bias); "expanded_flipped" reverses the expanded rows, so that sample i
-    reads row n - 1 - i (the same values: still a per-sample model)."""
+    (MPNet's position bias); "repeated" repeats it along axis 0 instead (SigLIP's probe);
+    "expanded_flipped" reverses the expanded rows, so that sample i reads row n - 1 - i (the
+    same values: still a per-sample model)."""
 
     def __init__(self, use: str = "mlp", tokens: int = 5) -> None:
         super().__init__()
@@ -90,12 +91,14 @@ class PositionMLPBlock(nn.Module):
         bias = self.mlp(self.coords)
         if self.use == "constant":
             bias = self.coords.new_zeros(bias.shape).add_(bias)
-        if self.use.startswith("expanded"):
-            bias = bias.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous()
-            if self.use == "expanded_flipped":
-                bias = bias.flip(0)
+        elif self.use in ("expanded", "expanded_flipped", "repeated"):
+            rows = (
+                bias.unsqueeze(0).repeat(x.shape[0], 1, 1)
+                if self.use == "repeated"
+                else bias.unsqueeze(0).expand(x.shape[0], -1, -1).contiguous()
+            )
             h = self.mix(x)
-            h += bias
+            h += rows.flip(0) if self.use == "expanded_flipped" else rows
             return torch.tanh(h)
         return torch.tanh(self.mix(x) + bias)
 
@@ -317,11 +320,15 @@ def test_an_mlp_on_a_constant_table_is_traced_from_its_call(gen: torch.Generator
     assert paths["block.mix.weight"] == "rule linear_rule"
 
 
-def test_a_value_expanded_to_the_batch_is_given_the_samples_there(gen: torch.Generator) -> None:
-    """Expanded from one row to one per sample and copied (MPNet's position bias), then added to
-    the tokens in place: the trace gives the value the samples at the expansion."""
+@pytest.mark.parametrize("use", ["expanded", "repeated"])
+def test_a_value_expanded_to_the_batch_is_given_the_samples_there(
+    use: str, gen: torch.Generator
+) -> None:
+    """Expanded from one row to one per sample and copied (MPNet's position bias), or repeated
+    (SigLIP's probe), then added to the tokens in place: the trace gives the value the samples
+    at the expansion."""
     _seeded(gen)
-    paths = _check(PositionMLPModel("expanded").double(), *_tokens(gen)).meta["paths"]
+    paths = _check(PositionMLPModel(use).double(), *_tokens(gen)).meta["paths"]
     for name in ("mlp.0.weight", "mlp.2.bias"):
         assert paths[f"block.{name}"] == PATH, paths
 

@@ -29,8 +29,8 @@ runs, by a traced alias (a tensor subclass that sees every op applied to it):
   one index_add of the slices into the entries they are (``_selection``);
 * an expansion of a traced value whose axis 0 grows from one row to k rows per sample
   (MPNet's ``bias.expand((batch, -1, T, T)).contiguous()``, later added to the logits in
-  place) gives it the samples there: the tapped view, expanded as asked, goes on as a plain
-  tensor;
+  place; SigLIP's ``probe.repeat(batch, 1, 1)``, the query of an attention) gives it the
+  samples there: the tapped view, expanded as asked, goes on as a plain tensor;
 * an op that changes a traced value in place (``nn.ReLU(inplace=True)`` between the Linears of
   Swin V2's position-bias MLP) runs in place, and the value then stands for its result; one
   that would change a parameter's own memory, or a constant, fails the trace;
@@ -105,7 +105,10 @@ SELECTIONS = frozenset(
 
 # Ops that broadcast a tensor to a larger shape without copying: one whose axis 0 grows from one
 # row to k rows per sample gives a traced value the samples (``_expanded_to_samples``).
-EXPANSIONS = frozenset({_T.expand, _T.expand_as, _T.broadcast_to, torch.broadcast_to})
+# A repeat along axis 0 alone of one row is such an expansion, copied (SigLIP's attention-pooling
+# probe, ``probe.repeat(batch, 1, 1)``).
+_REPEATS = frozenset({_T.repeat})
+EXPANSIONS = frozenset({_T.expand, _T.expand_as, _T.broadcast_to, torch.broadcast_to}) | _REPEATS
 
 # Ops that read a tensor at integer indices: an integer tensor among their arguments is an
 # index, not the samples, even when its first axis happens to equal the batch's size (Swin's
@@ -257,6 +260,10 @@ class Trace:
         k = self._per_sample_rows(shape) if shape else None
         if k is None or (d.dim() == len(shape) and d.shape[0] != 1):
             return None
+        if func in _REPEATS:  # a copy, tiled along axis 0 alone: the expansion, copied
+            if d.dim() != len(shape) or shape[1:] != d.shape[1:]:
+                return None
+            return self._expanded(d, shape, k).contiguous()
         return self._expanded(d, shape, k).expand(shape)
 
     def _to_params(self, d: _Traced, value: torch.Tensor) -> PerSample:
