@@ -2,8 +2,9 @@
 
 Models are built from small configs with random weights (no downloads): from Hugging Face
 transformers a BERT-style encoder classifier, a Llama-style decoder classifier, a GPT-2-style
-language model with its tied head, a T5 encoder-decoder (shared embedding tied to the head,
-relative position biases; the same ids on both sides) and a Gemma language model (scaled token
+language model with its tied head, an MPNet encoder classifier (its relative-position bias
+expanded to the batch), a T5 encoder-decoder (shared embedding tied to the head, relative
+position biases; the same ids on both sides) and a Gemma language model (scaled token
 embedding tied to the head, padding_idx 0) (language models' per-sample loss:
 cross-entropy summed over the positions);
 from timm ResNet-18, EfficientNet-B0, a ViT, ConvNeXt-atto, BEiT and EVA-02 (timm needs torchvision, which imports only in
@@ -78,6 +79,15 @@ def gpt2() -> torch.nn.Module:
     return tf.GPT2LMHeadModel(cfg)
 
 
+def mpnet() -> torch.nn.Module:
+    tf = importlib.import_module("transformers")
+    cfg = tf.MPNetConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH, max_position_embeddings=T + 2, num_labels=CLASSES,
+    )  # fmt: skip
+    return tf.MPNetForSequenceClassification(cfg)
+
+
 def gemma() -> torch.nn.Module:
     tf = importlib.import_module("transformers")
     cfg = tf.GemmaConfig(
@@ -131,6 +141,8 @@ MODELS: dict[str, Spec] = {
     "gpt2-tied": Spec(gpt2, lm=True),
     "t5": Spec(T5OnOneSequence, lm=True),
     "gemma": Spec(gemma, lm=True),
+    # a relative-position bias expanded to the batch, copied and added to the logits in place
+    "mpnet": Spec(mpnet),
     "resnet18": Spec(timm_model("resnet18"), images=True),
     "resnet18-224": Spec(timm_model("resnet18"), images=True, pixels=224),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
