@@ -88,6 +88,18 @@ def mpnet() -> torch.nn.Module:
     return tf.MPNetForSequenceClassification(cfg)
 
 
+def deberta_v3() -> torch.nn.Module:
+    tf = importlib.import_module("transformers")
+    cfg = tf.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH, max_position_embeddings=T, num_labels=CLASSES,
+        relative_attention=True, position_buckets=64, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+    )  # fmt: skip
+    return tf.DebertaV2ForSequenceClassification(cfg)
+
+
 def gemma() -> torch.nn.Module:
     tf = importlib.import_module("transformers")
     cfg = tf.GemmaConfig(
@@ -143,6 +155,9 @@ MODELS: dict[str, Spec] = {
     "gemma": Spec(gemma, lm=True),
     # a relative-position bias expanded to the batch, copied and added to the logits in place
     "mpnet": Spec(mpnet),
+    # DeBERTa-v3's disentangled attention: the query and key projections applied to the tokens
+    # and to the shared relative-position table, which meet in matrix products
+    "deberta-v3": Spec(deberta_v3),
     "resnet18": Spec(timm_model("resnet18"), images=True),
     "resnet18-224": Spec(timm_model("resnet18"), images=True, pixels=224),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),

@@ -177,6 +177,16 @@ def t5_shared_embedding() -> Problem:
     return _t5(1), data, {"loss": _lm_loss}
 
 
+def t5_frozen_encoder() -> Problem:
+    """T5 with its encoder and shared embedding frozen (the decoder's Fisher alone): the model
+    returns the encoder's output, sampled but without a gradient, beside the logits."""
+    model = _t5(1)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(("encoder.", "shared.")))
+    data = [({"input_ids": _tokens(), "decoder_input_ids": _tokens()}, _tokens()) for _ in range(2)]
+    return model, data, {"loss": _lm_loss}
+
+
 def t5_padded() -> Problem:
     """Two encoder layers that share the first one's position bias, and padded samples (the
     attention mask selects from the bias per sample)."""
@@ -276,7 +286,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
         bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, clip_vision, siglip_vision,
-        t5_shared_embedding, t5_padded,
+        t5_shared_embedding, t5_padded, t5_frozen_encoder,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,
@@ -362,6 +372,10 @@ def test_the_fast_paths_are_taken_where_they_apply() -> None:
     for stack in ("encoder", "decoder"):
         bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         assert paths[bias] == "broadcast use expanded to the samples"
+    model, data, kwargs = t5_frozen_encoder()
+    paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
+    bias = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert paths[bias] == "broadcast use expanded to the samples"
     model, data, kwargs = gemma()
     paths = fisher_fast.diag_fim(model.eval(), data, progress=False, **kwargs).meta["paths"]
     assert paths["model.embed_tokens.weight"].startswith(

@@ -29,7 +29,7 @@ never computed with a gradient that may be wrong.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -184,11 +184,14 @@ def verify(
     root = variant.calls.get(model, [])
     if len(root) != 1 or not isinstance(root_layouts[0], CallLayout):
         return "the model's call has no known layout"
-    sampled_out = [
-        (t, lay)
-        for t, lay in zip(root[0].outputs, root_layouts[0].outputs, strict=True)
+    # the model's outputs with a sample axis that carry a gradient (an encoder's frozen output
+    # returned beside the logits does not), by position, to pick the same from each sample's run
+    checked = [
+        k
+        for k, (t, lay) in enumerate(zip(root[0].outputs, root_layouts[0].outputs, strict=True))
         if isinstance(lay, Sampled) and t.requires_grad
     ]
+    sampled_out = [(root[0].outputs[k], cast(Sampled, root_layouts[0].outputs[k])) for k in checked]
     if not sampled_out:
         return "no output of the model has a sample axis"
     generator = torch.Generator().manual_seed(0)
@@ -241,11 +244,9 @@ def verify(
         alone_at = outputs_of(single)
         if len(alone_root) != 1 or alone_at is None:
             return f"sample {j} alone makes other module calls"
-        alone_out = [
-            t
-            for t, lay in zip(alone_root[0].outputs, root_layouts[0].outputs, strict=True)
-            if isinstance(lay, Sampled)
-        ]
+        if len(alone_root[0].outputs) != len(root[0].outputs):
+            return f"the model returns other outputs for sample {j} alone"
+        alone_out = [alone_root[0].outputs[k] for k in checked]
         objective = torch.zeros((), dtype=cotangents[0].dtype, device=cotangents[0].device)
         for v, (t, lay), a in zip(cotangents, sampled_out, alone_out, strict=True):
             if not _agree(_block(t, lay, row), a, t):
