@@ -187,26 +187,24 @@ def _per_sample_rows(
     return torch.stack((a, b)) / w_hat.shape[1]
 
 
-def _weighted_weight_grads(
+def _weighted_weight_grad(
     module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """(R, C_out, K) for weights (R, N, C_out): Σ_n weights[r, n, o] · (per-sample gradient at W'
-    of sample n)[o], the weight gradients of the convolution with the output gradient scaled
-    per sample and channel (one call each: one call with R times the channels is slower)."""
+    """(C_out, K) for weights (N, C_out): Σ_n weights[n, o] · (per-sample gradient at W' of
+    sample n)[o], the weight gradient of the convolution with the output gradient scaled per
+    sample and channel."""
     pads = _explicit_padding(module)
     symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
     padding = pads[::2] if symmetric else [0] * len(module.kernel_size)
     x = x if symmetric else _pad(module, x, pads)
     spatial = (1,) * (g.dim() - 2)
+    scaled = g * weights.to(g.dtype).reshape(*weights.shape, *spatial)
     weight = torch.empty(module.weight.shape, dtype=g.dtype, device=g.device)
-    grads = []
-    for row in weights.to(g.dtype):
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            g * row.reshape(*row.shape, *spatial), x, weight, None, list(module.stride), padding,
-            list(module.dilation), False, [0] * len(spatial), module.groups, [False, True, False],
-        )  # fmt: skip
-        grads.append(grad_weight.reshape(module.out_channels, -1))
-    return torch.stack(grads)
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        scaled, x, weight, None, list(module.stride), padding, list(module.dilation), False,
+        [0] * len(spatial), module.groups, [False, True, False],
+    )  # fmt: skip
+    return grad_weight.reshape(module.out_channels, -1)
 
 
 def _instrument(
@@ -263,19 +261,19 @@ def _standardised_conv_rule(
             scale = float(getattr(module, "scale", 1.0)) * w_hat.shape[1]
             ctx.add("gain", (scale * b).square().sum(0).reshape(module.gain.shape))
         if wants_weight:
-            cross = torch.stack(
-                [_weighted_weight_grads(conv, x, c.grad(), rows) for c, x in pairs]
-            ).sum(0)
-            cross_a, cross_b = cross.to(acc)
+            # Σ g² - 2 Σ A g - 2 Ŵ Σ B g + Σ A² + 2 Ŵ Σ A B + Ŵ² Σ B², one weight-sized
+            # temporary at a time (these layers hold most of a ResNet-V2's parameters)
             w = w_hat.to(acc)
-            # Σ g² - 2 Σ A g - 2 Ŵ Σ B g + Σ A² + 2 Ŵ Σ A B + Ŵ² Σ B², in few passes
             total = weight_square_sum(conv, inputs, grads, ctx).reshape(w.shape).to(acc)
-            total.sub_(cross_b.mul_(w).add_(cross_a), alpha=2)
+            for c, x in pairs:
+                total.sub_(_weighted_weight_grad(conv, x, c.grad(), a).to(acc), alpha=2)
+                total.addcmul_(w, _weighted_weight_grad(conv, x, c.grad(), b).to(acc), value=-2)
             quadratic = w * b.square().sum(0)[:, None]
             quadratic.add_((a * b).sum(0)[:, None], alpha=2).mul_(w).add_(
                 a.square().sum(0)[:, None]
             )
             total.add_(quadratic)
+            del quadratic
             s = (
                 inv_std.to(acc)
                 if gain is None
