@@ -111,14 +111,25 @@ class ColumnStdConv2d(StdConv2d):
 class Net(nn.Module):
     """conv -> ReLU -> conv (the tested layer, ``tested``) -> pooled linear head."""
 
-    def __init__(self, tested: nn.Module, cin: int, cout: int, dims: int = 2, twice: bool = False):
+    def __init__(
+        self,
+        tested: nn.Module,
+        cin: int,
+        cout: int,
+        dims: int = 2,
+        twice: bool = False,
+        in_place: bool = False,
+    ) -> None:
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv1d
         self.stem, self.tested, self.twice = conv(3, cin, 3, padding=1), tested, twice
+        self.in_place = in_place  # an activation applied to the tested layer's output in place
         self.head = nn.Linear(cout, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tested(torch.relu(self.stem(x)))
+        if self.in_place:  # as NF-Nets do: the layer's kept output changes with it
+            h = F.silu(h, inplace=True)
         if self.twice:  # the layer called again on its own output (weight sharing)
             h = self.tested(torch.relu(h))
         return self.head(h.flatten(2).mean(2))
@@ -130,6 +141,9 @@ CASES = {
     "std_groups": lambda: Net(StdConv2d(4, 6, 3, padding=1, groups=2, bias=True), 4, 6),
     "std_called_twice": lambda: Net(StdConv2d(4, 4, 3, padding=1), 4, 4, twice=True),
     "scaled_with_gain": lambda: Net(ScaledStdConv2d(4, 6, 3, padding=1, bias=True), 4, 6),
+    "scaled_then_in_place_silu": lambda: Net(
+        ScaledStdConv2d(4, 6, 3, padding=1, bias=True), 4, 6, in_place=True
+    ),
     "hf_dynamic_pad": lambda: Net(PaddedStdConv2d(4, 6, 3, stride=2), 4, 6),
     "timm_same_pad": lambda: Net(SamePadStdConv2d(4, 6, 4, stride=2, padding=0), 4, 6),
     "std_1d": lambda: Net(StdConv1d(4, 6, 3, padding=1, bias=True), 4, 6, dims=1),

@@ -78,12 +78,13 @@ def _resnetv2_bit() -> nn.Module:
 
 
 def _nf_resnet() -> nn.Module:
-    """A normaliser-free ResNet: ScaledStdConv2d, a learned gain per output channel."""
+    """A normaliser-free ResNet: ScaledStdConv2d, a learned gain per output channel; its deep
+    stem and final convolution are followed by SiLU in place, which changes their outputs."""
     _timm()
     nfnet = importlib.import_module("timm.models.nfnet")
     config = nfnet.NfCfg(
-        depths=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_chs=16, bottle_ratio=0.25,
-        group_size=None, act_layer="relu", attn_layer=None,
+        depths=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_chs=16, stem_type="deep_quad",
+        bottle_ratio=0.25, group_size=None, act_layer="silu", attn_layer=None, num_features=64,
     )  # fmt: skip
     return nfnet.NormFreeNet(config, num_classes=CLASSES)
 
@@ -215,6 +216,8 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "stages.2.0.conv2.weight": "rule standardised_conv_rule",
         "stages.2.0.conv2.gain": "rule standardised_conv_rule",
         "stages.2.0.downsample.conv.bias": "rule standardised_conv_rule",
+        "stem.conv2.gain": "rule standardised_conv_rule",
+        "final_conv.weight": "rule standardised_conv_rule",
     },
 }
 

@@ -162,10 +162,11 @@ def _standardised_output(
     module: nn.modules.conv._ConvNd, call: Call, x: torch.Tensor, w_hat: torch.Tensor
 ) -> torch.Tensor:
     """(N, C_out, *out) the convolution of x with Ŵ: from the output the instrumented forward
-    kept (minus the bias, over the scale), else computed."""
-    output = call.saved.get("output")
+    kept (minus the bias, over the scale), unless it was changed in place since, else computed."""
+    output, version = call.saved.get("output"), call.saved.get("version")
     scale = _gain(module)
-    if output is None or (scale is not None and bool((scale == 0).any())):
+    changed = output is not None and output._version != version  # an in-place op after it
+    if output is None or changed or (scale is not None and bool((scale == 0).any())):
         return _convolve(module, x, w_hat.to(x.dtype).reshape(module.weight.shape))
     shape = (1, -1, *(1,) * (output.dim() - 2))
     if module.bias is not None:
@@ -219,8 +220,11 @@ def _instrument(
     if len(args) != 1 or kwargs:
         return None
     output = type(module).forward(module, *args)
-    call.saved["output"] = output.detach()
-    return tap(output)
+    tapped = tap(output)
+    # the tap's alias shares the output's memory: an activation applied to it in place (an
+    # NF-Net's) changes the kept output too, which the version counter tells
+    call.saved["output"], call.saved["version"] = output.detach(), output._version
+    return tapped
 
 
 def _centred_inputs(
