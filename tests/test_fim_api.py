@@ -249,6 +249,33 @@ def test_batchnorm_in_training_mode_is_refused() -> None:
         _fim(no_stats, (x, y))
 
 
+class _WrongRepeat(nn.Module):
+    """Adds each sample's mean token to its W tokens, but repeats the (N, C) means with the
+    wrong layout: row r of the (N·W, C) tokens gets the mean of sample r mod N (as timm's GC
+    ViT repeats its global query), so one sample's output depends on the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        n, w, c = h.shape
+        mixed = h.reshape(n * w, c) + h.mean(1).repeat(w, 1)
+        return self.head(torch.tanh(mixed).reshape(n, w, c).mean(1))
+
+
+def test_a_model_that_mixes_samples_is_refused() -> None:
+    torch.manual_seed(random.randrange(2**31))
+    model = _WrongRepeat().double()
+    x, y = torch.randn(6, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="depends on the other samples in its batch"):
+        _fim(model, (x, y), dtype=torch.float64, batch_size=3)
+    one_by_one = _fim(model, (x, y), dtype=torch.float64, batch_size=1)  # the way out
+    reference = reference_fim(model, x, y)
+    assert (one_by_one.flat - reference).abs().max() <= 1e-10 * reference.abs().max()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -238,3 +238,13 @@ def test_an_eval_mode_bias_cache_is_refused_by_name(name: str) -> None:
     data = (torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="attention_bias_cache"):
         fisher_fast.diag_fim(model, data, progress=False)
+
+
+def test_a_model_that_mixes_samples_is_refused() -> None:
+    """GC ViT repeats its (N, ...) global query over the (N·windows, ...) windows with the wrong
+    layout (timm 1.0), so a sample's output depends on the others in its batch: refused
+    (coupled_samples.py), not a number that matches no definition."""
+    model = _model("gcvit_xxtiny", img_size=64).eval()
+    data = (torch.randn(4, 3, 64, 64), torch.randint(CLASSES, (4,)))
+    with pytest.raises(ValueError, match="depends on the other samples in its batch"):
+        fisher_fast.diag_fim(model, data, progress=False)

@@ -32,6 +32,7 @@ from fisher_fast.fim.broadcast_params import (
 )
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
+from fisher_fast.fim.coupled_samples import CoupledSamplesError, coupled_samples
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
@@ -327,7 +328,7 @@ class _Accumulation:
             self.broadcast.arm(candidates, expands_whole)
             try:
                 planned = self._plan_batch(inputs, n, index)
-            except KeptHistoryError:
+            except (KeptHistoryError, CoupledSamplesError):
                 raise
             except Exception:
                 if k == len(attempts) - 1:
@@ -364,8 +365,10 @@ class _Accumulation:
 
     def _plan_batch(self, inputs: Any, n: int, index: list[int]) -> tuple[Any, Plan] | None:
         """The batch's forward pass and its plan; None when an Embedding output or a parameter
-        was expanded (expansion.py, broadcast_params.py) and that is not verified exact (the
-        caller plans again without)."""
+        was expanded (expansion.py, broadcast_params.py) and that is not verified exact, or
+        the samples' outputs depend on each other with it (the caller plans again without).
+        A model whose samples' outputs depend on each other without any is refused
+        (coupled_samples.py)."""
         expansion, broadcast = self.expansion, self.broadcast
         expansion.take_seen()
         broadcast.forget()
@@ -401,7 +404,13 @@ class _Accumulation:
                 "the batch's number of samples is split per sample, so give inputs shared by "
                 "all samples another first axis (e.g. 1)"
             ) from error
-        loss_graph = graph_nodes(select_output(output, self.options.output))
+        loss_input = select_output(output, self.options.output)
+        coupled = coupled_samples(self.model, real, variant, loss_input, n, index)
+        if coupled is not None:
+            if expansion.modules or broadcast.names:  # perhaps by what diag_fim expanded
+                return None
+            raise coupled
+        loss_graph = graph_nodes(loss_input)
         layouts = Layouts(real, variant, n, index, loss_graph)
         expanded: set[nn.Module] = set()
         if expansion.modules:
