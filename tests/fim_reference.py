@@ -85,7 +85,8 @@ def batchnorm_stats_randomised(model: nn.Module, generator: torch.Generator) -> 
         if isinstance(m, affine) and getattr(m, "weight", None) is not None:
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=generator))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
+                if m.bias is not None:  # a norm with a weight and no bias (MetaFormer's)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
     return model
 
 

@@ -111,6 +111,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "swin_fused": (_fused_swin, 32),
     "mobilenetv3": (lambda: _model("mobilenetv3_small_050"), 32),
     "regnet": (lambda: _model("regnetx_002"), 32),
+    "poolformerv2": (lambda: _model("poolformerv2_s12"), 32),  # norms with no bias
     "resnetv2_bit": (_resnetv2_bit, 32),
     "nf_resnet": (_nf_resnet, 32),
 }
