@@ -84,3 +84,19 @@ def test_with_the_cache_off_the_result_is_exact() -> None:
     assert fim.names == [name for name, _ in model.named_parameters()]
     assert float((fim.flat - reference).abs().max()) <= 1e-10 * float(reference.abs().max())
     assert float(fim["attn.attention_biases"].abs().max()) > 0
+
+
+def test_a_cache_filled_by_a_failed_attempt_is_refused_by_name() -> None:
+    """Hugging Face's LeViT with one head: its (1, points) attention biases, expanded whole as a
+    class token would be, break its attention, and the failed pass leaves the expanded biases
+    in ``attention_bias_cache``, where every later attempt would read them: refused by name,
+    not the model's own shape error."""
+    tf = pytest.importorskip("transformers")
+    config = tf.LevitConfig(
+        image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2],
+        depths=[1, 1, 1], key_dim=[8, 8, 8], patch_size=16, num_labels=3,
+    )  # fmt: skip
+    model = tf.LevitForImageClassification(config).eval()
+    data = ({"pixel_values": torch.randn(5, 3, 32, 32)}, torch.randint(0, 3, (5,)))
+    with pytest.raises(ValueError, match=r"attention_bias_cache.*training = True"):
+        fisher_fast.diag_fim(model, [data], progress=False)

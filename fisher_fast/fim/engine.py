@@ -331,6 +331,9 @@ class _Accumulation:
             except (KeptHistoryError, CoupledSamplesError):
                 raise
             except Exception:
+                # a cache the failed pass filled (HF LeViT's attention biases, expanded with
+                # one head) would fail every later attempt: refused by name instead
+                refuse_kept_history(self.model)
                 if k == len(attempts) - 1:
                     raise
             if planned is not None:
