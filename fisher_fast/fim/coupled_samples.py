@@ -46,9 +46,7 @@ def coupled_samples(
     if at is None or len(others) != len(outputs):
         return None
     layout = compare(outputs[at], others[at], n, index)
-    if not (
-        isinstance(layout, Unknown) and ("interact" in layout.why or "depend on" in layout.why)
-    ):
+    if not (isinstance(layout, Unknown) and layout.coupled):
         return None
     return CoupledSamplesError(
         f"the model's output for a sample depends on the other samples in its batch: run as a "

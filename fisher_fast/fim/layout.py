@@ -55,6 +55,7 @@ class Broadcast:
 @dataclass(frozen=True)
 class Unknown:
     why: str
+    coupled: bool = False  # the values show the samples depend on each other (``compare``)
 
 
 LeafLayout = Sampled | Broadcast | Unknown | None  # None: not a tensor
@@ -230,7 +231,9 @@ def compare(
         if _close(real, variant):
             flows = real.requires_grad and (reaches_loss is None or reaches_loss(real))
             return Broadcast(tuple(real.shape), flows)
-        return Unknown("same shape for any number of samples but values that depend on them")
+        return Unknown(
+            "same shape for any number of samples but values that depend on them", coupled=True
+        )
     if len(changed) > 1:
         return Unknown(f"axes {changed} all change with the number of samples")
     axis = changed[0]
@@ -242,7 +245,8 @@ def compare(
     if not _close(real.index_select(axis, blocks), variant):
         return Unknown(
             f"axis {axis} grows with the number of samples, but its entries are not each "
-            "sample's own (samples interact, or are not laid out one block per sample)"
+            "sample's own (samples interact, or are not laid out one block per sample)",
+            coupled=True,
         )
     return Sampled(axis, k)
 
