@@ -79,11 +79,12 @@ def _padded(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gain(module: nn.modules.conv._ConvNd) -> torch.Tensor | None:
-    """(C_out,) ``gain · scale`` of a scaled standardisation, or None for plain."""
+    """(C_out,) ``gain · scale`` of a scaled standardisation, without autograd, or None for
+    plain."""
     gain = getattr(module, "gain", None)
     if not isinstance(gain, nn.Parameter):
         return None
-    return gain.reshape(-1) * float(getattr(module, "scale", 1.0))
+    return gain.detach().reshape(-1) * float(getattr(module, "scale", 1.0))
 
 
 def standardised(module: nn.modules.conv._ConvNd) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +100,7 @@ def _reference(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor
     """The layer's output by the formula: the convolution with s ⊙ Ŵ."""
     w_hat, _ = standardised(module)
     gain = _gain(module)
-    weight = (w_hat if gain is None else w_hat * gain.detach().reshape(-1, 1)).reshape(
-        module.weight.shape
-    )
+    weight = (w_hat if gain is None else w_hat * gain.reshape(-1, 1)).reshape(module.weight.shape)
     return _convolve(module, _padded(module, x), weight, module.bias)
 
 
@@ -172,7 +171,7 @@ def _standardised_output(
     if module.bias is not None:
         output = output - module.bias.detach().to(output.dtype).reshape(shape)
     if scale is not None:
-        output = output / scale.detach().to(output.dtype).reshape(shape)
+        output = output / scale.to(output.dtype).reshape(shape)
     return output
 
 
@@ -193,17 +192,13 @@ def _weighted_weight_grad(
 ) -> torch.Tensor:
     """(C_out, K) for weights (N, C_out): Σ_n weights[n, o] · (per-sample gradient at W' of
     sample n)[o], the weight gradient of the convolution with the output gradient scaled per
-    sample and channel."""
-    pads = _explicit_padding(module)
-    symmetric = module.padding_mode == "zeros" and pads[::2] == pads[1::2]
-    padding = pads[::2] if symmetric else [0] * len(module.kernel_size)
-    x = x if symmetric else _pad(module, x, pads)
+    sample and channel; x is already padded (``_centred_inputs``)."""
     spatial = (1,) * (g.dim() - 2)
     scaled = g * weights.to(g.dtype).reshape(*weights.shape, *spatial)
     weight = torch.empty(module.weight.shape, dtype=g.dtype, device=g.device)
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        scaled, x, weight, None, list(module.stride), padding, list(module.dilation), False,
-        [0] * len(spatial), module.groups, [False, True, False],
+        scaled, x, weight, None, list(module.stride), [0] * len(spatial), list(module.dilation),
+        False, [0] * len(spatial), module.groups, [False, True, False],
     )  # fmt: skip
     return grad_weight.reshape(module.out_channels, -1)
 
@@ -278,11 +273,7 @@ def _standardised_conv_rule(
             )
             total.add_(quadratic)
             del quadratic
-            s = (
-                inv_std.to(acc)
-                if gain is None
-                else inv_std.to(acc) * gain.detach().to(acc)[:, None]
-            )
+            s = inv_std.to(acc) if gain is None else inv_std.to(acc) * gain.to(acc)[:, None]
             # a sum of squares: only rounding can take it below zero
             ctx.add("weight", total.clamp_min_(0).mul_(s.square()).reshape(module.weight.shape))
     if module.bias is not None and module.bias.requires_grad:
