@@ -54,23 +54,26 @@ PIXELS = 64  # side of the timm models' input images
 TINY_VIT = dict(img_size=PIXELS, patch_size=8, embed_dim=192, depth=12, num_heads=3)
 
 
-def bert() -> torch.nn.Module:
+def _classifier(config: str, model: str, **extra: Any) -> torch.nn.Module:
+    """A Hugging Face sequence classifier of the benchmark's sizes (``extra``: the config's own
+    fields)."""
     tf = importlib.import_module("transformers")
-    cfg = tf.BertConfig(
+    cfg = getattr(tf, config)(
         vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=4 * WIDTH, max_position_embeddings=T, num_labels=CLASSES,
+        intermediate_size=4 * WIDTH, num_labels=CLASSES, **extra,
     )  # fmt: skip
-    return tf.BertForSequenceClassification(cfg)
+    return getattr(tf, model)(cfg)
+
+
+def bert() -> torch.nn.Module:
+    return _classifier("BertConfig", "BertForSequenceClassification", max_position_embeddings=T)
 
 
 def llama() -> torch.nn.Module:
-    tf = importlib.import_module("transformers")
-    cfg = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS // 2, intermediate_size=4 * WIDTH, max_position_embeddings=T,
-        num_labels=CLASSES, pad_token_id=0,
+    return _classifier(
+        "LlamaConfig", "LlamaForSequenceClassification", num_key_value_heads=HEADS // 2,
+        max_position_embeddings=T, pad_token_id=0,
     )  # fmt: skip
-    return tf.LlamaForSequenceClassification(cfg)
 
 
 def gpt2() -> torch.nn.Module:
@@ -80,24 +83,18 @@ def gpt2() -> torch.nn.Module:
 
 
 def mpnet() -> torch.nn.Module:
-    tf = importlib.import_module("transformers")
-    cfg = tf.MPNetConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=4 * WIDTH, max_position_embeddings=T + 2, num_labels=CLASSES,
-    )  # fmt: skip
-    return tf.MPNetForSequenceClassification(cfg)
+    return _classifier(
+        "MPNetConfig", "MPNetForSequenceClassification", max_position_embeddings=T + 2
+    )
 
 
 def deberta_v3() -> torch.nn.Module:
-    tf = importlib.import_module("transformers")
-    cfg = tf.DebertaV2Config(
-        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        intermediate_size=4 * WIDTH, max_position_embeddings=T, num_labels=CLASSES,
+    return _classifier(
+        "DebertaV2Config", "DebertaV2ForSequenceClassification", max_position_embeddings=T,
         relative_attention=True, position_buckets=64, max_relative_positions=-1,
         pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
         position_biased_input=False,
     )  # fmt: skip
-    return tf.DebertaV2ForSequenceClassification(cfg)
 
 
 def gemma() -> torch.nn.Module:
