@@ -33,6 +33,15 @@ TORCH_LIBRARY(fisher_fast, m) {
   m.def(
       "conv2d_sq_sum_(Tensor(a!) acc, Tensor x, Tensor g, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> ()");
+  // In place (CPU only): acc += sum_n R[n]^2, R[n] = G[n] U[n]^T - shift[n] 1^T - scale[n] ⊙
+  // basis (per output channel o: the per-sample gradient's row minus shift[n,o] and minus
+  // scale[n,o] times the basis's row o). shift, scale: (N, O); basis and acc: the weight's
+  // O * C/groups * kernel_h * kernel_w elements (acc float32 or float64, contiguous). The
+  // per-sample gradients of a weight-standardised convolution are such residuals.
+  m.def(
+      "conv2d_residual_sq_sum_(Tensor(a!) acc, Tensor x, Tensor g, Tensor shift, Tensor scale, "
+      "Tensor basis, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups) -> ()");
 
   // In place, for a linear layer without extra axes (CPU only): weight_acc += (g∘g)ᵀ (x∘x) and
   // bias_acc += column sums of g∘g, the sums over samples of the squared per-sample gradients.

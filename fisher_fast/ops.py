@@ -96,6 +96,34 @@ def conv2d_sq_sum_(
     )
 
 
+def conv2d_residual_sq_sum_(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    basis: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> None:
+    """In place (CPU only): ``acc += Σ_n R_n²`` with R_n the per-sample weight gradient of a 2-D
+    convolution less, per output channel o, ``shift[n, o]`` and ``scale[n, o]`` times row o of
+    ``basis``: ``R_n[o, k] = dW_n[o, k] - shift[n, o] - scale[n, o] · basis[o, k]``.
+
+    x, g and the geometry as for :func:`conv2d_sq_sum`; shift and scale: (N, O); basis and acc:
+    the weight's O * C/groups * kh * kw elements (any shape; acc contiguous float32 or float64).
+    The per-sample gradients of a weight-standardised convolution are such residuals
+    (``rules/standardised_conv.py``), formed tile by tile and never stored.
+    """
+    _op("conv2d_residual_sq_sum_")(
+        acc, x, g, shift, scale, basis, list(kernel_size), list(stride), list(padding),
+        list(dilation), groups,
+    )  # fmt: skip
+
+
 def linear_sq_sum_(
     weight_acc: torch.Tensor | None,
     bias_acc: torch.Tensor | None,
@@ -215,6 +243,20 @@ def _check_fim_numel(t: torch.Tensor, r: torch.Tensor, seg: int, fim: int) -> No
         t.numel() == r.numel(),
         lambda: (
             f"tensor {seg} of FIM {fim} has {t.numel()} elements but the reference has {r.numel()}"
+        ),
+    )
+
+
+def _check_residual_term(t: torch.Tensor, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    """A per-(sample, output channel) term of conv2d_residual_sq_sum_: (N, O), floating, on x's
+    device."""
+    _check_floating(t, name)
+    _check_same_device(t, x, name, "x")
+    _check(
+        t.dim() == 2 and tuple(t.shape) == tuple(g.shape[:2]),
+        lambda: (
+            f"{name} has shape {_sizes(t)} but g {_sizes(g)} needs (N, O) = "
+            f"({g.shape[0]}, {g.shape[1]}): one value per sample and output channel"
         ),
     )
 
@@ -408,6 +450,33 @@ if _library.is_loaded():
                 f"acc has {acc.numel()} elements but the weight of this convolution has "
                 f"{result.numel()} (O = {g.shape[1]} times C/groups * kernel_h * kernel_w = "
                 f"{result.shape[2]}); pass an accumulator shaped like the weight"
+            ),
+        )
+
+    @torch.library.register_fake("fisher_fast::conv2d_residual_sq_sum_")
+    def _conv2d_residual_sq_sum_fake(
+        acc: torch.Tensor,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        basis: torch.Tensor,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> None:
+        _conv2d_sq_sum_inplace_fake(acc, x, g, kernel_size, stride, padding, dilation, groups)
+        _check_residual_term(shift, "shift", x, g)
+        _check_residual_term(scale, "scale", x, g)
+        _check_floating(basis, "basis")
+        _check_same_device(basis, x, "basis", "x")
+        _check(
+            basis.numel() == acc.numel(),
+            lambda: (
+                f"basis has {basis.numel()} elements but the weight of this convolution has "
+                f"{acc.numel()}; pass a tensor shaped like the weight"
             ),
         )
 

@@ -522,6 +522,99 @@ def test_conv2d_sq_sum_in_place_input_checks() -> None:
     assert bool((acc == 2).all())
 
 
+# conv2d_residual_sq_sum_ (CPU only, in place)
+
+
+def residual_terms(
+    case: ConvCase, dtype: torch.dtype, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random shift and scale (n, out) and basis (the weight's shape)."""
+    shift = torch.randn(case.n, case.out, generator=gen).to(dtype)
+    scale = torch.randn(case.n, case.out, generator=gen).to(dtype)
+    basis = torch.randn(case.out, case.c // case.groups, *case.kernel, generator=gen).to(dtype)
+    return shift, scale, basis
+
+
+def reference_residual_sq_sum(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    case: ConvCase,
+    magnitude: bool = False,
+) -> torch.Tensor:
+    """Σ_n (dW_n - shift_n - scale_n ⊙ basis)² in float64 from autograd's per-sample
+    gradients, (out, rest); with ``magnitude``, the same of |dW_n|-like bounds
+    (|x|, |g| and the terms' absolute values, added), the scale of each residual's rounding."""
+    shift, scale, basis = (t.double().abs() if magnitude else t.double() for t in terms)
+    weight = torch.zeros(case.out, case.c // case.groups, *case.kernel, dtype=torch.float64)
+    total = torch.zeros(case.out, basis[0].numel(), dtype=torch.float64)
+    xs, gs = (x.double().abs(), g.double().abs()) if magnitude else (x.double(), g.double())
+    sign = 1 if magnitude else -1
+    for n, (xi, gi) in enumerate(zip(xs, gs, strict=True)):
+        w = weight.clone().requires_grad_()
+        y = F.conv2d(xi[None], w, None, case.stride, case.padding, case.dilation, case.groups)
+        (grad,) = torch.autograd.grad(y, w, gi[None])
+        correction = shift[n, :, None] + scale[n, :, None] * basis.reshape(case.out, -1)
+        total += (grad.reshape(case.out, -1) + sign * correction).square()
+    return total
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("dtype, acc_dtype", INPUT_ACC_DTYPES)
+def test_conv2d_residual_sq_sum_matches_reference(
+    case: ConvCase, dtype: torch.dtype, acc_dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """Every path of the kernel (registers for few positions, the micro-kernel, a depthwise
+    layer, which takes the tiled path here) adds the squared residuals to what acc holds."""
+    x, g = conv_inputs(case, dtype, gen)
+    terms = residual_terms(case, dtype, gen)
+    start = torch.rand(
+        case.out, case.c // case.groups, *case.kernel, generator=gen, dtype=acc_dtype
+    )
+    acc = start.clone()
+    ops.conv2d_residual_sq_sum_(acc, x, g, *terms, *conv_args(case))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    error = (acc.double() - start.double()).reshape(case.out, -1)
+    error = (error - reference_residual_sq_sum(x, g, terms, case)).abs()
+    bound = rtol * reference_residual_sq_sum(x, g, terms, case, magnitude=True)
+    bound += 1e-7 if acc_dtype == torch.float32 else 1e-15  # rounding of the start values
+    assert bool((error <= bound).all()), f"worst error over bound {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_conv2d_residual_sq_sum_independent_of_threads(threads: int, gen: torch.Generator) -> None:
+    case = CONV_CASES[-1]
+    x, g = conv_inputs(case, torch.float64, gen)
+    terms = residual_terms(case, torch.float64, gen)
+    acc = torch.zeros(case.out, case.c // case.groups, *case.kernel, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        ops.conv2d_residual_sq_sum_(acc, x, g, *terms, *conv_args(case))
+    finally:
+        torch.set_num_threads(before)
+    reference = reference_residual_sq_sum(x, g, terms, case)
+    torch.testing.assert_close(acc.reshape(case.out, -1), reference, rtol=1e-12, atol=0)
+
+
+def test_conv2d_residual_sq_sum_input_checks() -> None:
+    x, g = torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3)
+    acc, shift, basis = torch.zeros(6, 2, 3, 3), torch.ones(2, 6), torch.ones(6, 2, 3, 3)
+    geometry = ((3, 3), (1, 1), (0, 0), (1, 1), 2)
+    with pytest.raises(RuntimeError, match=r"shift has shape \[2, 5\] but g .* needs \(N, O\)"):
+        ops.conv2d_residual_sq_sum_(acc, x, g, shift[:, :5], shift, basis, *geometry)
+    with pytest.raises(RuntimeError, match=r"scale has shape \[12\] but g"):
+        ops.conv2d_residual_sq_sum_(acc, x, g, shift, shift.reshape(-1), basis, *geometry)
+    with pytest.raises(RuntimeError, match="scale must be float16, bfloat16, float32 or float64"):
+        ops.conv2d_residual_sq_sum_(acc, x, g, shift, shift.long(), basis, *geometry)
+    with pytest.raises(RuntimeError, match="basis has 107 elements but the weight of this"):
+        ops.conv2d_residual_sq_sum_(acc, x, g, shift, shift, torch.ones(107), *geometry)
+    with pytest.raises(RuntimeError, match="acc has 100 elements but the weight of this"):
+        ops.conv2d_residual_sq_sum_(torch.zeros(100), x, g, shift, shift, basis, *geometry)
+    ops.conv2d_residual_sq_sum_(acc, x[:0], g[:0], shift[:0], shift[:0], basis, *geometry)
+    assert not acc.any()  # no samples: nothing to add
+
+
 # linear_sq_sum_ (CPU only, in place)
 
 
@@ -698,6 +791,21 @@ def test_opcheck_sq_sums_in_place(gen: torch.Generator) -> None:
             torch.ops.fisher_fast.conv2d_sq_sum_.default,
             (total, x, g, list(kernel), list(stride), list(padding), list(dilation), groups),
         )
+
+
+def test_opcheck_conv2d_residual_sq_sum(gen: torch.Generator) -> None:
+    for case, dtype, acc in [
+        (CONV_CASES[0], torch.float32, torch.float32),
+        (CONV_CASES[3], torch.float64, torch.float64),
+    ]:
+        x, g = conv_inputs(case, dtype, gen)
+        kernel, stride, padding, dilation, groups = conv_args(case)
+        total = torch.zeros(case.out, case.c // groups, *kernel, dtype=acc)
+        torch.library.opcheck(
+            torch.ops.fisher_fast.conv2d_residual_sq_sum_.default,
+            (total, x, g, *residual_terms(case, dtype, gen), list(kernel), list(stride),
+             list(padding), list(dilation), groups),
+        )  # fmt: skip
 
 
 def test_opcheck_linear_sq_sum(gen: torch.Generator) -> None:

@@ -8,6 +8,11 @@
 // convolution without stride or padding) or written into a small buffer (patch_rows), then
 // multiplied by it and squared in cache.
 //
+// conv2d_residual_sq_sum_ squares, in place of each per-sample gradient, its residual after a
+// shift per output channel and a multiple of a basis row per output channel are taken off
+// (Correction in sq_sum_tiles.h): the per-sample gradients of a weight-standardised convolution,
+// a projection of the convolution's, with no pass over the batch beyond the convolution's own.
+//
 // Depthwise convolutions (one input and one output channel per group) take a direct path
 // instead: per channel and sample, the input is copied once into a zero-padded buffer and each
 // of the k² weight entries' gradients is one strided dot product with the output gradient, so
@@ -189,10 +194,19 @@ void depthwise_sq_sum(const compute_t* x, const compute_t* g, const ConvGeometry
   });
 }
 
+// The residuals' terms of conv2d_residual_sq_sum_: shift and scale (N, O), basis O * I_g elements
+// in the weight's order.
+struct Residual {
+  const at::Tensor& shift;
+  const at::Tensor& scale;
+  const at::Tensor& basis;
+};
+
 // out (groups, O_g, I_g elements, contiguous, float32 or float64) = the sums, or += with
-// `accumulate`, for checked inputs.
+// `accumulate`, for checked inputs; of the residuals' squares when `residual` is given.
 void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, const at::Tensor& g,
-                        const ConvGeometry& geo, int64_t groups) {
+                        const ConvGeometry& geo, int64_t groups,
+                        const Residual* residual = nullptr) {
   const int64_t n = x.size(0), channels = x.size(1), out_ch = g.size(1);
   const int64_t out_g = out_ch / groups, in_g = channels / groups * geo.kernel_size();
   const int64_t positions = geo.positions(), image = geo.height * geo.width;
@@ -207,7 +221,7 @@ void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, c
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto xc = x.to(compute).contiguous();
   const auto gc = g.to(compute).contiguous();
-  if (use_depthwise(geo, channels, out_ch, groups)) {
+  if (residual == nullptr && use_depthwise(geo, channels, out_ch, groups)) {
     AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_depthwise", [&] {
       using compute_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_depthwise_acc", [&] {
@@ -222,6 +236,14 @@ void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, c
   const TilePlan plan =
       plan_tiles(n, groups, in_g, out_g, positions, chunk_elems, at::elementSize(compute), threads);
   const bool direct = geo.patches_are_input();
+  // In the layouts of Correction: the weight's order is the result's, (groups, O_g, I_g); the
+  // shifts and scales are (N, groups, O_g).
+  at::Tensor shift, scale, basis;
+  if (residual != nullptr) {
+    shift = residual->shift.to(compute).contiguous();
+    scale = residual->scale.to(compute).contiguous();
+    basis = residual->basis.to(compute).contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES(compute, "conv2d_sq_sum_cpu_compute", [&] {
     using compute_t = scalar_t;
     const compute_t* x_data = xc.data_ptr<compute_t>();
@@ -237,9 +259,14 @@ void conv2d_sq_sum_into(at::Tensor& out, bool accumulate, const at::Tensor& x, c
       patch_rows(x_group, geo, r0, r1, scratch);
       return TileFactors<compute_t>{scratch, chunk};
     };
+    const Correction<compute_t> correction{
+        residual == nullptr ? nullptr : shift.data_ptr<compute_t>(),
+        residual == nullptr ? nullptr : scale.data_ptr<compute_t>(),
+        residual == nullptr ? nullptr : basis.data_ptr<compute_t>()};
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "conv2d_sq_sum_cpu_acc", [&] {
       tiled_sq_sum<compute_t, scalar_t>(plan, n, groups, in_g, out_g, positions, chunk_elems, out,
-                                        /*transposed=*/true, accumulate, load, factors);
+                                        /*transposed=*/true, accumulate, load, factors,
+                                        residual == nullptr ? nullptr : &correction);
     });
   });
 }
@@ -270,11 +297,46 @@ void conv2d_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::T
   conv2d_sq_sum_into(acc, /*accumulate=*/true, x, g, geo, groups);
 }
 
+// A per-(sample, output channel) term of the residuals: (N, O), floating, on x's device.
+void check_residual_term(const at::Tensor& t, const char* name, const at::Tensor& x,
+                         const at::Tensor& g) {
+  FF_CHECK_FLOATING(t, name);
+  FF_CHECK_SAME_DEVICE(t, x, name, "x");
+  FF_CHECK(t.dim() == 2 && t.size(0) == g.size(0) && t.size(1) == g.size(1), name, " has shape ",
+           t.sizes(), " but g ", g.sizes(), " needs (N, O) = (", g.size(0), ", ", g.size(1),
+           "): one value per sample and output channel");
+}
+
+void conv2d_residual_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::Tensor& g,
+                                        const at::Tensor& shift, const at::Tensor& scale,
+                                        const at::Tensor& basis, at::IntArrayRef kernel,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups) {
+  FF_CHECK_ACCUMULATOR(acc);
+  check_inputs(x, g, kernel, stride, padding, dilation, groups, acc.scalar_type());
+  const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
+  const int64_t weight = g.size(1) * (x.size(1) / groups * geo.kernel_size());
+  FF_CHECK_SAME_DEVICE(acc, x, "acc", "x");
+  FF_CHECK(acc.numel() == weight, "acc has ", acc.numel(),
+           " elements but the weight of this convolution has ", weight,
+           "; pass an accumulator shaped like the weight");
+  check_residual_term(shift, "shift", x, g);
+  check_residual_term(scale, "scale", x, g);
+  FF_CHECK_FLOATING(basis, "basis");
+  FF_CHECK_SAME_DEVICE(basis, x, "basis", "x");
+  FF_CHECK(basis.numel() == weight, "basis has ", basis.numel(),
+           " elements but the weight of this convolution has ", weight,
+           "; pass a tensor shaped like the weight");
+  const Residual residual{shift, scale, basis};
+  conv2d_sq_sum_into(acc, /*accumulate=*/true, x, g, geo, groups, &residual);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fisher_fast, CPU, m) {
   m.impl("conv2d_sq_sum", &conv2d_sq_sum_cpu);
   m.impl("conv2d_sq_sum_", &conv2d_sq_sum_inplace_cpu);
+  m.impl("conv2d_residual_sq_sum_", &conv2d_residual_sq_sum_inplace_cpu);
 }
 
 }  // namespace fisher_fast

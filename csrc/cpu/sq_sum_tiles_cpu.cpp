@@ -91,17 +91,37 @@ constexpr int64_t kFusedRows = 4;
 constexpr int64_t kFusedMaxPositions = 16;  // up to here the fused loop beat gemm_nn + square_add
 constexpr int64_t kFusedSamples = 16;       // samples whose squares one block sums in registers
 
+// The correction (sq_sum_tiles.h) of a group of samples' products over one tile: per sample of
+// the group, its shift and scale (the block's width values), and the basis from the tile's first
+// row on (row stride: the tile's width).
+template <typename T>
+struct TileCorrection {
+  const T* const* shift;
+  const T* const* scale;
+  const T* basis;
+};
+
 // One block of kRows rows × kVecs values of V (vectors of compute_t, or single values for the
-// last columns) at row r0 and column j0; S holds as many acc_t lanes as V.
-template <typename V, typename S, int64_t kRows, int64_t kVecs, typename compute_t, typename acc_t>
+// last columns) at row r0 and column j0; S holds as many acc_t lanes as V. With kCorrect, each
+// product is corrected before it is squared.
+template <typename V, typename S, int64_t kRows, int64_t kVecs, bool kCorrect, typename compute_t,
+          typename acc_t>
 FF_INLINE void product_square_add_block(int64_t samples, int64_t k, const compute_t* const* a,
                                         int64_t lda, const compute_t* const* b, int64_t ldb,
-                                        int64_t r0, int64_t j0, acc_t* __restrict acc,
-                                        int64_t ldc) {
+                                        int64_t r0, int64_t j0, acc_t* __restrict acc, int64_t ldc,
+                                        const TileCorrection<compute_t>& c) {
   constexpr int64_t step = sizeof(V) / sizeof(compute_t);
   S sum[kRows][kVecs];
   for (int64_t r = 0; r < kRows; ++r) {
     for (int64_t q = 0; q < kVecs; ++q) load_lanes(sum[r][q], acc + r * ldc + q * step);
+  }
+  V basis[kRows][kVecs];  // the same for every sample: loaded once
+  if constexpr (kCorrect) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t q = 0; q < kVecs; ++q) {
+        load_lanes(basis[r][q], c.basis + (r0 + r) * ldc + j0 + q * step);
+      }
+    }
   }
   for (int64_t s = 0; s < samples; ++s) {
     const compute_t* __restrict as = a[s] + r0 * lda;
@@ -113,6 +133,14 @@ FF_INLINE void product_square_add_block(int64_t samples, int64_t k, const comput
       for (int64_t r = 0; r < kRows; ++r) {
         const compute_t ar = as[r * lda + l];
         for (int64_t q = 0; q < kVecs; ++q) v[r][q] += ar * bl[q];
+      }
+    }
+    if constexpr (kCorrect) {
+      for (int64_t q = 0; q < kVecs; ++q) {
+        V shift, scale;
+        load_lanes(shift, c.shift[s] + j0 + q * step);
+        load_lanes(scale, c.scale[s] + j0 + q * step);
+        for (int64_t r = 0; r < kRows; ++r) v[r][q] -= shift + scale * basis[r][q];
       }
     }
     for (int64_t r = 0; r < kRows; ++r) {
@@ -131,40 +159,54 @@ FF_INLINE void product_square_add_block(int64_t samples, int64_t k, const comput
 // Rows [r0, r0 + kRows) of the result, every column: blocks of two vectors, then one, then single
 // columns. Each result row is walked in order, and each sample's b (k × width, in cache) is read
 // once per kRows rows.
-template <typename compute_t, typename acc_t, int64_t kRows>
+template <typename compute_t, typename acc_t, int64_t kRows, bool kCorrect>
 FF_INLINE void product_square_add_rows(int64_t samples, int64_t width, int64_t k,
                                        const compute_t* const* a, int64_t lda,
                                        const compute_t* const* b, int64_t ldb, int64_t r0,
-                                       acc_t* acc) {
+                                       acc_t* acc, const TileCorrection<compute_t>& c) {
   using V = Lanes<compute_t, compute_t>;
   using S = Lanes<acc_t, compute_t>;
   constexpr int64_t w = kLanes<compute_t>;
   int64_t j = 0;
   for (; j + 2 * w <= width; j += 2 * w) {
-    product_square_add_block<V, S, kRows, 2>(samples, k, a, lda, b, ldb, r0, j, acc + j, width);
+    product_square_add_block<V, S, kRows, 2, kCorrect>(samples, k, a, lda, b, ldb, r0, j, acc + j,
+                                                       width, c);
   }
   for (; j + w <= width; j += w) {
-    product_square_add_block<V, S, kRows, 1>(samples, k, a, lda, b, ldb, r0, j, acc + j, width);
+    product_square_add_block<V, S, kRows, 1, kCorrect>(samples, k, a, lda, b, ldb, r0, j, acc + j,
+                                                       width, c);
   }
   for (; j < width; ++j) {
-    product_square_add_block<compute_t, acc_t, kRows, 1>(samples, k, a, lda, b, ldb, r0, j, acc + j,
-                                                         width);
+    product_square_add_block<compute_t, acc_t, kRows, 1, kCorrect>(samples, k, a, lda, b, ldb, r0,
+                                                                   j, acc + j, width, c);
   }
 }
 
-template <typename compute_t, typename acc_t>
+template <typename compute_t, typename acc_t, bool kCorrect>
 FF_CLONES void product_square_add_impl(int64_t samples, int64_t rows, int64_t width, int64_t k,
                                        const compute_t* const* a, int64_t lda,
                                        const compute_t* const* b, int64_t ldb,
-                                       acc_t* __restrict acc) {
+                                       acc_t* __restrict acc, TileCorrection<compute_t> c) {
   int64_t r = 0;
   for (; r + kFusedRows <= rows; r += kFusedRows) {
-    product_square_add_rows<compute_t, acc_t, kFusedRows>(samples, width, k, a, lda, b, ldb, r,
-                                                          acc + r * width);
+    product_square_add_rows<compute_t, acc_t, kFusedRows, kCorrect>(samples, width, k, a, lda, b,
+                                                                    ldb, r, acc + r * width, c);
   }
   for (; r < rows; ++r) {
-    product_square_add_rows<compute_t, acc_t, 1>(samples, width, k, a, lda, b, ldb, r,
-                                                 acc + r * width);
+    product_square_add_rows<compute_t, acc_t, 1, kCorrect>(samples, width, k, a, lda, b, ldb, r,
+                                                           acc + r * width, c);
+  }
+}
+
+// prod (rows × width) -= 1 shiftᵀ + basis ⊙ (1 scaleᵀ), basis (rows × width) as prod.
+template <typename T>
+FF_CLONES void subtract_correction(T* __restrict prod, int64_t rows, int64_t width,
+                                   const T* __restrict shift, const T* __restrict scale,
+                                   const T* __restrict basis) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j)
+      prod[r * width + j] -= shift[j] + scale[j] * basis[r * width + j];
   }
 }
 
@@ -277,7 +319,8 @@ TilePlan plan_tiles(int64_t n, int64_t blocks, int64_t height, int64_t width, in
 template <typename compute_t, typename acc_t>
 void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t height, int64_t width,
                   int64_t positions, int64_t chunk_elems, at::Tensor& out, bool transposed,
-                  bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors) {
+                  bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors,
+                  const Correction<compute_t>* correction) {
   // Threads that split the samples each sum into a copy of their own (a small result), folded
   // into out at the end.
   checked_mul(plan.splits, out.numel(), "the per-thread accumulators' size");
@@ -311,7 +354,8 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
     // else in a buffer emitted into it at the end.
     const bool buffered = transposed || add_tiles;
     std::vector<acc_t> tile_buffer(buffered ? plan.rows * width : 0);
-    std::vector<const compute_t*> a(group), b(group);
+    std::vector<const compute_t*> a(group), b(group), shift(group), scale(group);
+    std::vector<compute_t> basis(correction == nullptr ? 0 : plan.rows * width);
     int64_t loaded = -1;  // the (split, block, first sample) whose chunk operands are loaded
     for (int64_t item = first; item < last; ++item) {
       const int64_t part = item / (blocks * plan.tiles);
@@ -320,6 +364,10 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
       acc_t* result = sums_data + (part * blocks + blk) * height * width;
       acc_t* tile = buffered ? tile_buffer.data() : result + r0 * width;
       std::fill(tile, tile + (r1 - r0) * width, acc_t(0));
+      if (correction != nullptr) {  // the tile's rows of the basis, in the products' layout
+        transpose_strided<false>(correction->basis + blk * width * height + r0, width, r1 - r0,
+                                 height, basis.data(), width);
+      }
       const int64_t s_end = std::min(n, (part + 1) * per_split);
       for (int64_t c0 = part * per_split; c0 < s_end; c0 += plan.chunk) {
         const int64_t c1 = std::min(s_end, c0 + plan.chunk);
@@ -333,12 +381,23 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
             const auto f = factors(s, blk, r0, r1, chunk.data() + (s - c0) * chunk_stride,
                                    scratch.data() + (s - g0) * scratch_stride);
             a[s - g0] = f.a, b[s - g0] = f.b;
+            if (correction != nullptr) {
+              shift[s - g0] = correction->shift + (s * blocks + blk) * width;
+              scale[s - g0] = correction->scale + (s * blocks + blk) * width;
+            }
           }
-          if (fused) {
-            product_square_add_impl(g1 - g0, r1 - r0, width, positions, a.data(), positions,
-                                    b.data(), width, tile);
+          const TileCorrection<compute_t> c{shift.data(), scale.data(), basis.data()};
+          if (fused && correction != nullptr) {
+            product_square_add_impl<compute_t, acc_t, true>(
+                g1 - g0, r1 - r0, width, positions, a.data(), positions, b.data(), width, tile, c);
+          } else if (fused) {
+            product_square_add_impl<compute_t, acc_t, false>(
+                g1 - g0, r1 - r0, width, positions, a.data(), positions, b.data(), width, tile, c);
           } else {
             gemm_nn(r1 - r0, width, positions, a[0], positions, b[0], width, prod.data(), width);
+            if (correction != nullptr) {
+              subtract_correction(prod.data(), r1 - r0, width, shift[0], scale[0], c.basis);
+            }
             square_add(prod.data(), tile, (r1 - r0) * width);
           }
         }
@@ -356,10 +415,10 @@ void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t heigh
   }
 }
 
-#define FF_INSTANTIATE(compute_t, acc_t)                                                           \
-  template void tiled_sq_sum<compute_t, acc_t>(const TilePlan&, int64_t, int64_t, int64_t,         \
-                                               int64_t, int64_t, int64_t, at::Tensor&, bool, bool, \
-                                               LoadChunk<compute_t>, Factors<compute_t>);          \
+#define FF_INSTANTIATE(compute_t, acc_t)                                                        \
+  template void tiled_sq_sum<compute_t, acc_t>(                                                 \
+      const TilePlan&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, at::Tensor&, bool, \
+      bool, LoadChunk<compute_t>, Factors<compute_t>, const Correction<compute_t>*);            \
   template void square_add<compute_t, acc_t>(const compute_t*, acc_t*, int64_t);
 FF_INSTANTIATE(float, float)
 FF_INSTANTIATE(float, double)

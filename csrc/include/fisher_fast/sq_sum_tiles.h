@@ -60,13 +60,27 @@ template <typename T>
 using Factors = c10::function_ref<TileFactors<T>(int64_t s, int64_t b, int64_t r0, int64_t r1,
                                                  const T* chunk, T* scratch)>;
 
+// What is taken off each product before it is squared: P[s,b] - 1 shift[s,b]ᵀ - basis[b] ⊙
+// (1 scale[s,b]ᵀ), that is, per column j a constant shift[s,b,j] and scale[s,b,j] times the
+// column of a basis shared by the samples. shift and scale: (n, blocks, width) contiguous;
+// basis: (blocks, width, height) contiguous, each block transposed against the products (the
+// result's layout with `transposed`); the loop transposes it a tile at a time.
+template <typename T>
+struct Correction {
+  const T* shift;
+  const T* scale;
+  const T* basis;
+};
+
 // out (blocks × height × width elements, contiguous, of acc_t) = the sums over all samples of
 // their squared products, as above, each block stored (height, width), or (width, height) with
-// `transposed`; += with `accumulate`. Every element of out is written.
+// `transposed`; += with `accumulate`. Every element of out is written. With a correction, the
+// products are corrected (as above) before they are squared.
 template <typename compute_t, typename acc_t>
 void tiled_sq_sum(const TilePlan& plan, int64_t n, int64_t blocks, int64_t height, int64_t width,
                   int64_t positions, int64_t chunk_elems, at::Tensor& out, bool transposed,
-                  bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors);
+                  bool accumulate, LoadChunk<compute_t> load, Factors<compute_t> factors,
+                  const Correction<compute_t>* correction = nullptr);
 
 // acc[j] += prod[j]² for j < size.
 template <typename compute_t, typename acc_t>

@@ -11,22 +11,16 @@ backward:
 
     dW_n = (s / σ̃) (g_n - A_n - Ŵ B_n),   A_n = mean_e g_n,   B_n = mean_e (g_n ⊙ Ŵ),
 
-with A_n and B_n one number per sample and output channel. Squared and summed over samples,
-
-    Σ_n dW_n² = (s / σ̃)² (Σ_n g_n² - 2 Σ_n A_n g_n - 2 Ŵ Σ_n B_n g_n
-                          + Σ_n A_n² + 2 Ŵ Σ_n A_n B_n + Ŵ² Σ_n B_n²),
-
-where Σ_n g_n² is the convolution rule's sum of squares, Σ_n A_n g_n and Σ_n B_n g_n are
-ordinary weight gradients of the convolution with the output gradient of sample n and channel
-o scaled by A_n[o] (or B_n[o]), and A_n, B_n come from the output gradient and two cheap
-convolutions: A_n[o] = Σ_p G_n[o,p] · S_n[p] / K with S_n[p] the sum of the input patch at
-output position p (a convolution with a kernel of ones), and
-B_n[o] = Σ_p G_n[o,p] · (x_n ⋆ Ŵ)[o,p] / K. No
-per-sample gradient is formed. The gain's per-sample gradient is scale · K · B_n.
-
-The expansion subtracts terms of the size of Σ_n g_n²; it loses precision only when the
-per-sample gradients are nearly constant along each row (inputs with a mean far larger than
-their spread), and the sums are combined in the accumulator's precision.
+with A_n and B_n one number per sample and output channel: dW_n is the residual of g_n after a
+constant and a multiple of Ŵ are taken off each row. A_n and B_n come from the output gradient
+and two cheap convolutions: A_n[o] = Σ_p G_n[o,p] · S_n[p] / K with S_n[p] the sum of the input
+patch at output position p (a convolution with a kernel of ones), and
+B_n[o] = Σ_p G_n[o,p] · (x_n ⋆ Ŵ)[o,p] / K, the second factor the layer's own output (kept by
+the instrumented forward). The squared residuals are then summed as the convolution rule sums
+squared gradients: on the CPU by the kernel ``conv2d_residual_sq_sum_``, which subtracts the
+two terms from each tile of per-sample gradients before squaring it (no per-sample gradient is
+stored); elsewhere from chunks of unfolded inputs. The gain's per-sample gradient is
+scale · K · B_n.
 
 A module is recognised by its attributes (a convolution subclass with its own forward, an
 ``eps``, optionally a ``gain`` and ``scale``, and a padding of the input first: Hugging Face's
@@ -45,9 +39,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule
-from fisher_fast.fim.rules.conv import _explicit_padding, _pad, bias_square_sum, weight_square_sum
+from fisher_fast import ops
+from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, joined, register_matched_rule
+from fisher_fast.fim.rules.conv import (
+    UNFOLD_CHUNK_BYTES,
+    _explicit_padding,
+    _fused_args,
+    _fused_op,
+    _grad_blocks,
+    _pad,
+    bias_square_sum,
+    unfold,
+)
 from fisher_fast.fim.rules.lookalike import reproduces
+from fisher_fast.fim.work_memory import work_bytes
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -187,20 +192,66 @@ def _per_sample_rows(
     return torch.stack((a, b)) / w_hat.shape[1]
 
 
-def _weighted_weight_grad(
-    module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor, weights: torch.Tensor
+def _residual_square_sum(
+    conv: nn.modules.conv._ConvNd,
+    inputs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    factor: torch.Tensor,
+    rows: torch.Tensor,
+    w_hat: torch.Tensor,
+    ctx: RuleContext,
+) -> None:
+    """Add Σ_n dW_n², dW_n = factor ⊙ (g_n - A_n - Ŵ B_n), for factor (C_out,) = s / σ̃, rows
+    (2, N, C_out) = (A, B) and the calls' inputs (already padded: ``_centred_inputs``) and
+    output gradients; g_n the per-sample gradient at W' summed over the calls.
+
+    The factor goes into the output gradients (g_n is linear in them), so the residuals are
+    dW_n themselves: one pass of the CPU kernel, which forms them tile by tile, or chunks of
+    samples whose per-sample gradients are formed from the unfolded inputs."""
+    spatial = (1,) * (grads[0].dim() - 2)
+    scaled = [g * factor.to(g.dtype).reshape(-1, *spatial) for g in grads]
+    shift, scale = rows * factor.to(rows.dtype)
+    if _fused_op(conv, len(inputs), inputs[0], ctx) is not ops.conv2d_sq_sum:
+        ctx.add(
+            "weight", _unfolded_residual_square_sum(conv, inputs, scaled, shift, scale, w_hat, ctx)
+        )
+        return
+    # straight into the running total when it can take it (as conv.py's rule)
+    target = ctx.target("weight")
+    if target is not None and not target.is_contiguous():
+        target = None
+    total = torch.zeros_like(conv.weight, dtype=ctx.acc_dtype) if target is None else target
+    x, g, *geometry = _fused_args(conv, inputs[0], scaled[0])
+    ops.conv2d_residual_sq_sum_(total, x, g, shift, scale, w_hat, *geometry)
+    if target is None:
+        ctx.add("weight", total)
+
+
+def _unfolded_residual_square_sum(
+    conv: nn.modules.conv._ConvNd,
+    inputs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    w_hat: torch.Tensor,
+    ctx: RuleContext,
 ) -> torch.Tensor:
-    """(C_out, K) for weights (N, C_out): Σ_n weights[n, o] · (per-sample gradient at W' of
-    sample n)[o], the weight gradient of the convolution with the output gradient scaled per
-    sample and channel; x is already padded (``_centred_inputs``)."""
-    spatial = (1,) * (g.dim() - 2)
-    scaled = g * weights.to(g.dtype).reshape(*weights.shape, *spatial)
-    weight = torch.empty(module.weight.shape, dtype=g.dtype, device=g.device)
-    _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        scaled, x, weight, None, list(module.stride), [0] * len(spatial), list(module.dilation),
-        False, [0] * len(spatial), module.groups, [False, True, False],
-    )  # fmt: skip
-    return grad_weight.reshape(module.out_channels, -1)
+    """The weight's Σ_n (g_n - shift_n - scale_n Ŵ)² (``ctx.acc_dtype``), shift and scale
+    (N, C_out), per-sample gradients g_n formed from unfolded inputs a chunk of samples at a
+    time (any device, any number of calls, 1-D to 3-D)."""
+    work, out_ch = ctx.work_dtype, conv.out_channels
+    basis = w_hat.to(work).reshape(1, out_ch, -1)
+    per_sample = sum(x[:1].numel() for x in inputs) * math.prod(conv.kernel_size) + w_hat.numel()
+    step = max(1, work_bytes(conv.weight.device, UNFOLD_CHUNK_BYTES) // (4 * per_sample))
+    total = torch.zeros((out_ch, w_hat.shape[1]), dtype=ctx.acc_dtype, device=w_hat.device)
+    for start in range(0, shift.shape[0], step):
+        part = slice(start, start + step)
+        x = joined([unfold(conv, x[part]) for x in inputs], dim=2).to(work)
+        g = joined([_grad_blocks(conv, g[part]) for g in grads], dim=2).to(work)
+        residual = (g.transpose(2, 3) @ x).reshape(x.shape[0], out_ch, -1)
+        residual -= shift[part, :, None].to(work) + scale[part, :, None].to(work) * basis
+        total += residual.square().sum(0, dtype=ctx.acc_dtype)
+    return total.reshape(conv.weight.shape)
 
 
 def _instrument(
@@ -230,7 +281,8 @@ def _centred_inputs(
 
     The per-sample gradient at W changes by nothing when every entry of a patch moves by the
     same amount (the row mean A absorbs it, and Ŵ's rows sum to zero), so this is exact; and an
-    input far from zero would make each term of the expansion far larger than the result."""
+    input far from zero would make each g_n far larger than its residual, which float32 would
+    then round."""
     flat = copy.copy(module)  # shares the parameters; only its padding differs
     flat.padding, flat.padding_mode = (0,) * len(module.kernel_size), "zeros"
     inputs = []
@@ -253,29 +305,15 @@ def _standardised_conv_rule(
     if wants_weight or wants_gain:
         acc = ctx.acc_dtype
         w_hat, inv_std = standardised(module)
-        pairs = list(zip(calls, inputs, strict=True))
+        pairs = zip(calls, inputs, strict=True)
         rows = torch.stack([_per_sample_rows(conv, c, x, w_hat) for c, x in pairs]).sum(0)
-        a, b = rows.to(acc)
         if wants_gain:
             scale = float(getattr(module, "scale", 1.0)) * w_hat.shape[1]
-            ctx.add("gain", (scale * b).square().sum(0).reshape(module.gain.shape))
+            squares = (scale * rows[1].to(acc)).square().sum(0)
+            ctx.add("gain", squares.reshape(module.get_parameter("gain").shape))
         if wants_weight:
-            # Σ g² - 2 Σ A g - 2 Ŵ Σ B g + Σ A² + 2 Ŵ Σ A B + Ŵ² Σ B², one weight-sized
-            # temporary at a time (these layers hold most of a ResNet-V2's parameters)
-            w = w_hat.to(acc)
-            total = weight_square_sum(conv, inputs, grads, ctx).reshape(w.shape).to(acc)
-            for c, x in pairs:
-                total.sub_(_weighted_weight_grad(conv, x, c.grad(), a).to(acc), alpha=2)
-                total.addcmul_(w, _weighted_weight_grad(conv, x, c.grad(), b).to(acc), value=-2)
-            quadratic = w * b.square().sum(0)[:, None]
-            quadratic.add_((a * b).sum(0)[:, None], alpha=2).mul_(w).add_(
-                a.square().sum(0)[:, None]
-            )
-            total.add_(quadratic)
-            del quadratic
-            s = inv_std.to(acc) if gain is None else inv_std.to(acc) * gain.to(acc)[:, None]
-            # a sum of squares: only rounding can take it below zero
-            ctx.add("weight", total.clamp_min_(0).mul_(s.square()).reshape(module.weight.shape))
+            factor = inv_std.reshape(-1) if gain is None else inv_std.reshape(-1) * gain
+            _residual_square_sum(conv, inputs, grads, factor, rows, w_hat, ctx)
     if module.bias is not None and module.bias.requires_grad:
         bias_square_sum(grads, ctx)
 
