@@ -10,8 +10,28 @@ from torch import nn
 
 
 def to_float64(model: nn.Module) -> nn.Module:
-    """A float64 deep copy of the model, in eval mode."""
-    return copy.deepcopy(model).double().eval()
+    """A float64 deep copy of the model, in eval mode, fit for batches of one sample."""
+    return one_sample_safe(copy.deepcopy(model).double().eval())
+
+
+def one_sample_safe(model: nn.Module) -> nn.Module:
+    """The model (changed in place) with the gradient at every BatchNorm and InstanceNorm output
+    made contiguous: PyTorch's CPU backward of these norms in eval mode returns a wrong input
+    gradient for a batch of one sample when that gradient has some strides (a transpose after
+    the norm, as in XCiT and lambda layers), and the loops below run batches of one."""
+
+    def contiguous(grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(contiguous)
+
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    for m in model.modules():
+        if isinstance(m, norms):
+            m.register_forward_hook(hook)
+    return model
 
 
 def _as64(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +145,7 @@ def reference_fim_batches(
     Classification targets may be (N,) or (N, T) (a token per position; loss summed over T).
     With ``in_float64=False`` the model runs in its own dtype (the squares are still summed in
     float64): what a plain per-sample autograd loop in that precision gives."""
-    m = to_float64(model) if in_float64 else copy.deepcopy(model).eval()
+    m = to_float64(model) if in_float64 else one_sample_safe(copy.deepcopy(model).eval())
     params = dict((n, p) for n, p in m.named_parameters() if p.requires_grad)
     total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
     count = 0

@@ -480,6 +480,18 @@ def test_batches_of_one_sample_are_not_fooled_either(norm: str, inplace: bool) -
     assert not model.norm._forward_hooks  # the hook is removed with the others
 
 
+@pytest.mark.parametrize("norm", list(_NORMS))
+def test_the_tests_reference_loop_is_not_fooled_either(norm: str) -> None:
+    """The tests' own per-sample loop (fim_reference.py) runs batches of one sample too: it must
+    agree with diag_fim over batches of three."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _with_running_statistics(_NormThenTokens(_NORMS[norm]()))
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    threes = fisher_fast.diag_fim(model, (x, y), batch_size=3, dtype=torch.float64, progress=False)
+    errors = max_relative_error(threes, reference_fim_batches(model, [(x, y)]))
+    assert max(errors.values()) <= 1e-12, errors
+
+
 def test_check_names_a_model_it_cannot_copy() -> None:
     """A tensor with autograd history kept on the model (a cache of an eval-mode forward) makes
     the copy for the reference loop fail: a clear error, not deepcopy's."""
