@@ -492,6 +492,32 @@ def test_the_tests_reference_loop_is_not_fooled_either(norm: str) -> None:
     assert max(errors.values()) <= 1e-12, errors
 
 
+class _ScaledTokens(_NormThenTokens):
+    """_NormThenTokens with a layer-scale gain on the tokens, used in the model's own forward
+    (traced, and verified on the planning batch by running its samples alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(self.conv(x)).flatten(2).transpose(1, 2) * self.gamma
+        return self.head(torch.tanh(tokens).mean(1))
+
+
+def test_the_planning_check_is_not_fooled_by_a_batch_of_one() -> None:
+    """The check of a traced parameter runs each planning sample as a batch of one: the norm's
+    wrong backward there made it refuse the traced path (XCiT's layer scales, class token and
+    position encoding all went to the per-sample path)."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _with_running_statistics(_ScaledTokens())
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fim = fisher_fast.diag_fim(model, (x, y), batch_size=3, dtype=torch.float64, progress=False)
+    assert fim.meta["paths"]["gamma"] == "broadcast use expanded to the samples"
+    errors = max_relative_error(fim, reference_fim_batches(model, [(x, y)]))
+    assert max(errors.values()) <= 1e-12, errors
+
+
 def test_check_names_a_model_it_cannot_copy() -> None:
     """A tensor with autograd history kept on the model (a cache of an eval-mode forward) makes
     the copy for the reference loop fail: a clear error, not deepcopy's."""

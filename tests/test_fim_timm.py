@@ -223,6 +223,15 @@ FAST_PATHS: dict[str, dict[str, str]] = {
         "stem.conv2.gain": "rule standardised_conv_rule",
         "final_conv.weight": "rule standardised_conv_rule",
     },
+    # the planning batch's check runs samples alone through its batch norms read as tokens;
+    # a Fourier position encoding's projection, repeated for the batch; layer scales
+    "xcit": {
+        "cls_token": "broadcast use expanded to the samples",
+        "pos_embed.token_projection.weight": "broadcast use expanded to the samples",
+        "blocks.0.gamma1": "broadcast use expanded to the samples",
+        "blocks.0.attn.temperature": "broadcast use expanded to the samples",
+        "cls_attn_blocks.0.gamma1": "broadcast use expanded to the samples",
+    },
 }
 
 

@@ -446,6 +446,7 @@ class _Accumulation:
                 layouts.__getitem__,
                 [o.module for o in plan.owners],
                 self.capture.paused,
+                lambda: self.one_sample_norms.samples(1),
                 params,
             )
             broadcast.forget()  # the check's gradients reached the collectors too

@@ -170,11 +170,14 @@ def verify(
     layouts: Callable[[nn.Module], list[CallLayout | Unknown]],
     owners: list[nn.Module],
     paused: Callable[[], Any],
+    one_sample: Callable[[], Any],
     params: Sequence[tuple[list[torch.Tensor], PerSample, torch.Tensor]] = (),
 ) -> str | None:
     """None when the variant batch (expanded, samples ``index`` of the n) gives at every sampled
     output of ``owners`` the gradients its samples give alone, for a random cotangent on the
     model's sampled outputs, and the same model outputs; else why not (see the module docstring).
+    ``one_sample``: the context of the engine's passes of one sample (one_sample_norms.py: a
+    norm's backward in a batch of one is otherwise wrong, and the check would fail on that).
     ``params``: (the variant's tensors given the sample axis at a parameter's uses, the map
     from their gradients to the parameter's per-sample gradients, the parameter) of each
     parameter given the sample axis (broadcast_params.py): those must equal, sample by sample,
@@ -238,7 +241,7 @@ def verify(
         batched_params.append(per_sample(found[start : start + len(vs)]))
         start += len(vs)
     for row, j in enumerate(index):
-        with paused(), recording(model) as single:
+        with paused(), one_sample(), recording(model) as single:
             call_model(model, select_samples(inputs, n, [j]))
         alone_root = single.calls.get(model, [])
         alone_at = outputs_of(single)
