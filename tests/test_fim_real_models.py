@@ -29,6 +29,7 @@ from torch import nn
 import fisher_fast
 from fisher_fast.fim import engine
 from fisher_fast.fim.check import CheckFailedWarning
+from fisher_fast.fim.fallback import PerSampleLoopWarning
 
 VOCAB, T, N = 40, 6, 5
 Problem = tuple[nn.Module, list[tuple[Any, torch.Tensor]], dict[str, Any]]
@@ -514,6 +515,33 @@ def test_the_planning_check_is_not_fooled_by_a_batch_of_one() -> None:
     x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     fim = fisher_fast.diag_fim(model, (x, y), batch_size=3, dtype=torch.float64, progress=False)
     assert fim.meta["paths"]["gamma"] == "broadcast use expanded to the samples"
+    errors = max_relative_error(fim, reference_fim_batches(model, [(x, y)]))
+    assert max(errors.values()) <= 1e-12, errors
+
+
+class _LoopedNormTokens(_NormThenTokens):
+    """_NormThenTokens after a channel mix that no rule handles, with an ``.item()`` that vmap
+    cannot run: the mix's per-sample gradients come from re-running the model one sample at a
+    time, through the norm's backward of a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("nchw,cd->ndhw", x, self.mix)
+        if x.detach().abs().sum().item() >= 0:  # always; vmap cannot run it
+            x = super().forward(x)
+        return x
+
+
+def test_the_one_sample_at_a_time_path_is_not_fooled_either() -> None:
+    torch.manual_seed(random.randrange(2**31))
+    model = _with_running_statistics(_LoopedNormTokens())
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(PerSampleLoopWarning):
+        fim = fisher_fast.diag_fim(model, (x, y), batch_size=3, dtype=torch.float64, progress=False)
+    assert fim.meta["paths"]["mix"].startswith("per-sample gradients of the model")
     errors = max_relative_error(fim, reference_fim_batches(model, [(x, y)]))
     assert max(errors.values()) <= 1e-12, errors
 

@@ -25,6 +25,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fisher_fast.fim.layout import CallLayout, Sampled
+from fisher_fast.fim.one_sample_norms import contiguous_norm_gradients
 from fisher_fast.fim.rnn_replica import replica
 from fisher_fast.fim.rules import Call, RuleContext
 
@@ -171,9 +172,9 @@ def _one_sample(
             pullback = vjp(forward, p)[1]
             return pullback(cotangents)[0]
         inputs = {k: v.detach().requires_grad_() for k, v in p.items()}
-        pairs = [
-            (o, g) for o, g in zip(forward(inputs), cotangents, strict=True) if o.requires_grad
-        ]
+        with contiguous_norm_gradients(module):  # a batch of one (one_sample_norms.py)
+            outputs = forward(inputs)
+        pairs = [(o, g) for o, g in zip(outputs, cotangents, strict=True) if o.requires_grad]
         if not pairs:  # no output depends on the parameters
             return {k: torch.zeros_like(v) for k, v in inputs.items()}
         found = torch.autograd.grad(

@@ -10,7 +10,9 @@ tapped, so here a tensor hook on its output does the same.
 
 The hook is registered only in the engine's own forward passes of a batch of one sample
 (``samples(1)``): other batches pay nothing. A tensor hook, not an autograd Function, so that an
-in-place op after the norm (timm's ``ReLU(inplace=True)``) stays legal.
+in-place op after the norm (timm's ``ReLU(inplace=True)``) stays legal. The generic path's
+re-runs of a module one sample at a time (fallback.py, where vmap cannot run it) take the same
+hooks from ``contiguous_norm_gradients``.
 """
 
 from __future__ import annotations
@@ -31,13 +33,37 @@ def _contiguous(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous()
 
 
+def _norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (_BatchNorm, _InstanceNorm))]
+
+
+def _make_contiguous(output: Any) -> None:
+    """Have the gradient at a norm's output made contiguous on its way back."""
+    if isinstance(output, torch.Tensor) and output.requires_grad and output.dim() > 1:
+        output.register_hook(_contiguous)
+
+
+@contextlib.contextmanager
+def contiguous_norm_gradients(module: nn.Module) -> Iterator[None]:
+    """While the block runs, every BatchNorm and InstanceNorm in ``module`` has the gradient at
+    its output made contiguous: for passes of one sample outside the engine's own."""
+    handles = [
+        m.register_forward_hook(lambda m, a, out: _make_contiguous(out)) for m in _norms(module)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class OneSampleNorms(SampleScoped):
     """Forward hooks on every BatchNorm and InstanceNorm of a model, while ``installed()``, that
     make the gradient at the norm's output contiguous when the pass is of one sample."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self._norms = [m for m in model.modules() if isinstance(m, (_BatchNorm, _InstanceNorm))]
+        self._norms = _norms(model)
         self._handles: list[Any] = []
 
     @contextlib.contextmanager
@@ -52,10 +78,5 @@ class OneSampleNorms(SampleScoped):
         self._handles = []
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if (
-            self.n == 1
-            and isinstance(output, torch.Tensor)
-            and output.requires_grad
-            and output.dim() > 1
-        ):
-            output.register_hook(_contiguous)
+        if self.n == 1:
+            _make_contiguous(output)
