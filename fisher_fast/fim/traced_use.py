@@ -256,7 +256,7 @@ class Trace:
         ``bias.expand((batch, -1, T, T)).contiguous()``, added later to the logits in place):
         d is given the samples there, the tapped view expanded as asked. None for any other
         expansion, which stays traced."""
-        shape = _plain(func, leaves, spec).shape
+        shape = _result_shape(func, leaves, spec)
         k = self._per_sample_rows(shape) if shape else None
         if k is None or (d.dim() == len(shape) and d.shape[0] != 1):
             return None
@@ -527,6 +527,16 @@ def _plain(func: Any, leaves: list[Any], spec: Any) -> Any:
     args, kwargs = tree_unflatten(leaves, spec)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
+
+
+def _result_shape(func: Any, leaves: list[Any], spec: Any) -> torch.Size:
+    """The shape of ``func``'s result, from shape-only (meta) tensors: a repeat's is known
+    without making its copy."""
+    meta = [
+        torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+        for v in leaves
+    ]
+    return _plain(func, meta, spec).shape
 
 
 def _reshaped(value: torch.Tensor, param: torch.Tensor) -> bool:
