@@ -286,6 +286,37 @@ def test_a_model_whose_output_mixes_samples_is_refused() -> None:
         fisher_fast.diag_fim(BatchMean().double(), _data(False), progress=False)
 
 
+class _AttentionAcrossTheBatch(nn.Module):
+    """CSATv2's pattern (timm): a LayerNorm over one channel returns its bias, the same for
+    every sample, from which queries, keys and values of shape (N, T) attend across the batch
+    ((N, N) logits). Every output is its sample's own; the gradients are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(D, 1), nn.LayerNorm(1)
+        self.qkv, self.head = nn.Linear(1, 3, bias=False), nn.Linear(T, C)
+        with torch.no_grad():
+            self.norm.bias.fill_(0.7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm(self.embed(x))).unbind(-1)  # (N, T) each
+        return self.head((q @ k.transpose(0, 1)).softmax(-1) @ v)
+
+
+def test_a_model_whose_gradients_mix_samples_is_refused() -> None:
+    """Silently wrong before (5e-3 relative on the norm's bias): the rules read each sample's
+    gradient from its rows, where the other samples' losses reach too."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _AttentionAcrossTheBatch().double()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, C, (N,))
+    with pytest.raises(ValueError, match=r"depend on each other in the backward pass.*'qkv'"):
+        fisher_fast.diag_fim(model, (x, y), progress=False)
+    # the way out the error gives: every sample alone
+    alone = fisher_fast.diag_fim(model, (x, y), batch_size=1, progress=False, dtype=torch.float64)
+    errors = max_relative_error(alone, reference_fim_batches(model, [(x, y)]))
+    assert max(errors.values()) <= 1e-12, errors
+
+
 def test_layout_detection() -> None:
     n, index = 4, [1, 0]
     x = torch.randn(n, 3, 2)

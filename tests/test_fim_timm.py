@@ -261,3 +261,13 @@ def test_a_model_that_mixes_samples_is_refused() -> None:
     data = (torch.randn(4, 3, 64, 64), torch.randint(CLASSES, (4,)))
     with pytest.raises(ValueError, match="depends on the other samples in its batch"):
         fisher_fast.diag_fim(model, data, progress=False)
+
+
+def test_a_model_whose_gradients_mix_samples_is_refused() -> None:
+    """CSATv2 attends across the batch with queries, keys and values that are the same for
+    every sample: its outputs are per sample, its gradients are not (1.8e-3 relative error,
+    silently, before the check of coupled_samples.py)."""
+    model = _model("csatv2").eval()
+    data = (torch.randn(3, 3, 64, 64), torch.randint(CLASSES, (3,)))
+    with pytest.raises(ValueError, match="depend on each other in the backward pass"):
+        fisher_fast.diag_fim(model, data, progress=False)

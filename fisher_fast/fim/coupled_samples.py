@@ -1,4 +1,5 @@
-"""Refuse a model whose output for one sample depends on the other samples of its batch.
+"""Refuse a model whose samples depend on each other in its batch: in its outputs, or in its
+gradients.
 
 The diagonal Fisher information is a mean over samples of squared gradients of *per-sample*
 losses, each a function of its own sample. A model that mixes samples in its forward pass (a
@@ -9,16 +10,30 @@ then mix the batched gradients of some layers with per-sample re-runs of others,
 matches no definition, without a warning. So the first batch's planning compares the tensor the
 loss is computed on, for the samples that the variant batch runs as a batch of their own
 (layout.py): if their rows are not the same, the model is refused.
+
+Samples may also meet in the backward pass alone. timm's CSATv2 attends across the batch (its
+logits are (batch, batch)) with queries, keys and values that are the same for every sample (a
+LayerNorm over one channel returns its bias): every output is its sample's own, but one
+sample's loss has a gradient at the other samples' rows. The rules read a sample's gradient
+from its rows, so they would credit each sample with parts of the others' gradients. So the
+planning batch also checks, on the variant batch, that a random gradient at the first
+sample's outputs reaches no other sample's rows at the output of any module the plan reads
+gradients from (``coupled_gradients``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from fisher_fast.fim.layout import Recording, Unknown, compare
+from fisher_fast.fim.layout import CallLayout, Recording, Sampled, Unknown, compare
+
+# Gradient at the other samples' rows allowed, relative to the largest entry: rows that no path
+# joins get exact zeros, so this only spares rounding in a kernel that mixes rows.
+_LEAK = 1e-6
 
 
 class CoupledSamplesError(ValueError):
@@ -56,3 +71,65 @@ def coupled_samples(
         "repeats or reshapes a per-sample tensor across the batch, a norm over the batch); fix "
         "it, or pass batch_size=1 to run every sample alone."
     )
+
+
+def coupled_gradients(
+    model: nn.Module,
+    variant: Recording,
+    layouts: Callable[[nn.Module], list[CallLayout | Unknown]],
+    owners: Sequence[tuple[str, nn.Module]],
+) -> CoupledSamplesError | None:
+    """The error to raise when, in the variant pass, a random gradient at the first sample's
+    rows of the model's outputs reaches the rows of another sample at an output of one of
+    ``owners`` (the modules, by name, whose calls the plan reads per-sample gradients from);
+    else None.
+    Keeps the variant's graph (``retain_graph``) for the checks after it."""
+    root, root_layouts = variant.calls.get(model, []), layouts(model)
+    if len(root) != 1 or not isinstance(root_layouts[0], CallLayout):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    objective: torch.Tensor | None = None
+    for t, lay in zip(root[0].outputs, root_layouts[0].outputs, strict=True):
+        if isinstance(lay, Sampled) and t.requires_grad and t.shape[lay.axis] > lay.k:
+            first = t.narrow(lay.axis, 0, lay.k)
+            v = torch.randn(first.shape, generator=generator, dtype=t.dtype).to(t.device)
+            term = (first * v).sum()
+            objective = term if objective is None else objective + term
+    targets: list[tuple[str, torch.Tensor, Sampled]] = []
+    for name, module in owners:
+        for call, layout in zip(variant.calls.get(module, []), layouts(module), strict=False):
+            if isinstance(layout, CallLayout):
+                targets += [
+                    (f"'{name}' ({type(module).__name__})", t, lay)
+                    for t, lay in zip(call.outputs, layout.outputs, strict=True)
+                    if isinstance(lay, Sampled) and t.requires_grad
+                ]
+    if objective is None or not targets:
+        return None
+    grads = torch.autograd.grad(
+        objective, [t for _, t, _ in targets], retain_graph=True, allow_unused=True
+    )
+    leaks = [
+        where
+        for (where, _, lay), g in zip(targets, grads, strict=True)
+        if g is not None and _leaks(g, lay)
+    ]
+    if not leaks:
+        return None
+    more = f" and {len(leaks) - 1} other module outputs" if len(leaks) > 1 else ""
+    return CoupledSamplesError(
+        "the samples of a batch depend on each other in the backward pass: the gradient of one "
+        f"sample's loss reaches the other samples' rows at the output of {leaks[-1]}{more} "
+        "(attention across the batch, say, whose inputs happen to be the same for every "
+        "sample), so per-sample gradients cannot be read from the batch. Look for a layer that "
+        "mixes samples; fix it, or pass batch_size=1 to run every sample alone."
+    )
+
+
+def _leaks(grad: torch.Tensor, layout: Sampled) -> bool:
+    """Whether ``grad`` is more than rounding at the rows after the first sample's."""
+    rows = grad.shape[layout.axis]
+    if rows <= layout.k:
+        return False
+    others = grad.narrow(layout.axis, layout.k, rows - layout.k)
+    return float(others.abs().max()) > _LEAK * float(grad.abs().max())

@@ -32,7 +32,7 @@ from fisher_fast.fim.broadcast_params import (
 )
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
-from fisher_fast.fim.coupled_samples import CoupledSamplesError, coupled_samples
+from fisher_fast.fim.coupled_samples import CoupledSamplesError, coupled_gradients, coupled_samples
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
@@ -433,10 +433,18 @@ class _Accumulation:
         )  # fmt: skip
         plan.linear_calls = routes
         plan.expands_whole = broadcast.expands_whole
+        params = [
+            (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
+        ]
+        owners = [o.module for o in plan.owners]
+        if n > 1:  # one sample alone cannot be credited with another's gradient
+            named = [(o.name, o.module) for o in plan.owners]
+            coupled = coupled_gradients(self.model, variant, layouts.__getitem__, named)
+            if coupled is not None:
+                if expansion.modules or broadcast.names:  # perhaps by what diag_fim expanded
+                    return None
+                raise coupled
         if expanded or plan.broadcast:
-            params = [
-                (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
-            ]
             why = verify(
                 self.model,
                 inputs,
@@ -444,7 +452,7 @@ class _Accumulation:
                 index,
                 variant,
                 layouts.__getitem__,
-                [o.module for o in plan.owners],
+                owners,
                 self.capture.paused,
                 lambda: self.one_sample_norms.samples(1),
                 params,
@@ -452,6 +460,7 @@ class _Accumulation:
             broadcast.forget()  # the check's gradients reached the collectors too
             if why is not None:
                 return None
+        broadcast.forget()  # as the coupling check's
         return output, plan
 
     def _adopt(self, plan: Plan) -> bool:
