@@ -202,6 +202,22 @@ def t5_padded() -> Problem:
     return model, [batch() for _ in range(2)], {"loss": _lm_loss}
 
 
+def fsmt_positions() -> Problem:
+    """FSMT: trainable position embeddings (nn.Embedding subclasses) looked up at the ids'
+    places, which a check on the ids 0, 1, 2, ... took for the ids' own rows."""
+    cfg = _hf().FSMTConfig(
+        langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=16,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=2 * T, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    model = _hf().FSMTForConditionalGeneration(cfg)
+    data = [
+        ({"input_ids": _tokens(3), "decoder_input_ids": _tokens(3)}, _tokens(3)) for _ in range(2)
+    ]
+    return model, data, {"loss": _lm_loss}
+
+
 # -- torch.nn --------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Token + broadcast position embeddings (ids of shape (1, T)), nn.TransformerEncoder in
@@ -287,7 +303,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
         bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, clip_vision, siglip_vision,
-        t5_shared_embedding, t5_padded, t5_frozen_encoder,
+        t5_shared_embedding, t5_padded, t5_frozen_encoder, fsmt_positions,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,

@@ -104,6 +104,17 @@ class ShiftedEmbedding(nn.Embedding):
         return super().forward(ids) + 1.0
 
 
+class PositionEmbedding(nn.Embedding):
+    """Rows looked up at the ids' positions (FSMT's, fairseq's learned position embeddings):
+    position p + 1 for the p-th id that is not padding (here modulo the table's size). On the
+    ids 0, 1, 2, ... of a single sequence it returns the ids' own rows, yet it is no scaling of
+    them."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids.ne(0).long()
+        return super().forward(torch.cumsum(mask, dim=1) * mask % self.num_embeddings)
+
+
 class LanguageModel(nn.Module):
     """Token embedding (any class), a mixing layer, and a head tied to the embedding or not."""
 
@@ -129,6 +140,7 @@ EMBEDDINGS = {
         "rules embedding_rule and linear_rule",
     ),
     "shifted": (lambda: ShiftedEmbedding(VOCAB, D), "per-sample gradients of"),
+    "positions": (lambda: PositionEmbedding(VOCAB, D), "per-sample gradients of"),
 }
 
 
@@ -147,7 +159,7 @@ def test_scaled_and_padded_embeddings(kind: str, tied: bool) -> None:
     errors = max_relative_error(fim, reference_fim_batches(model, data))
     assert max(errors.values()) <= 1e-10, errors
     path = fim.meta["paths"]["embed.weight"]
-    if tied or kind == "shifted":
+    if tied or kind in ("shifted", "positions"):
         assert path.startswith(tied_path), path
     else:
         assert path == tied_path.split(" and ")[0].replace("rules", "rule"), path

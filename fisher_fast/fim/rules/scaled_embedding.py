@@ -5,7 +5,9 @@ The per-sample gradient of a row is the output gradient times the scale, summed 
 nn.Embedding (embedding.py). Whether a subclass computes exactly that is not assumed: its own
 forward runs on a few ids and must equal nn.Embedding's output times one constant, which the
 rule then reads from the same comparison each time it runs (a buffer such as ``embed_scale``
-may be changed by the user).
+may be changed by the user). The ids are scrambled, and given twice in two orders: a position
+embedding that looks its rows up at the ids' places (FSMT's, fairseq's) returns on the ids
+0, 1, 2, ... of one sequence the very rows of those ids.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def output_scale(module: nn.Module) -> float | None:
         return None
     if module.max_norm is not None or module.num_embeddings == 0:
         return None
-    ids = torch.arange(min(_IDS, module.num_embeddings), device=module.weight.device)[None]
+    ids = _probe_ids(module.num_embeddings).to(module.weight.device)
     try:
         got = type(module).forward(module, ids)
     except Exception:  # a forward that takes other inputs is not this formula
@@ -42,6 +44,14 @@ def output_scale(module: nn.Module) -> float | None:
     tol = 1e-2 if rows.element_size() <= 2 else 1e-5
     same = torch.allclose(got.double(), rows.double() * scale, rtol=tol, atol=tol * 1e-2)
     return scale if same else None
+
+
+def _probe_ids(rows: int) -> torch.Tensor:
+    """(2, k) ids: k distinct rows of a table of ``rows`` in a scrambled order, then the same
+    reversed, so that no id sits at its own place in both sequences (k ≥ 2)."""
+    k = min(_IDS, rows)
+    picked = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:k]
+    return torch.stack((picked, picked.flip(0)))
 
 
 def row_scale(module: nn.Module) -> float | None:
