@@ -218,6 +218,22 @@ def fsmt_positions() -> Problem:
     return model, data, {"loss": _lm_loss}
 
 
+def prophetnet_positions() -> Problem:
+    """ProphetNet: position embeddings called with the batch's shape (a torch.Size), not a
+    tensor, so their own call cannot be re-run per sample; the enclosing stacks are."""
+    cfg = _hf().ProphetNetConfig(
+        vocab_size=VOCAB, hidden_size=16, encoder_ffn_dim=24, decoder_ffn_dim=24,
+        num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+        num_decoder_attention_heads=2, max_position_embeddings=2 * T, ngram=2, num_buckets=8,
+        relative_max_distance=16, pad_token_id=0, decoder_start_token_id=1,
+    )  # fmt: skip
+    model = _hf().ProphetNetForConditionalGeneration(cfg)
+    data = [
+        ({"input_ids": _tokens(3), "decoder_input_ids": _tokens(3)}, _tokens(3)) for _ in range(2)
+    ]
+    return model, data, {"loss": _lm_loss}
+
+
 # -- torch.nn --------------------------------------------------------------------------------------
 class _Encoder(nn.Module):
     """Token + broadcast position embeddings (ids of shape (1, T)), nn.TransformerEncoder in
@@ -303,7 +319,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
         bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, clip_vision, siglip_vision,
-        t5_shared_embedding, t5_padded, t5_frozen_encoder, fsmt_positions,
+        t5_shared_embedding, t5_padded, t5_frozen_encoder, fsmt_positions, prophetnet_positions,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
         tied_embedding_and_head,

@@ -317,6 +317,36 @@ def test_a_model_whose_gradients_mix_samples_is_refused() -> None:
     assert max(errors.values()) <= 1e-12, errors
 
 
+class _PositionsOfShape(nn.Embedding):
+    """ProphetNet's position embedding: an nn.Embedding subclass called with the batch's shape
+    (a torch.Size, no tensor), which gives it the batch's size. No rule applies, and a re-run
+    of this call per sample would still make rows for the whole batch."""
+
+    def forward(self, shape: torch.Size) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.arange(shape[1]).expand(shape[0], -1))
+
+
+class _WithPositionsOfShape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions, self.head = _PositionsOfShape(T, D), nn.Linear(D, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x + self.positions(x.shape[:2])).mean(1))
+
+
+def test_a_call_given_the_batch_size_as_a_number_goes_to_the_enclosing_module() -> None:
+    """Before, the positions' own call was re-run per sample and failed inside autograd
+    (output (N, T, D) for one sample's gradient (1, T, D))."""
+    torch.manual_seed(random.randrange(2**31))
+    model = _WithPositionsOfShape().double()
+    data = _data(True)
+    fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    assert fim.meta["paths"]["positions.weight"].startswith("per-sample gradients of the model")
+    errors = max_relative_error(fim, reference_fim_batches(model, data))
+    assert max(errors.values()) <= 1e-12, errors
+
+
 def test_layout_detection() -> None:
     n, index = 4, [1, 0]
     x = torch.randn(n, 3, 2)

@@ -217,6 +217,11 @@ def compare(
     ``reaches_loss``: whether a gradient flows to the tensor from the loss (None: whenever it
     requires grad), for a Broadcast's ``differentiable``."""
     if not isinstance(real, torch.Tensor):
+        if isinstance(real, _PLAIN) and not _same_plain(real, variant):
+            return Unknown(
+                f"it takes {real!r} for {n} samples but {variant!r} for {len(index)} (the "
+                "batch's size in a shape, say), which no per-sample re-run would be given"
+            )
         if isinstance(real, _PLAIN) or real is Ellipsis:
             return None
         return Unknown(
@@ -249,6 +254,18 @@ def compare(
             coupled=True,
         )
     return Sampled(axis, k)
+
+
+def _same_plain(a: Any, b: Any) -> bool:
+    """Whether two plain arguments (``_PLAIN``) are the same value (NaN the same as NaN)."""
+    if a is b:
+        return True
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an __eq__ that does not compare: take them as different
+        return False
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
