@@ -202,6 +202,13 @@ def t5_padded() -> Problem:
     return model, [batch() for _ in range(2)], {"loss": _lm_loss}
 
 
+def _translations() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Two batches of source and target ids past the special tokens (pad 0, bos 1, eos 2)."""
+    return [
+        ({"input_ids": _tokens(3), "decoder_input_ids": _tokens(3)}, _tokens(3)) for _ in range(2)
+    ]
+
+
 def fsmt_positions() -> Problem:
     """FSMT: trainable position embeddings (nn.Embedding subclasses) looked up at the ids'
     places, which a check on the ids 0, 1, 2, ... took for the ids' own rows."""
@@ -211,11 +218,7 @@ def fsmt_positions() -> Problem:
         encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=2 * T, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )  # fmt: skip
-    model = _hf().FSMTForConditionalGeneration(cfg)
-    data = [
-        ({"input_ids": _tokens(3), "decoder_input_ids": _tokens(3)}, _tokens(3)) for _ in range(2)
-    ]
-    return model, data, {"loss": _lm_loss}
+    return _hf().FSMTForConditionalGeneration(cfg), _translations(), {"loss": _lm_loss}
 
 
 def prophetnet_positions() -> Problem:
@@ -227,11 +230,7 @@ def prophetnet_positions() -> Problem:
         num_decoder_attention_heads=2, max_position_embeddings=2 * T, ngram=2, num_buckets=8,
         relative_max_distance=16, pad_token_id=0, decoder_start_token_id=1,
     )  # fmt: skip
-    model = _hf().ProphetNetForConditionalGeneration(cfg)
-    data = [
-        ({"input_ids": _tokens(3), "decoder_input_ids": _tokens(3)}, _tokens(3)) for _ in range(2)
-    ]
-    return model, data, {"loss": _lm_loss}
+    return _hf().ProphetNetForConditionalGeneration(cfg), _translations(), {"loss": _lm_loss}
 
 
 # -- torch.nn --------------------------------------------------------------------------------------

@@ -787,25 +787,14 @@ def test_opcheck_sq_sums_in_place(gen: torch.Generator) -> None:
         x, g = conv_inputs(case, dtype, gen)
         kernel, stride, padding, dilation, groups = conv_args(case)
         total = torch.zeros(case.out, case.c // groups, *kernel, dtype=acc)
+        geometry = (list(kernel), list(stride), list(padding), list(dilation), groups)
         torch.library.opcheck(
-            torch.ops.fisher_fast.conv2d_sq_sum_.default,
-            (total, x, g, list(kernel), list(stride), list(padding), list(dilation), groups),
+            torch.ops.fisher_fast.conv2d_sq_sum_.default, (total, x, g, *geometry)
         )
-
-
-def test_opcheck_conv2d_residual_sq_sum(gen: torch.Generator) -> None:
-    for case, dtype, acc in [
-        (CONV_CASES[0], torch.float32, torch.float32),
-        (CONV_CASES[3], torch.float64, torch.float64),
-    ]:
-        x, g = conv_inputs(case, dtype, gen)
-        kernel, stride, padding, dilation, groups = conv_args(case)
-        total = torch.zeros(case.out, case.c // groups, *kernel, dtype=acc)
+        terms = residual_terms(case, dtype, gen)
         torch.library.opcheck(
-            torch.ops.fisher_fast.conv2d_residual_sq_sum_.default,
-            (total, x, g, *residual_terms(case, dtype, gen), list(kernel), list(stride),
-             list(padding), list(dilation), groups),
-        )  # fmt: skip
+            torch.ops.fisher_fast.conv2d_residual_sq_sum_.default, (total, x, g, *terms, *geometry)
+        )
 
 
 def test_opcheck_linear_sq_sum(gen: torch.Generator) -> None:
