@@ -82,8 +82,7 @@ def coupled_gradients(
     """The error to raise when, in the variant pass, a random gradient at the first sample's
     rows of the model's outputs reaches the rows of another sample at an output of one of
     ``owners`` (the modules, by name, whose calls the plan reads per-sample gradients from);
-    else None.
-    Keeps the variant's graph (``retain_graph``) for the checks after it."""
+    else None. The variant's graph is kept (``retain_graph``) for the checks after this one."""
     root, root_layouts = variant.calls.get(model, []), layouts(model)
     if len(root) != 1 or not isinstance(root_layouts[0], CallLayout):
         return None

@@ -436,10 +436,9 @@ class _Accumulation:
         params = [
             (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
         ]
-        owners = [o.module for o in plan.owners]
         if n > 1:  # one sample alone cannot be credited with another's gradient
-            named = [(o.name, o.module) for o in plan.owners]
-            coupled = coupled_gradients(self.model, variant, layouts.__getitem__, named)
+            owners = [(o.name, o.module) for o in plan.owners]
+            coupled = coupled_gradients(self.model, variant, layouts.__getitem__, owners)
             if coupled is not None:
                 if expansion.modules or broadcast.names:  # perhaps by what diag_fim expanded
                     return None
@@ -452,7 +451,7 @@ class _Accumulation:
                 index,
                 variant,
                 layouts.__getitem__,
-                owners,
+                [o.module for o in plan.owners],
                 self.capture.paused,
                 lambda: self.one_sample_norms.samples(1),
                 params,
