@@ -48,7 +48,8 @@ def contiguous_norm_gradients(module: nn.Module) -> Iterator[None]:
     """While the block runs, every BatchNorm and InstanceNorm in ``module`` has the gradient at
     its output made contiguous: for passes of one sample outside the engine's own."""
     handles = [
-        m.register_forward_hook(lambda m, a, out: _make_contiguous(out)) for m in _norms(module)
+        norm.register_forward_hook(lambda _norm, _args, out: _make_contiguous(out))
+        for norm in _norms(module)
     ]
     try:
         yield
