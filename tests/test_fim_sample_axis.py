@@ -13,6 +13,7 @@ from fim_reference import max_relative_error, reference_fim_batches
 from torch import nn
 
 import fisher_fast
+from fisher_fast.fim.coupled_samples import CoupledGradientsWarning
 from fisher_fast.fim.layout import Broadcast, Sampled, Unknown, compare
 
 N, T, D, C = 6, 4, 5, 3
@@ -303,17 +304,19 @@ class _AttentionAcrossTheBatch(nn.Module):
         return self.head((q @ k.transpose(0, 1)).softmax(-1) @ v)
 
 
-def test_a_model_whose_gradients_mix_samples_is_refused() -> None:
+def test_a_model_whose_gradients_mix_samples_is_rerun_whole_per_sample() -> None:
     """Silently wrong before (5e-3 relative on the norm's bias): the rules read each sample's
-    gradient from its rows, where the other samples' losses reach too."""
+    gradient from its rows, where the other samples' losses reach too. Now the whole model is
+    re-run per sample, with a warning that names where the gradients cross."""
     torch.manual_seed(random.randrange(2**31))
     model = _AttentionAcrossTheBatch().double()
-    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, C, (N,))
-    with pytest.raises(ValueError, match=r"depend on each other in the backward pass.*'qkv'"):
-        fisher_fast.diag_fim(model, (x, y), progress=False)
-    # the way out the error gives: every sample alone
-    alone = fisher_fast.diag_fim(model, (x, y), batch_size=1, progress=False, dtype=torch.float64)
-    errors = max_relative_error(alone, reference_fim_batches(model, [(x, y)]))
+    data = [(torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, C, (N,)))]
+    with pytest.warns(CoupledGradientsWarning, match=r"in the backward pass.*'qkv'"):
+        fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    assert all(
+        p.startswith("per-sample gradients of the model") for p in fim.meta["paths"].values()
+    )
+    errors = max_relative_error(fim, reference_fim_batches(model, data))
     assert max(errors.values()) <= 1e-12, errors
 
 

@@ -29,6 +29,7 @@ from fim_reference import (
 from torch import nn
 
 import fisher_fast
+from fisher_fast.fim.coupled_samples import CoupledGradientsWarning
 
 N, CLASSES = 4, 3
 
@@ -263,11 +264,15 @@ def test_a_model_that_mixes_samples_is_refused() -> None:
         fisher_fast.diag_fim(model, data, progress=False)
 
 
-def test_a_model_whose_gradients_mix_samples_is_refused() -> None:
+def test_a_model_whose_gradients_mix_samples_is_rerun_whole_per_sample(
+    gen: torch.Generator,
+) -> None:
     """CSATv2 attends across the batch with queries, keys and values that are the same for
     every sample: its outputs are per sample, its gradients are not (1.8e-3 relative error,
-    silently, before the check of coupled_samples.py)."""
-    model = _model("csatv2").eval()
-    data = (torch.randn(3, 3, 64, 64), torch.randint(CLASSES, (3,)))
-    with pytest.raises(ValueError, match="depend on each other in the backward pass"):
-        fisher_fast.diag_fim(model, data, progress=False)
+    silently, before the check of coupled_samples.py). Now exact, the whole model per sample."""
+    model = batchnorm_stats_randomised(_model("csatv2").double().eval(), gen)
+    data = [(torch.randn(3, 3, 64, 64, dtype=torch.float64), torch.randint(CLASSES, (3,)))]
+    with pytest.warns(CoupledGradientsWarning, match="depend on each other in the backward pass"):
+        fim = fisher_fast.diag_fim(model, data, progress=False, dtype=torch.float64)
+    errors = max_relative_error(fim, reference_fim_batches(model, data))
+    assert max(errors.values()) <= 1e-10, errors

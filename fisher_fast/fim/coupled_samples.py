@@ -18,12 +18,15 @@ sample's loss has a gradient at the other samples' rows. The rules read a sample
 from its rows, so they would credit each sample with parts of the others' gradients. So the
 planning batch also checks, on the variant batch, that a random gradient at the first
 sample's outputs reaches no other sample's rows at the output of any module the plan reads
-gradients from (``coupled_gradients``).
+gradients from (``coupled_gradients``). Where it does, the per-sample losses still exist (the
+outputs are each sample's own), so the model is not refused: it is planned again with every
+parameter on the whole model's per-sample re-run (``WholeModelPerSample``), each sample alone,
+which is exact and slower, with a ``CoupledGradientsWarning``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +37,30 @@ from fisher_fast.fim.layout import CallLayout, Recording, Sampled, Unknown, comp
 # Gradient at the other samples' rows allowed, relative to the largest entry: rows that no path
 # joins get exact zeros, so this only spares rounding in a kernel that mixes rows.
 _LEAK = 1e-6
+
+
+class CoupledGradientsWarning(UserWarning):
+    """The samples meet in the backward pass alone: the whole model is re-run per sample."""
+
+
+class WholeModelPerSample(Mapping[nn.Module, "list[CallLayout | Unknown]"]):
+    """``layouts`` with every call but the model's own unknown, so that the plan (plan.py)
+    handles every parameter by the whole model's per-sample re-run."""
+
+    def __init__(
+        self, layouts: Mapping[nn.Module, list[CallLayout | Unknown]], model: nn.Module, why: str
+    ) -> None:
+        self._layouts, self._model, self._why = layouts, model, why
+
+    def __getitem__(self, module: nn.Module) -> list[CallLayout | Unknown]:
+        found = self._layouts[module]
+        return found if module is self._model else [Unknown(self._why) for _ in found]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._layouts)
+
+    def __len__(self) -> int:
+        return len(self._layouts)
 
 
 class CoupledSamplesError(ValueError):
@@ -78,11 +105,11 @@ def coupled_gradients(
     variant: Recording,
     layouts: Callable[[nn.Module], list[CallLayout | Unknown]],
     owners: Sequence[tuple[str, nn.Module]],
-) -> CoupledSamplesError | None:
-    """The error to raise when, in the variant pass, a random gradient at the first sample's
-    rows of the model's outputs reaches the rows of another sample at an output of one of
-    ``owners`` (the modules, by name, whose calls the plan reads per-sample gradients from);
-    else None. The variant's graph is kept (``retain_graph``) for the checks after this one."""
+) -> str | None:
+    """Where, in the variant pass, a random gradient at the first sample's rows of the model's
+    outputs reaches the rows of another sample at an output of one of ``owners`` (the
+    modules, by name, whose calls the plan reads per-sample gradients from), described; else
+    None. The variant's graph is kept (``retain_graph``) for the checks after this one."""
     root, root_layouts = variant.calls.get(model, []), layouts(model)
     if len(root) != 1 or not isinstance(root_layouts[0], CallLayout):
         return None
@@ -116,12 +143,10 @@ def coupled_gradients(
     if not leaks:
         return None
     more = f" and {len(leaks) - 1} other module outputs" if len(leaks) > 1 else ""
-    return CoupledSamplesError(
+    return (
         "the samples of a batch depend on each other in the backward pass: the gradient of one "
         f"sample's loss reaches the other samples' rows at the output of {leaks[-1]}{more} "
-        "(attention across the batch, say, whose inputs happen to be the same for every "
-        "sample), so per-sample gradients cannot be read from the batch. Look for a layer that "
-        "mixes samples; fix it, or pass batch_size=1 to run every sample alone."
+        "(attention across the batch, say, whose inputs happen to be the same for every sample)"
     )
 
 

@@ -32,7 +32,13 @@ from fisher_fast.fim.broadcast_params import (
 )
 from fisher_fast.fim.capture import Capture, Owner
 from fisher_fast.fim.conform import conforms, rule_calls
-from fisher_fast.fim.coupled_samples import CoupledSamplesError, coupled_gradients, coupled_samples
+from fisher_fast.fim.coupled_samples import (
+    CoupledGradientsWarning,
+    CoupledSamplesError,
+    WholeModelPerSample,
+    coupled_gradients,
+    coupled_samples,
+)
 from fisher_fast.fim.data import batch_size_of, batches, call_model, devices_of, take
 from fisher_fast.fim.expansion import Expansion, expandable, validated, verify, with_expanded_ids
 from fisher_fast.fim.fallback import make_fallback_rule
@@ -438,11 +444,21 @@ class _Accumulation:
         ]
         if n > 1:  # one sample alone cannot be credited with another's gradient
             owners = [(o.name, o.module) for o in plan.owners]
-            coupled = coupled_gradients(self.model, variant, layouts.__getitem__, owners)
-            if coupled is not None:
+            leak = coupled_gradients(self.model, variant, layouts.__getitem__, owners)
+            if leak is not None:
                 if expansion.modules or broadcast.names:  # perhaps by what diag_fim expanded
                     return None
-                raise coupled
+                warnings.warn(
+                    f"{leak}, so every parameter's per-sample gradient is computed by re-running "
+                    "the whole model one sample at a time (exact, slower)",
+                    CoupledGradientsWarning,
+                    stacklevel=2,
+                )
+                whole = WholeModelPerSample(layouts, self.model, leak)
+                plan = make_plan(self.model, real, whole, reached=reached, replaced=replaced)
+                plan.linear_calls = routes
+                broadcast.forget()
+                return output, plan
         if expanded or plan.broadcast:
             why = verify(
                 self.model,
