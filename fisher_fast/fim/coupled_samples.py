@@ -1,5 +1,5 @@
-"""Refuse a model whose samples depend on each other in its batch: in its outputs, or in its
-gradients.
+"""Models whose samples depend on each other in their batch: refused when their outputs do,
+re-run whole per sample when only their gradients do.
 
 The diagonal Fisher information is a mean over samples of squared gradients of *per-sample*
 losses, each a function of its own sample. A model that mixes samples in its forward pass (a

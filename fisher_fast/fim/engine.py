@@ -375,8 +375,9 @@ class _Accumulation:
     def _plan_batch(self, inputs: Any, n: int, index: list[int]) -> tuple[Any, Plan] | None:
         """The batch's forward pass and its plan; None when an Embedding output or a parameter
         was expanded (expansion.py, broadcast_params.py) and that is not verified exact, or
-        the samples' outputs depend on each other with it (the caller plans again without).
-        A model whose samples' outputs depend on each other without any is refused
+        the samples' outputs or gradients depend on each other with it (the caller plans
+        again without). Without any, a model whose samples' outputs depend on each other is
+        refused, and one whose gradients alone do is planned whole per sample
         (coupled_samples.py)."""
         expansion, broadcast = self.expansion, self.broadcast
         expansion.take_seen()
@@ -439,9 +440,6 @@ class _Accumulation:
         )  # fmt: skip
         plan.linear_calls = routes
         plan.expands_whole = broadcast.expands_whole
-        params = [
-            (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
-        ]
         if n > 1:  # one sample alone cannot be credited with another's gradient
             owners = [(o.name, o.module) for o in plan.owners]
             leak = coupled_gradients(self.model, variant, layouts.__getitem__, owners)
@@ -459,7 +457,11 @@ class _Accumulation:
                 plan.linear_calls = routes
                 broadcast.forget()
                 return output, plan
+        why = None
         if expanded or plan.broadcast:
+            params = [
+                (*broadcast.checks(name), self.model.get_parameter(name)) for name in plan.broadcast
+            ]
             why = verify(
                 self.model,
                 inputs,
@@ -472,11 +474,8 @@ class _Accumulation:
                 lambda: self.one_sample_norms.samples(1),
                 params,
             )
-            broadcast.forget()  # the check's gradients reached the collectors too
-            if why is not None:
-                return None
-        broadcast.forget()  # as the coupling check's
-        return output, plan
+        broadcast.forget()  # the checks' gradients reached the collectors too
+        return None if why is not None else (output, plan)
 
     def _adopt(self, plan: Plan) -> bool:
         """Lay out the accumulator for ``plan`` and give each planned owner its process.
