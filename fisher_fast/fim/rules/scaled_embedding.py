@@ -47,10 +47,12 @@ def output_scale(module: nn.Module) -> float | None:
 
 
 def _probe_ids(rows: int) -> torch.Tensor:
-    """(2, k) ids: k distinct rows of a table of ``rows`` in a scrambled order, then the same
-    reversed, so that no id sits at its own place in both sequences (k ≥ 2)."""
+    """(2, k) ids: k distinct rows spread over a table of ``rows``, in a scrambled order, then
+    the same reversed, so that no id sits at its own place in both sequences (k ≥ 2). Made
+    without a permutation of the whole table: the rule checks again on every batch."""
     k = min(_IDS, rows)
-    picked = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:k]
+    spread = torch.arange(k) * (rows // k)
+    picked = spread[torch.randperm(k, generator=torch.Generator().manual_seed(0))]
     return torch.stack((picked, picked.flip(0)))
 
 
