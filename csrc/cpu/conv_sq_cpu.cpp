@@ -282,9 +282,11 @@ at::Tensor conv2d_sq_sum_cpu(const at::Tensor& x, const at::Tensor& g, at::IntAr
   return out;
 }
 
-void conv2d_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::Tensor& g,
-                               at::IntArrayRef kernel, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+// The geometry of an in-place op's checked inputs, acc a running total shaped like the weight.
+ConvGeometry checked_accumulation(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& g,
+                                  at::IntArrayRef kernel, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
   FF_CHECK_ACCUMULATOR(acc);
   check_inputs(x, g, kernel, stride, padding, dilation, groups, acc.scalar_type());
   const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
@@ -294,6 +296,14 @@ void conv2d_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::T
            " elements but the weight of this convolution has ", groups * out_g * in_g,
            " (O = ", g.size(1), " times C/groups * kernel_h * kernel_w = ", in_g,
            "); pass an accumulator shaped like the weight");
+  return geo;
+}
+
+void conv2d_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, const at::Tensor& g,
+                               at::IntArrayRef kernel, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry geo =
+      checked_accumulation(acc, x, g, kernel, stride, padding, dilation, groups);
   conv2d_sq_sum_into(acc, /*accumulate=*/true, x, g, geo, groups);
 }
 
@@ -312,20 +322,14 @@ void conv2d_residual_sq_sum_inplace_cpu(at::Tensor& acc, const at::Tensor& x, co
                                         const at::Tensor& basis, at::IntArrayRef kernel,
                                         at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation, int64_t groups) {
-  FF_CHECK_ACCUMULATOR(acc);
-  check_inputs(x, g, kernel, stride, padding, dilation, groups, acc.scalar_type());
-  const ConvGeometry geo = geometry(x, g, kernel, stride, padding, dilation);
-  const int64_t weight = g.size(1) * (x.size(1) / groups * geo.kernel_size());
-  FF_CHECK_SAME_DEVICE(acc, x, "acc", "x");
-  FF_CHECK(acc.numel() == weight, "acc has ", acc.numel(),
-           " elements but the weight of this convolution has ", weight,
-           "; pass an accumulator shaped like the weight");
+  const ConvGeometry geo =
+      checked_accumulation(acc, x, g, kernel, stride, padding, dilation, groups);
   check_residual_term(shift, "shift", x, g);
   check_residual_term(scale, "scale", x, g);
   FF_CHECK_FLOATING(basis, "basis");
   FF_CHECK_SAME_DEVICE(basis, x, "basis", "x");
-  FF_CHECK(basis.numel() == weight, "basis has ", basis.numel(),
-           " elements but the weight of this convolution has ", weight,
+  FF_CHECK(basis.numel() == acc.numel(), "basis has ", basis.numel(),
+           " elements but the weight of this convolution has ", acc.numel(),
            "; pass a tensor shaped like the weight");
   const Residual residual{shift, scale, basis};
   conv2d_sq_sum_into(acc, /*accumulate=*/true, x, g, geo, groups, &residual);
