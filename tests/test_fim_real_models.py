@@ -28,7 +28,7 @@ from torch import nn
 
 import fisher_fast
 from fisher_fast.fim import engine
-from fisher_fast.fim.check import CheckFailedWarning
+from fisher_fast.fim.check import CheckFailedWarning, ReferencePrecisionWarning
 from fisher_fast.fim.fallback import PerSampleLoopWarning
 
 VOCAB, T, N = 40, 6, 5
@@ -178,6 +178,22 @@ def t5_shared_embedding() -> Problem:
     return _t5(1), data, {"loss": _lm_loss}
 
 
+def mixtral(experts: str = "eager") -> Problem:
+    """Mixtral: a router choosing two of four experts per token, the experts' weights 3-D
+    parameters indexed by expert (data-dependent dispatch). ``experts``: transformers' experts
+    implementation ("eager" loops over experts and runs in float64; the default "grouped_mm"
+    runs in float32 and lower only)."""
+    tf = _hf()
+    cfg = tf.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=16, num_labels=3, pad_token_id=0,
+        experts_implementation=experts,
+    )  # fmt: skip
+    data = [({"input_ids": _tokens(low=1)}, _classes()) for _ in range(2)]
+    return tf.MixtralForSequenceClassification(cfg), data, {}
+
+
 def t5_frozen_encoder() -> Problem:
     """T5 with its encoder and shared embedding frozen (the decoder's Fisher alone): the model
     returns the encoder's output, sampled but without a gradient, beside the logits."""
@@ -317,7 +333,7 @@ def tied_embedding_and_head() -> Problem:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     f.__name__: f
     for f in (
-        bert, gpt2_tied_head, llama, gemma, vit, bit, mpnet, clip_vision, siglip_vision,
+        bert, gpt2_tied_head, llama, gemma, mixtral, vit, bit, mpnet, clip_vision, siglip_vision,
         t5_shared_embedding, t5_padded, t5_frozen_encoder, fsmt_positions, prophetnet_positions,
         encoder_batch_first,
         encoder_sequence_first, lstm, gru_sequence_first, attention_bias_kv,
@@ -584,6 +600,67 @@ def test_check_names_a_model_it_cannot_copy() -> None:
     model.cache = model[0].weight * 2  # type: ignore[assignment]
     with pytest.raises(ValueError, match="autograd history"):
         fisher_fast.check(model, (torch.randn(4, 4), torch.randint(0, 3, (4,))), verbose=False)
+
+
+class _NoFloat64(nn.Module):
+    """A Linear whose forward refuses float64 inputs, as ``torch._grouped_mm`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16, got Double")
+        return self.linear(x)
+
+
+def test_check_runs_its_loop_in_float32_when_the_model_refuses_float64(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    torch.manual_seed(random.randrange(2**31))
+    model = _NoFloat64()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.warns(ReferencePrecisionWarning, match="got Double"):
+        report = fisher_fast.check(model, (x, y))
+    assert report.reference == torch.float32 and report.ok and report.tolerance == 1e-4
+    assert "float32 per-sample loop" in capsys.readouterr().out
+    assert model.linear.weight.dtype == torch.float32  # the user's model is left as it was
+    reference = reference_fim_batches(model.linear, [(x, y)])
+    errors = [relative_error(report_fim, reference[name]) for name, report_fim in _fim(model, x, y)]
+    assert max(errors) <= 1e-5
+
+
+def _fim(model: _NoFloat64, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    fim = fisher_fast.diag_fim(model, (x, y), progress=False)
+    return [(name.removeprefix("linear."), fim[name]) for name in fim.names]
+
+
+def test_check_raises_what_the_model_raises_in_float32_too() -> None:
+    """The loop's copy fails in every precision: its error, not a float32 report."""
+
+    class FailsWhenCopied(nn.Linear):
+        original = 0  # id of the model diag_fim runs on; the loop runs on a copy
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if id(self) != FailsWhenCopied.original:
+                raise RuntimeError(f"broken in {x.dtype}")
+            return super().forward(x)
+
+    model = FailsWhenCopied(4, 3)
+    FailsWhenCopied.original = id(model)
+    with pytest.raises(RuntimeError, match=r"broken in torch\.float32"):
+        fisher_fast.check(model, (torch.randn(8, 4), torch.randint(0, 3, (8,))), verbose=False)
+
+
+def test_check_on_mixtral_with_its_default_experts() -> None:
+    """transformers' default experts implementation multiplies by ``torch._grouped_mm``, which
+    refuses float64: check's loop runs in float32, and agrees."""
+    torch.manual_seed(random.randrange(2**31))
+    model, data, _ = mixtral(experts="grouped_mm")
+    with pytest.warns(ReferencePrecisionWarning):
+        report = fisher_fast.check(model.eval(), data, samples=6, verbose=False)
+    assert report.reference == torch.float32 and report.ok, str(report)
 
 
 @pytest.mark.usefixtures("rule_registry")
