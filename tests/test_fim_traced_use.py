@@ -201,6 +201,28 @@ class EscapeModel(nn.Module):
         return self.head((self.embed(x) + self.bias(x)).mean(1))
 
 
+class Float32Scale(nn.Module):
+    """A float64 model's block computing in float32: a float32 tensor times a 0-dim value of
+    the parameter, which torch computes in float32 (a 0-dim operand does not raise the
+    precision of a tensor with axes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.gain.sum()).double()
+
+
+class Float32ScaleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.scale, self.head = nn.Linear(4, C), Float32Scale(), nn.Linear(C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.scale(self.embed(x))).mean(1))
+
+
 def _check(
     model: nn.Module,
     x: torch.Tensor,
@@ -264,6 +286,14 @@ def test_gain_on_the_input_is_traced(gen: torch.Generator) -> None:
     x = torch.randn(N, 4, generator=gen, dtype=torch.float64)
     paths = _check(model, x, torch.randint(3, (N,), generator=gen)).meta["paths"]
     assert paths["0.gain"] == PATH
+
+
+def test_a_0_dim_value_meeting_float32_tensors_computes_in_float32(gen: torch.Generator) -> None:
+    """Its expanded view, with axes, would compute the product in float64: the forward would
+    then differ from the model's by float32 rounding (about 1e-8 of the FIM)."""
+    _seeded(gen)
+    paths = _check(Float32ScaleModel().double(), *_tokens(gen)).meta["paths"]
+    assert paths["scale.gain"] == PATH
 
 
 def test_a_matrix_product_is_not_traced(gen: torch.Generator) -> None:

@@ -191,8 +191,12 @@ class Trace:
             d, k = leaves[traced[0]], self._per_sample_rows(shape)
             broadcast = d.dim() < len(shape) or d.shape[0] == 1
             if broadcast and k is not None and (data or (k > 1 and _has_rows(leaves, shape))):
+                # a 0-dim value computes in the precision of the tensor it meets (a float32
+                # routing weight times a float64 scalar is float32), which its expanded view,
+                # no longer 0-dim, would raise: the view is cast to the op's result dtype
+                dtype = _result_meta(func, leaves, spec).dtype if d.dim() == 0 else d.dtype
                 leaves = list(leaves)
-                leaves[traced[0]] = self._expanded(d, shape, k)
+                leaves[traced[0]] = self._expanded(d, shape, k, dtype)
                 return _plain(func, leaves, spec)
         if not data and func in EXPANSIONS and len(traced) == 1:
             expanded = self._expanded_to_samples(func, leaves, spec, leaves[traced[0]])
@@ -239,11 +243,17 @@ class Trace:
         rows = shape[0]
         return rows // self.n if rows >= self.n and rows % self.n == 0 else None
 
-    def _expanded(self, d: _Traced, shape: torch.Size, k: int) -> torch.Tensor:
-        """d given axis 0 of a result of ``shape`` (k rows per sample), tapped."""
+    def _expanded(
+        self, d: _Traced, shape: torch.Size, k: int, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """d given axis 0 of a result of ``shape`` (k rows per sample), tapped; in ``dtype``
+        (default: d's), its gradients cast back to d's dtype."""
         value = d.as_subclass(torch.Tensor)
         aligned = value.reshape((1,) * (len(shape) - d.dim()) + tuple(d.shape))
         to_params = self._to_params(d, value)
+        if dtype is not None and dtype != value.dtype:
+            aligned = aligned.to(dtype)
+            to_params = functools.partial(_cast_back, value.dtype, to_params)
         per_sample = to_params if k == 1 else functools.partial(_block_sums, k, to_params)
         for name in d._deps:
             self.blocks[name].append(k)
@@ -256,7 +266,7 @@ class Trace:
         ``bias.expand((batch, -1, T, T)).contiguous()``, added later to the logits in place):
         d is given the samples there, the tapped view expanded as asked. None for any other
         expansion, which stays traced."""
-        shape = _result_shape(func, leaves, spec)
+        shape = _result_meta(func, leaves, spec).shape
         k = self._per_sample_rows(shape) if shape else None
         if k is None or (d.dim() == len(shape) and d.shape[0] != 1):
             return None
@@ -358,6 +368,14 @@ def same_function(source: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:
     if isinstance(source, _Traced) and isinstance(alias, _Traced):
         alias._fn, alias._deps, alias._selects = source._fn, source._deps, source._selects
     return alias
+
+
+def _cast_back(
+    dtype: torch.dtype, to_params: PerSample, grad: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Gradients at a view cast to a lower precision, cast back to the value's before the
+    map to the parameters."""
+    return to_params(grad.to(dtype))
 
 
 def _block_sums(k: int, to_params: PerSample, grad: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -529,14 +547,14 @@ def _plain(func: Any, leaves: list[Any], spec: Any) -> Any:
         return func(*args, **kwargs)
 
 
-def _result_shape(func: Any, leaves: list[Any], spec: Any) -> torch.Size:
-    """The shape of ``func``'s result, from shape-only (meta) tensors: a repeat's is known
-    without making its copy."""
+def _result_meta(func: Any, leaves: list[Any], spec: Any) -> torch.Tensor:
+    """``func``'s result as a shape-only (meta) tensor, with its shape and dtype: a repeat's is
+    known without making its copy."""
     meta = [
         torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
         for v in leaves
     ]
-    return _plain(func, meta, spec).shape
+    return _plain(func, meta, spec)
 
 
 def _reshaped(value: torch.Tensor, param: torch.Tensor) -> bool:
