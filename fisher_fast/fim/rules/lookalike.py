@@ -22,7 +22,7 @@ from torch import nn
 _RESULTS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
-def _random_input(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+def random_input(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     """A reproducible input of ``shape`` in the dtype and on the device of the module's
     parameters, with entries of both signs and a nonzero mean (so that centring matters)."""
     like = next(iter(module.parameters()), None)
@@ -40,7 +40,7 @@ def reproduces(
     sums: bool = False,
 ) -> bool:
     """Whether ``forward(x)`` (by default ``type(module).forward(module, x)``) equals
-    ``reference(x)`` to rounding, for ``x = _random_input(module, shape)`` (cached per module
+    ``reference(x)`` to rounding, for ``x = random_input(module, shape)`` (cached per module
     under the name ``check``). Any exception, a non-tensor or a wrongly shaped output is a
     failed check. ``sums``: each output entry is a long sum (a convolution), whose rounding
     depends on the order of its terms, so an entry may differ by the rounding of the output's
@@ -48,7 +48,7 @@ def reproduces(
     results = _RESULTS.setdefault(module, {})
     if check not in results:
         own = forward if forward is not None else (lambda x: type(module).forward(module, x))
-        results[check] = _agrees(own, reference, _random_input(module, shape), sums)
+        results[check] = _agrees(own, reference, random_input(module, shape), sums)
     return results[check]
 
 
