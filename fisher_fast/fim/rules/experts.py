@@ -14,9 +14,11 @@ per-sample gradients are sums over that sample's rows routed to e:
     d down[e]_n    = sum_(t,j in n, e_tj = e) (w_tj g_t) ⊗ a_tj,     a = gate(h), h = gate_up[e] x_t
     d gate_up[e]_n = sum_(t,j in n, e_tj = e) dh_tj ⊗ x_t,           dh = gate's VJP of (w_tj g_t down[e])
 
-The rule recomputes h and a one expert at a time, takes the gate's vector-Jacobian product by
-autograd (any gate function), and squares the per-sample sums of all experts in one product:
-each sample's pairs of one expert are padded to the largest such count (zero rows add nothing).
+While diag_fim runs the model, the module's forward is replaced by the same formula computed
+here (``_instrument``: one product per expert on its pairs, sorted by expert, any gate function),
+with taps on h and on each pair's expert output, so the model's own backward pass delivers dh
+and w_tj g_t; the rule squares the per-sample sums of all experts in one product, each sample's
+pairs of one expert padded to the largest such count (zero rows add nothing).
 Without it, the whole MoE block was re-run per sample (one sample at a time where vmap cannot
 run its data-dependent dispatch).
 
@@ -27,6 +29,9 @@ parallelism is not matched and takes the generic path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,72 +100,88 @@ def rows_of_samples(module: nn.Module, layout: CallLayout) -> bool:
     )
 
 
-def _arguments(call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _arguments(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of a call of the experts."""
     names = ("hidden_states", "top_k_index", "top_k_weights")
-    values = dict(zip(names, call.args, strict=False)) | call.kwargs
+    values = dict(zip(names, args, strict=False)) | kwargs
     return values["hidden_states"], values["top_k_index"], values["top_k_weights"]
 
 
 class _Pairs:
-    """The (token, chosen expert) pairs of one call, sorted by expert then sample: each pair's
-    token and routing weight, and its row in the padded (sample, expert, place) layout, its
-    place counted among its sample's pairs of that expert from ``offset`` on."""
+    """The (token, chosen expert) pairs of one call, sorted by expert, then token (the tokens
+    are sample after sample): each pair's token, expert and routing weight."""
 
-    def __init__(self, index: torch.Tensor, weights: torch.Tensor, experts: int, n: int) -> None:
-        rows, chosen = index.shape
-        token = torch.arange(rows, device=index.device).repeat_interleave(chosen)
+    def __init__(self, index: torch.Tensor, weights: torch.Tensor, experts: int) -> None:
+        tokens, chosen = index.shape
+        token = torch.arange(tokens, device=index.device).repeat_interleave(chosen)
         expert = index.reshape(-1)
-        key = expert * n + token // (rows // n)  # expert, then sample
-        order = torch.argsort(key, stable=True)
-        self.token, self.weight = token[order], weights.reshape(-1)[order]
-        counts = torch.bincount(key, minlength=experts * n)
-        self.longest = int(counts.max()) if counts.numel() else 0
-        starts = torch.cumsum(counts, 0) - counts
-        place = torch.arange(order.numel(), device=index.device) - starts[key[order]]
-        sample, expert = key[order] % n, key[order] // n
-        self._cell = sample * experts + expert  # the (sample, expert) cell of each pair
-        self._place = place
-        self.ends = torch.cumsum(counts.reshape(experts, n).sum(1), 0).tolist()
+        order = torch.argsort(expert, stable=True)
+        self.tokens, self.experts = tokens, experts
+        self.token, self.expert = token[order], expert[order]
+        self.weight = weights.reshape(-1)[order]
+        ends = torch.cumsum(torch.bincount(expert, minlength=experts), 0).tolist()
+        starts = [0, *ends[:-1]]
+        self.spans = [
+            (e, slice(a, b)) for e, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a
+        ]
 
-    def rows(self, longest: int, offset: int) -> torch.Tensor:
-        """Each pair's row in a padded (n · experts · longest, ·) layout."""
-        return self._cell * longest + self._place + offset
+    def cells(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For n samples: each pair's (sample, expert) cell, numbered sample · experts + expert,
+        its place among the cell's pairs, and the most pairs in one cell."""
+        sample = self.token // (self.tokens // n)
+        key = self.expert * n + sample  # ascending: the pairs are sorted so
+        counts = torch.bincount(key, minlength=self.experts * n)
+        starts = torch.cumsum(counts, 0) - counts
+        place = torch.arange(key.numel(), device=key.device) - starts[key]
+        return sample * self.experts + self.expert, place, int(counts.max())
+
+
+def _instrument(
+    module: nn.Module, call: Call, tap: Callable[[torch.Tensor], torch.Tensor], *args: Any,
+    **kwargs: Any,
+) -> torch.Tensor:  # fmt: skip
+    """The experts' forward, one product per expert on its sorted pairs, with taps on the
+    up-projections h and the experts' outputs (before the routing weights), whose gradients
+    the rule reads; ``call.saved`` keeps the pairs, their inputs and the gated activations.
+    The formula is the module's own, verified when it was matched (``_looks_like_experts``)."""
+    x, index, weights = _arguments(*args, **kwargs)
+    gate_up, down = module.get_parameter("gate_up_proj"), module.get_parameter("down_proj")
+    pairs = _Pairs(index, weights, gate_up.shape[0])
+    rows = x[pairs.token]
+    h = tap(torch.cat([rows[span] @ gate_up[e].t() for e, span in pairs.spans]))
+    a = module._apply_gate(h)  # type: ignore[operator]
+    out = tap(torch.cat([a[span] @ down[e].t() for e, span in pairs.spans]))
+    weighted = (out * pairs.weight[:, None]).to(x.dtype)
+    call.saved = {"pairs": pairs, "rows": rows, "gated": a}
+    return torch.zeros_like(x).index_add(0, pairs.token, weighted)
 
 
 def _experts_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
-    gate_up: torch.Tensor = module.gate_up_proj  # type: ignore[assignment]
-    down: torch.Tensor = module.down_proj  # type: ignore[assignment]
+    gate_up = module.get_parameter("gate_up_proj")
+    down = module.get_parameter("down_proj")
     experts, two_inner, hidden = gate_up.shape
     n, dtype = ctx.n_samples, gate_up.dtype
-    pairs = [_Pairs(*_arguments(c)[1:], experts, n) for c in calls]
-    longest = sum(p.longest for p in pairs)  # calls' pairs of one sample and expert, stacked
+    parts = [
+        (c.saved["pairs"], c.saved["rows"], c.saved["gated"], c.grad(0), c.grad(1)) for c in calls
+    ]
+    cells = [p[0].cells(n) for p in parts]
+    longest = sum(most for _, _, most in cells)  # the calls' pairs of one cell, one after another
     shape = (n, experts, longest)
     x_pad, dout_pad = (gate_up.new_zeros(*shape, hidden) for _ in range(2))
     dh_pad, a_pad = gate_up.new_zeros(*shape, two_inner), gate_up.new_zeros(*shape, two_inner // 2)
     offset = 0
-    for call, p in zip(calls, pairs, strict=True):
-        x_rows = _arguments(call)[0][p.token].to(dtype)  # (pairs, D), sorted
-        dout = call.grad().to(dtype)[p.token] * p.weight[:, None].to(dtype)
-        dh = x_rows.new_empty(x_rows.shape[0], two_inner)
-        a = x_rows.new_empty(x_rows.shape[0], two_inner // 2)
-        start = 0
-        for e, end in enumerate(p.ends):
-            if end > start:
-                span = slice(start, end)
-                with torch.enable_grad():
-                    h = (x_rows[span] @ gate_up[e].detach().t()).requires_grad_(True)
-                    gated = module._apply_gate(h)  # type: ignore[operator]
-                    dh[span] = torch.autograd.grad(gated, h, dout[span] @ down[e].detach())[0]
-                a[span] = gated.detach()
-            start = end
-        rows = p.rows(longest, offset)
-        for pad, values in ((x_pad, x_rows), (dout_pad, dout), (dh_pad, dh), (a_pad, a)):
-            pad.view(-1, pad.shape[-1]).index_copy_(0, rows, values)
-        offset += p.longest
+    for (_, rows, a, dh, dout), (cell, place, most) in zip(parts, cells, strict=True):
+        at = cell * longest + place + offset
+        for pad, values in ((x_pad, rows), (dout_pad, dout), (dh_pad, dh), (a_pad, a)):
+            pad.view(-1, pad.shape[-1]).index_copy_(0, at, values.to(dtype))
+        offset += most
     if gate_up.requires_grad:
         ctx.add("gate_up_proj", ctx.square_sum(dh_pad, x_pad))
     if down.requires_grad:
         ctx.add("down_proj", ctx.square_sum(dout_pad, a_pad))
 
 
-register_matched_rule(_looks_like_experts, RuleSpec(_experts_rule, layout=rows_of_samples))
+register_matched_rule(
+    _looks_like_experts,
+    RuleSpec(_experts_rule, layout=rows_of_samples, instrument=_instrument),
+)
