@@ -21,6 +21,7 @@ from fim_reference import reference_fim_batches as loop
 from torch import nn
 
 import fisher_fast
+from fisher_fast.fim.rules import experts as experts_rule
 
 VOCAB, T, N = 40, 7, 5
 SMALL = dict(
@@ -221,3 +222,37 @@ def test_look_alikes_with_other_math_take_the_exact_generic_path(
     assert fim.meta["paths"]["model.layers.1.mlp.experts.down_proj"] == "rule experts_rule"
     errors = max_relative_error(fim, loop(model, data))
     assert max(errors.values()) <= 1e-10, errors
+
+
+@pytest.mark.parametrize("budget", [1, 2**30], ids=["one expert", "all"])
+def test_experts_squared_a_group_at_a_time_under_a_work_budget(
+    budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The padded rows of all experts at once may not fit the work budget: the experts are
+    squared a group at a time, each group's squares added into its slice of the accumulator."""
+    monkeypatch.setattr(experts_rule, "DEFAULT_CHUNK_BYTES", budget)
+    sizes: list[int] = []
+    groups = experts_rule._groups
+    monkeypatch.setattr(
+        experts_rule, "_groups", lambda *a: [sizes.append(len(g)) or g for g in groups(*a)]
+    )
+    torch.manual_seed(random.randrange(2**31))
+    model = _MoEClassifier(calls=2).double().eval()
+    x, y = torch.randint(0, VOCAB, (N, T)), torch.randint(0, 3, (N,))
+    fim = fisher_fast.diag_fim(model, (x, y), dtype=torch.float64, progress=False, batch_size=3)
+    assert relative_error(fim.flat, reference_fim(model, x, y)) <= 1e-10
+    assert set(sizes) == ({1} if budget == 1 else {4}), sizes
+
+
+def test_expert_groups_fill_the_budget() -> None:
+    """Consecutive experts are grouped while n · group size · longest cell · row bytes fits."""
+
+    class Cells:
+        def __init__(self, most: list[int]) -> None:
+            self.most = most
+
+    cells = [Cells([2, 2, 2, 2, 1]), Cells([0, 1, 0, 0, 3])]
+    # longest cell of a group: the sum over calls of each call's most in the group
+    groups = experts_rule._groups(cells, 1, 1, 9)  # type: ignore[arg-type]
+    assert [list(g) for g in groups] == [[0, 1, 2], [3], [4]]
+    assert [list(g) for g in experts_rule._groups(cells, 1, 1, 1)] == [[0], [1], [2], [3], [4]]

@@ -17,8 +17,9 @@ per-sample gradients are sums over that sample's rows routed to e:
 While diag_fim runs the model, the module's forward is replaced by the same formula computed
 here (``_instrument``: one product per expert on its pairs, sorted by expert, any gate function),
 with taps on h and on each pair's expert output, so the model's own backward pass delivers dh
-and w_tj g_t; the rule squares the per-sample sums of all experts in one product, each sample's
-pairs of one expert padded to the largest such count (zero rows add nothing).
+and w_tj g_t; the rule squares the per-sample sums of a group of experts in one product, each sample's
+pairs of one expert padded to the largest such count (zero rows add nothing), as many experts
+at a time as the work budget allows (work_memory.py).
 Without it, the whole MoE block was re-run per sample (one sample at a time where vmap cannot
 run its data-dependent dispatch).
 
@@ -37,8 +38,10 @@ import torch
 from torch import nn
 
 from fisher_fast.fim.layout import Broadcast, CallLayout
+from fisher_fast.fim.products import DEFAULT_CHUNK_BYTES
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule
 from fisher_fast.fim.rules.lookalike import reproduces
+from fisher_fast.fim.work_memory import work_bytes
 
 _EXAMPLE_ROWS = 6
 
@@ -109,31 +112,37 @@ def _arguments(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, t
 
 class _Pairs:
     """The (token, chosen expert) pairs of one call, sorted by expert, then token (the tokens
-    are sample after sample): each pair's token, expert and routing weight."""
+    are sample after sample): each pair's token, expert and routing weight, and where each
+    expert's pairs start and end."""
 
     def __init__(self, index: torch.Tensor, weights: torch.Tensor, experts: int) -> None:
         tokens, chosen = index.shape
         token = torch.arange(tokens, device=index.device).repeat_interleave(chosen)
         expert = index.reshape(-1)
         order = torch.argsort(expert, stable=True)
-        self.tokens, self.experts = tokens, experts
+        self.tokens = tokens
         self.token, self.expert = token[order], expert[order]
         self.weight = weights.reshape(-1)[order]
-        ends = torch.cumsum(torch.bincount(expert, minlength=experts), 0).tolist()
-        starts = [0, *ends[:-1]]
+        self.ends = torch.cumsum(torch.bincount(expert, minlength=experts), 0).tolist()
+        self.starts = [0, *self.ends[:-1]]
         self.spans = [
-            (e, slice(a, b)) for e, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a
+            (e, slice(a, b))
+            for e, (a, b) in enumerate(zip(self.starts, self.ends, strict=True))
+            if b > a
         ]
 
-    def cells(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """For n samples: each pair's (sample, expert) cell, numbered sample · experts + expert,
-        its place among the cell's pairs, and the most pairs in one cell."""
-        sample = self.token // (self.tokens // n)
-        key = self.expert * n + sample  # ascending: the pairs are sorted so
-        counts = torch.bincount(key, minlength=self.experts * n)
-        starts = torch.cumsum(counts, 0) - counts
-        place = torch.arange(key.numel(), device=key.device) - starts[key]
-        return sample * self.experts + self.expert, place, int(counts.max())
+
+class _Cells:
+    """The pairs of one call, by (sample, expert) cell for n samples: each pair's sample and
+    place in its cell, and the most pairs of one cell, per expert."""
+
+    def __init__(self, pairs: _Pairs, experts: int, n: int) -> None:
+        self.pairs = pairs
+        self.sample = pairs.token // (pairs.tokens // n)
+        key = pairs.expert * n + self.sample  # ascending: the pairs are sorted so
+        counts = torch.bincount(key, minlength=experts * n)
+        self.place = torch.arange(key.numel(), device=key.device) - (counts.cumsum(0) - counts)[key]
+        self.most = counts.reshape(experts, n).max(1).values.tolist()
 
 
 def _instrument(
@@ -156,29 +165,49 @@ def _instrument(
     return torch.zeros_like(x).index_add(0, pairs.token, weighted)
 
 
+def _groups(cells: list[_Cells], n: int, row_bytes: int, budget: int) -> list[range]:
+    """Consecutive experts whose padded rows (n · experts · the calls' most pairs in one cell,
+    ``row_bytes`` each) fit ``budget`` together (one expert at least)."""
+    groups, first = [], 0
+    experts = len(cells[0].most)
+    for last in range(1, experts + 1):
+        longest = sum(max(c.most[first:last]) for c in cells)
+        if last - first > 1 and n * (last - first) * longest * row_bytes > budget:
+            groups.append(range(first, last - 1))
+            first = last - 1
+    groups.append(range(first, experts))
+    return groups
+
+
 def _experts_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
     gate_up = module.get_parameter("gate_up_proj")
-    down = module.get_parameter("down_proj")
     experts, two_inner, hidden = gate_up.shape
     n, dtype = ctx.n_samples, gate_up.dtype
-    parts = [
-        (c.saved["pairs"], c.saved["rows"], c.saved["gated"], c.grad(0), c.grad(1)) for c in calls
-    ]
-    cells = [p[0].cells(n) for p in parts]
-    longest = sum(most for _, _, most in cells)  # the calls' pairs of one cell, one after another
-    shape = (n, experts, longest)
-    x_pad, dout_pad = (gate_up.new_zeros(*shape, hidden) for _ in range(2))
-    dh_pad, a_pad = gate_up.new_zeros(*shape, two_inner), gate_up.new_zeros(*shape, two_inner // 2)
-    offset = 0
-    for (_, rows, a, dh, dout), (cell, place, most) in zip(parts, cells, strict=True):
-        at = cell * longest + place + offset
-        for pad, values in ((x_pad, rows), (dout_pad, dout), (dh_pad, dh), (a_pad, a)):
-            pad.view(-1, pad.shape[-1]).index_copy_(0, at, values.to(dtype))
-        offset += most
-    if gate_up.requires_grad:
-        ctx.add("gate_up_proj", ctx.square_sum(dh_pad, x_pad))
-    if down.requires_grad:
-        ctx.add("down_proj", ctx.square_sum(dout_pad, a_pad))
+    cells = [_Cells(c.saved["pairs"], experts, n) for c in calls]
+    grads = [(c.saved["rows"], c.grad(1), c.grad(0), c.saved["gated"]) for c in calls]
+    widths = (hidden, hidden, two_inner, two_inner // 2)  # x, dout, dh, a
+    row_bytes = sum(widths) * gate_up.element_size()
+    budget = work_bytes(gate_up.device, DEFAULT_CHUNK_BYTES)
+    targets = (ctx.target("gate_up_proj"), ctx.target("down_proj"))
+    for group in _groups(cells, n, row_bytes, budget):
+        first, size = group.start, len(group)
+        most = [max(c.most[first : group.stop]) for c in cells]
+        longest = sum(most)  # the calls' pairs of one cell, one after another
+        x_pad, dout_pad, dh_pad, a_pad = (
+            gate_up.new_zeros(n, size, longest, width) for width in widths
+        )
+        offset = 0
+        for c, values, count in zip(cells, grads, most, strict=True):
+            span = slice(c.pairs.starts[first], c.pairs.ends[group.stop - 1])
+            cell = c.sample[span] * size + c.pairs.expert[span] - first
+            at = cell * longest + c.place[span] + offset
+            for pad, value in zip((x_pad, dout_pad, dh_pad, a_pad), values, strict=True):
+                pad.view(-1, pad.shape[-1]).index_copy_(0, at, value[span].to(dtype))
+            offset += count
+        if targets[0] is not None:
+            targets[0][first : group.stop] += ctx.square_sum(dh_pad, x_pad)
+        if targets[1] is not None:
+            targets[1][first : group.stop] += ctx.square_sum(dout_pad, a_pad)
 
 
 register_matched_rule(
