@@ -299,10 +299,13 @@ class Capture:
         def hook(grad: torch.Tensor) -> None:
             call.grads[k] = grad
             calls = self.calls[module]
-            if len(calls) == 1 and len(call.output_meta) == 1:
+            # a module called once is processed as soon as every tap has its gradient (an
+            # instrumented forward's taps, several outputs); a tap that gets none (an output
+            # the loss does not reach) leaves it to the end of the pass
+            if len(calls) == 1 and all(g is not None for g in call.grads):
                 self._process(module, calls)
                 self._done.add(id(module))
-                call.grads[k] = None
+                call.grads = [None] * len(call.grads)
                 if self.passes.last:  # no pass needs its inputs again: let autograd free them
                     call.release_inputs()
 
