@@ -75,11 +75,23 @@ def deepseek_v3() -> nn.Module:
     return tf.DeepseekV3ForCausalLM(cfg)
 
 
+def gpt_oss() -> nn.Module:
+    """Experts stored transposed, with biases, gate and up interleaved and clamped (its own
+    ``_apply_gate``); a router with a bias; attention sinks."""
+    tf = _tf()
+    cfg = tf.GptOssConfig(
+        **SMALL, intermediate_size=12, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+    )  # fmt: skip
+    return tf.GptOssForCausalLM(cfg)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], torch.dtype]] = {
     "mixtral": (mixtral, torch.float64),
     "qwen2_moe": (qwen2_moe, torch.float64),
     "olmoe": (olmoe, torch.float64),
     "deepseek_v3": (deepseek_v3, torch.float32),
+    "gpt_oss": (gpt_oss, torch.float64),
 }
 
 
@@ -92,7 +104,7 @@ def _batches() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
 
 
 def _moe_paths(fim: fisher_fast.DiagFIM) -> dict[str, str]:
-    moe = ("experts", "gate.weight", "router")
+    moe = ("experts", "gate.weight", "router.")
     return {k: v for k, v in fim.meta["paths"].items() if any(m in k for m in moe)}
 
 

@@ -1,18 +1,21 @@
 """Mixture-of-experts layers: Hugging Face's experts held as 3-D parameters, indexed by expert.
 
-Mixtral, Qwen-MoE, OLMoE, DeepSeek and most other MoE models in transformers keep their experts
-in one module with ``gate_up_proj`` (E, 2I, D) and ``down_proj`` (E, D, I), called on the tokens
-flattened to rows, (N·T, D), with each row's chosen experts ``top_k_index`` (N·T, k) and routing
-weights ``top_k_weights`` (N·T, k):
+Mixtral, Qwen-MoE, OLMoE, DeepSeek, GPT-OSS and most other MoE models in transformers keep
+their experts in one module with ``gate_up_proj`` (E, 2I, D) and ``down_proj`` (E, D, I) (or
+stored transposed, (E, D, 2I) and (E, I, D), as GPT-OSS does; with biases (E, 2I) and (E, D)
+or none), called on the tokens flattened to rows, (N·T, D), with each row's chosen experts
+``top_k_index`` (N·T, k) and routing weights ``top_k_weights`` (N·T, k):
 
-    y_t = sum_j w_tj · down[e_tj] · gate(gate_up[e_tj] · x_t)
+    y_t = sum_j w_tj · (down[e_tj] · gate(gate_up[e_tj] · x_t + b_up[e_tj]) + b_down[e_tj])
 
 whatever loop or grouped product computes it (``gate``: the module's own ``_apply_gate``,
 ``act(gate) * up`` by default). Each token's row belongs to one sample, so expert e's
 per-sample gradients are sums over that sample's rows routed to e:
 
-    d down[e]_n    = sum_(t,j in n, e_tj = e) (w_tj g_t) ⊗ a_tj,     a = gate(h), h = gate_up[e] x_t
+    d down[e]_n    = sum_(t,j in n, e_tj = e) (w_tj g_t) ⊗ a_tj,     a = gate(h), h = gate_up[e] x_t + b
     d gate_up[e]_n = sum_(t,j in n, e_tj = e) dh_tj ⊗ x_t,           dh = gate's VJP of (w_tj g_t down[e])
+
+and the biases' the same sums of w_tj g_t and dh_tj.
 
 While diag_fim runs the model, the module's forward is replaced by the same formula computed
 here (``_instrument``: one product per expert on its pairs, sorted by expert, any gate function),
@@ -25,7 +28,7 @@ run its data-dependent dispatch).
 
 A module is recognised by its parameters and configuration flags and *verified*: its forward
 runs once on random rows, experts and weights and must reproduce the formula above
-(lookalike.py); a variant with biases, transposed weights, a norm after each expert or expert
+(lookalike.py); a variant without a gate, with a norm after each expert or with expert
 parallelism is not matched and takes the generic path.
 """
 
@@ -47,43 +50,74 @@ _EXAMPLE_ROWS = 6
 
 
 def _flags_match(module: nn.Module) -> bool:
-    """The configuration the formula describes: gated, no biases, weights stored (E, out, in),
-    no norm after the experts, every expert local."""
+    """The configurations the formula describes: gated, weights stored (E, out, in) or
+    transposed, with biases or without, no norm after the experts, every expert local."""
     return (
         getattr(module, "has_gate", None) is True
-        and getattr(module, "has_bias", None) is False
-        and getattr(module, "is_transposed", None) is False
+        and isinstance(getattr(module, "has_bias", None), bool)
+        and isinstance(getattr(module, "is_transposed", None), bool)
         and not getattr(module, "has_post_expert_norm", False)
         and not getattr(module, "_is_expert_parallel", False)
         and callable(getattr(module, "_apply_gate", None))
     )
 
 
+_BIASES = ("gate_up_proj_bias", "down_proj_bias")
+
+
+class _Weights:
+    """The experts' parameters, the weights seen as (E, out, in) whichever way they are stored
+    (views of the parameters, or of the accumulator's entries for them: ``of``)."""
+
+    def __init__(self, module: nn.Module, of: Callable[[str], Any] | None = None) -> None:
+        get = of if of is not None else module.get_parameter
+        self.transposed = bool(module.is_transposed)
+        self.up: Any = self._out_in(get("gate_up_proj"))
+        self.down: Any = self._out_in(get("down_proj"))
+        self.up_bias: Any = get(_BIASES[0]) if module.has_bias else None
+        self.down_bias: Any = get(_BIASES[1]) if module.has_bias else None
+
+    def _out_in(self, w: torch.Tensor | None) -> torch.Tensor | None:
+        return None if w is None else (w.transpose(1, 2) if self.transposed else w)
+
+    def project_up(self, rows: torch.Tensor, e: int) -> torch.Tensor:
+        h = rows @ self.up[e].t()
+        return h if self.up_bias is None else h + self.up_bias[e]
+
+    def project_down(self, a: torch.Tensor, e: int) -> torch.Tensor:
+        out = a @ self.down[e].t()
+        return out if self.down_bias is None else out + self.down_bias[e]
+
+
 def _looks_like_experts(module: nn.Module) -> bool:
-    """Hugging Face experts (``gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I), no other
-    parameter) whose forward reproduces the formula on random routing."""
+    """Hugging Face experts (``gate_up_proj`` and ``down_proj``, with their biases or none, no
+    other parameter) whose forward reproduces the formula on random routing."""
     params = dict(module.named_parameters())
-    if set(params) != {"gate_up_proj", "down_proj"} or not _flags_match(module):
+    if not _flags_match(module):
         return False
-    gate_up, down = params["gate_up_proj"], params["down_proj"]
-    if gate_up.dim() != 3 or down.dim() != 3:
+    names = {"gate_up_proj", "down_proj"} | (set(_BIASES) if module.has_bias else set())
+    if set(params) != names or any(params[n].dim() != 3 for n in ("gate_up_proj", "down_proj")):
         return False
-    experts, two_inner, hidden = gate_up.shape
-    if tuple(down.shape) != (experts, hidden, two_inner // 2) or two_inner % 2:
+    w, w64 = _Weights(module), _Weights(module, lambda name: module.get_parameter(name).double())
+    experts, two_inner, hidden = w.up.shape
+    if tuple(w.down.shape) != (experts, hidden, two_inner // 2) or two_inner % 2:
         return False
+    for bias, size in ((w.up_bias, two_inner), (w.down_bias, hidden)):
+        if bias is not None and tuple(bias.shape) != (experts, size):
+            return False
     chosen = min(2, experts)
     generator = torch.Generator().manual_seed(0)
     index = torch.stack([torch.randperm(experts, generator=generator)[:chosen] for _ in range(6)])
-    weights = torch.rand(_EXAMPLE_ROWS, chosen, generator=generator).to(gate_up)
-    index = index.to(gate_up.device)
+    weights = torch.rand(_EXAMPLE_ROWS, chosen, generator=generator).to(w.up)
+    index = index.to(w.up.device)
 
     def reference(x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x, dtype=torch.float64)
-        for j in range(chosen):
-            e = index[:, j]
-            h = torch.einsum("rd,rod->ro", x.double(), gate_up[e].double())
-            a = module._apply_gate(h)  # type: ignore[operator]
-            out += weights[:, j, None].double() * torch.einsum("ri,roi->ro", a, down[e].double())
+        for r in range(_EXAMPLE_ROWS):
+            for j in range(chosen):
+                e = int(index[r, j])
+                a = module._apply_gate(w64.project_up(x[r : r + 1].double(), e))  # type: ignore[operator]
+                out[r] += weights[r, j].double() * w64.project_down(a, e)[0]
         return out
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -154,12 +188,12 @@ def _instrument(
     the rule reads; ``call.saved`` keeps the pairs, their inputs and the gated activations.
     The formula is the module's own, verified when it was matched (``_looks_like_experts``)."""
     x, index, weights = _arguments(*args, **kwargs)
-    gate_up, down = module.get_parameter("gate_up_proj"), module.get_parameter("down_proj")
-    pairs = _Pairs(index, weights, gate_up.shape[0])
+    w = _Weights(module)
+    pairs = _Pairs(index, weights, w.up.shape[0])
     rows = x[pairs.token]
-    h = tap(torch.cat([rows[span] @ gate_up[e].t() for e, span in pairs.spans]))
+    h = tap(torch.cat([w.project_up(rows[span], e) for e, span in pairs.spans]))
     a = module._apply_gate(h)  # type: ignore[operator]
-    out = tap(torch.cat([a[span] @ down[e].t() for e, span in pairs.spans]))
+    out = tap(torch.cat([w.project_down(a[span], e) for e, span in pairs.spans]))
     weighted = (out * pairs.weight[:, None]).to(x.dtype)
     call.saved = {"pairs": pairs, "rows": rows, "gated": a}
     return torch.zeros_like(x).index_add(0, pairs.token, weighted)
@@ -180,15 +214,16 @@ def _groups(cells: list[_Cells], n: int, row_bytes: int, budget: int) -> list[ra
 
 
 def _experts_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None:
+    weights = _Weights(module)
+    experts, two_inner, hidden = weights.up.shape
     gate_up = module.get_parameter("gate_up_proj")
-    experts, two_inner, hidden = gate_up.shape
     n, dtype = ctx.n_samples, gate_up.dtype
     cells = [_Cells(c.saved["pairs"], experts, n) for c in calls]
     grads = [(c.saved["rows"], c.grad(1), c.grad(0), c.saved["gated"]) for c in calls]
     widths = (hidden, hidden, two_inner, two_inner // 2)  # x, dout, dh, a
     row_bytes = sum(widths) * gate_up.element_size()
     budget = work_bytes(gate_up.device, DEFAULT_CHUNK_BYTES)
-    targets = (ctx.target("gate_up_proj"), ctx.target("down_proj"))
+    targets = _Weights(module, ctx.target)  # the accumulator's entries (None: not filled here)
     for group in _groups(cells, n, row_bytes, budget):
         first, size = group.start, len(group)
         most = [max(c.most[first : group.stop]) for c in cells]
@@ -204,10 +239,14 @@ def _experts_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> Non
             for pad, value in zip((x_pad, dout_pad, dh_pad, a_pad), values, strict=True):
                 pad.view(-1, pad.shape[-1]).index_copy_(0, at, value[span].to(dtype))
             offset += count
-        if targets[0] is not None:
-            targets[0][first : group.stop] += ctx.square_sum(dh_pad, x_pad)
-        if targets[1] is not None:
-            targets[1][first : group.stop] += ctx.square_sum(dout_pad, a_pad)
+        at_group = slice(first, group.stop)
+        if targets.up is not None:
+            targets.up[at_group] += ctx.square_sum(dh_pad, x_pad)
+        if targets.down is not None:
+            targets.down[at_group] += ctx.square_sum(dout_pad, a_pad)
+        for bias, pad in ((targets.up_bias, dh_pad), (targets.down_bias, dout_pad)):
+            if bias is not None:  # per sample: the sum over the cell's pairs
+                bias[at_group] += pad.to(ctx.work_dtype).sum(2).square().sum(0)
 
 
 register_matched_rule(
