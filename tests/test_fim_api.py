@@ -324,3 +324,24 @@ def test_a_test_rule_does_not_outlive_its_test() -> None:
     from fisher_fast.fim import rules
 
     assert all(spec.name != "gain_rule" for spec in rules._RULES.values())
+
+
+def test_a_torch_compiled_model_and_block_run_eagerly_and_exactly() -> None:
+    """Compiled code hides the module calls diag_fim hooks (Dynamo stops on them): it runs the
+    modules' own code instead, with the names the model gives its parameters."""
+    torch.manual_seed(random.randrange(2**31))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(3, (10,))
+    reference = reference_fim(model, x, y)
+    compiled = torch.compile(model)
+    fim = fisher_fast.diag_fim(compiled, (x, y), progress=False, dtype=torch.float64, batch_size=5)
+    assert fim.names == [n for n, _ in compiled.named_parameters()]
+    assert fim.names[0] == "_orig_mod.0.weight"
+    assert relative_error(fim.flat, reference) <= 1e-12
+    assert set(fim.meta["paths"].values()) == {"rule linear_rule"}
+    model[0] = torch.compile(model[0])  # a compiled block inside
+    fim = fisher_fast.diag_fim(model, (x, y), progress=False, dtype=torch.float64, batch_size=5)
+    assert fim.names[:2] == ["0._orig_mod.weight", "0._orig_mod.bias"]
+    assert relative_error(fim.flat, reference) <= 1e-12
+    report = fisher_fast.check(compiled, (x, y), verbose=False)
+    assert report.ok and report.reference == torch.float64

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from fisher_fast.fim.compiled import eagerly
 from fisher_fast.fim.data import batch_size_of, batches, call_model
 from fisher_fast.fim.engine import diag_fim
 from fisher_fast.fim.layout import select_samples
@@ -107,7 +108,8 @@ def check(
         progress=False,
         reuse_plan=False,
     )
-    reference, precision = _reference(copied, chunks, loss, fisher, output)
+    with eagerly():  # a torch.compile'd copy would compile for every sample's batch
+        reference, precision = _reference(copied, chunks, loss, fisher, output)
     scale = max(float(r.abs().max()) for r in reference.values())
     if scale == 0:
         raise ValueError("the per-sample loop gives an all-zero FIM on these samples; use others")

@@ -31,6 +31,7 @@ from fisher_fast.fim.broadcast_params import (
     without_traced,
 )
 from fisher_fast.fim.capture import Capture, Owner
+from fisher_fast.fim.compiled import eagerly
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.coupled_samples import (
     CoupledGradientsWarning,
@@ -168,7 +169,8 @@ def diag_fim(
     if options.backend == "triton":
         first = next(model.parameters(), None)
         triton_products.require(first.device if first is not None else torch.device("cpu"), dtype)
-    return _diag_fim(model, data, options, distributed)
+    with eagerly():  # a torch.compile'd model runs its own code, which the hooks can see
+        return _diag_fim(model, data, options, distributed)
 
 
 def _diag_fim(
