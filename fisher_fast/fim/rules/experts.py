@@ -18,7 +18,8 @@ per-sample gradients are sums over that sample's rows routed to e:
 and the biases' the same sums of w_tj g_t and dh_tj.
 
 While diag_fim runs the model, the module's forward is replaced by the same formula computed
-here (``_instrument``: one product per expert on its pairs, sorted by expert, any gate function),
+here (``_instrument``: one grouped product of the pairs, sorted by expert, or one product per
+expert where torch has no grouped product for the dtype; any gate function),
 with taps on h and on each pair's expert output, so the model's own backward pass delivers dh
 and w_tj g_t; the rule squares the per-sample sums of a group of experts in one product, each sample's
 pairs of one expert padded to the largest such count (zero rows add nothing), as many experts
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fisher_fast.fim.layout import Broadcast, CallLayout
@@ -157,7 +159,8 @@ class _Pairs:
         self.tokens = tokens
         self.token, self.expert = token[order], expert[order]
         self.weight = weights.reshape(-1)[order]
-        self.ends = torch.cumsum(torch.bincount(expert, minlength=experts), 0).tolist()
+        self.offsets = torch.cumsum(torch.bincount(expert, minlength=experts), 0)
+        self.ends = self.offsets.tolist()
         self.starts = [0, *self.ends[:-1]]
         self.spans = [
             (e, slice(a, b))
@@ -179,6 +182,31 @@ class _Cells:
         self.most = counts.reshape(experts, n).max(1).values.tolist()
 
 
+def _grouped_mm_runs(rows: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these rows: torch 2.10 or later, float32 or lower, on the
+    CPU or a CUDA device of compute capability 8.0 or more."""
+    if not hasattr(F, "grouped_mm") or rows.dtype not in _GROUPED_DTYPES:
+        return False
+    if rows.device.type == "cuda":
+        return torch.cuda.get_device_capability(rows.device) >= (8, 0)
+    return rows.device.type == "cpu"
+
+
+_GROUPED_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def _by_expert(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pairs: _Pairs
+) -> torch.Tensor:
+    """Each pair's row times its expert's weight (E, out, in) (plus its bias): one grouped
+    product where torch has one for the dtype, else one product per expert."""
+    if _grouped_mm_runs(rows):
+        out = F.grouped_mm(rows, weight.transpose(1, 2), offs=pairs.offsets.to(torch.int32))
+    else:
+        out = torch.cat([rows[span] @ weight[e].t() for e, span in pairs.spans])
+    return out if bias is None else out + bias[pairs.expert]
+
+
 def _instrument(
     module: nn.Module, call: Call, tap: Callable[[torch.Tensor], torch.Tensor], *args: Any,
     **kwargs: Any,
@@ -191,9 +219,9 @@ def _instrument(
     w = _Weights(module)
     pairs = _Pairs(index, weights, w.up.shape[0])
     rows = x[pairs.token]
-    h = tap(torch.cat([w.project_up(rows[span], e) for e, span in pairs.spans]))
+    h = tap(_by_expert(rows, w.up, w.up_bias, pairs))
     a = module._apply_gate(h)  # type: ignore[operator]
-    out = tap(torch.cat([w.project_down(a[span], e) for e, span in pairs.spans]))
+    out = tap(_by_expert(a, w.down, w.down_bias, pairs))
     weighted = (out * pairs.weight[:, None]).to(x.dtype)
     call.saved = {"pairs": pairs, "rows": rows, "gated": a}
     return torch.zeros_like(x).index_add(0, pairs.token, weighted)
