@@ -130,3 +130,32 @@ def test_small_first_batches(use: str, batch_size: int, gen: torch.Generator) ->
     assert fim.meta["paths"]["pos_embed"] == PATH  # "index": traced, as above
     reference = reference_fim(model, x, y)
     assert (fim.flat - reference).abs().max() <= 1e-10 * reference.abs().max()
+
+
+class ScaledByAdapter(nn.Module):
+    """A frozen Linear whose output and input are scaled by vectors kept in an
+    nn.ParameterDict and an nn.ParameterList, as PEFT's IA3 layers keep theirs: the containers
+    are never called, the layer reads them in its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(D, D).requires_grad_(False)
+        self.scale = nn.ParameterDict({"default": nn.Parameter(torch.rand(D, 1) + 0.5)})
+        self.shift = nn.ParameterList([nn.Parameter(torch.randn(D) * 0.3)])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.base(h + self.shift[0]) * self.scale["default"].flatten()).tanh()
+
+
+def test_parameters_of_containers_are_traced_from_their_readers_call(
+    gen: torch.Generator,
+) -> None:
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    model = nn.Sequential(nn.Linear(4, D), ScaledByAdapter(), nn.Linear(D, 3)).double()
+    x = torch.randn(N, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(3, (N,), generator=gen)
+    fim = _fim(model, x, y)
+    assert fim.meta["paths"]["1.scale.default"] == PATH
+    assert fim.meta["paths"]["1.shift.0"] == PATH
+    reference = reference_fim(model, x, y)
+    assert float((fim.flat - reference).abs().max()) <= 1e-10 * float(reference.abs().max())

@@ -201,7 +201,8 @@ class BroadcastParams(SampleScoped):
 
     def _roots(self, params: dict[str, tuple[nn.Module, str]]) -> dict[nn.Module, nn.Module]:
         """holder -> the module whose call swaps its parameters in ``params``: the holder
-        itself, but for a holder with a rule (its parameters' calls see no sample), the largest
+        itself; for an nn.ParameterDict or nn.ParameterList, which is never called, its parent
+        (PEFT's IA3 layers read their scaling vectors from one); for a holder with a rule (its parameters' calls see no sample), the largest
         module around it all of whose trainable parameters are in ``params``, held by modules
         with a rule (Swin V2's ``cpb_mlp``, a Sequential of two Linears and a ReLU): the
         parameters inside it are traced together from its call, so that the value of one
@@ -219,7 +220,9 @@ class BroadcastParams(SampleScoped):
         roots = {}
         for holder in {id(m): m for m, _ in params.values()}.values():
             root = holder
-            if find_rule(holder) is not None:
+            if isinstance(holder, _CONTAINERS) and holder in self._parent:
+                root = self._parent[holder]  # never called: its parent reads it
+            elif find_rule(holder) is not None:
                 while (parent := self._parent.get(root)) is not None and all_armed(parent):
                     root = parent
             roots[holder] = root
@@ -299,6 +302,9 @@ class BroadcastParams(SampleScoped):
         for name in names:
             self.uses.setdefault(name, []).append((view, _component(to, name)))
         return view
+
+
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
 
 
 def _named(name: str) -> PerSample:
