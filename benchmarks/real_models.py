@@ -3,7 +3,7 @@
 Models are built from small configs with random weights (no downloads): from Hugging Face
 transformers a BERT-style encoder classifier, a Llama-style decoder classifier, a GPT-2-style
 language model with its tied head, an MPNet encoder classifier (its relative-position bias
-expanded to the batch), a Mixtral classifier (mixture of experts), a T5 encoder-decoder (shared embedding tied to the head, relative
+expanded to the batch), Mixtral and Qwen3-MoE classifiers (mixtures of 4 and 64 experts), a T5 encoder-decoder (shared embedding tied to the head, relative
 position biases; the same ids on both sides) and a Gemma language model (scaled token
 embedding tied to the head, padding_idx 0) (language models' per-sample loss:
 cross-entropy summed over the positions);
@@ -95,6 +95,14 @@ def mixtral() -> torch.nn.Module:
     )  # fmt: skip
 
 
+def qwen3_moe() -> torch.nn.Module:
+    return _classifier(
+        "Qwen3MoeConfig", "Qwen3MoeForSequenceClassification", num_key_value_heads=HEADS // 2,
+        head_dim=WIDTH // HEADS, moe_intermediate_size=WIDTH // 2, num_experts=64,
+        num_experts_per_tok=8, max_position_embeddings=T, pad_token_id=0,
+    )  # fmt: skip
+
+
 def deberta_v3() -> torch.nn.Module:
     return _classifier(
         "DebertaV2Config", "DebertaV2ForSequenceClassification", max_position_embeddings=T,
@@ -165,6 +173,8 @@ MODELS: dict[str, Spec] = {
     # mixture of experts: a top-2 router over 4 experts held as 3-D parameters (transformers'
     # default experts implementation)
     "mixtral": Spec(mixtral),
+    # many small experts: a top-8 router over 64 experts
+    "qwen3-moe": Spec(qwen3_moe),
     "resnet18": Spec(timm_model("resnet18"), images=True),
     "resnet18-224": Spec(timm_model("resnet18"), images=True, pixels=224),
     "efficientnet_b0": Spec(timm_model("efficientnet_b0"), images=True),
