@@ -268,3 +268,20 @@ def test_expert_groups_fill_the_budget() -> None:
     groups = experts_rule._groups(cells, 1, 1, 9)  # type: ignore[arg-type]
     assert [list(g) for g in groups] == [[0, 1, 2], [3], [4]]
     assert [list(g) for g in experts_rule._groups(cells, 1, 1, 1)] == [[0], [1], [2], [3], [4]]
+
+
+def test_a_router_in_training_mode_takes_the_generic_path() -> None:
+    """A router in training mode may draw noise (jitter on its logits) that a re-run of its
+    forward would draw anew: the rule is not used there (``mode="keep"`` keeps the mode)."""
+    torch.manual_seed(random.randrange(2**31))
+    model = mixtral().double().train()  # no dropout and no jitter in this config: deterministic
+    data = _batches()
+    fim = fisher_fast.diag_fim(
+        model, data, loss=_lm_loss, dtype=torch.float64, progress=False, mode="keep"
+    )
+    paths = _moe_paths(fim)
+    routers = [p for k, p in paths.items() if k.endswith("mlp.gate.weight")]
+    assert routers and all(p.startswith("per-sample gradients") for p in routers)
+    assert paths["model.layers.0.mlp.experts.down_proj"] == "rule experts_rule"
+    errors = max_relative_error(fim, loop(model, data))
+    assert max(errors.values()) <= 1e-10, errors

@@ -9,7 +9,8 @@ with z replaced by a leaf of its own (a torch-function mode swaps it in at the F
 and takes dz by autograd from the gradients that arrived at the call's outputs.
 
 A module is recognised by its class name (ending in "Router") and its parameters (a 2-D
-``weight``, an optional ``bias``), and *verified* once on a random input: its forward must make
+``weight``, an optional ``bias``), in eval mode only (a router in training mode may add noise
+to its logits, which the rule's re-run would draw anew), and *verified* once on a random input: its forward must make
 exactly one F.linear call on the weight (with the bias or none, either possibly cast), on its
 input's rows in their order, and use the weight nowhere else. A router that uses it twice, or
 transforms it otherwise, is not matched and takes the generic path.
@@ -102,10 +103,10 @@ def _reads_rows(module: nn.Module, rows: int) -> bool:
 
 
 def _looks_like_router(module: nn.Module) -> bool:
-    """A class named like a router, holding a 2-D ``weight`` (and at most a ``bias``), whose
-    forward reads the weight once, in F.linear on its input's rows."""
-    if not type(module).__name__.endswith("Router"):
-        return False
+    """A class named like a router, in eval mode, holding a 2-D ``weight`` (and at most a
+    ``bias``), whose forward reads the weight once, in F.linear on its input's rows."""
+    if not type(module).__name__.endswith("Router") or module.training:
+        return False  # in training mode a router may draw noise, which a re-run would redraw
     params = {name for name, p in module.named_parameters() if p.requires_grad}
     weight = getattr(module, "weight", None)
     if not params <= {"weight", "bias"} or not isinstance(weight, nn.Parameter):
