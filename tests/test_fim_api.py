@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fisher_fast
+from fisher_fast.fim.run_context import AutocastIgnoredWarning
 
 
 def _problem(n: int = 12, seed: int | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -345,3 +346,18 @@ def test_a_torch_compiled_model_and_block_run_eagerly_and_exactly() -> None:
     assert relative_error(fim.flat, reference) <= 1e-12
     report = fisher_fast.check(compiled, (x, y), verbose=False)
     assert report.ok and report.reference == torch.float64
+
+
+def test_under_autocast_the_model_runs_in_its_own_dtype_with_a_warning() -> None:
+    """Under a caller's torch.autocast the products would run in bfloat16 against float32
+    gradients (the rules' products refuse the mix): diag_fim switches it off inside and says
+    so, and the FIM is the model's in its own dtype."""
+    torch.manual_seed(random.randrange(2**31))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 6), torch.randint(3, (10,))
+    plain = fisher_fast.diag_fim(model, (x, y), progress=False, batch_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(AutocastIgnoredWarning, match="autocast of cpu"):
+            fim = fisher_fast.diag_fim(model, (x, y), progress=False, batch_size=5)
+        assert torch.is_autocast_enabled("cpu")  # restored on the way out
+    assert torch.equal(fim.flat, plain.flat)

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from fisher_fast.fim.compiled import eagerly
 from fisher_fast.fim.data import batch_size_of, batches, call_model
 from fisher_fast.fim.engine import diag_fim
 from fisher_fast.fim.layout import select_samples
 from fisher_fast.fim.losses import LossSpec, objectives
 from fisher_fast.fim.options import OutputSpec, select_output
+from fisher_fast.fim.run_context import model_as_written
 
 
 class CheckFailedWarning(UserWarning):
@@ -98,17 +98,19 @@ def check(
         raise ValueError(f"check supports fisher='empirical' or 'exact', got {fisher!r}")
     chunks = _first_samples(data, samples, batch_size)
     copied = _cpu_copy(model)  # before diag_fim's forward passes fill any cache of the model
-    fim = diag_fim(  # a fresh plan, which the next diag_fim call on the model starts from
-        model,
-        chunks,
-        loss=loss,
-        fisher=fisher,
-        output=output,
-        dtype=torch.float64,
-        progress=False,
-        reuse_plan=False,
-    )
-    with eagerly():  # a torch.compile'd copy would compile for every sample's batch
+    # both in the model's own code and dtype (a compiled copy would compile for every
+    # sample's batch; autocast would change the loop's precision)
+    with model_as_written():
+        fim = diag_fim(  # a fresh plan, which the next diag_fim call on the model starts from
+            model,
+            chunks,
+            loss=loss,
+            fisher=fisher,
+            output=output,
+            dtype=torch.float64,
+            progress=False,
+            reuse_plan=False,
+        )
         reference, precision = _reference(copied, chunks, loss, fisher, output)
     scale = max(float(r.abs().max()) for r in reference.values())
     if scale == 0:

@@ -31,7 +31,6 @@ from fisher_fast.fim.broadcast_params import (
     without_traced,
 )
 from fisher_fast.fim.capture import Capture, Owner
-from fisher_fast.fim.compiled import eagerly
 from fisher_fast.fim.conform import conforms, rule_calls
 from fisher_fast.fim.coupled_samples import (
     CoupledGradientsWarning,
@@ -58,6 +57,7 @@ from fisher_fast.fim.result import DiagFIM
 from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, find_rule
 from fisher_fast.fim.rules.norm import BATCHNORM_TRAINING_ERROR
 from fisher_fast.fim.rules.tied import SharedWeight
+from fisher_fast.fim.run_context import model_as_written
 from fisher_fast.fim.unused import any_reached, graph_nodes, reached_parameters
 
 
@@ -169,7 +169,7 @@ def diag_fim(
     if options.backend == "triton":
         first = next(model.parameters(), None)
         triton_products.require(first.device if first is not None else torch.device("cpu"), dtype)
-    with eagerly():  # a torch.compile'd model runs its own code, which the hooks can see
+    with model_as_written():  # compiled code off, autocast off (run_context.py)
         return _diag_fim(model, data, options, distributed)
 
 

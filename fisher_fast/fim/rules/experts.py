@@ -109,7 +109,9 @@ def _looks_like_experts(module: nn.Module) -> bool:
             return False
     chosen = min(2, experts)
     generator = torch.Generator().manual_seed(0)
-    index = torch.stack([torch.randperm(experts, generator=generator)[:chosen] for _ in range(6)])
+    index = torch.stack(
+        [torch.randperm(experts, generator=generator)[:chosen] for _ in range(_EXAMPLE_ROWS)]
+    )
     weights = torch.rand(_EXAMPLE_ROWS, chosen, generator=generator).to(w.up)
     index = index.to(w.up.device)
 
@@ -182,10 +184,13 @@ class _Cells:
         self.most = counts.reshape(experts, n).max(1).values.tolist()
 
 
-def _grouped_mm_runs(rows: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` takes these rows: torch 2.10 or later, float32 or lower, on the
-    CPU or a CUDA device of compute capability 8.0 or more."""
+def _grouped_mm_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these rows and weights: torch 2.10 or later, one dtype of
+    float32 or lower (under autocast they may differ, and only the per-expert products cast),
+    on the CPU or a CUDA device of compute capability 8.0 or more."""
     if not hasattr(F, "grouped_mm") or rows.dtype not in _GROUPED_DTYPES:
+        return False
+    if weight.dtype != rows.dtype or torch.is_autocast_enabled(rows.device.type):
         return False
     if rows.device.type == "cuda":
         return torch.cuda.get_device_capability(rows.device) >= (8, 0)
@@ -200,7 +205,7 @@ def _by_expert(
 ) -> torch.Tensor:
     """Each pair's row times its expert's weight (E, out, in) (plus its bias): one grouped
     product where torch has one for the dtype, else one product per expert."""
-    if _grouped_mm_runs(rows):
+    if _grouped_mm_runs(rows, weight):
         out = F.grouped_mm(rows, weight.transpose(1, 2), offs=pairs.offsets.to(torch.int32))
     else:
         out = torch.cat([rows[span] @ weight[e].t() for e, span in pairs.spans])
