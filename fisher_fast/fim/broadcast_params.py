@@ -202,9 +202,9 @@ class BroadcastParams(SampleScoped):
     def _roots(self, params: dict[str, tuple[nn.Module, str]]) -> dict[nn.Module, nn.Module]:
         """holder -> the module whose call swaps its parameters in ``params``: the holder
         itself; for an nn.ParameterDict or nn.ParameterList, which is never called, its parent
-        (PEFT's IA3 layers read their scaling vectors from one); for a holder with a rule (its parameters' calls see no sample), the largest
-        module around it all of whose trainable parameters are in ``params``, held by modules
-        with a rule (Swin V2's ``cpb_mlp``, a Sequential of two Linears and a ReLU): the
+        (PEFT's IA3 layers read their scaling vectors from one); for a holder with a rule (its
+        parameters' calls see no sample), the largest module around it all of whose trainable
+        parameters are in ``params``, held by modules with a rule (Swin V2's ``cpb_mlp``, a Sequential of two Linears and a ReLU): the
         parameters inside it are traced together from its call, so that the value of one
         Linear may go into the next."""
         armed = {id(m._parameters[local]) for m, local in params.values()}

@@ -58,7 +58,8 @@ class CheckReport:
     def __str__(self) -> str:
         width = max([9] + [len(r.name) for r in self.rows])
         lines = [
-            f"fisher_fast.check: {self.samples} samples, {str(self.reference)[6:]} per-sample loop, "
+            f"fisher_fast.check: {self.samples} samples, "
+            f"{str(self.reference).removeprefix('torch.')} per-sample loop, "
             f"tolerance {self.tolerance:.0e}",
             f"{'parameter':<{width}}  {'rel. error':>10}  ok  path",
         ]
@@ -184,9 +185,8 @@ def _reference(
     float64, or float32 when the model fails in float64 (an op without float64 kernels). An
     error that float32 gives as well is the model's or the data's, and is raised."""
     try:
-        return _per_sample_loop(m.double(), chunks, loss, fisher, output, torch.float64), (
-            torch.float64
-        )
+        reference = _per_sample_loop(m.double(), chunks, loss, fisher, output, torch.float64)
+        return reference, torch.float64
     except (RuntimeError, NotImplementedError, TypeError) as error:
         failure = error
     reference = _per_sample_loop(m.float(), chunks, loss, fisher, output, torch.float32)
@@ -209,9 +209,9 @@ def _per_sample_loop(
 ) -> dict[str, torch.Tensor]:
     """The FIM of ``m`` (a copy of the model in ``dtype``), summed in float64, by a loop over
     samples, each run as a batch of two copies of itself whose loss is halved: one sample's
-    gradient, without the batch of one in which PyTorch's CPU BatchNorm backward (eval mode) returns wrong
-    gradients for some output-gradient strides (a transpose after the norm, as LeViT, XCiT or
-    lambda layers have)."""
+    gradient, without the batch of one in which PyTorch's CPU BatchNorm backward (eval mode)
+    returns wrong gradients for some output-gradient strides (a transpose after the norm, as
+    LeViT, XCiT or lambda layers have)."""
     params = {n: p for n, p in m.named_parameters() if p.requires_grad}
     total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
     count = 0

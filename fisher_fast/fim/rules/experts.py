@@ -21,9 +21,9 @@ While diag_fim runs the model, the module's forward is replaced by the same form
 here (``_instrument``: one grouped product of the pairs, sorted by expert, or one product per
 expert where torch has no grouped product for the dtype; any gate function),
 with taps on h and on each pair's expert output, so the model's own backward pass delivers dh
-and w_tj g_t; the rule squares the per-sample sums of a group of experts in one product, each sample's
-pairs of one expert padded to the largest such count (zero rows add nothing), as many experts
-at a time as the work budget allows (work_memory.py).
+and w_tj g_t; the rule squares the per-sample sums of a group of experts in one product, each
+sample's pairs of one expert padded to the largest such count (zero rows add nothing), as many
+experts at a time as the work budget allows (work_memory.py).
 Without it, the whole MoE block was re-run per sample (one sample at a time where vmap cannot
 run its data-dependent dispatch).
 
@@ -216,9 +216,9 @@ def _instrument(
     module: nn.Module, call: Call, tap: Callable[[torch.Tensor], torch.Tensor], *args: Any,
     **kwargs: Any,
 ) -> torch.Tensor:  # fmt: skip
-    """The experts' forward, one product per expert on its sorted pairs, with taps on the
-    up-projections h and the experts' outputs (before the routing weights), whose gradients
-    the rule reads; ``call.saved`` keeps the pairs, their inputs and the gated activations.
+    """The experts' forward on the pairs sorted by expert (``_by_expert``: one grouped product,
+    or one product per expert), with taps on the up-projections h and the experts' outputs
+    (before the routing weights), whose gradients the rule reads; ``call.saved`` keeps the pairs, their inputs and the gated activations.
     The formula is the module's own, verified when it was matched (``_looks_like_experts``)."""
     x, index, weights = _arguments(*args, **kwargs)
     w = _Weights(module)

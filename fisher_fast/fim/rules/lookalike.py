@@ -45,10 +45,18 @@ def reproduces(
     failed check. ``sums``: each output entry is a long sum (a convolution), whose rounding
     depends on the order of its terms, so an entry may differ by the rounding of the output's
     largest entry."""
+    own = forward if forward is not None else (lambda x: type(module).forward(module, x))
+    return checked_once(
+        module, check, lambda: _agrees(own, reference, random_input(module, shape), sums)
+    )
+
+
+def checked_once(module: nn.Module, check: str, test: Callable[[], bool]) -> bool:
+    """``test()``, run the first time ``check`` is asked of ``module`` and remembered for as
+    long as the module lives."""
     results = _RESULTS.setdefault(module, {})
     if check not in results:
-        own = forward if forward is not None else (lambda x: type(module).forward(module, x))
-        results[check] = _agrees(own, reference, random_input(module, shape), sums)
+        results[check] = test()
     return results[check]
 
 

@@ -18,7 +18,6 @@ transforms it otherwise, is not matched and takes the generic path.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -28,11 +27,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from fisher_fast.fim.layout import Broadcast, CallLayout, Sampled
-from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, register_matched_rule
-from fisher_fast.fim.rules.lookalike import random_input
-
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
+from fisher_fast.fim.rules import Call, RuleContext, RuleSpec, joined, register_matched_rule
+from fisher_fast.fim.rules.lookalike import checked_once, random_input
 
 _T = torch.Tensor
 # Casts of the weight to another dtype (``self.weight.float()``, ``.type(torch.float32)``,
@@ -85,21 +81,22 @@ def _run(module: nn.Module, x: torch.Tensor) -> tuple[Any, _LogitsLeaf]:
 def _reads_rows(module: nn.Module, rows: int) -> bool:
     """Whether the forward makes one F.linear call on the weight, on its input's rows in order,
     and uses the weight nowhere else (checked once per module on a random input)."""
-    if module not in _VERIFIED:
+
+    def test() -> bool:
         x = random_input(module, (rows, module.get_parameter("weight").shape[1]))
         try:
             with torch.no_grad():  # no gradient: not a use of the weight (param_uses.py)
                 _, mode = _run(module, x)
         except Exception:  # a module that does not take rows (N·T, D) is not such a router
-            _VERIFIED[module] = False
             return False
-        _VERIFIED[module] = (
+        return (
             len(mode.inputs) == 1
             and mode.other_uses == 0
             and tuple(mode.inputs[0].shape) == tuple(x.shape)
             and bool(torch.equal(mode.inputs[0], x.to(mode.inputs[0].dtype)))
         )
-    return _VERIFIED[module]
+
+    return checked_once(module, "router reads its input's rows", test)
 
 
 def _looks_like_router(module: nn.Module) -> bool:
@@ -145,7 +142,7 @@ def _router_rule(module: nn.Module, calls: list[Call], ctx: RuleContext) -> None
         rows = mode.inputs[0]
         xs.append(rows.reshape(n, -1, rows.shape[-1]))
         dzs.append(dz.reshape(n, -1, dz.shape[-1]).to(rows.dtype))
-    x_all, dz_all = torch.cat(xs, 1), torch.cat(dzs, 1)
+    x_all, dz_all = joined(xs, dim=1), joined(dzs, dim=1)
     if module.weight.requires_grad:
         ctx.add("weight", ctx.square_sum(dz_all.unsqueeze(1), x_all.unsqueeze(1))[0])
     bias = getattr(module, "bias", None)
